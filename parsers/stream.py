@@ -1,0 +1,199 @@
+"""The per-request stream pipeline, sans-I/O: upstream SSE bytes in, client SSE bytes out.
+
+The relay in ``proxy/`` only moves bytes; every decision about them is made here, so it is
+tested without sockets. The hot path decides from the raw event bytes: most events are plain
+content deltas that need no change and are re-emitted as they came (one concatenation, no JSON
+parse). Only an event that can matter is parsed: one carrying usage, an error, a finish reason,
+or anything the tool-call mender asks to see.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import orjson
+
+from .sse import DONE, DONE_EVENT, SSEComment, SSEDecoder, encode_comment, encode_event
+
+_USAGE = b'"usage"'
+_USAGE_NULL = (b'"usage":null', b'"usage": null')
+_FINISH = b'"finish_reason"'
+_FINISH_NULL = (b'"finish_reason":null', b'"finish_reason": null')
+_ERROR = b'"error"'
+
+
+class EventMender(Protocol):
+    """What the tool-call mender offers the pipeline (see ``parsers/mender.py``).
+
+    ``wants(data)`` is the cheap raw-bytes test; only when it is true is the event parsed and
+    handed to ``feed``. Both ``feed`` and ``finish`` return chunk objects to emit, in order, and
+    SSE comment texts (repair notes) to emit before them.
+    """
+
+    def wants(self, data: bytes) -> bool: ...
+
+    def feed(self, chunk: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]: ...
+
+    def finish(self) -> tuple[list[dict[str, Any]], list[str]]: ...
+
+
+class UpstreamStreamError(Exception):
+    """The upstream sent an error event inside a 200 stream."""
+
+    def __init__(self, status: int, body: bytes) -> None:
+        super().__init__(body[:200])
+        self.status = status
+        self.body = body
+        self.pending = b""
+
+
+@dataclass
+class StreamStats:
+    events: int = 0
+    first_token: bool = False
+    usage: dict[str, Any] | None = None
+    finish_reasons: list[str] = field(default_factory=list)
+    saw_done: bool = False
+    model: str | None = None
+
+
+class StreamPipeline:
+    """Decode upstream SSE, strip what the client did not ask for, mend, re-encode.
+
+    ``include_usage`` is whether the *client* asked for the usage chunk; toolmend always asks
+    the upstream for it, reads it, and drops it here when the client did not want it.
+    """
+
+    __slots__ = ("_decoder", "_include_usage", "_mender", "_stopped", "stats")
+
+    def __init__(self, include_usage: bool, mender: EventMender | None = None) -> None:
+        self._decoder = SSEDecoder()
+        self._include_usage = include_usage
+        self._mender = mender
+        self._stopped = False
+        self.stats = StreamStats()
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Bytes to write to the client for this upstream chunk (may be empty)."""
+        return self._events(self._decoder.feed(chunk))
+
+    def finish(self) -> bytes:
+        """End of the upstream body: flush the decoder and the mender, end with ``[DONE]``."""
+        out = self._events(self._decoder.finish())
+        if self._stopped:
+            return out
+        parts = [out] if out else []
+        if self._mender is not None:
+            chunks, notes = self._mender.finish()
+            self._emit(chunks, notes, parts)
+        parts.append(DONE_EVENT)
+        self._stopped = True
+        return b"".join(parts)
+
+    def _events(self, events: list[Any]) -> bytes:
+        if not events or self._stopped:
+            return b""
+        parts: list[bytes] = []
+        try:
+            self._loop(events, parts)
+        except UpstreamStreamError as e:
+            e.pending = b"".join(parts)  # events decoded before the error still reach the client
+            self._stopped = True
+            raise
+        return b"".join(parts)
+
+    def _loop(self, events: list[Any], parts: list[bytes]) -> None:
+        stats = self.stats
+        mender = self._mender
+        for ev in events:
+            if type(ev) is SSEComment:
+                continue  # upstream keep-alives are the upstream's business
+            data: bytes = ev.data
+            if data == DONE:
+                stats.saw_done = True
+                continue
+            stats.events += 1
+            if ev.event == "error" or (data[:12].find(_ERROR) >= 0):
+                raise UpstreamStreamError(500, data)
+            if not stats.first_token:
+                stats.first_token = _has_token(data)
+            if mender is not None and mender.wants(data):
+                obj = self._parse(data, want_obj=True)
+                if obj is not None:
+                    chunks, notes = mender.feed(obj)
+                    self._emit(chunks, notes, parts)
+                continue
+            if (_USAGE in data and not _is_null(data, _USAGE_NULL)) or (
+                    _FINISH in data and not _is_null(data, _FINISH_NULL)):
+                obj = self._parse(data, want_obj=False)
+                if obj is None:
+                    continue
+                if obj is not _UNCHANGED:
+                    parts.append(encode_event(orjson.dumps(obj)))
+                    continue
+            elif data[:1] != b"{" or data[-1:] != b"}":
+                raise UpstreamStreamError(502, _malformed(data))
+            parts.append(b"data: " + data + b"\n\n")
+
+    def _emit(self, chunks: list[dict[str, Any]], notes: list[str], parts: list[bytes]) -> None:
+        for note in notes:
+            parts.append(encode_comment("toolmend " + note))
+        for c in chunks:
+            parts.append(encode_event(orjson.dumps(c)))
+
+    def _observe(self, obj: dict[str, Any]) -> None:
+        usage = obj.get("usage")
+        if isinstance(usage, dict):
+            self.stats.usage = usage
+        if self.stats.model is None and isinstance(obj.get("model"), str):
+            self.stats.model = obj["model"]
+        for choice in obj.get("choices") or ():
+            if isinstance(choice, dict) and choice.get("finish_reason"):
+                self.stats.finish_reasons.append(choice["finish_reason"])
+
+    def _parse(self, data: bytes, want_obj: bool) -> Any:
+        """Parse one event and apply the usage rule.
+
+        Returns None to drop the event (the usage-only chunk the client did not ask for),
+        ``_UNCHANGED`` to forward the raw bytes, or the modified object to re-encode.
+        """
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise UpstreamStreamError(502, _malformed(data)) from None
+        if not isinstance(obj, dict):
+            raise UpstreamStreamError(502, _malformed(data))
+        self._observe(obj)
+        if self._include_usage or not obj.get("usage"):
+            return obj if want_obj else _UNCHANGED
+        if obj.get("choices"):
+            obj.pop("usage", None)  # usage riding on a content chunk: strip just the field
+            return obj
+        return None
+
+
+def _is_null(data: bytes, needles: tuple[bytes, bytes]) -> bool:
+    return needles[0] in data or needles[1] in data
+
+
+def _has_token(data: bytes) -> bool:
+    """True when an event carries generated output: non-empty content, reasoning or a tool call."""
+    if b'"tool_calls"' in data or b'"function_call"' in data:
+        return b'"tool_calls":null' not in data and b'"tool_calls":[]' not in data
+    for key in (b'"content":"', b'"text":"', b'"reasoning_content":"', b'"reasoning":"',
+                b'"content": "', b'"text": "'):
+        i = data.find(key)
+        if i >= 0 and data[i + len(key):i + len(key) + 1] not in (b'"', b""):
+            return True
+    return False
+
+
+def _malformed(data: bytes) -> bytes:
+    preview = data[:80].decode("utf-8", "replace")
+    return orjson.dumps({"error": {"message": f"upstream sent a malformed event: {preview!r}",
+                                   "type": "upstream_error", "param": None,
+                                   "code": "upstream_malformed_event"}})
+
+
+_UNCHANGED: Any = object()

@@ -1,0 +1,214 @@
+"""The aiohttp application: routes, the error and access-log middleware, start and cleanup.
+
+Handlers are short: read and check the body, pick the pipeline, hand over to ``relay``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from .config import Settings
+from .context import RequestContext, new_request_id
+from .errors import ProxyError
+from .parsers.stream import StreamPipeline
+from .relay import relay_json, relay_stream
+from .request_body import (
+    ask_for_usage,
+    check_chat_body,
+    check_completion_body,
+    client_wants_usage,
+    parse_json_body,
+    wants_stream,
+)
+from .upstream import UpstreamClient
+
+log = logging.getLogger("toolmend")
+access_log = logging.getLogger("toolmend.access")
+
+SETTINGS = web.AppKey("settings", Settings)
+UPSTREAM = web.AppKey("upstream", UpstreamClient)
+CTX = "toolmend.ctx"
+
+
+def _agent_id(request: web.Request, body: dict[str, Any] | None) -> str:
+    agent = request.headers.get("X-Agent-Id")
+    if agent:
+        return agent[:128]
+    if body and isinstance(body.get("user"), str) and body["user"]:
+        return body["user"][:128]
+    return request.remote or "unknown"
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    length = request.content_length
+    if length is not None and length > limit:
+        raise ProxyError(413, f"request body of {length} bytes is over the limit of {limit} bytes",
+                         code="body_too_large")
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise ProxyError(413, f"request body is over the limit of {limit} bytes",
+                         code="body_too_large") from None
+
+
+async def _json_request(request: web.Request) -> dict[str, Any]:
+    settings = request.app[SETTINGS]
+    raw = await _read_body(request, settings.max_body_bytes)
+    body = parse_json_body(raw, request.headers.get("Content-Type", "application/json"))
+    ctx: RequestContext = request[CTX]
+    ctx.agent_id = _agent_id(request, body)
+    ctx.session_id = request.headers.get("X-Session-Id")
+    model = body.get("model")
+    ctx.model = model if isinstance(model, str) else None
+    return body
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    body = await _json_request(request)
+    check_chat_body(body)
+    return await _forward(request, body, "/v1/chat/completions")
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    body = await _json_request(request)
+    check_completion_body(body)
+    return await _forward(request, body, "/v1/completions")
+
+
+async def _forward(request: web.Request, body: dict[str, Any], path: str) -> web.StreamResponse:
+    settings = request.app[SETTINGS]
+    up = request.app[UPSTREAM]
+    ctx: RequestContext = request[CTX]
+    ctx.stream = wants_stream(body)
+    if ctx.stream:
+        pipeline = StreamPipeline(client_wants_usage(body))
+        ask_for_usage(body)
+        return await relay_stream(request, ctx, up, path, orjson.dumps(body), pipeline,
+                                  settings.keepalive_interval)
+    return await relay_json(ctx, up, path, orjson.dumps(body))
+
+
+async def models(request: web.Request) -> web.Response:
+    up = request.app[UPSTREAM]
+    doc = await up.get_json("/v1/models")
+    return web.Response(body=orjson.dumps(doc), content_type="application/json")
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Ready when the upstream answers its model list with at least one model."""
+    up = request.app[UPSTREAM]
+    try:
+        doc = await up.get_json("/v1/models", timeout=3.0)
+    except ProxyError as e:
+        return web.json_response({"ready": False, "upstream": up.base_url(), "reason": e.message},
+                                 status=503)
+    data = doc.get("data") if isinstance(doc, dict) else None
+    names = [m.get("id") for m in data or () if isinstance(m, dict)]
+    if not names:
+        return web.json_response({"ready": False, "upstream": up.base_url(),
+                                  "reason": "upstream lists no loaded model"}, status=503)
+    return web.json_response({"ready": True, "upstream": up.base_url(), "models": names})
+
+
+@web.middleware
+async def context_and_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Give every request a context and an id; turn every failure into the OpenAI shape."""
+    loop = asyncio.get_running_loop()
+    ctx = RequestContext(new_request_id(), request.path, loop.time(), client=request.remote or "")
+    request[CTX] = ctx
+    try:
+        resp = await handler(request)
+    except ProxyError as e:
+        ctx.status, ctx.error_code = e.status, e.code
+        resp = e.response()
+    except web.HTTPException as e:
+        ctx.status = e.status
+        if e.status == 404:
+            err = ProxyError(404, f"no route for {request.method} {request.path}",
+                             code="not_found")
+        elif e.status == 405:
+            err = ProxyError(405, f"method {request.method} not allowed on {request.path}",
+                             code="method_not_allowed")
+        elif e.status == 413:
+            err = ProxyError(413, "request body too large", code="body_too_large")
+        else:
+            err = ProxyError(e.status, e.reason or "error", code="http_error")
+        ctx.error_code = err.code
+        resp = err.response()
+    except asyncio.CancelledError:
+        ctx.status = 499
+        ctx.error_code = ctx.error_code or "client_disconnected"
+        _log_request(request, ctx)
+        raise
+    except Exception:
+        log.exception("unhandled error in %s", request.path)
+        ctx.status, ctx.error_code = 500, "internal_error"
+        resp = ProxyError(500, "internal error in toolmend; see its log",
+                          code="internal_error").response()
+    if not ctx.status:
+        ctx.status = resp.status
+    if not resp.prepared:
+        resp.headers.setdefault("X-Request-Id", ctx.request_id)
+    _log_request(request, ctx)
+    return resp
+
+
+def _log_request(request: web.Request, ctx: RequestContext) -> None:
+    settings = request.app[SETTINGS]
+    if not settings.log_requests or request.path in ("/healthz", "/readyz", "/metrics"):
+        return
+    end = ctx.finished_at or asyncio.get_running_loop().time()
+    line = {
+        "ts": round(time.time(), 3), "request_id": ctx.request_id, "agent_id": ctx.agent_id,
+        "method": request.method, "path": request.path, "status": ctx.status,
+        "model": ctx.model, "stream": ctx.stream, "error": ctx.error_code,
+        "ttft_ms": ctx.ms(ctx.client_first_token_at), "duration_ms": ctx.ms(end),
+        "upstream_ttft_ms": ctx.ms(ctx.upstream_first_token_at),
+        "bytes_out": ctx.bytes_out,
+    }
+    if ctx.usage:
+        line["prompt_tokens"] = ctx.usage.get("prompt_tokens")
+        line["completion_tokens"] = ctx.usage.get("completion_tokens")
+    access_log.info(orjson.dumps(line).decode())
+
+
+async def _close_upstream(app: web.Application) -> None:
+    await app[UPSTREAM].close()
+
+
+def build_app(settings: Settings, upstream_urls: list[str] | None = None) -> web.Application:
+    urls = upstream_urls if upstream_urls is not None else settings.upstream
+    app = web.Application(client_max_size=settings.max_body_bytes,
+                          middlewares=[context_and_errors])
+    app[SETTINGS] = settings
+    app[UPSTREAM] = UpstreamClient(urls, settings)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.on_cleanup.append(_close_upstream)
+    return app
+
+
+async def start_server(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+    """Start serving; returns the runner and the bound port (useful with port 0)."""
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, backlog=2048)
+    await site.start()
+    bound = port
+    server = getattr(site, "_server", None)
+    if server is not None and server.sockets:
+        bound = server.sockets[0].getsockname()[1]
+    return runner, bound

@@ -1,0 +1,151 @@
+"""Settings: defaults, then a TOML file, then ``TOOLMEND_*`` environment variables, then flags.
+
+Every option is one dataclass field with its help text in the field metadata, so the TOML keys,
+the environment variables and ``toolmend serve --help`` can never drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tomllib
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "TOOLMEND_"
+
+
+def opt(default: Any, help: str, *, flag: str | None = None, metavar: str | None = None,
+        choices: tuple[str, ...] | None = None) -> Any:
+    meta = {"help": help, "flag": flag, "metavar": metavar, "choices": choices}
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+BACKENDS = ("auto", "vllm", "llamacpp", "ollama", "sglang", "tgi", "openai", "embedded")
+POLICIES = ("repair", "retry", "error", "pass")
+
+
+@dataclass
+class Settings:
+    host: str = opt("127.0.0.1", "address to listen on (loopback by default)")
+    port: int = opt(8080, "port to listen on")
+    upstream: list[str] = opt([], "base URL of an OpenAI-compatible or Ollama server; repeat for "
+                              "replicas. None: start the embedded backend", metavar="URL")
+    backend: str = opt("auto", "kind of server behind --upstream", choices=BACKENDS)
+    model: str = opt("", "GGUF file for the embedded backend (default: the bundled Gemma 3 270M)",
+                     metavar="PATH")
+    tool_format: str = opt("auto", "tool-call marker format of the model (auto: from its name)",
+                           metavar="FORMAT")
+    tool_mode: str = opt("buffered", "buffered: emit a call's arguments once complete and checked; "
+                         "incremental: stream argument fragments as they arrive",
+                         choices=("buffered", "incremental"))
+    on_invalid: str = opt("repair", "what to do with a schema-invalid tool call", choices=POLICIES)
+    max_retries: int = opt(1, "upstream retries for an invalid tool call")
+    slots: int = opt(0, "concurrent requests the backend may hold (0: ask it, else a default "
+                     "per backend)")
+    otlp_endpoint: str = opt("", "OTLP/HTTP endpoint for traces, e.g. http://127.0.0.1:4318",
+                             metavar="URL")
+    api_key: str = opt("", "bearer key sent to the upstream (never forwarded to clients)",
+                       flag="--upstream-api-key", metavar="KEY")
+    connect_timeout: float = opt(5.0, "seconds to connect to the upstream", metavar="S")
+    first_byte_timeout: float = opt(600.0, "seconds to wait for the upstream's first byte "
+                                    "(prefill of a long prompt is slow)", metavar="S")
+    idle_timeout: float = opt(120.0, "seconds allowed between two upstream chunks", metavar="S")
+    total_timeout: float = opt(3600.0, "seconds one request may take in all", metavar="S")
+    keepalive_interval: float = opt(10.0, "seconds between SSE keep-alive comments before the "
+                                    "first token", metavar="S")
+    max_body_bytes: int = opt(8 * 1024 * 1024, "largest request body accepted", metavar="BYTES")
+    max_connections: int = opt(1024, "upstream connection pool size")
+    log_level: str = opt("info", "log level", choices=("debug", "info", "warning", "error"))
+    log_requests: bool = opt(True, "log one structured line per request")
+
+    @classmethod
+    def load(cls, argv_ns: argparse.Namespace | None = None, config_path: str | None = None,
+             environ: dict[str, str] | None = None) -> Settings:
+        values: dict[str, Any] = {}
+        env = os.environ if environ is None else environ
+        path = config_path or env.get(ENV_PREFIX + "CONFIG")
+        if path:
+            values.update(_from_toml(Path(path)))
+        values.update(_from_env(env))
+        if argv_ns is not None:
+            for f in fields(cls):
+                v = getattr(argv_ns, f.name, None)
+                if v is not None and v != []:
+                    values[f.name] = v
+        return cls(**values)
+
+
+def _known() -> dict[str, Any]:
+    return {f.name: f for f in fields(Settings)}
+
+
+def _coerce(f: Any, raw: Any, source: str) -> Any:
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        if kind.startswith("list"):
+            if isinstance(raw, str):
+                return [p.strip() for p in raw.split(",") if p.strip()]
+            return [str(p) for p in raw]
+        if kind == "bool":
+            if isinstance(raw, bool):
+                return raw
+            return str(raw).strip().lower() in ("1", "true", "yes", "on")
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        return str(raw)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source}: {f.name} must be {kind}, got {raw!r}") from e
+
+
+def _from_toml(path: Path) -> dict[str, Any]:
+    data = tomllib.loads(path.read_text())
+    known = _known()
+    out: dict[str, Any] = {}
+    for key, raw in data.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            if isinstance(raw, dict):
+                continue  # sections (agents, models, keys) are read by their own modules
+            raise ValueError(f"{path}: unknown option {key!r}")
+        out[name] = _coerce(known[name], raw, str(path))
+    return out
+
+
+def _from_env(env: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, f in _known().items():
+        raw = env.get(ENV_PREFIX + name.upper())
+        if raw is not None:
+            out[name] = _coerce(f, raw, ENV_PREFIX + name.upper())
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting; defaults stay None so unset flags do not override file or env."""
+    parser.add_argument("--config", metavar="FILE",
+                        help=f"TOML config file (also {ENV_PREFIX}CONFIG)")
+    for f in fields(Settings):
+        meta = f.metadata
+        flag = meta.get("flag") or "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        env_name = ENV_PREFIX + f.name.upper()
+        helptext = f"{meta['help']} (default: {default!r}; env {env_name})"
+        kind = f.type if isinstance(f.type, str) else f.type.__name__
+        kw: dict[str, Any] = {"dest": f.name, "default": None, "help": helptext}
+        if meta.get("metavar"):
+            kw["metavar"] = meta["metavar"]
+        if meta.get("choices"):
+            kw["choices"] = meta["choices"]
+        if kind.startswith("list"):
+            parser.add_argument(flag, action="append", **kw)
+        elif kind == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        else:
+            kw["type"] = {"int": int, "float": float}.get(kind, str)
+            parser.add_argument(flag, **kw)

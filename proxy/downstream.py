@@ -1,0 +1,106 @@
+"""The client side of one SSE response: lazy start, keep-alives, in-stream errors.
+
+The response is started (status 200 and headers sent) as late as possible, so that an upstream
+error that arrives before any output can still be given its real HTTP status. Only a keep-alive
+comment or the first output forces the start; after that, errors travel in the stream as
+``data: {"error": ...}`` followed by ``data: [DONE]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from aiohttp import web
+
+from .context import RequestContext
+from .errors import ProxyError
+from .parsers.sse import encode_comment
+
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",  # nginx: do not buffer the stream
+}
+KEEPALIVE = encode_comment("keep-alive")
+
+
+class ClientGone(Exception):
+    """The client closed its connection; stop, release everything, write nothing more."""
+
+
+class Downstream:
+    __slots__ = ("_ka_task", "_lock", "ctx", "interval", "request", "resp")
+
+    def __init__(self, request: web.Request, ctx: RequestContext, keepalive_interval: float):
+        self.request = request
+        self.ctx = ctx
+        self.interval = keepalive_interval
+        headers = dict(SSE_HEADERS)
+        headers["X-Request-Id"] = ctx.request_id
+        self.resp = web.StreamResponse(status=200, headers=headers)
+        self._lock = asyncio.Lock()
+        self._ka_task: asyncio.Task[None] | None = None
+
+    @property
+    def started(self) -> bool:
+        return self.resp.prepared
+
+    async def start(self) -> None:
+        if self.resp.prepared:
+            return
+        async with self._lock:
+            if not self.resp.prepared:
+                self.ctx.status = 200
+                try:
+                    await self.resp.prepare(self.request)
+                except (ConnectionError, RuntimeError) as e:
+                    raise ClientGone() from e
+
+    async def write(self, data: bytes) -> None:
+        if not self.resp.prepared:
+            await self.start()
+        try:
+            await self.resp.write(data)
+        except (ConnectionError, RuntimeError) as e:
+            raise ClientGone() from e
+        self.ctx.bytes_out += len(data)
+
+    def start_keepalive(self) -> None:
+        """Until the first token, send ``: keep-alive`` every ``interval`` seconds."""
+        if self.interval > 0 and self._ka_task is None:
+            self._ka_task = asyncio.get_running_loop().create_task(self._keepalive())
+
+    async def stop_keepalive(self) -> None:
+        task, self._ka_task = self._ka_task, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ClientGone):
+                await task
+
+    async def _keepalive(self) -> None:
+        with contextlib.suppress(ClientGone):
+            while self.ctx.client_first_token_at is None:
+                await asyncio.sleep(self.interval)
+                if self.ctx.client_first_token_at is None:
+                    await self.write(KEEPALIVE)
+
+    async def fail(self, err: ProxyError) -> web.StreamResponse:
+        """Answer with an error: a real status if nothing was sent yet, else in the stream."""
+        self.ctx.error_code = err.code
+        await self.stop_keepalive()
+        if not self.resp.prepared:
+            self.ctx.status = err.status
+            return err.response()
+        with contextlib.suppress(ClientGone):
+            await self.write(err.sse())
+            await self.resp.write_eof()
+        return self.resp
+
+    async def close(self) -> web.StreamResponse:
+        await self.stop_keepalive()
+        if not self.resp.prepared:
+            await self.start()
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await self.resp.write_eof()
+        return self.resp

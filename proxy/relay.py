@@ -1,0 +1,126 @@
+"""Moving one request's bytes between the upstream and the client.
+
+Thin on purpose: every decision about the bytes lives in ``parsers/stream.py``. What lives here
+is I/O discipline: never buffer a stream (each upstream read is written as soon as it is
+processed, and ``write`` waits for the client to drain, so a slow reader stalls the upstream
+read instead of growing memory), close the upstream the moment the client leaves, and turn every
+failure into an OpenAI-shaped error at the right place (status line or in-stream event).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from .context import RequestContext
+from .downstream import ClientGone, Downstream
+from .errors import ProxyError, normalize_upstream_error
+from .parsers.stream import StreamPipeline, UpstreamStreamError
+from .upstream import UpstreamClient
+
+JsonTransform = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+async def relay_stream(request: web.Request, ctx: RequestContext, up: UpstreamClient, path: str,
+                       body: bytes, pipeline: StreamPipeline, keepalive_interval: float,
+                       down: Downstream | None = None) -> web.StreamResponse:
+    loop = asyncio.get_running_loop()
+    if down is None:
+        down = Downstream(request, ctx, keepalive_interval)
+        down.start_keepalive()
+    stats = pipeline.stats
+    try:
+        async with up.call(path, body) as call:
+            ctx.upstream_headers_at = loop.time()
+            if call.status >= 400:
+                return await down.fail(await call.error())
+            async for chunk in call.chunks():
+                out = pipeline.feed(chunk)
+                if stats.first_token and ctx.upstream_first_token_at is None:
+                    ctx.upstream_first_token_at = loop.time()
+                if out:
+                    await down.write(out)
+                    if ctx.client_first_token_at is None and stats.first_token:
+                        ctx.client_first_token_at = loop.time()
+            if not stats.saw_done and not stats.finish_reasons:
+                raise ProxyError(502, "upstream ended the stream before it was complete "
+                                 "(no finish_reason, no [DONE])", code="upstream_incomplete")
+            out = pipeline.finish()
+        _record(ctx, pipeline)
+        if out:
+            await down.write(out)
+        return await down.close()
+    except UpstreamStreamError as e:
+        _record(ctx, pipeline)
+        with contextlib.suppress(ClientGone):
+            if e.pending:
+                await down.write(e.pending)
+        return await down.fail(_stream_error(e))
+    except ProxyError as e:
+        _record(ctx, pipeline)
+        return await down.fail(e)
+    except ClientGone:
+        _record(ctx, pipeline)
+        ctx.status = 499
+        ctx.error_code = "client_disconnected"
+        await down.stop_keepalive()
+        return down.resp
+    finally:
+        ctx.finished_at = loop.time()
+
+
+async def relay_json(ctx: RequestContext, up: UpstreamClient, path: str, body: bytes,
+                     transform: JsonTransform | None = None) -> web.Response:
+    loop = asyncio.get_running_loop()
+    try:
+        async with up.call(path, body) as call:
+            ctx.upstream_headers_at = loop.time()
+            raw = await call.read_all()
+            status = call.status
+        if status >= 400:
+            raise normalize_upstream_error(status, raw)
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise ProxyError(502, "upstream sent a response that is not JSON",
+                             code="upstream_bad_response") from None
+        if not isinstance(obj, dict):
+            raise ProxyError(502, "upstream sent a JSON response that is not an object",
+                             code="upstream_bad_response")
+        ctx.upstream_first_token_at = ctx.client_first_token_at = loop.time()
+        if transform is not None:
+            obj = transform(obj)
+        if isinstance(obj.get("usage"), dict):
+            ctx.usage = obj["usage"]
+        for c in obj.get("choices") or ():
+            if isinstance(c, dict) and c.get("finish_reason"):
+                ctx.finish_reasons.append(c["finish_reason"])
+        ctx.status = 200
+        return web.Response(body=orjson.dumps(obj), content_type="application/json",
+                            headers={"X-Request-Id": ctx.request_id})
+    except ProxyError as e:
+        ctx.status = e.status
+        ctx.error_code = e.code
+        return e.response()
+    finally:
+        ctx.finished_at = loop.time()
+
+
+def _record(ctx: RequestContext, pipeline: StreamPipeline) -> None:
+    st = pipeline.stats
+    ctx.usage = st.usage
+    ctx.finish_reasons = st.finish_reasons
+    if st.model and not ctx.extra.get("response_model"):
+        ctx.extra["response_model"] = st.model
+
+
+def _stream_error(e: UpstreamStreamError) -> ProxyError:
+    err = normalize_upstream_error(e.status, e.body)
+    if err.code == "upstream_error" and e.status == 500:
+        err.code = "upstream_stream_error"
+    return err

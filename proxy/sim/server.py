@@ -1,0 +1,449 @@
+"""``toolmend sim``: a real HTTP server that behaves like vLLM, llama-server or Ollama.
+
+It replays scripted replies (``Scenario``) in a chosen dialect, models time (time to first
+token, per-token delay, prefill per prompt token, N slots with a FIFO queue behind them, as the
+real servers have) and injects faults. Tests, benchmarks and the demo all run against it, and so
+can anyone who wants to see how their agent copes with a misbehaving backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from .dialects import Dialect, make_dialect
+from .scenario import Scenario, lorem, random_cuts, split_tokens
+
+SIM = web.AppKey("sim", "SimBackend")
+
+
+@dataclass
+class SimStats:
+    requests: int = 0
+    in_flight: int = 0
+    max_in_flight: int = 0
+    queued: int = 0
+    completed: int = 0
+    disconnects: list[float] = field(default_factory=list)  # time.monotonic() of each
+    bodies: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=64))
+    chunks_sent: int = 0
+    bytes_sent: int = 0
+
+
+class SimBackend:
+    def __init__(self, dialect: str = "vllm", model: str = "sim-model", *, slots: int = 4,
+                 ttft: float = 0.02, token_delay: float = 0.0, prefill_per_token: float = 0.0,
+                 scenarios: list[Scenario] | None = None, library: dict[str, Scenario] | None
+                 = None, default_tokens: int = 16, loading: bool = False) -> None:
+        self.dialect: Dialect = make_dialect(dialect, model)
+        self.model = model
+        self.slots = slots
+        self.ttft = ttft
+        self.token_delay = token_delay
+        self.prefill_per_token = prefill_per_token
+        self.default_tokens = default_tokens
+        self.loading = loading
+        self.script: deque[Scenario] = deque(scenarios or ())
+        self.library: dict[str, Scenario] = dict(library or {})
+        self.stats = SimStats()
+        self._slots = asyncio.Semaphore(slots)
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+
+    # scripting --------------------------------------------------------------------------------
+    def push(self, *scenarios: Scenario | dict[str, Any]) -> None:
+        for s in scenarios:
+            self.script.append(s if isinstance(s, Scenario) else Scenario.from_dict(s))
+
+    def load_fixtures(self, path: Path) -> int:
+        """Add every ``*.json`` scenario (or list of scenarios) under ``path`` to the library."""
+        n = 0
+        for f in sorted(path.rglob("*.json")):
+            doc = orjson.loads(f.read_bytes())
+            for d in doc if isinstance(doc, list) else [doc]:
+                if isinstance(d, dict) and "scenario" in d:
+                    d = d["scenario"]
+                if isinstance(d, dict):
+                    sc = Scenario.from_dict(d)
+                    self.library[sc.name] = sc
+                    n += 1
+        return n
+
+    def pick(self, body: dict[str, Any]) -> Scenario:
+        if self.script:
+            return self.script.popleft()
+        last = _last_user_text(body)
+        if "#scenario:" in last:
+            name = last.split("#scenario:", 1)[1].split()[0]
+            if name in self.library:
+                return self.library[name]
+        for sc in self.library.values():
+            if sc.match and sc.match in last:
+                return sc
+        n = body.get("max_tokens") or body.get("max_completion_tokens") or self.default_tokens
+        return Scenario(name="default", chunks=lorem(int(n)), finish_reason="length"
+                        if body.get("max_tokens") else "stop")
+
+    # server ------------------------------------------------------------------------------------
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app[SIM] = self
+        r = app.router
+        r.add_post("/v1/chat/completions", self.chat)
+        r.add_post("/v1/completions", self.completions)
+        r.add_get("/v1/models", self.models)
+        r.add_get("/health", self.health)
+        r.add_get("/version", self.version)
+        r.add_get("/props", self.props)
+        r.add_get("/api/version", self.ollama_version)
+        r.add_get("/api/tags", self.ollama_tags)
+        r.add_post("/api/chat", self.ollama_chat)
+        r.add_get("/", self.root)
+        r.add_post("/sim/script", self.script_endpoint)
+        r.add_get("/sim/stats", self.stats_endpoint)
+        return app
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        self._runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port, backlog=4096)
+        await site.start()
+        bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://{host}:{bound}"
+        return self.url
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # discovery ---------------------------------------------------------------------------------
+    async def models(self, request: web.Request) -> web.Response:
+        if self.loading:
+            return self._error(503, "Loading model")
+        return _json(self.dialect.models_doc())
+
+    async def health(self, request: web.Request) -> web.Response:
+        if self.dialect.name == "llama-cpp-python":
+            return _json({"detail": "Not Found"}, 404)
+        if self.loading:
+            return self._error(503, "Loading model")
+        if self.dialect.name == "llamacpp":
+            return _json({"status": "ok"})
+        return web.Response(status=200)
+
+    async def version(self, request: web.Request) -> web.Response:
+        if self.dialect.name != "vllm":
+            return _json({"detail": "Not Found"}, 404)
+        return _json({"version": "0.32.0"})
+
+    async def props(self, request: web.Request) -> web.Response:
+        if self.dialect.name != "llamacpp":
+            return _json({"detail": "Not Found"}, 404)
+        return _json({"default_generation_settings": {"n_ctx": 2048, "params": {}},
+                      "total_slots": self.slots, "model_path": f"/models/{self.model}.gguf",
+                      "chat_template": "{{ messages }}", "build_info": "b6550-1a2b3c4d",
+                      "chat_template_caps": {"supports_tools": True}})
+
+    async def ollama_version(self, request: web.Request) -> web.Response:
+        if self.dialect.name != "ollama":
+            return _json({"detail": "Not Found"}, 404)
+        return _json({"version": "0.12.6"})
+
+    async def ollama_tags(self, request: web.Request) -> web.Response:
+        if self.dialect.name != "ollama":
+            return _json({"detail": "Not Found"}, 404)
+        return _json({"models": [{"name": self.model, "model": self.model,
+                                  "modified_at": "2026-01-01T00:00:00Z", "size": 1,
+                                  "details": {"family": "sim"}}]})
+
+    async def root(self, request: web.Request) -> web.Response:
+        if self.dialect.name == "ollama":
+            return web.Response(text="Ollama is running")
+        return _json({"detail": "Not Found"}, 404)
+
+    async def script_endpoint(self, request: web.Request) -> web.Response:
+        doc = orjson.loads(await request.read())
+        for d in doc if isinstance(doc, list) else [doc]:
+            self.push(d)
+        return _json({"queued": len(self.script)})
+
+    async def stats_endpoint(self, request: web.Request) -> web.Response:
+        s = self.stats
+        return _json({"requests": s.requests, "in_flight": s.in_flight,
+                      "max_in_flight": s.max_in_flight, "completed": s.completed,
+                      "disconnects": len(s.disconnects), "chunks_sent": s.chunks_sent})
+
+    # generation --------------------------------------------------------------------------------
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=True)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=False)
+
+    def _error(self, status: int, message: str) -> web.Response:
+        headers = {"Retry-After": "1"} if status == 429 else None
+        return _json(self.dialect.error_body(status, message), status, headers)
+
+    async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        try:
+            body = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            return self._error(400, "invalid JSON body")
+        self.stats.requests += 1
+        self.stats.bodies.append(body)
+        if self.loading:
+            return self._error(503, "Loading model")
+        sc = self.pick(body)
+        fault = sc.fault
+        if fault and fault.kind == "refuse":
+            assert request.transport is not None
+            request.transport.abort()
+            return web.Response(status=500)
+        if fault and fault.kind == "status":
+            return self._error(fault.status, fault.message)
+        self.stats.queued += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self.stats.queued -= 1
+        self.stats.in_flight += 1
+        self.stats.max_in_flight = max(self.stats.max_in_flight, self.stats.in_flight)
+        try:
+            prompt_tokens = sc.prompt_tokens or _estimate_prompt_tokens(body)
+            wait = (self.ttft if sc.ttft is None else sc.ttft) + prompt_tokens * \
+                self.prefill_per_token
+            if fault and fault.kind == "stall" and fault.after == 0:
+                wait += fault.seconds
+            if wait > 0:
+                await asyncio.sleep(wait)
+            if body.get("stream"):
+                return await self._stream(request, body, sc, chat, prompt_tokens)
+            return self._whole(body, sc, chat, prompt_tokens)
+        except (asyncio.CancelledError, ConnectionError):
+            self.stats.disconnects.append(time.monotonic())
+            raise
+        finally:
+            self.stats.in_flight -= 1
+            self._slots.release()
+            self.stats.completed += 1
+
+    def _whole(self, body: dict[str, Any], sc: Scenario, chat: bool,
+               prompt_tokens: int) -> web.Response:
+        d = self.dialect
+        completion = len(sc.content_pieces()) + sum(len(split_tokens(c.arguments))
+                                                    for c in sc.tool_calls)
+        if chat:
+            doc = {"id": d.completion_id(), "object": "chat.completion",
+                   "created": int(time.time()), "model": self.model,
+                   "choices": [{"index": 0, "message": d.reply_message(sc),
+                                "finish_reason": sc.final_reason()}],
+                   "usage": d.usage(prompt_tokens, completion)}
+        else:
+            doc = {"id": "cmpl-" + d.completion_id()[9:], "object": "text_completion",
+                   "created": int(time.time()), "model": self.model,
+                   "choices": [{"index": 0, "text": sc.content, "logprobs": None,
+                                "finish_reason": sc.final_reason()}],
+                   "usage": d.usage(prompt_tokens, completion)}
+        return _json(doc)
+
+    def _deltas(self, sc: Scenario, chat: bool) -> list[dict[str, Any]]:
+        d = self.dialect
+        out: list[dict[str, Any]] = []
+        if chat:
+            out.extend(d.reasoning_delta(p) for p in split_tokens(sc.reasoning))
+            out.extend(d.content_delta(p) for p in sc.content_pieces())
+            if sc.tool_calls:
+                out.extend(d.tool_deltas(sc.tool_calls, sc.quirks))
+        else:
+            out.extend({"text": p} for p in sc.content_pieces())
+        return out
+
+    async def _stream(self, request: web.Request, body: dict[str, Any], sc: Scenario,
+                      chat: bool, prompt_tokens: int) -> web.StreamResponse:
+        d = self.dialect
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                           "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        cid = d.completion_id() if chat else "cmpl-" + d.completion_id()[9:]
+        created = int(time.time())
+        fault = sc.fault
+        delay = self.token_delay if sc.token_delay is None else sc.token_delay
+        rng = random.Random(sc.wire_split_seed) if sc.wire_split_seed is not None else None
+        sent = 0
+
+        async def send(raw: bytes) -> None:
+            nonlocal sent
+            if rng is not None:
+                for piece in random_cuts(raw, rng):
+                    await resp.write(piece)
+            else:
+                await resp.write(raw)
+            sent += 1
+            self.stats.chunks_sent += 1
+            self.stats.bytes_sent += len(raw)
+
+        def event(obj: dict[str, Any]) -> bytes:
+            return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+        def wrap(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+            if chat:
+                return d.envelope(cid, created, [d.choice(delta, finish)])
+            return {"id": cid, "object": "text_completion", "created": created,
+                    "model": self.model, "choices": [{"index": 0, "text": delta.get("text", ""),
+                                                      "logprobs": None, "finish_reason": finish}]}
+
+        deltas = self._deltas(sc, chat)
+        if fault and fault.kind == "endless":
+            deltas = _endless(d, chat)
+        if chat:
+            await send(event(wrap(d.first_delta())))
+        count = 0
+        struck = False
+        for delta in deltas:
+            if fault and not struck and sent >= fault.after:
+                struck = True
+                if await self._strike(fault, resp, request, send):
+                    return resp
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await send(event(wrap(delta)))
+            count += 1
+        if fault and not struck and await self._strike(fault, resp, request, send):
+            return resp
+        reason = sc.final_reason()
+        if chat:
+            final = d.envelope(cid, created, [d.finish_choice(reason)])
+            final.update(d.extra_final())
+        else:
+            final = wrap({"text": ""}, reason)
+        await send(event(final))
+        so = body.get("stream_options") or {}
+        if d.sends_usage_chunk and so.get("include_usage"):
+            usage = d.envelope(cid, created, []) if chat else wrap({}, None) | {"choices": []}
+            usage["usage"] = d.usage(prompt_tokens, count)
+            await send(event(usage))
+        await send(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    async def _strike(self, fault: Any, resp: web.StreamResponse, request: web.Request,
+                      send: Any) -> bool:
+        """Apply a mid-stream fault; True when the stream is over."""
+        kind = fault.kind
+        if kind == "reset":
+            if request.transport is not None:
+                request.transport.abort()
+            return True
+        if kind == "stall" and fault.after > 0:
+            await asyncio.sleep(fault.seconds)
+            return False
+        if kind == "malformed":
+            await send(b'data: {"id": "x", "choices": [{"delta": {"content": "oops"\n\n')
+            return False
+        if kind == "truncated":
+            await send(b'data: {"id":"x","object":"chat.completion.chunk","choices":[{"ind')
+            with contextlib.suppress(Exception):
+                await resp.write_eof()
+            return True
+        if kind == "error_event":
+            await send(b"data: " + orjson.dumps({"error": {"message": fault.message,
+                                                           "type": "InternalServerError",
+                                                           "code": 500}}) + b"\n\n")
+            await send(b"data: [DONE]\n\n")
+            await resp.write_eof()
+            return True
+        return False
+
+    # Ollama native ------------------------------------------------------------------------------
+    async def ollama_chat(self, request: web.Request) -> web.StreamResponse:
+        if self.dialect.name != "ollama":
+            return _json({"detail": "Not Found"}, 404)
+        body = orjson.loads(await request.read())
+        self.stats.requests += 1
+        self.stats.bodies.append(body)
+        sc = self.pick(body)
+        await asyncio.sleep(self.ttft if sc.ttft is None else sc.ttft)
+
+        def line(msg: dict[str, Any], done: bool, **extra: Any) -> bytes:
+            doc = {"model": self.model, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                   "message": msg, "done": done, **extra}
+            return orjson.dumps(doc) + b"\n"
+
+        pieces = sc.content_pieces()
+        calls = [{"function": {"name": c.name, "arguments": _obj(c.arguments)}}
+                 for c in sc.tool_calls]
+        final_extra = {"done_reason": "stop", "total_duration": 1_000_000,
+                       "load_duration": 1000, "prompt_eval_count": _estimate_prompt_tokens(body),
+                       "prompt_eval_duration": 1000, "eval_count": len(pieces) + len(calls),
+                       "eval_duration": 1000}
+        if body.get("stream", True) is False:
+            msg: dict[str, Any] = {"role": "assistant", "content": sc.content}
+            if calls:
+                msg["tool_calls"] = calls
+            return web.Response(body=line(msg, True, **final_extra),
+                                content_type="application/json")
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await resp.prepare(request)
+        delay = self.token_delay if sc.token_delay is None else sc.token_delay
+        for p in pieces:
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await resp.write(line({"role": "assistant", "content": p}, False))
+        if calls:
+            await resp.write(line({"role": "assistant", "content": "", "tool_calls": calls},
+                                  False))
+        await resp.write(line({"role": "assistant", "content": ""}, True, **final_extra))
+        await resp.write_eof()
+        return resp
+
+
+def _endless(d: Dialect, chat: bool) -> Any:
+    i = 0
+    while True:
+        i += 1
+        yield d.content_delta(" tick") if chat else {"text": " tick"}
+
+
+def _obj(arguments: str) -> Any:
+    try:
+        return orjson.loads(arguments)
+    except orjson.JSONDecodeError:
+        return arguments
+
+
+def _last_user_text(body: dict[str, Any]) -> str:
+    for m in reversed(body.get("messages") or ()):
+        if isinstance(m, dict) and m.get("role") == "user":
+            c = m.get("content")
+            if isinstance(c, str):
+                return c
+            if isinstance(c, list):
+                return " ".join(p.get("text", "") for p in c if isinstance(p, dict))
+    p = body.get("prompt")
+    return p if isinstance(p, str) else ""
+
+
+def _estimate_prompt_tokens(body: dict[str, Any]) -> int:
+    """About four characters a token, like most BPE vocabularies on English."""
+    n = 0
+    for m in body.get("messages") or ():
+        if isinstance(m, dict) and isinstance(m.get("content"), str):
+            n += len(m["content"])
+    if isinstance(body.get("prompt"), str):
+        n += len(body["prompt"])
+    return max(1, n // 4)
+
+
+def _json(doc: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=orjson.dumps(doc), status=status, content_type="application/json",
+                        headers=headers)
