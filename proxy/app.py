@@ -33,7 +33,7 @@ access_log = logging.getLogger("toolmend.access")
 
 SETTINGS = web.AppKey("settings", Settings)
 UPSTREAM = web.AppKey("upstream", UpstreamClient)
-CTX = "toolmend.ctx"
+CTX = web.RequestKey("ctx", RequestContext)
 
 
 def _agent_id(request: web.Request, body: dict[str, Any] | None) -> str:

@@ -61,7 +61,8 @@ class ProxyError(Exception):
         return encode_event(orjson.dumps(self.body())) + DONE_EVENT
 
 
-def bad_request(message: str, param: str | None = None, code: str = "invalid_request") -> ProxyError:
+def bad_request(message: str, param: str | None = None,
+                code: str = "invalid_request") -> ProxyError:
     return ProxyError(400, message, param=param, code=code)
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import orjson
 
 from .config import Settings
 from .errors import ProxyError, normalize_upstream_error
@@ -87,7 +88,6 @@ class UpstreamClient:
                     raw = await r.read()
                     if r.status >= 400:
                         raise normalize_upstream_error(r.status, raw)
-                    import orjson
                     return orjson.loads(raw)
         except ProxyError:
             raise
@@ -171,7 +171,8 @@ class UpstreamCall:
         if isinstance(e, aiohttp.ServerTimeoutError):
             return ProxyError(504, f"upstream {self.url}: connect timed out after {t.connect} s",
                               code="upstream_connect_timeout")
-        if isinstance(e, TimeoutError) or (isinstance(e, asyncio.CancelledError) and self._expired()):
+        if isinstance(e, TimeoutError) or (isinstance(e, asyncio.CancelledError)
+                                           and self._expired()):
             return self._timeout_error()
         if isinstance(e, aiohttp.ClientConnectorError):
             return ProxyError(502, f"upstream {self.url} unreachable: {e.os_error or e}",

@@ -1,0 +1,350 @@
+"""The proxy core end to end: the openai SDK -> toolmend -> simulated backend, over real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import openai
+import orjson
+import pytest
+
+from .conftest import Stack, StackFactory
+
+MSG = [{"role": "user", "content": "hello"}]
+
+
+def client(stack: Stack) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=stack.v1, api_key="unused", max_retries=0, timeout=20)
+
+
+async def sse_lines(resp: aiohttp.ClientResponse) -> list[bytes]:
+    return (await resp.read()).split(b"\n")
+
+
+@pytest.mark.parametrize("dialect", ["vllm", "llamacpp", "ollama"])
+async def test_non_streaming_chat(make_stack: StackFactory, dialect: str) -> None:
+    stack = await make_stack(dialect)
+    stack.sim.push({"content": "Hi there, agent."})
+    r = await client(stack).chat.completions.with_raw_response.create(model="sim-model",
+                                                                     messages=MSG)
+    assert r.headers["x-request-id"].startswith("req_")
+    done = r.parse()
+    assert done.choices[0].message.content == "Hi there, agent."
+    assert done.usage is not None and done.usage.completion_tokens > 0
+
+
+@pytest.mark.parametrize("dialect", ["vllm", "llamacpp", "ollama"])
+async def test_streaming_chat_strips_usage_unless_asked(make_stack: StackFactory,
+                                                       dialect: str) -> None:
+    stack = await make_stack(dialect)
+    text = "Streaming works, even with ünïcödé 🌍 and \"quotes\"."
+    stack.sim.push({"content": text}, {"content": text})
+    c = client(stack)
+    chunks = [ch async for ch in await c.chat.completions.create(
+        model="sim-model", messages=MSG, stream=True)]
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == text
+    assert all(ch.usage is None for ch in chunks)
+    assert all(ch.choices for ch in chunks)
+    # toolmend asked the upstream for usage although the client did not
+    assert stack.sim.stats.bodies[-1]["stream_options"] == {"include_usage": True}
+
+    chunks = [ch async for ch in await c.chat.completions.create(
+        model="sim-model", messages=MSG, stream=True, stream_options={"include_usage": True})]
+    assert chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens > 0
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == text
+
+
+async def test_structured_tool_call_passes_through(stack: Stack) -> None:
+    stack.sim.push({"tool_calls": [{"name": "get_weather", "arguments": {"city": "Oslo"}}]})
+    chunks = [ch async for ch in await client(stack).chat.completions.create(
+        model="sim-model", messages=MSG, stream=True)]
+    args = "".join(tc.function.arguments or "" for ch in chunks if ch.choices
+                   for tc in ch.choices[0].delta.tool_calls or [])
+    assert orjson.loads(args) == {"city": "Oslo"}
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+async def test_byte_level_splits_reach_client_intact(stack: Stack) -> None:
+    text = "Ünïcode 🌍 split at every byte boundary the wire likes — ✓."
+    stack.sim.push({"content": text, "wire_split_seed": 7})
+    chunks = [ch async for ch in await client(stack).chat.completions.create(
+        model="sim-model", messages=MSG, stream=True)]
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == text
+
+
+async def test_legacy_completions_stream_and_whole(stack: Stack) -> None:
+    c = client(stack)
+    stack.sim.push({"content": "once upon a time"}, {"content": "once upon a time"})
+    whole = await c.completions.create(model="sim-model", prompt="Tell me")
+    assert whole.choices[0].text == "once upon a time"
+    parts = [ch async for ch in await c.completions.create(model="sim-model", prompt="Tell me",
+                                                            stream=True)]
+    assert "".join(p.choices[0].text for p in parts if p.choices) == "once upon a time"
+
+
+async def test_models_health_ready(stack: Stack) -> None:
+    models = await client(stack).models.list()
+    assert [m.id for m in models.data] == ["sim-model"]
+    async with aiohttp.ClientSession() as s:
+        async with s.get(stack.url + "/healthz") as r:
+            assert r.status == 200
+        async with s.get(stack.url + "/readyz") as r:
+            assert r.status == 200
+            assert (await r.json())["models"] == ["sim-model"]
+        stack.sim.loading = True
+        async with s.get(stack.url + "/readyz") as r:
+            assert r.status == 503
+            assert "Loading model" in (await r.json())["reason"]
+
+
+async def test_readyz_and_models_when_upstream_is_down(make_stack: StackFactory) -> None:
+    stack = await make_stack()
+    await stack.sim.stop()
+    async with aiohttp.ClientSession() as s:
+        async with s.get(stack.url + "/readyz") as r:
+            assert r.status == 503
+        async with s.get(stack.url + "/v1/models") as r:
+            assert r.status == 502
+            assert (await r.json())["error"]["code"] == "upstream_unreachable"
+
+
+async def test_unknown_path_and_method_are_openai_shaped(stack: Stack) -> None:
+    async with aiohttp.ClientSession() as s:
+        async with s.get(stack.url + "/v1/nope") as r:
+            assert r.status == 404
+            err = (await r.json())["error"]
+            assert set(err) == {"message", "type", "param", "code"}
+            assert "/v1/nope" in err["message"]
+        async with s.get(stack.url + "/v1/chat/completions") as r:
+            assert r.status == 405
+            assert (await r.json())["error"]["code"] == "method_not_allowed"
+
+
+@pytest.mark.parametrize(("body", "ctype", "status", "needle"), [
+    (b"{not json", "application/json", 400, "not valid JSON"),
+    (b"[1, 2]", "application/json", 400, "must be a JSON object"),
+    (b'{"model": "m"}', "application/json", 400, "'messages' is required"),
+    (b'{"messages": []}', "application/json", 400, "non-empty array"),
+    (b'{"messages": [{"content": "x"}]}', "application/json", 400, "messages[0].role"),
+    (b'{"messages": [{"role": "wizard", "content": "x"}]}', "application/json", 400,
+     "messages[0].role must be one of"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "stream": "yes"}', "application/json",
+     400, "'stream' must be a boolean"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": -1}',
+     "application/json", 400, "'max_tokens'"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}',
+     "application/json", 400, "tools[0].function.name"),
+    (b'{"messages": [{"role": "user", "content": "x"}]}', "text/plain", 415,
+     "unsupported content type"),
+    (b"", "application/json", 400, "empty"),
+    (b"[" * 100 + b"]" * 100, "application/json", 400, "JSON"),
+])
+async def test_bad_input_is_refused_clearly(stack: Stack, body: bytes, ctype: str, status: int,
+                                            needle: str) -> None:
+    async with aiohttp.ClientSession() as s:
+        async with s.post(stack.v1 + "/chat/completions", data=body,
+                          headers={"Content-Type": ctype}) as r:
+            assert r.status == status
+            err = (await r.json())["error"]
+            assert needle in err["message"]
+    assert stack.sim.stats.requests == 0  # nothing bad reached the backend
+
+
+async def test_body_over_limit_is_413(make_stack: StackFactory) -> None:
+    stack = await make_stack(max_body_bytes=10_000)
+    big = {"messages": [{"role": "user", "content": "x" * 20_000}]}
+    with pytest.raises(openai.APIStatusError) as ei:
+        await client(stack).chat.completions.create(model="m", messages=big["messages"])
+    assert ei.value.status_code == 413
+    assert "limit" in ei.value.message
+    assert stack.sim.stats.requests == 0
+
+
+async def test_sdk_sees_bad_request_type(stack: Stack) -> None:
+    with pytest.raises(openai.BadRequestError) as ei:
+        await client(stack).chat.completions.create(model="m", messages=[])
+    assert ei.value.param == "messages"
+
+
+@pytest.mark.parametrize(("status", "exc"), [(429, openai.RateLimitError),
+                                              (500, openai.InternalServerError),
+                                              (503, openai.InternalServerError)])
+@pytest.mark.parametrize("dialect", ["vllm", "llamacpp", "ollama", "llama-cpp-python"])
+async def test_upstream_errors_keep_status_and_get_openai_shape(
+        make_stack: StackFactory, dialect: str, status: int, exc: type[Exception]) -> None:
+    stack = await make_stack(dialect)
+    stack.sim.push({"fault": {"kind": "status", "status": status, "message": "boom here"}})
+    with pytest.raises(exc) as ei:
+        await client(stack).chat.completions.create(model="m", messages=MSG, stream=True)
+    assert ei.value.status_code == status  # type: ignore[attr-defined]
+    assert "boom here" in ei.value.message  # type: ignore[attr-defined]
+
+
+async def test_upstream_unreachable_is_502(make_stack: StackFactory) -> None:
+    stack = await make_stack()
+    await stack.sim.stop()
+    for stream in (False, True):
+        with pytest.raises(openai.APIStatusError) as ei:
+            await client(stack).chat.completions.create(model="m", messages=MSG, stream=stream)
+        assert ei.value.status_code == 502
+        assert "unreachable" in ei.value.message
+
+
+@pytest.mark.parametrize(("fault", "code"), [
+    ({"kind": "reset", "after": 3}, "upstream_disconnected"),
+    ({"kind": "malformed", "after": 3}, "upstream_malformed_event"),
+    ({"kind": "truncated", "after": 3}, None),
+    ({"kind": "error_event", "after": 3, "message": "CUDA out of memory"},
+     "upstream_stream_error"),
+])
+async def test_error_after_streaming_began_is_an_event_then_done(
+        stack: Stack, fault: dict[str, object], code: str | None) -> None:
+    stack.sim.push({"content": "one two three four five six seven", "fault": fault})
+    async with aiohttp.ClientSession() as s:
+        async with s.post(stack.v1 + "/chat/completions",
+                          json={"messages": MSG, "stream": True}) as r:
+            assert r.status == 200
+            raw = await r.read()
+    events = [line[6:] for line in raw.split(b"\n") if line.startswith(b"data: ")]
+    assert events[-1] == b"[DONE]"
+    err = orjson.loads(events[-2])["error"]
+    assert set(err) >= {"message", "type", "param", "code"}
+    if code:
+        assert err["code"] == code
+    # what arrived before the fault was relayed, not lost
+    assert b'"content":"one"' in raw or b'"content": "one"' in raw
+
+
+async def test_first_byte_timeout(make_stack: StackFactory) -> None:
+    stack = await make_stack(first_byte_timeout=0.3, keepalive_interval=5)
+    stack.sim.push({"content": "late", "ttft": 3})
+    t0 = time.monotonic()
+    with pytest.raises(openai.APIStatusError) as ei:
+        await client(stack).chat.completions.create(model="m", messages=MSG, stream=True)
+    assert ei.value.status_code == 504
+    assert "sent nothing within 0.3 s" in ei.value.message
+    assert time.monotonic() - t0 < 2.5
+
+
+async def test_idle_timeout_mid_stream(make_stack: StackFactory) -> None:
+    stack = await make_stack(idle_timeout=0.3)
+    stack.sim.push({"content": "a b c d e f", "fault": {"kind": "stall", "after": 2,
+                                                        "seconds": 5}})
+    async with aiohttp.ClientSession() as s:
+        async with s.post(stack.v1 + "/chat/completions",
+                          json={"messages": MSG, "stream": True}) as r:
+            raw = await r.read()
+    assert b"upstream_idle_timeout" in raw
+    assert raw.endswith(b"data: [DONE]\n\n")
+
+
+async def test_total_timeout_on_endless_stream(make_stack: StackFactory) -> None:
+    stack = await make_stack(total_timeout=0.5)
+    stack.sim.push({"fault": {"kind": "endless"}, "token_delay": 0.001})
+    async with aiohttp.ClientSession() as s:
+        async with s.post(stack.v1 + "/chat/completions",
+                          json={"messages": MSG, "stream": True}) as r:
+            raw = await r.read()
+    assert b"upstream_total_timeout" in raw
+
+
+async def test_connect_timeout(make_stack: StackFactory) -> None:
+    import socket
+
+    # A listener whose accept queue is full: further SYNs are dropped, connect() hangs.
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(0)
+    port = lsock.getsockname()[1]
+    fillers = []
+    for _ in range(4):
+        f = socket.socket()
+        f.setblocking(False)
+        try:
+            f.connect(("127.0.0.1", port))
+        except BlockingIOError:
+            pass
+        fillers.append(f)
+    try:
+        from toolmend.app import build_app, start_server
+        from toolmend.config import Settings
+
+        app = build_app(Settings(connect_timeout=0.3, log_requests=False),
+                        [f"http://127.0.0.1:{port}"])
+        runner, pport = await start_server(app, "127.0.0.1", 0)
+        try:
+            async with aiohttp.ClientSession() as s:
+                async with s.post(f"http://127.0.0.1:{pport}/v1/chat/completions",
+                                  json={"messages": MSG}) as r:
+                    err = (await r.json())["error"]
+            assert r.status == 504, err
+            assert err["code"] == "upstream_connect_timeout"
+        finally:
+            await runner.cleanup()
+    finally:
+        for f in fillers:
+            f.close()
+        lsock.close()
+
+
+async def test_keepalive_comments_before_first_token(make_stack: StackFactory) -> None:
+    stack = await make_stack(keepalive_interval=0.1)
+    stack.sim.push({"content": "ok", "ttft": 0.65})
+    async with aiohttp.ClientSession() as s:
+        async with s.post(stack.v1 + "/chat/completions",
+                          json={"messages": MSG, "stream": True}) as r:
+            raw = await r.read()
+    head, _, rest = raw.partition(b"data: ")
+    assert head.count(b": keep-alive\n\n") >= 3
+    assert b"keep-alive" not in rest  # none after the first token
+    assert b"\"content\":\"ok\"" in rest
+
+
+async def _wait_for(pred, timeout: float = 2.0) -> None:  # type: ignore[no-untyped-def]
+    end = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > end:
+            raise AssertionError("condition not reached")
+        await asyncio.sleep(0.005)
+
+
+@pytest.mark.parametrize("phase", ["prefill", "mid-stream"])
+async def test_client_disconnect_closes_upstream_within_100ms(stack: Stack, phase: str) -> None:
+    if phase == "prefill":
+        stack.sim.push({"content": "never", "ttft": 10})
+    else:
+        stack.sim.push({"fault": {"kind": "endless"}, "token_delay": 0.01})
+    session = aiohttp.ClientSession()
+    request = asyncio.ensure_future(session.post(stack.v1 + "/chat/completions",
+                                                 json={"messages": MSG, "stream": True}))
+    if phase == "mid-stream":
+        resp = await request
+        await resp.content.readuntil(b"tick")
+        closed_at = time.monotonic()
+        resp.close()
+    else:
+        # no response headers yet: toolmend holds them until output or a keep-alive is due
+        await _wait_for(lambda: stack.sim.stats.in_flight == 1)
+        closed_at = time.monotonic()
+        request.cancel()
+    await session.close()
+    await _wait_for(lambda: bool(stack.sim.stats.disconnects))
+    assert stack.sim.stats.disconnects[0] - closed_at < 0.1
+    await _wait_for(lambda: stack.sim.stats.in_flight == 0)
+
+
+async def test_slow_reader_does_not_grow_memory(stack: Stack) -> None:
+    """A client that stops reading stalls the upstream instead of filling toolmend's memory."""
+    big = "x" * 2000
+    stack.sim.push({"chunks": [big] * 25_000, "ttft": 0})  # ~50 MB of content
+    session = aiohttp.ClientSession(read_bufsize=2**16)
+    resp = await session.post(stack.v1 + "/chat/completions",
+                              json={"messages": MSG, "stream": True})
+    await resp.content.readexactly(1000)
+    await asyncio.sleep(1.0)  # not reading
+    sent_while_paused = stack.sim.stats.bytes_sent
+    assert sent_while_paused < 25_000_000, sent_while_paused
+    resp.close()
+    await session.close()
