@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 import orjson
 
+from .mender import StreamError
 from .sse import DONE, DONE_EVENT, SSEComment, SSEDecoder, encode_comment, encode_event
 
 _USAGE = b'"usage"'
@@ -41,10 +42,11 @@ class EventMender(Protocol):
 class UpstreamStreamError(Exception):
     """The upstream sent an error event inside a 200 stream."""
 
-    def __init__(self, status: int, body: bytes) -> None:
+    def __init__(self, status: int, body: bytes, final: bool = False) -> None:
         super().__init__(body[:200])
         self.status = status
         self.body = body
+        self.final = final  # body is already toolmend's own OpenAI-shaped error
         self.pending = b""
 
 
@@ -55,6 +57,7 @@ class StreamStats:
     usage: dict[str, Any] | None = None
     finish_reasons: list[str] = field(default_factory=list)
     saw_done: bool = False
+    tool_calls: int = 0  # tool calls emitted to the client so far
     model: str | None = None
 
 
@@ -85,8 +88,13 @@ class StreamPipeline:
             return out
         parts = [out] if out else []
         if self._mender is not None:
-            chunks, notes = self._mender.finish()
+            try:
+                chunks, notes = self._mender.finish()
+            except StreamError as e:
+                self._stopped = True
+                raise UpstreamStreamError(502, orjson.dumps(e.body), final=True) from None
             self._emit(chunks, notes, parts)
+            self.stats.tool_calls = len(self._mender.tool_names)
         parts.append(DONE_EVENT)
         self._stopped = True
         return b"".join(parts)
@@ -101,6 +109,11 @@ class StreamPipeline:
             e.pending = b"".join(parts)  # events decoded before the error still reach the client
             self._stopped = True
             raise
+        except StreamError as e:  # the mender refused a finished tool call
+            err = UpstreamStreamError(502, orjson.dumps(e.body), final=True)
+            err.pending = b"".join(parts)
+            self._stopped = True
+            raise err from None
         return b"".join(parts)
 
     def _loop(self, events: list[Any], parts: list[bytes]) -> None:
@@ -123,6 +136,7 @@ class StreamPipeline:
                 if obj is not None:
                     chunks, notes = mender.feed(obj)
                     self._emit(chunks, notes, parts)
+                    stats.tool_calls = len(mender.tool_names)
                 continue
             if (_USAGE in data and not _is_null(data, _USAGE_NULL)) or (
                     _FINISH in data and not _is_null(data, _FINISH_NULL)):

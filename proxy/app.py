@@ -13,9 +13,13 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from . import telemetry
 from .config import Settings
 from .context import RequestContext, new_request_id
+from .downstream import Downstream
 from .errors import ProxyError
+from .mending import json_transform, make_mender
+from .mending import record as record_mending
 from .parsers.stream import StreamPipeline
 from .relay import relay_json, relay_stream
 from .request_body import (
@@ -26,6 +30,16 @@ from .request_body import (
     parse_json_body,
     wants_stream,
 )
+from .scheduler import (
+    DEADLINE_HEADER,
+    PRIORITY_HEADER,
+    FairScheduler,
+    estimate_cost,
+    parse_deadline,
+    probe_slots,
+    scheduler_from_settings,
+)
+from .telemetry import TELEMETRY
 from .upstream import UpstreamClient
 
 log = logging.getLogger("toolmend")
@@ -33,6 +47,7 @@ access_log = logging.getLogger("toolmend.access")
 
 SETTINGS = web.AppKey("settings", Settings)
 UPSTREAM = web.AppKey("upstream", UpstreamClient)
+SCHEDULER = web.AppKey("scheduler", FairScheduler)
 CTX = web.RequestKey("ctx", RequestContext)
 
 
@@ -84,14 +99,40 @@ async def completions(request: web.Request) -> web.StreamResponse:
 async def _forward(request: web.Request, body: dict[str, Any], path: str) -> web.StreamResponse:
     settings = request.app[SETTINGS]
     up = request.app[UPSTREAM]
+    sched = request.app[SCHEDULER]
     ctx: RequestContext = request[CTX]
     ctx.stream = wants_stream(body)
-    if ctx.stream:
-        pipeline = StreamPipeline(client_wants_usage(body))
-        ask_for_usage(body)
-        return await relay_stream(request, ctx, up, path, orjson.dumps(body), pipeline,
-                                  settings.keepalive_interval)
-    return await relay_json(ctx, up, path, orjson.dumps(body))
+    request.app[TELEMETRY].prepare(request, ctx, body)
+    priority = sched.resolve_priority(ctx.agent_id, request.headers.get(PRIORITY_HEADER))
+    deadline = parse_deadline(request.headers.get(DEADLINE_HEADER), sched.clock())
+    if settings.vllm_priority:
+        body["priority"] = -priority  # vLLM serves lower values first
+    if not ctx.stream:
+        raw = orjson.dumps(body)
+        async with sched.slot(ctx, estimate_cost(body, raw), priority=priority,
+                              deadline=deadline):
+            return await relay_json(ctx, up, path, raw, json_transform(settings, body, ctx))
+    mender = make_mender(settings, body, ctx, request.headers)
+    pipeline = StreamPipeline(client_wants_usage(body), mender)
+    ask_for_usage(body)
+    raw = orjson.dumps(body)
+    down = Downstream(request, ctx, settings.keepalive_interval)
+    down.start_keepalive()  # keep-alives flow while the request waits for a slot
+    try:
+        async with sched.slot(ctx, estimate_cost(body, raw), priority=priority,
+                              deadline=deadline) as grant:
+            # output is charged from the pipeline's event count, read only when the
+            # scheduler decides: nothing added to the per-chunk path
+            grant.track(lambda: pipeline.stats.events)
+            try:
+                return await relay_stream(request, ctx, up, path, raw, pipeline,
+                                          settings.keepalive_interval, down)
+            finally:
+                record_mending(ctx, mender)
+    except ProxyError as e:  # refused (429) or out of time (503) in the queue
+        return await down.fail(e)
+    finally:
+        await down.stop_keepalive()
 
 
 async def models(request: web.Request) -> web.Response:
@@ -105,19 +146,25 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready when the upstream answers its model list with at least one model."""
+    """Ready when the upstream answers its model list with at least one model.
+
+    ``backend`` says what kind of server was detected behind the upstream URL.
+    """
     up = request.app[UPSTREAM]
+    backend = (await up.detect()).as_dict()
     try:
         doc = await up.get_json("/v1/models", timeout=3.0)
     except ProxyError as e:
-        return web.json_response({"ready": False, "upstream": up.base_url(), "reason": e.message},
-                                 status=503)
+        return web.json_response({"ready": False, "upstream": up.base_url(), "reason": e.message,
+                                  "backend": backend}, status=503)
     data = doc.get("data") if isinstance(doc, dict) else None
     names = [m.get("id") for m in data or () if isinstance(m, dict)]
     if not names:
         return web.json_response({"ready": False, "upstream": up.base_url(),
-                                  "reason": "upstream lists no loaded model"}, status=503)
-    return web.json_response({"ready": True, "upstream": up.base_url(), "models": names})
+                                  "reason": "upstream lists no loaded model",
+                                  "backend": backend}, status=503)
+    return web.json_response({"ready": True, "upstream": up.base_url(), "models": names,
+                              "backend": backend})
 
 
 @web.middleware
@@ -182,6 +229,12 @@ def _log_request(request: web.Request, ctx: RequestContext) -> None:
     access_log.info(orjson.dumps(line).decode())
 
 
+async def _size_scheduler(app: web.Application) -> None:
+    slots = await probe_slots(app[UPSTREAM], app[SETTINGS])
+    app[SCHEDULER].set_slots(slots)
+    log.info("fair queue: %d backend slots", slots)
+
+
 async def _close_upstream(app: web.Application) -> None:
     await app[UPSTREAM].close()
 
@@ -189,14 +242,17 @@ async def _close_upstream(app: web.Application) -> None:
 def build_app(settings: Settings, upstream_urls: list[str] | None = None) -> web.Application:
     urls = upstream_urls if upstream_urls is not None else settings.upstream
     app = web.Application(client_max_size=settings.max_body_bytes,
-                          middlewares=[context_and_errors])
+                          middlewares=[telemetry.middleware(CTX), context_and_errors])
     app[SETTINGS] = settings
     app[UPSTREAM] = UpstreamClient(urls, settings)
+    app[SCHEDULER] = scheduler_from_settings(settings)
+    app.on_startup.append(_size_scheduler)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    telemetry.setup(app, settings)
     app.on_cleanup.append(_close_upstream)
     return app
 

@@ -53,6 +53,11 @@ async def _serve(settings: Settings) -> int:
         log.info("embedded backend: %s (model %s)", backend.url, backend.model_name)
     app = build_app(settings, upstreams)
     runner, port = await start_server(app, settings.host, settings.port)
+    from .app import UPSTREAM
+    from .detect import describe
+
+    up = app[UPSTREAM]
+    log.info("%s", describe(up.base_url(), await up.detect()))
     base = f"http://{settings.host}:{port}"
     print(f"toolmend listening on {base}/v1 -> {', '.join(upstreams)}", flush=True)
     print(f"  try: curl {base}/v1/chat/completions -H 'Content-Type: application/json' "
@@ -108,6 +113,21 @@ def build_parser() -> argparse.ArgumentParser:
                      help="extra seconds to first token per prompt token")
     sim.add_argument("--tokens", type=int, default=16, help="tokens in the default reply")
     sim.add_argument("--fixtures", help="folder of scenario JSON files (default: bundled)")
+    trace = sub.add_parser("trace", help="show recent agent sessions as step timelines",
+                           description="Per-step timelines (queue, time to first token, "
+                           "generation, the agent's tool time) of recent agent sessions from a "
+                           "running toolmend, with a Jaeger link for each trace.")
+    from .trace_view import add_arguments as add_trace_arguments
+
+    add_trace_arguments(trace)
+    doctor = sub.add_parser("doctor", help="inspect this machine and recommend a stack",
+                            description="Look at the GPUs and memory, probe running servers, "
+                            "and print the serving stack to use with a ready-to-run command.")
+    doctor.add_argument("--agents", type=int, default=1, help="agents that run at the same time")
+    doctor.add_argument("--upstream", action="append", default=[], metavar="URL",
+                        help="server to probe (repeatable; default: the usual local ports)")
+    doctor.add_argument("--model", help="model to put in the commands instead of the suggestion")
+    doctor.add_argument("--json", action="store_true", help="machine-readable output")
     return p
 
 
@@ -122,6 +142,15 @@ def main(argv: list[str] | None = None) -> None:
         _setup_logging(settings.log_level)
         _use_uvloop()
         raise SystemExit(asyncio.run(_serve(settings)))
+    if args.command == "trace":
+        from .trace_view import run
+
+        raise SystemExit(run(args))
+    if args.command == "doctor":
+        from .doctor import run_doctor
+
+        print(asyncio.run(run_doctor(args.agents, args.upstream, args.model, args.json)))
+        raise SystemExit(0)
     if args.command == "sim":
         _setup_logging("info")
         _use_uvloop()

@@ -37,6 +37,11 @@ class Settings:
     backend: str = opt("auto", "kind of server behind --upstream", choices=BACKENDS)
     model: str = opt("", "GGUF file for the embedded backend (default: the bundled Gemma 3 270M)",
                      metavar="PATH")
+    embedded_ctx: int = opt(2048, "context size in tokens of the embedded model")
+    embedded_threads: int = opt(0, "CPU threads for the embedded model (0: every core)")
+    loading_timeout: float = opt(300.0, "seconds to keep retrying, with backoff, while the "
+                                 "upstream answers 503 'Loading model' (0: do not wait)",
+                                 metavar="S")
     tool_format: str = opt("auto", "tool-call marker format of the model (auto: from its name)",
                            metavar="FORMAT")
     tool_mode: str = opt("buffered", "buffered: emit a call's arguments once complete and checked; "
@@ -46,8 +51,41 @@ class Settings:
     max_retries: int = opt(1, "upstream retries for an invalid tool call")
     slots: int = opt(0, "concurrent requests the backend may hold (0: ask it, else a default "
                      "per backend)")
+    max_queue: int = opt(1024, "requests waiting for a backend slot, all agents together "
+                         "(beyond: 429 with Retry-After)")
+    max_queue_per_agent: int = opt(64, "requests one agent may have waiting for a slot (beyond: "
+                                   "429); [agents.NAME] max_queue overrides it")
+    queue_ttl: float = opt(300.0, "seconds a request may wait for a slot before it gets 503 "
+                           "(X-Toolmend-Deadline-Ms can shorten it per request)", metavar="S")
+    agent_cap: bool = opt(True, "while more than one agent is active, no agent holds more than "
+                          "slots - 1 slots, so a tool-loop agent is never stuck behind a burst "
+                          "(needs slots >= 2)")
+    express_slot: bool = opt(True, "keep one slot for small requests (short prompt growth, "
+                             "small max_tokens), so agent loop steps skip the queue (needs "
+                             "slots >= 2)")
+    express_max_prompt_tokens: int = opt(512, "largest prompt growth since the agent's previous "
+                                         "request (estimated tokens) that counts as small")
+    express_max_tokens: int = opt(256, "largest max_tokens that counts as small (requests "
+                                  "without max_tokens never do)")
+    agent_idle_after: float = opt(10.0, "seconds after its last request that an agent still "
+                                  "counts as active (tool loops pause between steps)",
+                                  metavar="S")
+    vllm_priority: bool = opt(False, "send each request's priority class in vLLM's 'priority' "
+                              "field (vLLM started with --scheduling-policy priority)")
     otlp_endpoint: str = opt("", "OTLP/HTTP endpoint for traces, e.g. http://127.0.0.1:4318",
                              metavar="URL")
+    otlp_protocol: str = opt("auto", "OTLP transport (auto: OTEL_EXPORTER_OTLP_PROTOCOL, else "
+                             "http/protobuf; grpc needs opentelemetry-exporter-otlp-proto-grpc)",
+                             choices=("auto", "http/protobuf", "grpc"))
+    otlp_timeout: float = opt(0.0, "seconds one span export may take, retries included (0: "
+                              "OTEL_EXPORTER_OTLP_TIMEOUT, else 10); exports never block requests",
+                              metavar="S")
+    trace_content: bool = opt(False, "record message content in spans (also "
+                              "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=true); off, "
+                              "spans carry timings and names only")
+    admin_key: str = opt("", "bearer key that lets non-loopback clients read /metrics and "
+                         "/toolmend/v1/sessions (default: loopback only)", metavar="KEY")
+    sessions_max: int = opt(256, "recent agent sessions kept in memory for toolmend trace")
     api_key: str = opt("", "bearer key sent to the upstream (never forwarded to clients)",
                        flag="--upstream-api-key", metavar="KEY")
     connect_timeout: float = opt(5.0, "seconds to connect to the upstream", metavar="S")
@@ -61,6 +99,10 @@ class Settings:
     max_connections: int = opt(1024, "upstream connection pool size")
     log_level: str = opt("info", "log level", choices=("debug", "info", "warning", "error"))
     log_requests: bool = opt(True, "log one structured line per request")
+
+    # Not an option: the file the options came from. Its [sections] (agents, ...) are read by
+    # the modules that own them, from this path.
+    config_path = ""
 
     @classmethod
     def load(cls, argv_ns: argparse.Namespace | None = None, config_path: str | None = None,
@@ -76,7 +118,9 @@ class Settings:
                 v = getattr(argv_ns, f.name, None)
                 if v is not None and v != []:
                     values[f.name] = v
-        return cls(**values)
+        settings = cls(**values)
+        settings.config_path = str(path) if path else ""
+        return settings
 
 
 def _known() -> dict[str, Any]:

@@ -35,7 +35,7 @@ async def relay_stream(request: web.Request, ctx: RequestContext, up: UpstreamCl
         down.start_keepalive()
     stats = pipeline.stats
     try:
-        async with up.call(path, body) as call:
+        async with up.call(path, body, headers=ctx.extra.get("upstream_headers")) as call:
             ctx.upstream_headers_at = loop.time()
             if call.status >= 400:
                 return await down.fail(await call.error())
@@ -47,6 +47,8 @@ async def relay_stream(request: web.Request, ctx: RequestContext, up: UpstreamCl
                     await down.write(out)
                     if ctx.client_first_token_at is None and stats.first_token:
                         ctx.client_first_token_at = loop.time()
+                    if ctx.first_tool_call_at is None and stats.tool_calls:
+                        ctx.first_tool_call_at = loop.time()
             if not stats.saw_done and not stats.finish_reasons:
                 raise ProxyError(502, "upstream ended the stream before it was complete "
                                  "(no finish_reason, no [DONE])", code="upstream_incomplete")
@@ -54,6 +56,8 @@ async def relay_stream(request: web.Request, ctx: RequestContext, up: UpstreamCl
         _record(ctx, pipeline)
         if out:
             await down.write(out)
+            if ctx.first_tool_call_at is None and stats.tool_calls:
+                ctx.first_tool_call_at = loop.time()
         return await down.close()
     except UpstreamStreamError as e:
         _record(ctx, pipeline)
@@ -78,7 +82,7 @@ async def relay_json(ctx: RequestContext, up: UpstreamClient, path: str, body: b
                      transform: JsonTransform | None = None) -> web.Response:
     loop = asyncio.get_running_loop()
     try:
-        async with up.call(path, body) as call:
+        async with up.call(path, body, headers=ctx.extra.get("upstream_headers")) as call:
             ctx.upstream_headers_at = loop.time()
             raw = await call.read_all()
             status = call.status
@@ -120,6 +124,11 @@ def _record(ctx: RequestContext, pipeline: StreamPipeline) -> None:
 
 
 def _stream_error(e: UpstreamStreamError) -> ProxyError:
+    if e.final:
+        doc = orjson.loads(e.body)["error"]
+        extra = {k: v for k, v in doc.items() if k not in ("message", "type", "param", "code")}
+        return ProxyError(e.status, doc["message"], code=doc.get("code"), param=doc.get("param"),
+                          type=doc.get("type"), extra=extra)
     err = normalize_upstream_error(e.status, e.body)
     if err.code == "upstream_error" and e.status == 500:
         err.code = "upstream_stream_error"

@@ -10,6 +10,7 @@ that is moved forward as chunks arrive.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,18 @@ import aiohttp
 import orjson
 
 from .config import Settings
+from .detect import Detected, detect
 from .errors import ProxyError, normalize_upstream_error
+
+log = logging.getLogger("toolmend.upstream")
+
+#: Backoff while a backend answers 503 "Loading model": first wait, growth, ceiling (seconds).
+LOADING_BACKOFF = (0.25, 2.0, 5.0)
+
+
+def is_loading(status: int, raw: bytes) -> bool:
+    """llama-server (and TGI, HF-style servers) answer 503 with "Loading model" while loading."""
+    return status == 503 and b"loading" in raw.lower()
 
 
 @dataclass(slots=True)
@@ -44,6 +56,24 @@ class UpstreamClient:
         self._api_key = settings.api_key
         self._limit = settings.max_connections
         self._session: aiohttp.ClientSession | None = None
+        self.backend = settings.backend
+        self.loading_timeout = settings.loading_timeout
+        self.detected: Detected | None = None
+        self._detect_lock = asyncio.Lock()
+
+    async def detect(self, *, refresh: bool = False) -> Detected:
+        """The kind of server upstream, probed once and remembered.
+
+        A verdict of ``unknown`` or ``loading`` is not remembered: the server may simply not be
+        up yet, and the next ``/readyz`` should look again.
+        """
+        async with self._detect_lock:
+            d = self.detected
+            if d is None or refresh or d.loading or d.details.get("reason"):
+                d = await detect(self.base_url(), self.backend, session=self.session,
+                                 api_key=self._api_key)
+                self.detected = d
+            return d
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -142,8 +172,7 @@ class UpstreamCall:
         self._cm = asyncio.timeout_at(min(self._started + t.first_byte, self._deadline))
         await self._cm.__aenter__()
         try:
-            self._resp = await self._owner.session.request(
-                self._method, self.url, data=self._body, headers=self._headers)
+            self._resp = await self._request_when_loaded()
         except BaseException as e:
             err = self._translate(e)
             await self._exit(e)
@@ -151,6 +180,28 @@ class UpstreamCall:
                 raise
             raise err from e
         return self
+
+    async def _request_when_loaded(self) -> aiohttp.ClientResponse:
+        """Send the request; while the backend answers 503 "Loading model", wait and resend.
+
+        Nothing has reached the client yet, so waiting is invisible to it apart from time; the
+        wait counts against the first-byte timeout and is capped by ``loading_timeout``.
+        """
+        owner = self._owner
+        give_up = self._loop.time() + owner.loading_timeout
+        delay, growth, ceiling = LOADING_BACKOFF
+        while True:
+            resp = await owner.session.request(self._method, self.url, data=self._body,
+                                               headers=self._headers)
+            if resp.status != 503 or owner.loading_timeout <= 0:
+                return resp
+            raw = await resp.read()  # cached on the response: error() can read it again
+            if not is_loading(resp.status, raw) or self._loop.time() + delay > give_up:
+                return resp
+            resp.close()
+            log.info("upstream %s is loading its model; retrying in %.2f s", self.url, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * growth, ceiling)
 
     async def __aexit__(self, et: Any, ev: BaseException | None, tb: Any) -> None:
         await self._exit(ev)

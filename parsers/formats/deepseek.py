@@ -1,0 +1,203 @@
+"""DeepSeek V3 / R1 and V3.1 tool calls, between fullwidth-bar special tokens.
+
+V3 / R1::
+
+    <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME
+    ```json
+    {...}
+    ```<｜tool▁call▁end｜><｜tool▁calls▁end｜>
+
+V3.1::
+
+    <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>NAME<｜tool▁sep｜>{...}<｜tool▁call▁end｜><｜tool▁calls▁end｜>
+
+The bars are U+FF5C and the spaces U+2581, exactly as in the tokenizer; an ASCII look-alike is
+not a marker. R1 reasons in ``<think>...</think>`` before answering.
+"""
+
+from __future__ import annotations
+
+import re
+
+from ..events import Event
+from ._stream import (
+    DONE,
+    MORE,
+    STOP,
+    WS_LIMIT,
+    CallReader,
+    Collector,
+    Markers,
+    StreamParser,
+    emit_plain,
+    skip_ws,
+)
+
+CALLS_BEGIN = "<｜tool▁calls▁begin｜>"
+CALLS_END = "<｜tool▁calls▁end｜>"
+CALL_BEGIN = "<｜tool▁call▁begin｜>"
+CALL_END = "<｜tool▁call▁end｜>"
+TOOL_SEP = "<｜tool▁sep｜>"
+THINK_START = "<think>"
+THINK_END = "</think>"
+FENCE = "```"
+NEWLINE = "\n"
+ARGS_OPEN = "{"  # arguments right after the name, without the fence
+
+_FENCE_LANG = re.compile(r"[A-Za-z0-9_-]*")
+_MAX_LANG = 16  # "```json\n": the language tag is short; more is not a fence line
+
+# states
+_TEXT, _THINK, _SECTION, _TYPE, _NAME, _FENCE, _CALL, _TAIL = range(8)
+
+
+class DeepSeekV3Parser(StreamParser):
+    """DeepSeek V3 / R1: ``function<｜tool▁sep｜>NAME`` then fenced JSON arguments."""
+
+    name = "deepseek_v3"
+    #: V3.1 drops the type and the fence: ``NAME<｜tool▁sep｜>{...}``
+    _typed = True
+
+    # stray section/call closers in text are markers too, dropped
+    _IN_TEXT = Markers(CALLS_BEGIN, CALL_BEGIN, CALLS_END, CALL_END, THINK_START)
+    _IN_THINK = Markers(THINK_END, CALLS_BEGIN, CALL_BEGIN)
+    _SECTION_NEXT = Markers(CALL_BEGIN, CALLS_END)
+    _TYPE_END = Markers(TOOL_SEP, CALL_END)
+    _NAME_END_V3 = Markers(NEWLINE, FENCE, ARGS_OPEN, CALL_END)
+    _NAME_END_V31 = Markers(TOOL_SEP, CALL_END)
+    _FENCED_STOPS = Markers(FENCE, CALL_END, CALLS_END)
+    _STOPS = Markers(CALL_END, CALLS_END)
+    _TAIL_NEXT = Markers(FENCE, CALL_END, CALLS_END, CALL_BEGIN)
+
+    def __init__(self, tools: list[dict] | None = None) -> None:
+        super().__init__(tools)
+        self._state = _TEXT
+        self._resume = _TEXT
+        self._reader: CallReader | None = None
+        self._collect: Collector | None = None
+        self._call_name = ""
+
+    def _begin_call(self) -> None:
+        if self._typed:
+            self._collect = Collector(self._TYPE_END)
+            self._state = _TYPE
+        else:
+            self._collect = Collector(self._NAME_END_V31)
+            self._state = _NAME
+
+    def _step(self, data: str, pos: int, final: bool, out: list[Event]) -> tuple[int, bool]:
+        st = self._state
+        n = len(data)
+        if st == _TEXT or st == _THINK:
+            markers = self._IN_TEXT if st == _TEXT else self._IN_THINK
+            end, m = markers.scan(data, pos, final)
+            emit_plain(out, data[pos:end], st == _THINK)
+            if m is None:
+                return end, True
+            tok = m.group()
+            if tok == CALLS_BEGIN:
+                self._resume = st
+                self._state = _SECTION
+            elif tok == CALL_BEGIN:  # the section opener left out: lenient
+                self._resume = st
+                self._begin_call()
+            elif tok == THINK_START:
+                self._state = _THINK
+            elif tok == THINK_END:
+                self._state = _TEXT
+            return m.end(), False
+        if st == _TYPE or st == _NAME:
+            assert self._collect is not None
+            end, m = self._collect.feed(data, pos, final)
+            if m is None:
+                return end, True
+            tok = m.group()
+            text = self._collect.text()
+            self._collect = None
+            if st == _TYPE:
+                if tok == TOOL_SEP:
+                    self._collect = Collector(
+                        self._NAME_END_V3 if self._typed else self._NAME_END_V31)
+                    self._state = _NAME
+                    return m.end(), False
+                self._call_name = text.strip()  # no separator: take what there is as the name
+            else:
+                self._call_name = text.strip()
+            if tok == CALL_END:  # a name and no arguments
+                CallReader(self, None, name=self._call_name).close(out, truncated=False)
+                self._state = _SECTION
+                return m.end(), False
+            if tok == TOOL_SEP:  # V3.1
+                self._reader = CallReader(self, self._STOPS, name=self._call_name)
+                self._state = _CALL
+                return m.end(), False
+            self._state = _FENCE
+            return (m.end() if tok == NEWLINE else end), False
+        if st == _FENCE:
+            j = skip_ws(data, pos)
+            if j >= n and not final:
+                return pos, True
+            if data.startswith(FENCE, j):
+                k = _FENCE_LANG.match(data, j + len(FENCE)).end()  # type: ignore[union-attr]
+                if k >= n and not final and k - j < _MAX_LANG:
+                    return pos, True
+                if k < n and data[k] == NEWLINE:
+                    k += 1
+                j = k
+            elif j + len(FENCE) > n and FENCE.startswith(data[j:]) and not final:
+                return pos, True
+            self._reader = CallReader(self, self._FENCED_STOPS, name=self._call_name)
+            self._state = _CALL
+            return j, False
+        if st == _CALL:
+            assert self._reader is not None
+            i, status = self._reader.feed(data, pos, final, out)
+            if status == MORE:
+                return i, True
+            assert status in (DONE, STOP)
+            self._reader.close(out, truncated=False)
+            self._reader = None
+            self._state = _TAIL
+            return i, False
+        # _SECTION (between calls) and _TAIL (after a call's JSON)
+        j = skip_ws(data, pos)
+        if j - pos >= WS_LIMIT:
+            self._state = self._resume
+            return pos, False
+        if j >= n:
+            if not final:
+                return pos, True
+            self._state = self._resume
+            return pos, False
+        hit = (self._TAIL_NEXT if st == _TAIL else self._SECTION_NEXT).at(data, j, final)
+        if hit is True:
+            return pos, True
+        if hit == FENCE:
+            return j + len(FENCE), False
+        if hit == CALL_END:
+            self._state = _SECTION
+            return j + len(CALL_END), False
+        if hit == CALL_BEGIN:
+            self._begin_call()
+            return j + len(CALL_BEGIN), False
+        if hit == CALLS_END:
+            self._state = self._resume
+            return j + len(CALLS_END), False
+        self._state = self._resume  # anything else is text again
+        return pos, False
+
+    def _close(self, out: list[Event]) -> None:
+        if self._collect is not None:  # cut off inside the type or the name
+            name = self._collect.text().strip() if self._state == _NAME else ""
+            self._collect = None
+            self._reader = CallReader(self, None, name=name)
+        if self._reader is not None:
+            self._reader.close(out, truncated=True)
+            self._reader = None
+
+
+class DeepSeekV31Parser(DeepSeekV3Parser):
+    """DeepSeek V3.1: ``NAME<｜tool▁sep｜>{...}``, no type, no fence."""
+
+    name = "deepseek_v31"
+    _typed = False

@@ -1,0 +1,92 @@
+"""Llama 3.x JSON tool calls: ``{"name": ..., "parameters"|"arguments": {...}}``.
+
+The reply is a call only when it starts (after whitespace) with ``{`` or ``<|python_tag|>``;
+anything else is the model answering in prose and passes through untouched. Several calls are
+separated by ``;`` (vLLM's llama3_json convention); a newline between objects is accepted too.
+An object with no ``"name"`` was not a call after all and is released as content, so a model
+that answers with a plain JSON document is not turned into a nameless tool call.
+"""
+
+from __future__ import annotations
+
+from ..events import Event
+from ._stream import DONE, MORE, WS_LIMIT, CallReader, Markers, StreamParser, emit_plain, skip_ws
+
+PYTHON_TAG = "<|python_tag|>"
+CALL_SEPARATOR = ";"
+
+# states
+_START, _TEXT, _CALL, _AFTER, _NEXT = range(5)
+
+
+class Llama3JsonParser(StreamParser):
+    """Llama 3.x JSON calls, optionally after ``<|python_tag|>``, separated by ``;``."""
+
+    name = "llama3_json"
+
+    _TAG = Markers(PYTHON_TAG)
+
+    def __init__(self, tools: list[dict] | None = None) -> None:
+        super().__init__(tools)
+        self._state = _START
+        self._reader: CallReader | None = None
+
+    def _new_call(self) -> None:
+        self._reader = CallReader(self, None, text_if_unnamed=True)
+        self._state = _CALL
+
+    def _step(self, data: str, pos: int, final: bool, out: list[Event]) -> tuple[int, bool]:
+        st = self._state
+        n = len(data)
+        if st == _TEXT:
+            emit_plain(out, data[pos:], False)
+            return n, True
+        if st == _CALL:
+            assert self._reader is not None
+            i, status = self._reader.feed(data, pos, final, out)
+            if status == MORE:
+                return i, True
+            assert status == DONE
+            text = self._reader.close(out, truncated=False)
+            self._reader = None
+            if text is not None:
+                emit_plain(out, text, False)
+                self._state = _TEXT
+            else:
+                self._state = _AFTER
+            return i, False
+        # _START, _AFTER, _NEXT: look past whitespace at what comes next
+        j = skip_ws(data, pos)
+        if j - pos >= WS_LIMIT:
+            self._state = _TEXT
+            return pos, False
+        if j >= n:
+            if not final:
+                return pos, True
+            if st == _START:  # a reply of nothing but whitespace
+                self._state = _TEXT
+                return pos, False
+            return j, True  # whitespace after the last call
+        c = data[j]
+        if c == "{":
+            self._new_call()
+            return pos, False  # the reader skips the whitespace (and keeps it, should it be text)
+        hit = self._TAG.at(data, j, final)
+        if hit is True:
+            return pos, True
+        if hit:
+            self._state = _NEXT
+            return j + len(PYTHON_TAG), False
+        if c == CALL_SEPARATOR and st == _AFTER:
+            self._state = _NEXT
+            return j + 1, False
+        # prose (before any call, or after the calls)
+        self._state = _TEXT
+        return pos, False
+
+    def _close(self, out: list[Event]) -> None:
+        if self._reader is not None:
+            text = self._reader.close(out, truncated=True)
+            self._reader = None
+            if text is not None:
+                emit_plain(out, text, False)

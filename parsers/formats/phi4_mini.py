@@ -1,0 +1,21 @@
+"""Phi-4-mini: ``functools[{"name": ..., "arguments": {...}}, ...]``.
+
+The marker includes the bracket, so the word "functools" in ordinary text (``import
+functools``) is not a call. Parsing is Granite's: a JSON list of call objects, each emitted
+when it closes, text after the list is content again.
+"""
+
+from __future__ import annotations
+
+from .granite import GraniteParser
+
+FUNCTOOLS = "functools["
+
+
+class Phi4MiniParser(GraniteParser):
+    """Phi-4-mini ``functools[...]`` lists."""
+
+    name = "phi4_mini"
+    markers = (FUNCTOOLS,)
+    closing = None
+    marker_opens_list = True

@@ -1,0 +1,472 @@
+"""The tool-call mender: upstream chat chunks in, clean OpenAI chunks out. Sans-I/O.
+
+Two sources of tool calls meet here:
+
+- **markers in content**: a backend without a tool parser (or with one that leaks split
+  markers) sends ``<tool_call>...`` as text; a :class:`MarkerParser` for the model's format
+  turns it into calls, holding back only a possible marker prefix;
+- **structured deltas**: a backend that parses calls itself sends ``tool_calls`` fragments,
+  with each server's own bugs — ids and names repeated or missing, every call at index 0, the
+  argument tail duplicated, ``function_call`` sent beside ``tool_calls``.
+
+Both are reassembled into :class:`PendingCall` objects; a finished call's arguments are
+repaired (``repair.py``) and, when a checker is given, validated, then emitted the OpenAI way:
+a first fragment with ``index``, ``id``, ``type``, ``name`` and ``arguments: ""``, then the
+arguments. In ``buffered`` mode (the default) a call is emitted once complete and checked; in
+``incremental`` mode fragments stream as they arrive and only a closing suffix can be added
+at the end.
+
+The hot-path contract with ``stream.py``: :meth:`wants` looks at the raw event bytes and says
+whether the event can matter. A plain content delta with no character that could start a
+marker, while the parser is idle in text, is forwarded untouched without being parsed.
+"""
+
+from __future__ import annotations
+
+import secrets
+import string
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .autodetect import AutoParser
+from .events import Event, Reasoning, Text, ToolCallArgs, ToolCallEnd, ToolCallStart
+from .formats import format_for_model, make_parser
+from .formats.base import MarkerParser
+from .repair import Repair, clean_name, closing_suffix, repair_arguments
+
+_ALNUM = string.ascii_letters + string.digits
+
+# Bytes that can begin a marker, per format (searched in the raw event after "content").
+# A JSON-escaped character (\uXXXX) always sends the event to the parser.
+TRIGGERS: dict[str, tuple[bytes, ...]] = {
+    "llama3_json": (b"<", b"{"),
+    "pythonic": (b"<", b"["),
+    "mistral": (b"[",),
+    "phi4_mini": (b"f",),  # single characters only: a marker may be split across deltas
+    "generic_json": (b"{", b"[", b"`"),
+    "auto": (b"<", b"["),
+}
+DEFAULT_TRIGGERS = (b"<",)
+_ESCAPE = b"\\u"
+_CONTENT = b'"content":'
+_STRUCTURE = (b'"tool_calls"', b'"function_call"')
+_FINISH_NULL = (b'"finish_reason":null', b'"finish_reason": null')
+
+
+def new_call_id() -> str:
+    return "call_" + "".join(secrets.choice(_ALNUM) for _ in range(24))
+
+
+@dataclass
+class PendingCall:
+    """One tool call being reassembled, from markers or from structured deltas."""
+
+    name: str = ""
+    id: str | None = None
+    arguments: str = ""
+    truncated: bool = False
+    complete: bool = False
+    source: str = "structured"  # or "markers"
+    upstream_index: int | None = None
+    out_index: int = -1
+    started_out: bool = False  # incremental mode: the first fragment was sent
+    sent_args: int = 0  # incremental mode: characters of arguments already sent
+    repairs: list[Repair] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class CheckResult:
+    """What a call checker (schema validation) decided for one finished call."""
+
+    ok: bool
+    arguments: str | None = None  # replacement arguments (coerced), when changed
+    notes: list[str] = field(default_factory=list)
+    error: dict[str, Any] | None = None  # OpenAI-shaped error body when the call is refused
+
+
+CallChecker = Callable[[str, str], CheckResult]
+
+
+class StreamError(Exception):
+    """A finished call was refused; the stream must end with this error."""
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        super().__init__(body.get("error", {}).get("message", "invalid tool call"))
+        self.body = body
+
+
+class ChatMender:
+    """Per-request mender for ``chat.completion.chunk`` streams (choice 0)."""
+
+    def __init__(self, fmt: str | None, tools: list[dict[str, Any]] | None = None, *,
+                 mode: str = "buffered", checker: CallChecker | None = None,
+                 model_hint: str | None = None) -> None:
+        # The format may be decided late, from the model name the upstream reports in its
+        # first chunk: an agent often sends a placeholder model name.
+        self._fmt = None if fmt in (None, "", "auto") else fmt
+        self._tools = tools
+        self._model_hint = model_hint
+        self.format = ""
+        self._parser: MarkerParser | None = None
+        self.mode = mode
+        self.checker = checker
+        self._triggers: tuple[bytes, ...] = DEFAULT_TRIGGERS
+        self._idle = False  # parser is in plain text with nothing held (see wants)
+        self._envelope: dict[str, Any] | None = None
+        self._calls: list[PendingCall] = []
+        self._current: PendingCall | None = None  # open structured call
+        self._marker_calls: dict[int, PendingCall] = {}
+        self._next_out = 0
+        self._finished = False
+        self.repairs: list[dict[str, Any]] = []  # for the trace: kind, call, before, after
+        self.tool_names: list[str] = []
+        self.finish_reason: str | None = None
+
+    @property
+    def parser(self) -> MarkerParser:
+        if self._parser is None:
+            self._choose(None)
+        assert self._parser is not None
+        return self._parser
+
+    def _choose(self, upstream_model: str | None) -> None:
+        fmt = self._fmt or format_for_model(upstream_model) or \
+            format_for_model(self._model_hint) or "auto"
+        self.format = fmt
+        self._parser = AutoParser(self._tools) if fmt == "auto" else make_parser(fmt, self._tools)
+        self._triggers = TRIGGERS.get(fmt, DEFAULT_TRIGGERS)
+
+    # hot path ----------------------------------------------------------------------------------
+    def wants(self, data: bytes) -> bool:
+        if not self._idle:
+            return True
+        for s in _STRUCTURE:
+            if s in data:
+                return True
+        if b'"finish_reason"' in data and _FINISH_NULL[0] not in data and \
+                _FINISH_NULL[1] not in data:
+            return True
+        i = data.find(_CONTENT)
+        if i < 0:
+            return False  # role-only, reasoning or usage: nothing to mend
+        tail = data[i + 10:]
+        if _ESCAPE in tail:
+            return True
+        return any(t in tail for t in self._triggers)
+
+    # chunks ------------------------------------------------------------------------------------
+    def feed(self, chunk: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
+        out: list[dict[str, Any]] = []
+        notes: list[str] = []
+        if self._envelope is None:
+            self._envelope = {k: v for k, v in chunk.items() if k not in ("choices", "usage")}
+        if self._parser is None:
+            model = chunk.get("model")
+            self._choose(model if isinstance(model, str) else None)
+        choices = chunk.get("choices")
+        if not choices:
+            out.append(chunk)  # the usage chunk, or an odd empty one: passed as it is
+            return out, notes
+        choice = choices[0] if isinstance(choices[0], dict) else {}
+        delta = choice.get("delta") or {}
+        role = delta.get("role")
+        reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+        if reasoning:
+            out.append(self._chunk({"reasoning_content": reasoning}))
+        content = delta.get("content")
+        if isinstance(content, str) and content:
+            self._events(self.parser.feed(content), out, notes, count_idle=len(content))
+        elif role and not out:
+            out.append(self._chunk({"role": role, "content": ""}))
+        tcs = delta.get("tool_calls")
+        fc = delta.get("function_call")
+        if isinstance(tcs, list) and tcs:
+            for tc in tcs:
+                if isinstance(tc, dict):
+                    self._structured(tc, out, notes)
+        elif isinstance(fc, dict):
+            # the deprecated single-call form; treated as call 0 when no tool_calls came along
+            self._structured({"index": 0, "function": fc, "_legacy": True}, out, notes)
+        reason = choice.get("finish_reason")
+        if reason:
+            self._finish(reason, out, notes)
+        extra = {k: v for k, v in chunk.items() if k == "usage" and v}
+        if extra and out:
+            out[-1] = {**out[-1], **extra}
+        elif extra:
+            out.append({**self._base(), "choices": [], **extra})
+        return out, notes
+
+    def finish(self) -> tuple[list[dict[str, Any]], list[str]]:
+        """The upstream ended without a finish chunk: flush what is held."""
+        out: list[dict[str, Any]] = []
+        notes: list[str] = []
+        if not self._finished:
+            self._finish(None, out, notes)
+        return out, notes
+
+    # internals ---------------------------------------------------------------------------------
+    def _base(self) -> dict[str, Any]:
+        return dict(self._envelope or {"object": "chat.completion.chunk"})
+
+    def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        c = self._base()
+        c["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+        return c
+
+    def _events(self, events: list[Event], out: list[dict[str, Any]], notes: list[str],
+                count_idle: int = -1) -> None:
+        text_len = 0
+        only_text = True
+        for ev in events:
+            if type(ev) is Text:
+                text_len += len(ev.text)
+                out.append(self._chunk({"content": ev.text}))
+            elif type(ev) is Reasoning:
+                only_text = False
+                out.append(self._chunk({"reasoning_content": ev.text}))
+            elif type(ev) is ToolCallStart:
+                only_text = False
+                self._close_structured(out, notes)
+                call = PendingCall(name=ev.name, id=ev.id, source="markers")
+                self._marker_calls[ev.index] = call
+                self._calls.append(call)
+                if self.mode == "incremental":
+                    self._emit_start(call, out)
+            elif type(ev) is ToolCallArgs:
+                only_text = False
+                call = self._marker_calls.get(ev.index)
+                if call is not None:
+                    call.arguments += ev.fragment
+                    if self.mode == "incremental":
+                        self._emit_args(call, out)
+            elif type(ev) is ToolCallEnd:
+                only_text = False
+                call = self._marker_calls.pop(ev.index, None)
+                if call is not None:
+                    call.truncated = ev.truncated
+                    self._complete(call, out, notes)
+        if count_idle >= 0:
+            self._idle = only_text and text_len == count_idle
+
+    def _structured(self, tc: dict[str, Any], out: list[dict[str, Any]],
+                    notes: list[str]) -> None:
+        fn = tc.get("function") if isinstance(tc.get("function"), dict) else {}
+        name = fn.get("name") if isinstance(fn.get("name"), str) else None
+        args = fn.get("arguments")
+        if args is not None and not isinstance(args, str):
+            import orjson
+
+            args = orjson.dumps(args).decode()  # some servers send arguments as an object
+        cid = tc.get("id") if isinstance(tc.get("id"), str) and tc.get("id") else None
+        index = tc.get("index") if isinstance(tc.get("index"), int) else None
+        cur = self._current
+        new = cur is None
+        if cur is not None:
+            if index is not None and cur.upstream_index is not None and \
+                    index != cur.upstream_index:
+                new = True
+            elif cid and cur.id and cid != cur.id:
+                new = True  # Ollama: every call at index 0, told apart by id
+            elif name and cur.name and name != cur.name and cur.arguments:
+                new = True
+            elif name and cur.name == name and cur.arguments and not cid and \
+                    args is not None and _is_complete_json(cur.arguments) and \
+                    _is_complete_json(args):
+                new = True  # a second whole call to the same tool, without id or index
+        if new:
+            self._close_structured(out, notes)
+            cur = PendingCall(name=name or "", id=cid, upstream_index=index)
+            self._current = cur
+            self._calls.append(cur)
+        else:
+            assert cur is not None
+            if name and not cur.name:
+                cur.name = name
+            if cid and not cur.id:
+                cur.id = cid
+        assert cur is not None
+        if args:
+            cur.arguments += args
+        if self.mode == "incremental" and cur.name:
+            if not cur.started_out:
+                self._emit_start(cur, out)
+            self._emit_args(cur, out)
+
+    def _close_structured(self, out: list[dict[str, Any]], notes: list[str]) -> None:
+        cur = self._current
+        if cur is not None:
+            self._current = None
+            self._complete(cur, out, notes)
+
+    def _finish(self, reason: str | None, out: list[dict[str, Any]], notes: list[str]) -> None:
+        self._finished = True
+        self._events(self.parser.finish(), out, notes)
+        for call in list(self._marker_calls.values()):
+            call.truncated = True
+            self._complete(call, out, notes)
+        self._marker_calls.clear()
+        if reason == "length" and self._current is not None:
+            self._current.truncated = True  # the cut fell inside the last structured call
+        self._close_structured(out, notes)
+        emitted = any(c.out_index >= 0 for c in self._calls)
+        final = reason
+        if emitted and reason in (None, "stop", "eos", "function_call", "tool_calls"):
+            if reason not in (None, "tool_calls"):
+                notes.append(f"repaired finish_reason {reason!r} -> 'tool_calls'")
+            final = "tool_calls"
+        elif final is None:
+            final = "stop"
+        self.finish_reason = final
+        out.append(self._chunk({}, final))
+
+    def _complete(self, call: PendingCall, out: list[dict[str, Any]], notes: list[str]) -> None:
+        if call.complete:
+            return
+        call.complete = True
+        name, changed = clean_name(call.name)
+        if changed:
+            self._record(call, Repair("name_markup", len(call.name), len(name)), notes)
+            call.name = name
+        if not call.name:
+            notes.append("dropped a tool call without a name")
+            self.repairs.append({"kind": "nameless_call_dropped", "call": -1})
+            return
+        streamed = call.arguments
+        if self.mode == "incremental" and call.truncated and call.sent_args:
+            suffix = closing_suffix(streamed)
+            if suffix:  # what was streamed stays true: the repair only appends
+                self._record(call, Repair("truncated_closed", len(streamed),
+                                          len(streamed) + len(suffix)), notes)
+                call.arguments = streamed + suffix
+                call.truncated = False
+                streamed = call.arguments
+        result = repair_arguments(streamed, truncated=call.truncated)
+        for r in result.repairs:
+            self._record(call, r, notes)
+        args = result.text if result.ok else streamed
+        if self.checker is None and not result.ok:
+            raise StreamError(invalid_call_error(call.name, result.error or "invalid arguments"))
+        if self.checker is not None:
+            verdict = self.checker(call.name, args)
+            for n in verdict.notes:
+                notes.append(f"call {call.name}: {n}")
+            if verdict.error is not None:
+                raise StreamError(verdict.error)
+            if verdict.arguments is not None:
+                args = verdict.arguments
+        self.tool_names.append(call.name)
+        if self.mode == "incremental":
+            if not call.started_out:
+                self._emit_start(call, out)
+            if args.startswith(streamed[:call.sent_args]) and len(args) >= call.sent_args:
+                tail = args[call.sent_args:]
+                if tail:
+                    out.append(self._tool_chunk(call, {"arguments": tail}))
+            elif args != streamed:
+                notes.append(f"call {call.name}: arguments were streamed before a repair; "
+                             "the client has the unrepaired text")
+            return
+        self._emit_start(call, out)
+        if args:
+            out.append(self._tool_chunk(call, {"arguments": args}))
+
+    def _record(self, call: PendingCall, r: Repair, notes: list[str]) -> None:
+        call.repairs.append(r)
+        idx = call.out_index if call.out_index >= 0 else self._next_out
+        self.repairs.append({"kind": r.kind, "call": idx, "before": r.before,
+                             "after": r.after})
+        notes.append(f"repaired call {idx} {call.name or '?'}: {r.note()}")
+
+    def _emit_start(self, call: PendingCall, out: list[dict[str, Any]]) -> None:
+        if call.started_out:
+            return
+        call.started_out = True
+        call.out_index = self._next_out
+        self._next_out += 1
+        if not call.id:
+            call.id = new_call_id()
+        out.append(self._tool_chunk(call, {"name": clean_name(call.name)[0], "arguments": ""},
+                                    first=True))
+
+    def _emit_args(self, call: PendingCall, out: list[dict[str, Any]]) -> None:
+        if not call.started_out:
+            return
+        pending = call.arguments[call.sent_args:]
+        if pending:
+            call.sent_args = len(call.arguments)
+            out.append(self._tool_chunk(call, {"arguments": pending}))
+
+    def _tool_chunk(self, call: PendingCall, function: dict[str, Any],
+                    first: bool = False) -> dict[str, Any]:
+        tc: dict[str, Any] = {"index": call.out_index}
+        if first:
+            tc["id"] = call.id
+            tc["type"] = "function"
+        tc["function"] = function
+        return self._chunk({"tool_calls": [tc]})
+
+
+def invalid_call_error(name: str, message: str, pointer: str = "") -> dict[str, Any]:
+    """The OpenAI-shaped error a client gets instead of a tool call that cannot be mended."""
+    return {"error": {"message": f"tool call {name!r}: {message}", "type": "invalid_tool_call",
+                      "param": None, "code": "invalid_tool_call", "tool": name,
+                      "pointer": pointer, "validator_message": message}}
+
+
+def _is_complete_json(text: str) -> bool:
+    import orjson
+
+    try:
+        orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return False
+    return True
+
+
+def mend_message(message: dict[str, Any], finish_reason: str | None, fmt: str | None,
+                 tools: list[dict[str, Any]] | None, checker: CallChecker | None = None,
+                 model: str | None = None) -> tuple[dict[str, Any], str | None, ChatMender]:
+    """Non-streaming: the same repair applied to a whole ``choices[0].message``.
+
+    Runs the message through the streaming mender as one chunk, so both paths share every
+    rule, then folds the emitted chunks back into one message.
+    """
+    m = ChatMender(fmt, tools, checker=checker, model_hint=model)
+    delta: dict[str, Any] = {"role": "assistant"}
+    for key in ("content", "reasoning_content", "reasoning", "tool_calls", "function_call"):
+        if message.get(key) is not None:
+            delta[key] = message[key]
+    if isinstance(delta.get("tool_calls"), list):
+        delta["tool_calls"] = [{**tc, "index": i} for i, tc in enumerate(delta["tool_calls"])
+                               if isinstance(tc, dict)]
+    chunks, _ = m.feed({"choices": [{"index": 0, "delta": delta,
+                                     "finish_reason": finish_reason or "stop"}]})
+    content: list[str] = []
+    reasoning: list[str] = []
+    calls: dict[int, dict[str, Any]] = {}
+    for c in chunks:
+        for ch in c.get("choices") or ():
+            d = ch.get("delta") or {}
+            if d.get("content"):
+                content.append(d["content"])
+            if d.get("reasoning_content"):
+                reasoning.append(d["reasoning_content"])
+            for tc in d.get("tool_calls") or ():
+                slot = calls.setdefault(tc["index"], {"id": tc.get("id"), "type": "function",
+                                                      "function": {"name": "",
+                                                                   "arguments": ""}})
+                fn = tc.get("function") or {}
+                if fn.get("name"):
+                    slot["function"]["name"] = fn["name"]
+                slot["function"]["arguments"] += fn.get("arguments") or ""
+    out = {k: v for k, v in message.items() if k not in ("function_call", "tool_calls",
+                                                          "reasoning")}
+    out["role"] = "assistant"
+    out["content"] = "".join(content) or None
+    if reasoning:
+        out["reasoning_content"] = "".join(reasoning)
+    if calls:
+        out["tool_calls"] = [calls[i] for i in sorted(calls)]
+    return out, m.finish_reason, m

@@ -1,0 +1,401 @@
+"""Validating one emitted tool call against the request's tools, with lossless coercion.
+
+:func:`validate_call` answers "may the agent receive this call as it is?" and, asked to
+``coerce`` (policy ``repair``), "is there exactly one lossless reading of it that is valid?".
+:func:`validate_reply` checks what only the whole reply can tell: ``tool_choice: "required"`` (or
+a named choice) with no call at all, ``"none"`` with one.
+
+Coercions are the few reinterpretations that lose nothing and that models get wrong all the time:
+
+========================  ==========================  ==========================================
+kind                      from                        to
+========================  ==========================  ==========================================
+``string_to_integer``     ``"42"``                    ``42`` (JSON integer literal only: not
+                                                      ``"042"``, not ``"4.5"``)
+``string_to_number``      ``"4.5"``                   ``4.5`` (JSON number literal, finite)
+``string_to_boolean``     ``"true"`` / ``"false"``    ``true`` / ``false``
+``wrap_in_array``         a bare value ``v``          ``[v]`` (never ``null``)
+``parse_json_string``     ``"{\\"a\\": 1}"``            the object (or array) it holds
+``empty_arguments``       empty arguments text        ``{}``
+========================  ==========================  ==========================================
+
+Where to coerce comes from the validator's own errors (instance path + keyword), so ``$ref`` and
+``$defs`` are followed exactly as validation follows them. Only ``type``, ``anyOf`` and ``oneOf``
+failures are candidates, and a node is changed only when exactly one candidate reading makes the
+failing subschema valid: for ``anyOf: [{"type": "integer"}, {"type": "null"}]`` the string
+``"42"`` becomes ``42``; for ``anyOf: [{"type": "integer"}, {"type": "array"}]`` it could become
+``42`` or ``["42"]``, which is ambiguous, so it is left alone. A coercion that leaves the call
+invalid anywhere is not applied at all: the verdict then reports the original errors, which is
+what a retry's correction message should name.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import jsonschema.exceptions
+import orjson
+
+from .schemas import Toolset, json_pointer
+
+__all__ = [
+    "EMPTY_ARGUMENTS",
+    "PARSE_JSON_STRING",
+    "STRING_TO_BOOLEAN",
+    "STRING_TO_INTEGER",
+    "STRING_TO_NUMBER",
+    "WRAP_IN_ARRAY",
+    "Issue",
+    "Repair",
+    "Verdict",
+    "describe_repairs",
+    "validate_call",
+    "validate_reply",
+    "verdict_summary",
+]
+
+STRING_TO_INTEGER: Final = "string_to_integer"
+STRING_TO_NUMBER: Final = "string_to_number"
+STRING_TO_BOOLEAN: Final = "string_to_boolean"
+WRAP_IN_ARRAY: Final = "wrap_in_array"
+PARSE_JSON_STRING: Final = "parse_json_string"
+EMPTY_ARGUMENTS: Final = "empty_arguments"
+
+MAX_REPORTED_ERRORS: Final = 8
+MAX_MESSAGE_CHARS: Final = 240
+
+# Work bounds for coercion: how many nested reinterpretations deep (a bare "42" for an array of
+# arrays of integers is three), and how many subschema checks per call in all.
+_COERCE_DEPTH: Final = 4
+_COERCE_BUDGET: Final = 64
+
+_INTEGER: Final = re.compile(r"-?(?:0|[1-9][0-9]{0,299})")
+_NUMBER: Final = re.compile(r"-?(?:0|[1-9][0-9]{0,299})(?:\.[0-9]{1,300})?(?:[eE][+-]?[0-9]{1,4})?")
+_LONG_DIGITS: Final = re.compile(r"[0-9]{19}")
+_COERCIBLE: Final = frozenset({"type", "anyOf", "oneOf"})
+
+
+@dataclass(frozen=True, slots=True)
+class Issue:
+    """One reason a call is invalid.
+
+    ``pointer`` is a JSON pointer into the arguments (``""`` for the whole call), ``keyword`` the
+    schema keyword that failed (``required``, ``type``...) or one of ours: ``name`` (unknown
+    tool), ``tool_choice``, ``json`` (arguments are not JSON), ``depth`` (too deeply nested).
+    """
+
+    pointer: str
+    keyword: str
+    message: str
+
+    def describe(self) -> str:
+        """``at /days: 'three' is not of type 'integer'`` (or just the message at the root)."""
+        return f"at {self.pointer}: {self.message}" if self.pointer else self.message
+
+
+@dataclass(frozen=True, slots=True)
+class Repair:
+    """One coercion applied: its kind (the constants above) and where, as a JSON pointer."""
+
+    kind: str
+    pointer: str
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The result of checking a call (or a whole reply).
+
+    ``arguments`` is the JSON text to forward: the original text unless ``repairs`` were
+    applied. ``errors`` is empty exactly when ``ok``; the first one is the most relevant.
+    """
+
+    ok: bool
+    name: str
+    arguments: str
+    errors: tuple[Issue, ...] = ()
+    repairs: tuple[Repair, ...] = ()
+
+    @property
+    def error(self) -> Issue | None:
+        return self.errors[0] if self.errors else None
+
+
+def _cut(message: str) -> str:
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    return message[: MAX_MESSAGE_CHARS - 3] + "..."
+
+
+def _invalid(name: str, arguments: str, *issues: Issue) -> Verdict:
+    return Verdict(False, name, arguments, tuple(issues))
+
+
+def _reject_constant(text: str) -> None:
+    raise ValueError(f"{text} is not valid JSON")
+
+
+def _loads(text: str) -> Any:
+    """Parse arguments. orjson turns integers beyond 64 bits into floats, silently changing ids
+    and amounts if we re-serialize after a repair, so text with long digit runs takes the exact
+    (slower) stdlib parser, with NaN/Infinity refused as orjson refuses them."""
+    if _LONG_DIGITS.search(text):
+        return json.loads(text, parse_constant=_reject_constant)
+    return orjson.loads(text)
+
+
+def _dumps(value: Any, *, sort_keys: bool = False) -> str:
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS if sort_keys else 0).decode()
+    except TypeError:  # integers beyond 64 bits
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=sort_keys)
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {bool: "boolean", int: "integer", float: "number", str: "string", list: "array",
+            dict: "object"}.get(type(value), type(value).__name__)
+
+
+def _closest(error: jsonschema.exceptions.ValidationError) -> jsonschema.exceptions.ValidationError:
+    """For an anyOf/oneOf failure, the error inside the branch that came closest: fewest errors,
+    then fewest type mismatches at the node itself (a branch of the right type is closer), then
+    schema order. "-1 is not greater than 0" at ``/shape/radius`` makes a better correction than
+    "not valid under any of the given schemas" at ``/shape``. (jsonschema's ``best_match`` ranks
+    by other heuristics and can name a branch the model plainly did not mean.)"""
+    while error.validator in ("anyOf", "oneOf") and error.context:
+        branches: dict[Any, list[jsonschema.exceptions.ValidationError]] = {}
+        for inner in error.context:
+            branches.setdefault(inner.relative_schema_path[0], []).append(inner)
+        nearest = min(branches.values(), key=lambda errs: (
+            len(errs), sum(1 for e in errs if e.validator == "type" and not e.relative_path)))
+        error = nearest[0]
+    return error
+
+
+def _issues(errors: list[jsonschema.exceptions.ValidationError]) -> tuple[Issue, ...]:
+    """Errors as issues, in a stable order: by pointer (the whole call first), and at one
+    pointer a ``type`` mismatch before what follows from it (``const``, ``enum``)."""
+    issues = []
+    for error in errors:
+        lead = _closest(error)
+        issues.append(Issue(json_pointer(lead.absolute_path), str(lead.validator or "false"),
+                            _cut(lead.message)))
+    issues.sort(key=lambda i: (i.pointer, i.keyword != "type"))
+    return tuple(issues[:MAX_REPORTED_ERRORS])
+
+
+def validate_call(name: str, arguments_text: str, toolset: Toolset, *,
+                  coerce: bool = False) -> Verdict:
+    """Check one complete tool call: is ``name`` callable here, and are ``arguments_text`` a JSON
+    object valid against its schema? With ``coerce`` (policy ``repair``), an invalid call that
+    has exactly one lossless valid reading comes back ``ok`` with that reading and its repairs.
+
+    Never raises on any ``name`` or ``arguments_text``: the model's output is untrusted input.
+    """
+    if toolset.choice == "none":
+        return _invalid(name, arguments_text, Issue(
+            "", "tool_choice", f"tool_choice is \"none\", but the model called {name!r}"))
+    if toolset.forced is not None and name != toolset.forced:
+        return _invalid(name, arguments_text, Issue(
+            "", "tool_choice",
+            f"tool_choice requires {toolset.forced!r}, but the model called {name!r}"))
+    tool = toolset.tools.get(name)
+    if tool is None:
+        known = ", ".join(repr(n) for n in list(toolset.tools)[:20]) or "none"
+        return _invalid(name, arguments_text, Issue(
+            "", "name", _cut(f"unknown tool {name!r}; the request's tools are: {known}")))
+
+    try:
+        value = _loads(arguments_text)
+    except (ValueError, TypeError, RecursionError) as exc:
+        not_json = _invalid(name, arguments_text, Issue(
+            "", "json", _cut(f"arguments are not valid JSON: {exc}")))
+        if coerce and arguments_text.strip() == "" and tool.validator.is_valid({}):
+            return Verdict(True, name, "{}", (), (Repair(EMPTY_ARGUMENTS, ""),))
+        return not_json
+
+    try:
+        errors = list(tool.validator.iter_errors(value))
+    except RecursionError:
+        return _invalid(name, arguments_text, Issue(
+            "", "depth", "arguments are nested too deeply to validate"))
+    not_object = () if isinstance(value, dict) else (Issue(
+        "", "type", f"arguments must be a JSON object, not {_type_name(value)}"),)
+    if not errors and not not_object:
+        return Verdict(True, name, arguments_text)
+
+    if coerce:
+        coerced = _Coercer(tool.validator).fit_arguments(value)
+        if coerced is not None:
+            fixed, more = coerced
+            return Verdict(True, name, _dumps(fixed), (), tuple(more))
+    # Not an object: that is the problem to name; what the schema says about it adds nothing.
+    return Verdict(False, name, arguments_text, not_object or _issues(errors))
+
+
+def validate_reply(call_names: Sequence[str], toolset: Toolset) -> Verdict:
+    """Check the rules only the whole reply can break, once it is finished: a tool call was
+    required (``"required"`` or a named ``tool_choice``) and none came, or tools were off
+    (``"none"``) and one came. ``name`` is the offending call's, or the forced tool's."""
+    if toolset.choice == "none" and call_names:
+        return _invalid(call_names[0], "", Issue(
+            "", "tool_choice", f"tool_choice is \"none\", but the reply calls {call_names[0]!r}"))
+    if toolset.choice in ("required", "function") and not call_names:
+        wanted = repr(toolset.forced) if toolset.forced else "a tool"
+        return _invalid(toolset.forced or "", "", Issue(
+            "", "tool_choice",
+            f"tool_choice requires a call to {wanted}, but the reply has no tool call"))
+    return Verdict(True, call_names[0] if call_names else "", "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Coercion
+
+
+def _reinterpretations(value: Any) -> Iterator[tuple[Any, str]]:
+    """The lossless readings of ``value`` that a schema might have meant."""
+    if value is not None and not isinstance(value, list):
+        yield [value], WRAP_IN_ARRAY
+    if isinstance(value, str):
+        if _INTEGER.fullmatch(value):
+            yield int(value), STRING_TO_INTEGER
+        elif _NUMBER.fullmatch(value):
+            number = float(value)
+            if math.isfinite(number):
+                yield number, STRING_TO_NUMBER
+        elif value in ("true", "false"):
+            yield value == "true", STRING_TO_BOOLEAN
+        elif value.strip()[:1] in ("{", "["):
+            try:
+                parsed = _loads(value)
+            except (ValueError, TypeError, RecursionError):
+                parsed = None
+            if isinstance(parsed, dict | list):
+                yield parsed, PARSE_JSON_STRING
+
+
+def _at(value: Any, path: Sequence[Any]) -> Any:
+    for step in path:
+        value = value[step]
+    return value
+
+
+def _replaced(value: Any, path: Sequence[Any], new: Any) -> Any:
+    """``value`` with the node at ``path`` replaced, copying only the containers on the path
+    (the caller's parsed arguments stay untouched if the coercion is later abandoned)."""
+    if not path:
+        return new
+    head, rest = path[0], path[1:]
+    copy = dict(value) if isinstance(value, dict) else list(value)
+    copy[head] = _replaced(value[head], rest, new)
+    return copy
+
+
+class _Coercer:
+    """One coercion attempt over one call: a validator to evolve onto subschemas, and a budget
+    so a hostile schema/argument pair cannot make us try readings for long."""
+
+    def __init__(self, validator: Any) -> None:
+        self.validator = validator
+        self.budget = _COERCE_BUDGET
+
+    def fit_arguments(self, value: Any) -> tuple[Any, list[Repair]] | None:
+        repairs: list[Repair] = []
+        if isinstance(value, str):  # the whole object double-encoded as a JSON string
+            try:
+                value = _loads(value)
+            except (ValueError, TypeError, RecursionError):
+                return None
+            repairs.append(Repair(PARSE_JSON_STRING, ""))
+        if not isinstance(value, dict):
+            return None
+        fitted = self.fit(value, self.validator.schema, "", 0)
+        if fitted is None or not isinstance(fitted[0], dict):
+            return None
+        return fitted[0], [*repairs, *fitted[1]]
+
+    def fit(self, value: Any, schema: Any, pointer: str,
+            depth: int) -> tuple[Any, list[Repair]] | None:
+        """``value``, coerced where needed, valid under ``schema``; or ``None``."""
+        self.budget -= 1
+        if self.budget < 0:
+            return None
+        validator = (self.validator if schema is self.validator.schema
+                     else self.validator.evolve(schema=schema))
+        try:
+            errors = list(validator.iter_errors(value))
+        except RecursionError:
+            return None
+        if not errors:
+            return value, []
+        if depth >= _COERCE_DEPTH:
+            return None
+        groups: dict[tuple[Any, ...], list[Any]] = {}
+        for error in errors:
+            groups.setdefault(tuple(error.path), []).append(error)
+        paths = sorted(groups, key=len)
+        for i, outer in enumerate(paths):  # fixes at nested paths would fight: don't guess
+            if any(inner[: len(outer)] == outer for inner in paths[i + 1:]):
+                return None
+        fixed, repairs = value, []
+        # in pointer order, so the report reads the same whatever order errors come in
+        for path, group in sorted(groups.items(), key=lambda item: json_pointer(item[0])):
+            lead = next((e for e in group if e.validator in _COERCIBLE), None)
+            if lead is None:
+                return None  # required, enum, minimum...: nothing lossless to do
+            found = self._alternatives(_at(value, path), lead.schema, lead,
+                                       pointer + json_pointer(path), depth)
+            if found is None:
+                return None
+            fixed = _replaced(fixed, path, found[0])
+            repairs += found[1]
+        try:
+            if not validator.is_valid(fixed):  # siblings, allOf, oneOf's "exactly one"
+                return None
+        except RecursionError:
+            return None
+        return fixed, repairs
+
+    def _alternatives(self, node: Any, schema: Any, lead: Any, pointer: str,
+                      depth: int) -> tuple[Any, list[Repair]] | None:
+        """The single coerced ``node`` valid under ``schema``, or ``None`` if there are none or
+        several distinct ones."""
+        found: dict[str, tuple[Any, list[Repair]]] = {}
+        for candidate, kind in _reinterpretations(node):
+            fitted = self.fit(candidate, schema, pointer, depth + 1)
+            if fitted is not None:
+                found.setdefault(_dumps(fitted[0], sort_keys=True),
+                                 (fitted[0], [Repair(kind, pointer), *fitted[1]]))
+        if (lead is not None and lead.validator in ("anyOf", "oneOf")
+                and isinstance(node, dict | list)):
+            # the coercion is inside the value: try it against each branch
+            whole = self.validator.evolve(schema=schema)
+            for branch in lead.validator_value:
+                fitted = self.fit(node, branch, pointer, depth + 1)
+                if fitted is not None and fitted[1] and whole.is_valid(fitted[0]):
+                    found.setdefault(_dumps(fitted[0], sort_keys=True), fitted)
+        if len(found) != 1:
+            return None
+        return next(iter(found.values()))
+
+
+def describe_repairs(repairs: Sequence[Repair]) -> str:
+    """``string_to_integer /days, wrap_in_array /tags``: for the SSE comment and header."""
+    return ", ".join(f"{r.kind} {r.pointer or '/'}" for r in repairs)
+
+
+def verdict_summary(verdict: Verdict) -> Mapping[str, Any]:
+    """A JSON-ready report of a verdict, for traces and the sessions endpoint."""
+    return {
+        "ok": verdict.ok,
+        "tool": verdict.name,
+        "errors": [{"pointer": i.pointer, "keyword": i.keyword, "message": i.message}
+                   for i in verdict.errors],
+        "repairs": [{"kind": r.kind, "pointer": r.pointer} for r in verdict.repairs],
+    }

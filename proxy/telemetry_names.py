@@ -1,0 +1,116 @@
+"""Every span, attribute, event and metric name toolmend emits, in one place.
+
+The OpenTelemetry GenAI semantic conventions (``gen_ai.*``) are still at "Development"
+stability and get renamed between releases (``gen_ai.system`` became ``gen_ai.provider.name``,
+for one). Keeping every name here means following a rename is a one-file change and dashboards
+can be checked against a single list. Names follow semantic-conventions-genai as of v1.41/1.42.
+"""
+
+from __future__ import annotations
+
+# --- GenAI span attributes (conventions) -----------------------------------------------------
+GEN_AI_OPERATION_NAME = "gen_ai.operation.name"
+GEN_AI_PROVIDER_NAME = "gen_ai.provider.name"
+GEN_AI_REQUEST_MODEL = "gen_ai.request.model"
+GEN_AI_REQUEST_STREAM = "gen_ai.request.stream"
+GEN_AI_RESPONSE_MODEL = "gen_ai.response.model"
+GEN_AI_RESPONSE_FINISH_REASONS = "gen_ai.response.finish_reasons"
+GEN_AI_USAGE_INPUT_TOKENS = "gen_ai.usage.input_tokens"
+GEN_AI_USAGE_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
+GEN_AI_CONVERSATION_ID = "gen_ai.conversation.id"
+GEN_AI_AGENT_ID = "gen_ai.agent.id"
+GEN_AI_TOKEN_TYPE = "gen_ai.token.type"
+# recorded only with the content-capture opt-in
+GEN_AI_INPUT_MESSAGES = "gen_ai.input.messages"
+
+# well-known values
+OP_CHAT = "chat"
+OP_TEXT_COMPLETION = "text_completion"
+TOKEN_INPUT = "input"
+TOKEN_OUTPUT = "output"
+
+# --- general conventions (stable) ------------------------------------------------------------
+ERROR_TYPE = "error.type"
+SERVER_ADDRESS = "server.address"
+SERVER_PORT = "server.port"
+HTTP_RESPONSE_STATUS_CODE = "http.response.status_code"
+SERVICE_NAME = "service.name"
+SERVICE_VERSION = "service.version"
+
+# --- toolmend's own span attributes ----------------------------------------------------------
+# Durations are milliseconds (floats): they are read by people in Jaeger far more than by code.
+TM_REQUEST_ID = "toolmend.request_id"
+TM_STEP = "toolmend.loop.step"
+TM_SESSION_SOURCE = "toolmend.session.source"  # header | trace | fingerprint
+TM_QUEUE_WAIT_MS = "toolmend.queue.wait_ms"
+TM_TTFT_MS = "toolmend.ttft_ms"  # as the client saw it, from request arrival
+TM_UPSTREAM_TTFT_MS = "toolmend.upstream.ttft_ms"  # from the upstream call's start
+TM_TIME_TO_TOOL_CALL_MS = "toolmend.time_to_tool_call_ms"  # first complete tool call
+TM_DURATION_MS = "toolmend.duration_ms"
+TM_AGENT_TOOL_TIME_MS = "toolmend.agent.tool_time_ms"  # since the session's previous step ended
+TM_TOOL_NAMES = "toolmend.tool_calls.names"
+TM_TOOL_CALLS = "toolmend.tool_calls.count"
+TM_REPAIRS = "toolmend.repairs.count"
+TM_REPAIR_KINDS = "toolmend.repairs.kinds"
+TM_VALIDATION = "toolmend.validation.outcome"  # valid | repaired | failed
+TM_RETRIES = "toolmend.retries"
+TM_PRIORITY = "toolmend.priority"
+TM_SLOT = "toolmend.slot"
+TM_ERROR_CODE = "toolmend.error.code"
+
+# --- span events ------------------------------------------------------------------------------
+EV_QUEUED = "queued"
+EV_DISPATCHED = "dispatched"
+EV_FIRST_TOKEN = "first_token"
+EV_TOOL_CALL_COMPLETE = "tool_call_complete"
+EV_REPAIRED = "repaired"
+EV_VALIDATION_FAILED = "validation_failed"
+EV_RETRIED = "retried"
+EV_ATTR_KIND = "toolmend.repair.kind"
+
+# --- metrics (OTel names; Prometheus names are derived by ``prometheus_name``) ------------------
+M_TTFT = "gen_ai.server.time_to_first_token"
+M_REQUEST_DURATION = "gen_ai.server.request.duration"
+M_TOKEN_USAGE = "gen_ai.client.token.usage"
+M_QUEUE_WAIT = "toolmend.queue.wait"
+M_IN_FLIGHT = "toolmend.requests.in_flight"
+M_QUEUE_DEPTH = "toolmend.queue.depth"
+M_REQUESTS = "toolmend.requests"
+M_REPAIRS = "toolmend.repairs"
+M_VALIDATION_FAILURES = "toolmend.validation.failures"
+M_RETRIES = "toolmend.retries"
+M_UPSTREAM_ERRORS = "toolmend.upstream.errors"
+
+# Bucket boundaries the conventions ask for (ExplicitBucketBoundaries).
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
+                5.0, 7.5, 10.0)
+DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48,
+                    40.96, 81.92)
+TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304,
+                 16777216, 67108864)
+# Queue wait is toolmend's own: from "no wait" to "stuck behind a long prefill".
+QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                 60.0, 120.0)
+
+# --- environment variables of the OpenTelemetry spec that toolmend honours ---------------------
+ENV_CAPTURE_CONTENT = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
+ENV_ENDPOINT = "OTEL_EXPORTER_OTLP_ENDPOINT"
+ENV_TRACES_ENDPOINT = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+ENV_PROTOCOL = "OTEL_EXPORTER_OTLP_PROTOCOL"
+ENV_TRACES_PROTOCOL = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"
+ENV_TRACES_EXPORTER = "OTEL_TRACES_EXPORTER"
+ENV_SDK_DISABLED = "OTEL_SDK_DISABLED"
+ENV_SERVICE_NAME = "OTEL_SERVICE_NAME"
+
+# --- W3C trace context --------------------------------------------------------------------------
+TRACEPARENT = "traceparent"
+TRACESTATE = "tracestate"
+
+
+def prometheus_name(otel_name: str) -> str:
+    """``gen_ai.server.time_to_first_token`` -> ``gen_ai_server_time_to_first_token``.
+
+    Prometheus allows only ``[a-zA-Z0-9_:]``; the unit suffix (``_seconds``) and ``_total`` are
+    added by prometheus-client, as the OpenTelemetry-to-Prometheus mapping does.
+    """
+    return "".join(c if c.isalnum() or c == "_" else "_" for c in otel_name)

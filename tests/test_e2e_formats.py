@@ -1,0 +1,99 @@
+"""End to end: every format fixture, replayed by the simulated backend in each dialect, reaches
+the openai SDK through toolmend as exactly the expected tool calls.
+
+The accumulator concatenates every fragment of every field per call index, as naive SDK
+accumulators do, so a name or id repeated by the backend would show up as a doubled name.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import openai
+import orjson
+import pytest
+
+from toolmend.parsers.repair import repair_arguments
+
+from .conftest import StackFactory
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "formats"
+DIALECTS = ["vllm", "llamacpp", "ollama"]
+
+
+def _cases() -> list[tuple[str, dict[str, Any]]]:
+    out = []
+    for f in sorted(FIXTURES.glob("*.json")):
+        for case in json.loads(f.read_text()):
+            out.append((f.stem, case))
+    return out
+
+
+CASES = _cases()
+
+
+def tools_for(case: dict[str, Any]) -> Any:
+    if "tools" in case:
+        return case["tools"] or openai.omit
+    names = {c["name"] for c in case["expected"].get("tool_calls", [])}
+    if not names:
+        return openai.omit  # a reply without calls, to a request without tools
+    return [{"type": "function", "function": {"name": n, "parameters": {"type": "object"}}}
+            for n in sorted(names)]
+
+
+async def accumulate(stream: Any) -> dict[str, Any]:
+    content, calls, finish = [], {}, None
+    async for ch in stream:
+        if not ch.choices:
+            continue
+        d = ch.choices[0].delta
+        content.append(d.content or "")
+        for tc in d.tool_calls or []:
+            slot = calls.setdefault(tc.index, {"id": "", "name": "", "arguments": ""})
+            slot["id"] += tc.id or ""
+            slot["name"] += (tc.function.name or "") if tc.function else ""
+            slot["arguments"] += (tc.function.arguments or "") if tc.function else ""
+        finish = ch.choices[0].finish_reason or finish
+    return {"content": "".join(content), "calls": [calls[i] for i in sorted(calls)],
+            "finish": finish}
+
+
+@pytest.mark.skipif(not CASES, reason="no format fixtures")
+@pytest.mark.parametrize("dialect", DIALECTS)
+@pytest.mark.parametrize(("fmt", "case"), CASES,
+                         ids=[f"{f}-{c['name']}" for f, c in CASES] if CASES else None)
+async def test_fixture_through_toolmend(make_stack: StackFactory, dialect: str, fmt: str,
+                                        case: dict[str, Any]) -> None:
+    stack = await make_stack(dialect, tool_format=fmt)
+    stack.sim.push({"content": case["output"], "wire_split_seed": 3})
+    c = openai.AsyncOpenAI(base_url=stack.v1, api_key="x", max_retries=0, timeout=20)
+    expected = case["expected"]
+    exp_calls = expected.get("tool_calls", [])
+    # a call the format parser sees as not-JSON must be repaired or refused, never passed on
+    unrepairable = [e for e in exp_calls if "arguments_raw" in e and
+                    not repair_arguments(e["arguments_raw"], e.get("truncated", False)).ok]
+    request = c.chat.completions.create(
+        model="sim-model", messages=[{"role": "user", "content": "go"}], tools=tools_for(case),
+        stream=True)
+    if unrepairable:
+        with pytest.raises(openai.APIError) as ei:
+            await accumulate(await request)
+        assert "invalid_tool_call" in str(ei.value.body) or "tool call" in ei.value.message
+        return
+    got = await accumulate(await request)
+    assert got["content"] == expected.get("content", ""), got
+    assert [x["name"] for x in got["calls"]] == [x["name"] for x in exp_calls]
+    for g, e in zip(got["calls"], exp_calls, strict=True):
+        assert g["id"], "every call has an id"
+        if "id" in e:
+            assert g["id"] == e["id"]
+        value = orjson.loads(g["arguments"])  # always valid JSON for the client
+        if "arguments" in e:
+            assert value == e["arguments"]
+        else:
+            assert isinstance(value, dict)
+    if exp_calls:
+        assert got["finish"] == "tool_calls"

@@ -1,0 +1,95 @@
+"""Granite, GLM-4.5, Kimi K2, gpt-oss, FunctionGemma, Phi-4-mini, MiniMax-M2 and the generic
+JSON fallback: every fixture's expected result, split invariance, and arbitrary input."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from toolmend.parsers.formats import make_parser
+
+from .format_harness import check_expected, check_split_invariance, load_cases, run
+
+FORMATS = ["granite", "glm45", "kimi_k2", "gpt_oss", "functiongemma", "phi4_mini", "minimax_m2",
+           "generic_json"]
+
+# marker fragments per format, for the arbitrary-input property test
+MARKERS: dict[str, list[str]] = {
+    "granite": ["<|tool_call|>", "<tool_call>", "</tool_call>", "[", "]", "{", "}",
+                '{"name": "echo", "arguments": ', '"'],
+    "glm45": ["<think>", "</think>", "<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>",
+              "<arg_value>", "</arg_value>", "echo\n", "text", "\n"],
+    "kimi_k2": ["<|tool_calls_section_begin|>", "<|tool_calls_section_end|>",
+                "<|tool_call_begin|>", "<|tool_call_argument_begin|>", "<|tool_call_end|>",
+                "functions.echo:0", "<think>", "</think>", '{"text": "', '"', "}"],
+    "gpt_oss": ["<|start|>", "assistant", "<|channel|>", "analysis", "final", "commentary",
+                " to=functions.echo ", "<|constrain|>", "json", "<|message|>", "<|end|>",
+                "<|call|>", "<|return|>", '{"text": "', '"', "}"],
+    "functiongemma": ["<start_function_call>", "<end_function_call>", "<escape>", "call:echo",
+                      "{", "}", "[", "]", ":", ",", "text", "True"],
+    "phi4_mini": ["functools[", "functools", "{", "}", "]", '{"name": "echo", "arguments": ',
+                  '"', ","],
+    "minimax_m2": ["<minimax:tool_call>", "</minimax:tool_call>", '<invoke name="echo">',
+                   "</invoke>", '<parameter name="text">', "</parameter>", "<think>", "</think>",
+                   "\n"],
+    "generic_json": ["```", "```json\n", "{", "}", "[", "]", '"name": "echo"', '"arguments": ',
+                     '"', ",", " "],
+}
+TOOLS: list[dict[str, Any]] = [
+    {"type": "function", "function": {"name": "echo", "parameters": {
+        "type": "object", "properties": {"text": {"type": "string"}, "n": {"type": "integer"}}}}},
+]
+
+CASES = [(fmt, case) for fmt in FORMATS for case in load_cases(fmt)]
+
+
+def test_every_format_has_ten_cases() -> None:
+    for fmt in FORMATS:
+        assert len(load_cases(fmt)) >= 10, fmt
+
+
+@pytest.mark.parametrize(("fmt", "case"), CASES, ids=[f"{f}-{c['name']}" for f, c in CASES])
+def test_fixture(fmt: str, case: dict[str, Any]) -> None:
+    tools = case.get("tools")
+    check_expected(run(fmt, [case["output"]], tools), case["expected"])
+    n_random = 500 if len(case["output"]) <= 150 else 100
+    res = check_split_invariance(fmt, case["output"], tools, seed=len(case["output"]),
+                                 n_random=n_random)
+    check_expected(res, case["expected"])
+
+
+def _pieces(text: str, rng: random.Random) -> list[str]:
+    cuts = sorted(rng.sample(range(1, len(text)), min(len(text) - 1, rng.randint(0, 8)))) \
+        if len(text) > 1 else []
+    bounds = [0, *cuts, len(text)]
+    return [text[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+def _text_strategy(fmt: str) -> st.SearchStrategy[str]:
+    atom = st.one_of(st.sampled_from(MARKERS[fmt]), st.text(max_size=6),
+                     st.sampled_from([m[: len(m) // 2] for m in MARKERS[fmt]]))
+    return st.lists(atom, max_size=25).map("".join)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_arbitrary_input_never_raises_and_is_split_invariant(fmt: str) -> None:
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(text=_text_strategy(fmt), seed=st.integers(0, 2**32 - 1))
+    def prop(text: str, seed: int) -> None:
+        whole = run(fmt, [text], TOOLS)
+        assert run(fmt, _pieces(text, random.Random(seed)), TOOLS).key() == whole.key()
+        assert run(fmt, list(text), TOOLS).key() == whole.key()
+
+    prop()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_plain_text_streams_without_delay(fmt: str) -> None:
+    parser = make_parser(fmt, TOOLS)
+    events = parser.feed("Hello, world. ")
+    assert "".join(e.text for e in events if hasattr(e, "text")) == "Hello, world. "

@@ -1,0 +1,468 @@
+"""Tracing, metrics and sessions, checked from what actually leaves toolmend.
+
+A real OTLP/HTTP receiver (aiohttp, decoding ``ExportTraceServiceRequest``) takes the spans;
+the agent is the openai SDK running a tool loop through toolmend against the simulated backend.
+Everything asserted about traces is read from the bytes that arrived over the wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+from aiohttp import web
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
+
+from toolmend import telemetry_names as names
+from toolmend.app import build_app, start_server
+from toolmend.config import Settings
+from toolmend.sim.server import SimBackend
+from toolmend.telemetry import (
+    TELEMETRY,
+    conversation_fingerprint,
+    format_traceparent,
+    loop_step,
+    parse_traceparent,
+)
+
+SIM_TTFT = 0.1
+TOOL_TIME = 0.2
+SECRETS = ("SYSTEM-SECRET-7f3a", "USER-SECRET-91bc", "ARG-SECRET-55de", "RESULT-SECRET-c0ff",
+           "REPLY-SECRET-a1a1")
+TOOLS = [{"type": "function", "function": {
+    "name": "read_file", "description": "read a file",
+    "parameters": {"type": "object", "properties": {"path": {"type": "string"}},
+                   "required": ["path"]}}}]
+
+
+# --- an OTLP/HTTP receiver ----------------------------------------------------------------------
+@dataclass
+class Receiver:
+    url: str = ""
+    raw: list[bytes] = field(default_factory=list)
+    spans: list[Span] = field(default_factory=list)
+    hits: int = 0
+    stall: asyncio.Event | None = None  # when set up, requests wait for it (a hung collector)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.hits += 1
+        body = await request.read()
+        if self.stall is not None:
+            await self.stall.wait()
+        self.raw.append(body)
+        msg = ExportTraceServiceRequest()
+        msg.ParseFromString(body)
+        for rs in msg.resource_spans:
+            for ss in rs.scope_spans:
+                self.spans.extend(ss.spans)
+        return web.Response(body=ExportTraceServiceResponse().SerializeToString(),
+                            content_type="application/x-protobuf")
+
+
+class RecordingSim(SimBackend):
+    """The simulator, also remembering the ``traceparent`` each upstream request carried."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.traceparents: list[str | None] = []
+
+    def app(self) -> web.Application:
+        app = super().app()
+
+        @web.middleware
+        async def remember(request: web.Request, handler: Any) -> web.StreamResponse:
+            if request.method == "POST":
+                self.traceparents.append(request.headers.get("traceparent"))
+            return await handler(request)
+
+        app.middlewares.append(remember)
+        return app
+
+
+@dataclass
+class TStack:
+    sim: RecordingSim
+    url: str
+    app: web.Application
+
+    @property
+    def v1(self) -> str:
+        return self.url + "/v1"
+
+    clients: list[openai.AsyncOpenAI] = field(default_factory=list)
+
+    def client(self, **headers: str) -> openai.AsyncOpenAI:
+        c = openai.AsyncOpenAI(base_url=self.v1, api_key="sk-never-recorded", max_retries=0,
+                               timeout=20, default_headers=headers or None)
+        self.clients.append(c)
+        return c
+
+    async def flush(self) -> None:
+        assert await self.app[TELEMETRY].flush(5.0)
+
+
+Factory = Callable[..., Any]
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    rec = Receiver()
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_post("/v1/traces", rec.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    rec.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    yield rec
+    if rec.stall is not None:
+        rec.stall.set()
+    await runner.cleanup()
+
+
+@pytest.fixture
+async def make_tstack(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Factory]:
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")  # export promptly, the test waits less
+    cleanups: list[Any] = []
+
+    async def factory(**settings: Any) -> TStack:
+        sim = RecordingSim("vllm", ttft=SIM_TTFT)
+        await sim.start()
+        cleanups.append(sim.stop)
+        app = build_app(Settings(**{"log_requests": False, **settings}), [sim.url])
+        runner, port = await start_server(app, "127.0.0.1", 0)
+        cleanups.append(runner.cleanup)
+        stack = TStack(sim, f"http://127.0.0.1:{port}", app)
+        cleanups.append(lambda: asyncio.gather(*(c.close() for c in stack.clients)))
+        return stack
+
+    yield factory
+    for fn in reversed(cleanups):
+        await fn()
+
+
+def attrs(span: Span) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for kv in span.attributes:
+        v = kv.value
+        kind = v.WhichOneof("value")
+        if kind == "array_value":
+            out[kv.key] = [getattr(x, x.WhichOneof("value")) for x in v.array_value.values]
+        else:
+            out[kv.key] = getattr(v, kind)
+    return out
+
+
+async def agent_loop(stack: TStack, tag: str, **headers: str) -> None:
+    """Three steps: tool call, tool call, answer; TOOL_TIME of "tool work" between steps."""
+    c = stack.client(**headers)
+    msgs: list[dict[str, Any]] = [
+        {"role": "system", "content": f"{SECRETS[0]} {tag}"},
+        {"role": "user", "content": f"{SECRETS[1]} {tag}"}]
+    for step in range(3):
+        stream = await c.chat.completions.create(model="sim-model", messages=msgs, tools=TOOLS,
+                                                 stream=True)
+        calls: dict[int, dict[str, Any]] = {}
+        async for ch in stream:
+            for d in (ch.choices[0].delta.tool_calls or []) if ch.choices else []:
+                slot = calls.setdefault(d.index, {"id": None, "name": "", "arguments": ""})
+                slot["id"] = d.id or slot["id"]
+                if d.function is not None:
+                    slot["name"] += d.function.name or ""
+                    slot["arguments"] += d.function.arguments or ""
+        if step == 2:
+            assert not calls
+            return
+        assert calls, f"step {step + 1} should have called a tool"
+        call = calls[0]
+        msgs.append({"role": "assistant", "content": None, "tool_calls": [
+            {"id": call["id"], "type": "function",
+             "function": {"name": call["name"], "arguments": call["arguments"]}}]})
+        await asyncio.sleep(TOOL_TIME)  # the agent runs its tool
+        msgs.append({"role": "tool", "tool_call_id": call["id"],
+                     "content": f"{SECRETS[3]} {tag}"})
+
+
+def script_loop(sim: SimBackend) -> None:
+    tool = {"tool_calls": [{"name": "read_file", "arguments": {"path": SECRETS[2]}}]}
+    sim.push(tool, tool, {"content": f"{SECRETS[4]} all done"})
+
+
+# --- pure helpers ---------------------------------------------------------------------------------
+def test_helpers() -> None:
+    tp = format_traceparent(0xABC, 0x12, True)
+    assert tp == "00-00000000000000000000000000000abc-0000000000000012-01"
+    assert parse_traceparent(tp) == (0xABC, 0x12, True)
+    assert parse_traceparent("00-" + "0" * 32 + "-0000000000000012-01") is None
+    assert parse_traceparent("garbage") is None
+    body = {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                         {"role": "assistant", "content": "a"}, {"role": "user", "content": "v"}]}
+    assert loop_step(body) == 2
+    assert loop_step({"prompt": "x"}) == 1
+    fp = conversation_fingerprint("agent", body)
+    grown = {"messages": [*body["messages"], {"role": "assistant", "content": "b"}]}
+    assert conversation_fingerprint("agent", grown) == fp  # later steps: same session
+    assert conversation_fingerprint("other", body) != fp
+    assert re.fullmatch(r"fp-[0-9a-f]{24}", fp)  # only a hash leaves
+
+
+# --- traces -------------------------------------------------------------------------------
+async def test_agent_loop_traces(make_tstack: Factory, receiver: Receiver) -> None:
+    stack = await make_tstack(otlp_endpoint=receiver.url)
+    # Two agent sessions: one identified by fingerprint, one by X-Session-Id. (One after the
+    # other: the sim serves its script in arrival order.)
+    script_loop(stack.sim)
+    await agent_loop(stack, "A", **{"X-Agent-Id": "agent-a"})
+    script_loop(stack.sim)
+    await agent_loop(stack, "B", **{"X-Agent-Id": "agent-b", "X-Session-Id": "sess-B"})
+    await stack.flush()
+
+    servers = [s for s in receiver.spans if s.kind == Span.SPAN_KIND_SERVER]
+    clients = [s for s in receiver.spans if s.kind == Span.SPAN_KIND_CLIENT]
+    assert len(servers) == 6 and len(clients) == 6
+    by_trace: dict[bytes, list[Span]] = defaultdict(list)
+    for s in servers:
+        by_trace[s.trace_id].append(s)
+    assert len(by_trace) == 2, "one trace per session"
+    sessions = set()
+    for spans in by_trace.values():
+        a = [attrs(s) for s in sorted(spans, key=lambda s: s.start_time_unix_nano)]
+        assert [x[names.TM_STEP] for x in a] == [1, 2, 3]
+        assert len({x[names.GEN_AI_CONVERSATION_ID] for x in a}) == 1
+        sessions.add(a[0][names.GEN_AI_CONVERSATION_ID])
+        for i, x in enumerate(a):
+            assert x[names.GEN_AI_OPERATION_NAME] == "chat"
+            assert x[names.GEN_AI_REQUEST_MODEL] == "sim-model"
+            assert x[names.GEN_AI_REQUEST_STREAM] is True
+            assert x[names.TM_TTFT_MS] >= SIM_TTFT * 1000
+            assert x[names.TM_UPSTREAM_TTFT_MS] >= SIM_TTFT * 1000
+            assert x[names.GEN_AI_USAGE_OUTPUT_TOKENS] > 0
+            if i == 0:
+                assert names.TM_AGENT_TOOL_TIME_MS not in x
+            else:  # the sleep, plus the SDK's and the loop's own overhead
+                assert TOOL_TIME * 1000 * 0.9 <= x[names.TM_AGENT_TOOL_TIME_MS] <= 1500
+        for s in spans:
+            assert s.name == "chat sim-model"
+            assert not s.parent_span_id  # steps are sibling roots of the session's trace
+            assert s.end_time_unix_nano - s.start_time_unix_nano >= SIM_TTFT * 1e9
+            assert {e.name for e in s.events} >= {"queued", "dispatched", "first_token"}
+    assert "sess-B" in sessions
+    assert any(sid.startswith("fp-") for sid in sessions)
+
+    # every server span has exactly one CLIENT child in the same trace ...
+    for s in servers:
+        kids = [c for c in clients if c.parent_span_id == s.span_id]
+        assert len(kids) == 1 and kids[0].trace_id == s.trace_id
+        assert s.start_time_unix_nano <= kids[0].start_time_unix_nano
+    # ... and the upstream request carried that client span as its traceparent
+    sent = set(stack.sim.traceparents)
+    for c in clients:
+        assert f"00-{c.trace_id.hex()}-{c.span_id.hex()}-01" in sent
+
+    wire = b"".join(receiver.raw)
+    for secret in (*SECRETS, "sk-never-recorded"):
+        assert secret.encode() not in wire, f"{secret} leaked into the exported spans"
+
+
+async def test_incoming_traceparent_is_honoured(make_tstack: Factory, receiver: Receiver) -> None:
+    stack = await make_tstack(otlp_endpoint=receiver.url)
+    trace_id, parent = 0x4BF92F3577B34DA6A3CE929D0E0E4736, 0x00F067AA0BA902B7
+    stack.sim.push({"content": "hi"})
+    await stack.client(traceparent=format_traceparent(trace_id, parent, True)) \
+        .chat.completions.create(model="sim-model", messages=[{"role": "user", "content": "x"}])
+    await stack.flush()
+    server = next(s for s in receiver.spans if s.kind == Span.SPAN_KIND_SERVER)
+    assert int.from_bytes(server.trace_id, "big") == trace_id
+    assert int.from_bytes(server.parent_span_id, "big") == parent
+    assert attrs(server)[names.GEN_AI_CONVERSATION_ID] == f"{trace_id:032x}"
+    assert attrs(server)[names.GEN_AI_REQUEST_STREAM] is False
+    upstream = parse_traceparent(stack.sim.traceparents[-1])
+    assert upstream is not None and upstream[0] == trace_id
+
+
+async def test_content_only_with_opt_in(make_tstack: Factory, receiver: Receiver) -> None:
+    stack = await make_tstack(otlp_endpoint=receiver.url, trace_content=True)
+    stack.sim.push({"content": "hi"})
+    await stack.client().chat.completions.create(
+        model="sim-model", messages=[{"role": "user", "content": SECRETS[1]}])
+    await stack.flush()
+    server = next(s for s in receiver.spans if s.kind == Span.SPAN_KIND_SERVER)
+    assert SECRETS[1] in attrs(server)[names.GEN_AI_INPUT_MESSAGES]
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def timed_requests(stack: TStack, count: int) -> list[float]:
+    c = stack.client()
+    out = []
+    for _ in range(count):
+        t = time.perf_counter()
+        stream = await c.chat.completions.create(
+            model="sim-model", stream=True, messages=[{"role": "user", "content": "hello"}])
+        async for _ch in stream:
+            pass
+        out.append(time.perf_counter() - t)
+    return out
+
+
+async def test_collector_down_costs_nothing(make_tstack: Factory) -> None:
+    stack = await make_tstack(otlp_endpoint=f"http://127.0.0.1:{closed_port()}",
+                              otlp_timeout=1.0)
+    times = await timed_requests(stack, 5)
+    await asyncio.sleep(0.2)  # let the exporter fail at least once
+    times += await timed_requests(stack, 3)
+    assert max(times) < SIM_TTFT + 0.5, times
+    t = time.perf_counter()
+    await stack.app[TELEMETRY].shutdown(timeout=2.0)
+    assert time.perf_counter() - t < 2.5
+
+
+async def test_collector_stalling_costs_nothing(make_tstack: Factory,
+                                                receiver: Receiver) -> None:
+    receiver.stall = asyncio.Event()
+    stack = await make_tstack(otlp_endpoint=receiver.url, otlp_timeout=10.0)
+    await timed_requests(stack, 1)
+    for _ in range(50):  # wait until the exporter thread is stuck in a request
+        if receiver.hits:
+            break
+        await asyncio.sleep(0.05)
+    assert receiver.hits == 1
+    times = await timed_requests(stack, 5)
+    assert max(times) < SIM_TTFT + 0.5, times
+    t = time.perf_counter()
+    await stack.app[TELEMETRY].shutdown(timeout=1.0)  # gives up on the hung export
+    assert time.perf_counter() - t < 1.5
+
+
+# --- metrics and sessions ---------------------------------------------------------------------
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$")
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+async def scrape(stack: TStack) -> dict[str, list[tuple[dict[str, str], float]]]:
+    async with aiohttp.ClientSession() as s, s.get(stack.url + "/metrics") as r:
+        assert r.status == 200
+        assert r.headers["Content-Type"].startswith("text/plain")
+        text = await r.text()
+    out: dict[str, list[tuple[dict[str, str], float]]] = defaultdict(list)
+    for line in text.splitlines():
+        if line.startswith("#") or not line:
+            continue
+        m = _SAMPLE.match(line)
+        assert m, line
+        out[m.group(1)].append((dict(_LABEL.findall(m.group(2) or "")), float(m.group(3))))
+    return out
+
+
+def total(samples: dict[str, list[tuple[dict[str, str], float]]], name: str) -> float:
+    return sum(v for _, v in samples.get(name, []))
+
+
+async def test_metrics(make_tstack: Factory) -> None:
+    stack = await make_tstack()
+    before = await scrape(stack)
+    count = "gen_ai_server_time_to_first_token_seconds_count"
+    await timed_requests(stack, 2)
+    await stack.client(**{"X-Session-Id": "sess-metrics"}).chat.completions.create(
+        model="sim-model", messages=[{"role": "user", "content": "x"}])
+    after = await scrape(stack)
+    assert total(after, count) - total(before, count) == 3
+    buckets = after["gen_ai_server_time_to_first_token_seconds_bucket"]
+    ttft_buckets = {lab["le"] for lab, _ in buckets}
+    assert {"0.001", "0.1", "10.0", "+Inf"} <= ttft_buckets
+    assert total(after, "gen_ai_server_request_duration_seconds_count") == 3
+    assert total(after, "gen_ai_client_token_usage_count") == 6  # input and output
+    assert total(after, "toolmend_queue_wait_seconds_count") == 3
+    assert "toolmend_requests_in_flight" in after and "toolmend_queue_depth" in after
+    allowed = {"gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model",
+               "gen_ai_token_type", "error_type", "status", "kind", "code", "le"}
+    for samples in after.values():
+        for labels, _ in samples:
+            assert set(labels) <= allowed, labels
+            assert not any("sess-" in v or v.startswith(("fp-", "req_")) for v in labels.values())
+
+
+async def test_sessions_endpoint(make_tstack: Factory, receiver: Receiver) -> None:
+    stack = await make_tstack(otlp_endpoint=receiver.url)
+    script_loop(stack.sim)
+    await agent_loop(stack, "S", **{"X-Session-Id": "sess-S"})
+    async with aiohttp.ClientSession() as s:
+        async with s.get(stack.url + "/toolmend/v1/sessions") as r:
+            listing = await r.json()
+        async with s.get(stack.url + "/toolmend/v1/sessions/sess-S") as r:
+            detail = await r.json()
+        async with s.get(stack.url + "/toolmend/v1/sessions/nope") as r:
+            assert r.status == 404
+            assert (await r.json())["error"]["code"] == "session_not_found"
+    assert [d["id"] for d in listing["data"]] == ["sess-S"]
+    assert listing["data"][0]["steps"] == 3
+    steps = detail["steps"]
+    assert [st["step"] for st in steps] == [1, 2, 3]
+    assert all(st["ttft_ms"] >= SIM_TTFT * 1000 for st in steps)
+    assert steps[0]["tool_time_ms"] is None
+    assert all(TOOL_TIME * 900 <= st["tool_time_ms"] <= 1500 for st in steps[1:])
+    assert len({st["trace_id"] for st in steps}) == 1 and steps[0]["trace_id"]
+    assert detail["trace_ids"] == [steps[0]["trace_id"]]
+
+    # and `toolmend trace` draws it, with the Jaeger link
+    import argparse
+    import io
+
+    from rich.console import Console
+
+    from toolmend.trace_view import add_arguments, run
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    out = io.StringIO()
+    args = p.parse_args(["--url", stack.url, "--jaeger-url", "http://jaeger:16686"])
+    rc = await asyncio.to_thread(run, args, Console(file=out, width=160))
+    assert rc == 0
+    text = out.getvalue()
+    assert "sess-S" in text and f"http://jaeger:16686/trace/{steps[0]['trace_id']}" in text
+
+
+async def test_observability_endpoints_are_loopback_only() -> None:
+    from aiohttp.test_utils import make_mocked_request
+
+    from toolmend.errors import ProxyError
+    from toolmend.telemetry import Telemetry, metrics_handler
+
+    def request(remote: str, **headers: str) -> web.Request:
+        app = web.Application()
+        app[TELEMETRY] = Telemetry(Settings(admin_key="k3y"))
+
+        class Transport:
+            def get_extra_info(self, name: str, default: Any = None) -> Any:
+                return (remote, 1234) if name == "peername" else default
+
+            def is_closing(self) -> bool:
+                return False
+
+        return make_mocked_request("GET", "/metrics", headers=headers, app=app,
+                                   transport=Transport())
+
+    assert (await metrics_handler(request("127.0.0.1"))).status == 200
+    assert (await metrics_handler(request("::1"))).status == 200
+    with pytest.raises(ProxyError) as e:
+        await metrics_handler(request("10.1.2.3"))
+    assert e.value.status == 403
+    r = await metrics_handler(request("10.1.2.3", Authorization="Bearer k3y"))
+    assert r.status == 200
