@@ -162,8 +162,9 @@ class LlamaServer(Dialect):
         # llama-server's first tool delta carries the name *and* "{" of the arguments.
         out: list[dict[str, Any]] = []
         for i, call in enumerate(calls):
-            pieces = split_tokens(call.arguments)
-            first = pieces.pop(0) if pieces else ""
+            args = call.arguments
+            first = args[:1] if args.startswith("{") else ""  # exactly "{", as seen on the wire
+            pieces = split_tokens(args[len(first):])
             out.append({"tool_calls": [{"index": i, "id": call.id or self.tool_call_id(),
                                         "type": "function",
                                         "function": {"name": call.name, "arguments": first}}]})

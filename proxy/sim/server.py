@@ -65,17 +65,30 @@ class SimBackend:
             self.script.append(s if isinstance(s, Scenario) else Scenario.from_dict(s))
 
     def load_fixtures(self, path: Path) -> int:
-        """Add every ``*.json`` scenario (or list of scenarios) under ``path`` to the library."""
+        """Add every scenario under ``path`` to the library.
+
+        Two shapes are understood: scenario objects (or lists of them), and the format
+        fixtures in ``fixtures/formats/`` (cases with the raw model ``output``), which become
+        scenarios named ``FORMAT/CASE`` that stream the output as content.
+        """
         n = 0
         for f in sorted(path.rglob("*.json")):
-            doc = orjson.loads(f.read_bytes())
+            try:
+                doc = orjson.loads(f.read_bytes())
+            except orjson.JSONDecodeError:
+                continue
             for d in doc if isinstance(doc, list) else [doc]:
-                if isinstance(d, dict) and "scenario" in d:
+                if not isinstance(d, dict):
+                    continue
+                if "scenario" in d:
                     d = d["scenario"]
-                if isinstance(d, dict):
-                    sc = Scenario.from_dict(d)
-                    self.library[sc.name] = sc
-                    n += 1
+                elif "output" in d and "name" in d:
+                    d = {"name": f"{f.stem}/{d['name']}", "content": d["output"]}
+                elif not ({"content", "chunks", "tool_calls", "fault"} & d.keys()):
+                    continue
+                sc = Scenario.from_dict(d)
+                self.library[sc.name] = sc
+                n += 1
         return n
 
     def pick(self, body: dict[str, Any]) -> Scenario:
