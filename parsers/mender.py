@@ -83,9 +83,19 @@ class CheckResult:
     arguments: str | None = None  # replacement arguments (coerced), when changed
     notes: list[str] = field(default_factory=list)
     error: dict[str, Any] | None = None  # OpenAI-shaped error body when the call is refused
+    retry: Any = None  # an opaque retry plan: hold the call, the proxy asks the upstream again
 
 
 CallChecker = Callable[[str, str], CheckResult]
+ReplyChecker = Callable[[list[str]], CheckResult]
+
+
+@dataclass
+class HeldCall:
+    """A call (or, with ``call`` None, a reply missing its call) waiting for a retry."""
+
+    call: PendingCall | None
+    retry: Any
 
 
 class StreamError(Exception):
@@ -101,6 +111,7 @@ class ChatMender:
 
     def __init__(self, fmt: str | None, tools: list[dict[str, Any]] | None = None, *,
                  mode: str = "buffered", checker: CallChecker | None = None,
+                 reply_checker: ReplyChecker | None = None,
                  model_hint: str | None = None) -> None:
         # The format may be decided late, from the model name the upstream reports in its
         # first chunk: an agent often sends a placeholder model name.
@@ -111,6 +122,9 @@ class ChatMender:
         self._parser: MarkerParser | None = None
         self.mode = mode
         self.checker = checker
+        self.reply_checker = reply_checker
+        self.held: list[HeldCall] = []  # calls waiting for a retry (buffered mode only)
+        self._pending_finish: str | None = None
         self._triggers: tuple[bytes, ...] = DEFAULT_TRIGGERS
         self._idle = False  # parser is in plain text with nothing held (see wants)
         self._envelope: dict[str, Any] | None = None
@@ -310,6 +324,20 @@ class ChatMender:
         if reason == "length" and self._current is not None:
             self._current.truncated = True  # the cut fell inside the last structured call
         self._close_structured(out, notes)
+        if self.reply_checker is not None:
+            verdict = self.reply_checker(self.tool_names + [h.call.name for h in self.held
+                                                            if h.call is not None])
+            notes.extend(verdict.notes)
+            if verdict.error is not None:
+                raise StreamError(verdict.error)
+            if verdict.retry is not None:
+                self.held.append(HeldCall(None, verdict.retry))
+        if self.held:
+            self._pending_finish = reason or "stop"  # sent by close(), after the retries
+            return
+        out.append(self._finish_chunk(reason, notes))
+
+    def _finish_chunk(self, reason: str | None, notes: list[str]) -> dict[str, Any]:
         emitted = any(c.out_index >= 0 for c in self._calls)
         final = reason
         if emitted and reason in (None, "stop", "eos", "function_call", "tool_calls"):
@@ -319,7 +347,29 @@ class ChatMender:
         elif final is None:
             final = "stop"
         self.finish_reason = final
-        out.append(self._chunk({}, final))
+        return self._chunk({}, final)
+
+    def resolve(self, held: HeldCall, name: str | None, arguments: str | None
+                ) -> tuple[list[dict[str, Any]], list[str]]:
+        """Emit the replacement for a held call (``name`` None: the retry produced no call)."""
+        out: list[dict[str, Any]] = []
+        notes: list[str] = []
+        if name:
+            call = held.call or PendingCall(source="retry")
+            if held.call is None:
+                self._calls.append(call)
+            call.name, call.arguments, call.truncated = name, arguments or "", False
+            self.tool_names.append(call.name)
+            self._emit_start(call, out)
+            if call.arguments:
+                out.append(self._tool_chunk(call, {"arguments": call.arguments}))
+        return out, notes
+
+    def close(self) -> tuple[list[dict[str, Any]], list[str]]:
+        """After the retries: the finish chunk that :meth:`_finish` held back."""
+        notes: list[str] = []
+        self.held.clear()
+        return [self._finish_chunk(self._pending_finish, notes)], notes
 
     def _complete(self, call: PendingCall, out: list[dict[str, Any]], notes: list[str]) -> None:
         if call.complete:
@@ -330,9 +380,9 @@ class ChatMender:
             self._record(call, Repair("name_markup", len(call.name), len(name)), notes)
             call.name = name
         if not call.name:
-            notes.append("dropped a tool call without a name")
-            self.repairs.append({"kind": "nameless_call_dropped", "call": -1})
-            return
+            raise StreamError(invalid_call_error(
+                "", f"the model wrote a tool call without a function name: "
+                f"{call.arguments[:200]!r}"))
         streamed = call.arguments
         if self.mode == "incremental" and call.truncated and call.sent_args:
             suffix = closing_suffix(streamed)
@@ -350,10 +400,13 @@ class ChatMender:
             raise StreamError(invalid_call_error(call.name, result.error or "invalid arguments"))
         if self.checker is not None:
             verdict = self.checker(call.name, args)
-            for n in verdict.notes:
-                notes.append(f"call {call.name}: {n}")
+            notes.extend(verdict.notes)
             if verdict.error is not None:
                 raise StreamError(verdict.error)
+            if verdict.retry is not None and self.mode == "buffered":
+                call.arguments = args
+                self.held.append(HeldCall(call, verdict.retry))
+                return
             if verdict.arguments is not None:
                 args = verdict.arguments
         self.tool_names.append(call.name)
@@ -427,13 +480,14 @@ def _is_complete_json(text: str) -> bool:
 
 def mend_message(message: dict[str, Any], finish_reason: str | None, fmt: str | None,
                  tools: list[dict[str, Any]] | None, checker: CallChecker | None = None,
-                 model: str | None = None) -> tuple[dict[str, Any], str | None, ChatMender]:
+                 model: str | None = None, reply_checker: ReplyChecker | None = None
+                 ) -> tuple[dict[str, Any], str | None, ChatMender]:
     """Non-streaming: the same repair applied to a whole ``choices[0].message``.
 
     Runs the message through the streaming mender as one chunk, so both paths share every
     rule, then folds the emitted chunks back into one message.
     """
-    m = ChatMender(fmt, tools, checker=checker, model_hint=model)
+    m = ChatMender(fmt, tools, checker=checker, reply_checker=reply_checker, model_hint=model)
     delta: dict[str, Any] = {"role": "assistant"}
     for key in ("content", "reasoning_content", "reasoning", "tool_calls", "function_call"):
         if message.get(key) is not None:
@@ -443,6 +497,11 @@ def mend_message(message: dict[str, Any], finish_reason: str | None, fmt: str | 
                                if isinstance(tc, dict)]
     chunks, _ = m.feed({"choices": [{"index": 0, "delta": delta,
                                      "finish_reason": finish_reason or "stop"}]})
+    return fold_chunks(message, chunks), m.finish_reason, m
+
+
+def fold_chunks(message: dict[str, Any], chunks: list[dict[str, Any]]) -> dict[str, Any]:
+    """Fold emitted chunks back into one assistant message (the non-streaming shape)."""
     content: list[str] = []
     reasoning: list[str] = []
     calls: dict[int, dict[str, Any]] = {}
@@ -469,4 +528,4 @@ def mend_message(message: dict[str, Any], finish_reason: str | None, fmt: str | 
         out["reasoning_content"] = "".join(reasoning)
     if calls:
         out["tool_calls"] = [calls[i] for i in sorted(calls)]
-    return out, m.finish_reason, m
+    return out

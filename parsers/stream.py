@@ -68,13 +68,14 @@ class StreamPipeline:
     the upstream for it, reads it, and drops it here when the client did not want it.
     """
 
-    __slots__ = ("_decoder", "_include_usage", "_mender", "_stopped", "stats")
+    __slots__ = ("_decoder", "_include_usage", "_mender", "_stopped", "awaiting_retry", "stats")
 
     def __init__(self, include_usage: bool, mender: EventMender | None = None) -> None:
         self._decoder = SSEDecoder()
         self._include_usage = include_usage
         self._mender = mender
         self._stopped = False
+        self.awaiting_retry = False  # the mender holds calls: the proxy retries, then close()
         self.stats = StreamStats()
 
     def feed(self, chunk: bytes) -> bytes:
@@ -95,8 +96,22 @@ class StreamPipeline:
                 raise UpstreamStreamError(502, orjson.dumps(e.body), final=True) from None
             self._emit(chunks, notes, parts)
             self.stats.tool_calls = len(self._mender.tool_names)
+            if self._mender.held:
+                self.awaiting_retry = True
+                self._stopped = True
+                return b"".join(parts)
         parts.append(DONE_EVENT)
         self._stopped = True
+        return b"".join(parts)
+
+    def emit(self, chunks: list[dict[str, Any]], notes: list[str], done: bool = False) -> bytes:
+        """Encode chunks produced outside the upstream stream (a retry's replacement call)."""
+        parts: list[bytes] = []
+        self._emit(chunks, notes, parts)
+        if self._mender is not None:
+            self.stats.tool_calls = len(self._mender.tool_names)
+        if done:
+            parts.append(DONE_EVENT)
         return b"".join(parts)
 
     def _events(self, events: list[Any]) -> bytes:

@@ -220,6 +220,13 @@ def validate_call(name: str, arguments_text: str, toolset: Toolset, *,
             return Verdict(True, name, "{}", (), (Repair(EMPTY_ARGUMENTS, ""),))
         return not_json
 
+    gate = tool.compiled.gate
+    if gate is not None and isinstance(value, dict):
+        try:
+            if gate.is_valid(value):
+                return Verdict(True, name, arguments_text)
+        except Exception:  # e.g. a value the Rust side cannot convert: ask the Python validator
+            pass
     try:
         errors = list(tool.validator.iter_errors(value))
     except RecursionError:
@@ -231,7 +238,8 @@ def validate_call(name: str, arguments_text: str, toolset: Toolset, *,
         return Verdict(True, name, arguments_text)
 
     if coerce:
-        coerced = _Coercer(tool.validator).fit_arguments(value)
+        coerced = _Coercer(tool.validator, gate).fit_arguments(
+            value, errors if isinstance(value, dict) else None)
         if coerced is not None:
             fixed, more = coerced
             return Verdict(True, name, _dumps(fixed), (), tuple(more))
@@ -301,11 +309,14 @@ class _Coercer:
     """One coercion attempt over one call: a validator to evolve onto subschemas, and a budget
     so a hostile schema/argument pair cannot make us try readings for long."""
 
-    def __init__(self, validator: Any) -> None:
+    def __init__(self, validator: Any, gate: Any = None) -> None:
         self.validator = validator
+        self.gate = gate  # answers the whole-call revalidation fast when it can
         self.budget = _COERCE_BUDGET
 
-    def fit_arguments(self, value: Any) -> tuple[Any, list[Repair]] | None:
+    def fit_arguments(self, value: Any, errors: list[Any] | None = None,
+                      ) -> tuple[Any, list[Repair]] | None:
+        """Coerce the whole call; ``errors`` are the root validator's, if already known."""
         repairs: list[Repair] = []
         if isinstance(value, str):  # the whole object double-encoded as a JSON string
             try:
@@ -315,23 +326,24 @@ class _Coercer:
             repairs.append(Repair(PARSE_JSON_STRING, ""))
         if not isinstance(value, dict):
             return None
-        fitted = self.fit(value, self.validator.schema, "", 0)
+        fitted = self.fit(value, self.validator.schema, "", 0, errors)
         if fitted is None or not isinstance(fitted[0], dict):
             return None
         return fitted[0], [*repairs, *fitted[1]]
 
-    def fit(self, value: Any, schema: Any, pointer: str,
-            depth: int) -> tuple[Any, list[Repair]] | None:
+    def fit(self, value: Any, schema: Any, pointer: str, depth: int,
+            errors: list[Any] | None = None) -> tuple[Any, list[Repair]] | None:
         """``value``, coerced where needed, valid under ``schema``; or ``None``."""
         self.budget -= 1
         if self.budget < 0:
             return None
-        validator = (self.validator if schema is self.validator.schema
-                     else self.validator.evolve(schema=schema))
-        try:
-            errors = list(validator.iter_errors(value))
-        except RecursionError:
-            return None
+        root = schema is self.validator.schema
+        validator = self.validator if root else self.validator.evolve(schema=schema)
+        if errors is None:
+            try:
+                errors = list(validator.iter_errors(value))
+            except RecursionError:
+                return None
         if not errors:
             return value, []
         if depth >= _COERCE_DEPTH:
@@ -355,12 +367,21 @@ class _Coercer:
                 return None
             fixed = _replaced(fixed, path, found[0])
             repairs += found[1]
-        try:
-            if not validator.is_valid(fixed):  # siblings, allOf, oneOf's "exactly one"
-                return None
-        except RecursionError:
+        if not self._valid(validator, fixed, root):  # siblings, allOf, oneOf's "exactly one"
             return None
         return fixed, repairs
+
+    def _valid(self, validator: Any, value: Any, root: bool) -> bool:
+        if root and self.gate is not None and isinstance(value, dict):
+            try:
+                if self.gate.is_valid(value):
+                    return True
+            except Exception:
+                pass
+        try:
+            return bool(validator.is_valid(value))
+        except RecursionError:
+            return False
 
     def _alternatives(self, node: Any, schema: Any, lead: Any, pointer: str,
                       depth: int) -> tuple[Any, list[Repair]] | None:

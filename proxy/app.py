@@ -18,7 +18,7 @@ from .config import Settings
 from .context import RequestContext, new_request_id
 from .downstream import Downstream
 from .errors import ProxyError
-from .mending import json_transform, make_mender
+from .mending import ChatMending
 from .mending import record as record_mending
 from .parsers.stream import StreamPipeline
 from .relay import relay_json, relay_stream
@@ -107,12 +107,17 @@ async def _forward(request: web.Request, body: dict[str, Any], path: str) -> web
     deadline = parse_deadline(request.headers.get(DEADLINE_HEADER), sched.clock())
     if settings.vllm_priority:
         body["priority"] = -priority  # vLLM serves lower values first
+    mending = None
+    if path == "/v1/chat/completions" and body.get("tools"):
+        backend = settings.backend if settings.backend != "auto" else (await up.detect()).kind
+        mending = ChatMending.for_request(settings, body, ctx, request.headers, backend)
     if not ctx.stream:
         raw = orjson.dumps(body)
         async with sched.slot(ctx, estimate_cost(body, raw), priority=priority,
                               deadline=deadline):
-            return await relay_json(ctx, up, path, raw, json_transform(settings, body, ctx))
-    mender = make_mender(settings, body, ctx, request.headers)
+            return await relay_json(ctx, up, path, raw,
+                                    mending.json_transform(up, path) if mending else None)
+    mender = mending.mender() if mending else None
     pipeline = StreamPipeline(client_wants_usage(body), mender)
     ask_for_usage(body)
     raw = orjson.dumps(body)
@@ -126,7 +131,8 @@ async def _forward(request: web.Request, body: dict[str, Any], path: str) -> web
             grant.track(lambda: pipeline.stats.events)
             try:
                 return await relay_stream(request, ctx, up, path, raw, pipeline,
-                                          settings.keepalive_interval, down)
+                                          settings.keepalive_interval, down,
+                                          mending.finisher(up, path) if mending else None)
             finally:
                 record_mending(ctx, mender)
     except ProxyError as e:  # refused (429) or out of time (503) in the queue

@@ -67,6 +67,9 @@ class Settings:
                                          "request (estimated tokens) that counts as small")
     express_max_tokens: int = opt(256, "largest max_tokens that counts as small (requests "
                                   "without max_tokens never do)")
+    express_lend_after: float = opt(0.0, "lend the express slot to long requests after this "
+                                    "many seconds without a small one (0: never lend; the "
+                                    "slot stays free for the next agent step)", metavar="S")
     agent_idle_after: float = opt(10.0, "seconds after its last request that an agent still "
                                   "counts as active (tool loops pause between steps)",
                                   metavar="S")

@@ -175,7 +175,7 @@ def _tier(memory_mb: int, tiers: list[tuple[int, str]]) -> str:
     return tiers[-1][1]
 
 
-def _toolmend(backend: str, port: int, agents: int, slots: int | None = None) -> list[str]:
+def _toolmend(backend: str, port: int, slots: int | None = None) -> list[str]:
     cmd = ["toolmend", "serve", "--upstream", f"http://127.0.0.1:{port}", "--backend", backend]
     if slots:
         cmd += ["--slots", str(slots)]
@@ -219,7 +219,7 @@ def recommend(hw: Hardware, agents: int = 1,
         return Recommendation(
             "vllm", f"NVIDIA GPU and {agents} concurrent agents: vLLM batches them "
             "continuously and reuses their shared prompt prefixes", m, cmd, {},
-            _toolmend("vllm", port, agents), flags)
+            _toolmend("vllm", port), flags)
 
     if hw.vendor == "nvidia" or (hw.vendor == "amd" and not hw.strix_halo and agents == 1):
         m = model or _tier(hw.gpu_memory_mb, [(40, "qwen3:32b"), (20, "qwen3:14b"),
@@ -240,7 +240,7 @@ def recommend(hw: Hardware, agents: int = 1,
         return Recommendation(
             "vllm", f"AMD {hw.gpus[0].arch or 'GPU'} with ROCm and {agents} agents: vLLM's "
             "ROCm build batches them", m, cmd, {"VLLM_USE_TRITON_FLASH_ATTN": "0"},
-            _toolmend("vllm", port, agents), flags,
+            _toolmend("vllm", port), flags,
             ["use the rocm/vllm container image; toolmend repairs the tool calls its parser "
              "misses"])
 
@@ -259,7 +259,7 @@ def recommend(hw: Hardware, agents: int = 1,
         return Recommendation(
             "vllm-mlx", f"Apple Silicon and {agents} agents: vllm-mlx batches them on MLX", m,
             ["vllm-mlx", "serve", m, "--host", "127.0.0.1", "--port", str(port),
-             "--continuous-batching"], {}, _toolmend("openai", port, agents), flags,
+             "--continuous-batching"], {}, _toolmend("openai", port), flags,
             ["install with: pip install vllm-mlx"])
 
     # llama.cpp: AMD Strix Halo (Vulkan/ROCm) or CPU only
@@ -300,7 +300,7 @@ def recommend(hw: Hardware, agents: int = 1,
         notes.append("for a quick look without any server: `toolmend serve` runs a small model "
                      "in-process")
     return Recommendation("llamacpp", why, m, cmd, {},
-                          _toolmend("llamacpp", port, agents, agents), flags, notes)
+                          _toolmend("llamacpp", port, agents), flags, notes)
 
 
 def _ollama(model: str, agents: int, why: str) -> Recommendation:
@@ -313,7 +313,7 @@ def _ollama(model: str, agents: int, why: str) -> Recommendation:
               "prompts beyond it are cut silently")]
     env["OLLAMA_CONTEXT_LENGTH"] = "32768"
     return Recommendation("ollama", why, model, ["ollama", "serve"], env,
-                          _toolmend("ollama", port, agents), flags,
+                          _toolmend("ollama", port), flags,
                           [f"then: ollama pull {model}"])
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+import inspect
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -23,12 +24,14 @@ from .errors import ProxyError, normalize_upstream_error
 from .parsers.stream import StreamPipeline, UpstreamStreamError
 from .upstream import UpstreamClient
 
-JsonTransform = Callable[[dict[str, Any]], dict[str, Any]]
+JsonTransform = Callable[[dict[str, Any]], Any]  # may return an awaitable
 
 
 async def relay_stream(request: web.Request, ctx: RequestContext, up: UpstreamClient, path: str,
                        body: bytes, pipeline: StreamPipeline, keepalive_interval: float,
-                       down: Downstream | None = None) -> web.StreamResponse:
+                       down: Downstream | None = None,
+                       finisher: Callable[[StreamPipeline], Awaitable[bytes]] | None = None
+                       ) -> web.StreamResponse:
     loop = asyncio.get_running_loop()
     if down is None:
         down = Downstream(request, ctx, keepalive_interval)
@@ -56,8 +59,11 @@ async def relay_stream(request: web.Request, ctx: RequestContext, up: UpstreamCl
         _record(ctx, pipeline)
         if out:
             await down.write(out)
-            if ctx.first_tool_call_at is None and stats.tool_calls:
-                ctx.first_tool_call_at = loop.time()
+        if pipeline.awaiting_retry and finisher is not None:
+            out = await finisher(pipeline)  # the upstream call is closed; the slot is kept
+            await down.write(out)
+        if ctx.first_tool_call_at is None and stats.tool_calls:
+            ctx.first_tool_call_at = loop.time()
         return await down.close()
     except UpstreamStreamError as e:
         _record(ctx, pipeline)
@@ -98,15 +104,20 @@ async def relay_json(ctx: RequestContext, up: UpstreamClient, path: str, body: b
                              code="upstream_bad_response")
         ctx.upstream_first_token_at = ctx.client_first_token_at = loop.time()
         if transform is not None:
-            obj = transform(obj)
+            result = transform(obj)
+            obj = await result if inspect.isawaitable(result) else result
         if isinstance(obj.get("usage"), dict):
             ctx.usage = obj["usage"]
         for c in obj.get("choices") or ():
             if isinstance(c, dict) and c.get("finish_reason"):
                 ctx.finish_reasons.append(c["finish_reason"])
         ctx.status = 200
+        headers = {"X-Request-Id": ctx.request_id}
+        notes = ctx.extra.get("repair_notes")
+        if notes:
+            headers["X-Toolmend-Repairs"] = "; ".join(notes)[:4000].replace("\n", " ")
         return web.Response(body=orjson.dumps(obj), content_type="application/json",
-                            headers={"X-Request-Id": ctx.request_id})
+                            headers=headers)
     except ProxyError as e:
         ctx.status = e.status
         ctx.error_code = e.code

@@ -257,7 +257,8 @@ class FairScheduler:
     def __init__(self, slots: int, *, policies: AgentPolicies | None = None,
                  limits: Limits | None = None, agent_cap: bool = True,
                  express_slot: bool = True, express_max_prompt_tokens: int = 512,
-                 express_max_tokens: int = 256, agent_idle_after: float = 10.0,
+                 express_max_tokens: int = 256, express_lend_after: float = 0.0,
+                 agent_idle_after: float = 10.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
         self.policies = policies or AgentPolicies()
@@ -266,6 +267,7 @@ class FairScheduler:
         self.express_enabled = express_slot
         self.express_max_prompt_tokens = express_max_prompt_tokens
         self.express_max_tokens = express_max_tokens
+        self.express_lend_after = express_lend_after
         self.agent_idle_after = agent_idle_after
         self.slots = 0
         self.in_flight = 0
@@ -335,8 +337,12 @@ class FairScheduler:
         expires_at, code = now + self.limits.queue_ttl, "queue_timeout"
         if deadline is not None and deadline <= expires_at:
             expires_at, code = deadline, "deadline_exceeded"
-        growth = cost.prompt_tokens - a.last_prompt if cost.prompt_tokens >= a.last_prompt \
-            else cost.prompt_tokens
+        # Prompt growth is what a sequential loop adds to the conversation since its previous
+        # step (whose prefix the backend may have cached). Requests sent while the agent has
+        # others outstanding are a burst, not a loop: their whole prompt counts.
+        sequential = a.queued == 0 and a.in_flight == 0
+        growth = cost.prompt_tokens - a.last_prompt \
+            if sequential and cost.prompt_tokens >= a.last_prompt else cost.prompt_tokens
         a.last_prompt = cost.prompt_tokens
         small = (cost.max_tokens is not None and cost.max_tokens <= self.express_max_tokens
                  and growth <= self.express_max_prompt_tokens)
@@ -493,10 +499,12 @@ class FairScheduler:
 
     def _pick(self, now: float) -> tuple[_Agent, Ticket] | None:
         free = self.slots - self.in_flight
-        # The express slot is held back only while small requests are about: a backend serving
-        # nothing but long requests keeps all its slots.
+        # With lending on, the express slot is held back only while small requests are about,
+        # so a backend serving nothing but long requests keeps all its slots; the price is that
+        # the first small request after a quiet spell waits for one release.
+        lend = self.express_lend_after
         large_ok = free > 1 or not self.express or \
-            now - self._last_small_at > self.agent_idle_after
+            (lend > 0 and now - self._last_small_at > lend)
         best: tuple[_Agent, Ticket] | None = None
         best_key: tuple[int, float, int, int, int] | None = None
         for a in self._backlogged.values():
@@ -645,6 +653,7 @@ def scheduler_from_settings(settings: Settings) -> FairScheduler:
         agent_cap=settings.agent_cap, express_slot=settings.express_slot,
         express_max_prompt_tokens=settings.express_max_prompt_tokens,
         express_max_tokens=settings.express_max_tokens,
+        express_lend_after=settings.express_lend_after,
         agent_idle_after=settings.agent_idle_after)
 
 

@@ -273,6 +273,7 @@ class Telemetry:
         self.sessions = SessionTracker(settings.sessions_max)
         self.exporter: _GuardedExporter | None = None
         self.app: web.Application | None = None  # set by setup(); read for backend and queue
+        self._address: dict[str, Any] | None = None
         self._processor: BatchSpanProcessor | None = None
         built = _build_exporter(settings)
         if built is not None:
@@ -447,8 +448,9 @@ class Telemetry:
             n.TM_DURATION_MS: ms(duration), n.TM_AGENT_TOOL_TIME_MS: tool_time,
             n.TM_TOOL_NAMES: list(ctx.tool_names) or None,
             n.TM_TOOL_CALLS: len(ctx.tool_names) or None,
-            n.TM_REPAIRS: len(kinds), n.TM_REPAIR_KINDS: sorted(set(kinds)) or None,
-            n.TM_VALIDATION: validation, n.TM_RETRIES: ctx.retries,
+            # counters are left out when zero: absent reads as "none" and costs no encoding
+            n.TM_REPAIRS: len(kinds) or None, n.TM_REPAIR_KINDS: sorted(set(kinds)) or None,
+            n.TM_VALIDATION: validation, n.TM_RETRIES: ctx.retries or None,
             n.TM_PRIORITY: _opt_int(_ctx_value(ctx, "priority")),
             n.TM_SLOT: _opt_int(_ctx_value(ctx, "slot")),
         }
@@ -468,10 +470,12 @@ class Telemetry:
                               start_time=ns(ctx.started), end_time=ns(end),
                               instrumentation_scope=self._scope)]
         if up_start is not None and ctx.extra.get(TRACE_KEY) is tr:
-            client_attrs = common | self._server_address() | {
-                n.TM_UPSTREAM_TTFT_MS: ms(up_ttft),
+            # usage, finish reasons and models are on the parent: no need to encode them twice
+            client_attrs = {
+                n.GEN_AI_OPERATION_NAME: operation, n.GEN_AI_PROVIDER_NAME: provider,
+                n.GEN_AI_REQUEST_MODEL: ctx.model, n.TM_UPSTREAM_TTFT_MS: ms(up_ttft),
                 n.ERROR_TYPE: error_type if failed else None,
-            }
+            } | self._server_address()
             client_events = []
             if ctx.upstream_first_token_at is not None:
                 client_events.append(Event(n.EV_FIRST_TOKEN, None,
@@ -496,6 +500,11 @@ class Telemetry:
         return str(backend) if backend and backend != "auto" else "openai_compatible"
 
     def _server_address(self) -> dict[str, Any]:
+        if self._address is None:
+            self._address = self._find_server_address()
+        return self._address
+
+    def _find_server_address(self) -> dict[str, Any]:
         up = _app_value(self.app, "upstream") if self.app is not None else None
         url = up.base_url() if hasattr(up, "base_url") else (self.settings.upstream or [""])[0]
         parts = urlsplit(url)

@@ -37,7 +37,8 @@ CASES = _cases()
 def tools_for(case: dict[str, Any]) -> Any:
     if "tools" in case:
         return case["tools"] or openai.omit
-    names = {c["name"] for c in case["expected"].get("tool_calls", [])}
+    calls = case["expected"].get("tool_calls", [])
+    names = {c["name"] for c in calls if c["name"]} or ({"get_weather"} if calls else set())
     if not names:
         return openai.omit  # a reply without calls, to a request without tools
     return [{"type": "function", "function": {"name": n, "parameters": {"type": "object"}}}
@@ -73,7 +74,7 @@ async def test_fixture_through_toolmend(make_stack: StackFactory, dialect: str, 
     expected = case["expected"]
     exp_calls = expected.get("tool_calls", [])
     # a call the format parser sees as not-JSON must be repaired or refused, never passed on
-    unrepairable = [e for e in exp_calls if "arguments_raw" in e and
+    unrepairable = [e for e in exp_calls if not e["name"] or "arguments_raw" in e and
                     not repair_arguments(e["arguments_raw"], e.get("truncated", False)).ok]
     request = c.chat.completions.create(
         model="sim-model", messages=[{"role": "user", "content": "go"}], tools=tools_for(case),

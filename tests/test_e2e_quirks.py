@@ -110,6 +110,7 @@ async def test_unrepairable_call_is_an_explicit_error(stack: Stack) -> None:
     err = orjson.loads(events[-2])["error"]
     assert err["code"] == "invalid_tool_call" and err["tool"] == "get_weather"
     assert b'"tool_calls"' not in raw  # nothing half-broken was passed on
+    assert stack.sim.stats.requests == 2  # one retry (the default), then the error
 
 
 async def test_repairs_are_reported_as_sse_comments(stack: Stack) -> None:

@@ -263,12 +263,20 @@ def test_express_slot_is_kept_for_small_requests() -> None:
     assert s.in_flight == 3
 
 
+def test_express_slot_stays_free_without_small_traffic_by_default() -> None:
+    s, clock = make(4, express_slot=True, limits=Limits(queue_ttl=1e6))
+    heavy = [s.submit("a", BIG) for _ in range(6)]
+    clock.advance(3600)
+    s.release(heavy[0])
+    assert s.in_flight == 3
+
+
 def test_express_slot_is_lent_out_while_no_small_requests_come() -> None:
-    s, clock = make(4, express_slot=True)
+    s, clock = make(4, express_slot=True, express_lend_after=10.0)
     s.release(s.submit("b", SMALL))
     heavy = [s.submit("a", BIG) for _ in range(6)]
     assert s.in_flight == 3
-    clock.advance(11)  # no small request for agent_idle_after seconds
+    clock.advance(11)  # no small request for express_lend_after seconds
     s.release(heavy[0])
     assert s.in_flight == 4
     light = s.submit("b", SMALL)  # the next small one waits once, and re-arms the reservation
@@ -302,6 +310,10 @@ def test_small_means_small_max_tokens_and_small_prompt_growth() -> None:
         assert t.small and t.state is TicketState.DISPATCHED and t.express
         s2.release(t)
     assert s2.submit("loop", Cost(5000, 20)).small is False
+    # a burst of the same prompt is not a loop: with a request outstanding, all of it counts
+    s3, _ = make(4, express_slot=True, express_max_prompt_tokens=100, express_max_tokens=50)
+    burst = [s3.submit("burst", Cost(1000, 20)) for _ in range(3)]
+    assert [t.small for t in burst] == [False, False, False]
 
 
 def test_express_off_below_two_slots() -> None:

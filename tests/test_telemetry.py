@@ -466,3 +466,14 @@ async def test_observability_endpoints_are_loopback_only() -> None:
     assert e.value.status == 403
     r = await metrics_handler(request("10.1.2.3", Authorization="Bearer k3y"))
     assert r.status == 200
+
+
+async def test_grpc_exporter_is_an_option() -> None:
+    pytest.importorskip("opentelemetry.exporter.otlp.proto.grpc.trace_exporter")
+    from toolmend.telemetry import Telemetry
+
+    tel = Telemetry(Settings(otlp_endpoint="http://127.0.0.1:4317", otlp_protocol="grpc"))
+    try:
+        assert tel.tracing and "grpc" in type(tel.exporter.inner).__module__  # type: ignore[union-attr]
+    finally:
+        await tel.shutdown(timeout=1.0)

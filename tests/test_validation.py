@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from importlib import resources
 from typing import Any
@@ -303,6 +304,37 @@ def test_python_re_never_runs_a_schema_pattern(monkeypatch: pytest.MonkeyPatch) 
     toolset = toolset_for(case)
     for call in ('{"id": "ABC-1234", "x-a": "b"}', '{"id": "abc", "x-a": 1, "y": 2}'):
         validate_call("tag_ticket", call, toolset, coerce=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fast gate and the Python validator agree; where they do not, Python decides
+
+
+def without_gate(toolset: Any) -> Any:
+    return dataclasses.replace(toolset, tools={
+        name: dataclasses.replace(t, compiled=dataclasses.replace(t.compiled, gate=None))
+        for name, t in toolset.tools.items()})
+
+
+def test_every_corpus_schema_has_a_gate() -> None:
+    for tools in CORPUS["tools"].values():
+        for compiled in compile_tools(tools).tools.values():
+            assert compiled.compiled.gate is not None
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
+def test_same_verdict_without_the_gate(case: dict[str, Any]) -> None:
+    toolset = toolset_for(case)
+    call = case["call"]
+    assert validate_call(call["name"], call["arguments"], toolset) == validate_call(
+        call["name"], call["arguments"], without_gate(toolset))
+
+
+def test_python_validator_decides_when_the_gate_rejects() -> None:
+    # the gate checks "uri"; the Python validator asserts only a fixed set of formats
+    toolset = compile_tools([tool("open", {"properties": {"u": {"format": "uri"}}})])
+    assert not toolset.tools["open"].compiled.gate.is_valid({"u": "not a uri"})
+    assert validate_call("open", '{"u": "not a uri"}', toolset).ok
 
 
 # ---------------------------------------------------------------------------------------------

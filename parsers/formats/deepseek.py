@@ -44,8 +44,8 @@ FENCE = "```"
 NEWLINE = "\n"
 ARGS_OPEN = "{"  # arguments right after the name, without the fence
 
-_FENCE_LANG = re.compile(r"[A-Za-z0-9_-]*")
-_MAX_LANG = 16  # "```json\n": the language tag is short; more is not a fence line
+_MAX_LANG = 16  # "```json\n": the language tag is short; only so much of it is read
+_FENCE_LANG = re.compile(rf"[A-Za-z0-9_-]{{0,{_MAX_LANG}}}")
 
 # states
 _TEXT, _THINK, _SECTION, _TYPE, _NAME, _FENCE, _CALL, _TAIL = range(8)
@@ -139,7 +139,7 @@ class DeepSeekV3Parser(StreamParser):
                 return pos, True
             if data.startswith(FENCE, j):
                 k = _FENCE_LANG.match(data, j + len(FENCE)).end()  # type: ignore[union-attr]
-                if k >= n and not final and k - j < _MAX_LANG:
+                if k >= n and not final and k - j - len(FENCE) < _MAX_LANG:
                     return pos, True
                 if k < n and data[k] == NEWLINE:
                     k += 1

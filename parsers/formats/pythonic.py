@@ -130,7 +130,7 @@ class PythonicParser(StreamParser):
             return n, True
         if st == _START or st == _NEXT:
             m = (_FIRST_CALL if st == _START else _NEXT_CALL).match(data, pos)
-            if m is not None:
+            if m is not None and m.end() - pos <= _MAX_HEADER:  # the same bound as holding
                 self._open_call(m.group(1), out)
                 return m.end(), False
             if st == _NEXT:

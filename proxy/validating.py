@@ -1,0 +1,171 @@
+"""Schema validation of tool calls, wired into the mender, with the retry round-trip.
+
+Everything that decides lives in ``parsers/`` (``schemas``, ``validation``, ``policy``); this
+module only adapts it to the mender's checker callbacks and performs the one piece of I/O the
+decision table needs: asking the upstream again. A retry happens after the upstream's first
+reply has ended and while the request still holds its backend slot; text already streamed to
+the client is never repeated, only the held call is replaced (buffered mode; in incremental
+mode the call's text is already out, so an invalid call can only be refused).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+
+from .context import RequestContext
+from .errors import ProxyError
+from .parsers.mender import CheckResult, HeldCall, StreamError
+from .parsers.policy import READ_ARGUMENTS, READ_TEXT, Outcome, Policy, decide, parse_policy
+from .parsers.schemas import SchemaError, Toolset, compile_tools
+from .parsers.validation import Issue, Verdict, validate_call, validate_reply
+from .upstream import UpstreamClient
+
+ON_INVALID_HEADER = "X-Toolmend-On-Invalid"
+
+
+def _records(ctx: RequestContext) -> list[dict[str, Any]]:
+    return ctx.extra.setdefault("validation", [])
+
+
+class RequestValidation:
+    """The request's tools, compiled once, and its policy; checkers for the mender."""
+
+    def __init__(self, toolset: Toolset, policy: Policy, backend: str, max_retries: int,
+                 mode: str, ctx: RequestContext) -> None:
+        self.toolset = toolset
+        self.policy = policy
+        self.backend = backend
+        self.max_retries = max_retries if mode == "buffered" else 0
+        self.ctx = ctx
+
+    @classmethod
+    def prepare(cls, body: dict[str, Any], headers: Any, default_policy: str, backend: str,
+                max_retries: int, mode: str, ctx: RequestContext) -> RequestValidation | None:
+        """Compile the tools when the request arrives: a bad schema is the client's 400."""
+        tools = body.get("tools")
+        if not tools:
+            return None
+        try:
+            policy = parse_policy(headers.get(ON_INVALID_HEADER) if headers is not None else None,
+                                  default=Policy(default_policy))
+        except ValueError as e:
+            raise ProxyError(400, str(e), param=ON_INVALID_HEADER, code="invalid_header") from None
+        try:
+            toolset = compile_tools(tools, body.get("tool_choice"))
+        except SchemaError as e:
+            raise ProxyError(400, f"invalid tool schema: {e}", param=getattr(e, "pointer", None),
+                             code="invalid_tool_schema") from None
+        return cls(toolset, policy, backend, max_retries, mode, ctx)
+
+    # mender callbacks -------------------------------------------------------------------------
+    def check_call(self, name: str, arguments: str) -> CheckResult:
+        verdict = validate_call(name, arguments, self.toolset, coerce=self.policy.coerces)
+        return self._result(verdict, attempt=0)
+
+    def check_reply(self, names: list[str]) -> CheckResult:
+        if not names and self.toolset.choice not in ("required", "function"):
+            return CheckResult(True)
+        return self._result(validate_reply(names, self.toolset), attempt=0)
+
+    def _result(self, verdict: Verdict, attempt: int) -> CheckResult:
+        d = decide(verdict, self.policy, self.toolset, backend=self.backend, attempt=attempt,
+                   max_retries=self.max_retries)
+        _records(self.ctx).append({"tool": verdict.name, "outcome": d.outcome.value,
+                                   "ok": verdict.ok, "attempt": attempt,
+                                   "pointer": verdict.error.pointer if verdict.error else None})
+        notes = [d.note] if d.note else []
+        if d.outcome is Outcome.ERROR:
+            return CheckResult(False, notes=notes, error=dict(d.error or {}))
+        if d.outcome is Outcome.RETRY:
+            return CheckResult(False, notes=notes, retry=d)
+        if d.outcome is Outcome.REPAIRED:
+            for r in verdict.repairs:
+                self.ctx.repairs.append({"kind": f"coerce_{r.kind}", "pointer": r.pointer})
+        return CheckResult(True, arguments=d.arguments or None, notes=notes)
+
+    # the retry round-trip ---------------------------------------------------------------------
+    async def run_retries(self, mender: Any, up: UpstreamClient, path: str,
+                          body: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
+        """Resolve every held call by asking the upstream again; raises StreamError when a
+        call is still invalid after the allowed attempts."""
+        chunks: list[dict[str, Any]] = []
+        notes: list[str] = []
+        for held in list(mender.held):
+            c, n = await self._retry_one(mender, held, up, path, body)
+            chunks += c
+            notes += n
+        c, n = mender.close()
+        return chunks + c, notes + n
+
+    async def _retry_one(self, mender: Any, held: HeldCall, up: UpstreamClient, path: str,
+                         body: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
+        decision = held.retry
+        attempt = 0
+        loop = asyncio.get_running_loop()
+        while True:
+            plan = decision.retry
+            retry_body = plan.apply(body)
+            retry_body["stream"] = False
+            retry_body.pop("stream_options", None)
+            self.ctx.retries += 1
+            self.ctx.extra.setdefault("retry_times", []).append(loop.time())
+            name, arguments = await self._ask(up, path, retry_body, plan)
+            attempt += 1
+            if name is None:
+                if plan.read_as == READ_TEXT:  # the plan asked for a plain answer instead
+                    return mender.resolve(held, None, None)
+                if held.call is None:  # a required call never came
+                    verdict = validate_reply([], self.toolset)
+                else:
+                    verdict = Verdict(False, held.call.name, "", (Issue(
+                        "", "retry", "the retried reply has no tool call"),))
+            else:
+                verdict = validate_call(name, arguments or "", self.toolset,
+                                        coerce=self.policy.coerces)
+            decision = decide(verdict, self.policy, self.toolset, backend=self.backend,
+                              attempt=attempt, max_retries=self.max_retries)
+            _records(self.ctx).append({"tool": verdict.name, "outcome": decision.outcome.value,
+                                       "ok": verdict.ok, "attempt": attempt,
+                                       "pointer": verdict.error.pointer if verdict.error
+                                       else None})
+            if decision.outcome in (Outcome.FORWARD, Outcome.REPAIRED):
+                chunks, notes = mender.resolve(held, name, decision.arguments or arguments)
+                return chunks, [f"retried {name}: valid on attempt {attempt}", *notes]
+            if decision.outcome is Outcome.ERROR:
+                raise StreamError(dict(decision.error or {}))
+
+    async def _ask(self, up: UpstreamClient, path: str, retry_body: dict[str, Any],
+                   plan: Any) -> tuple[str | None, str | None]:
+        """One non-streaming retry request; the reply is mended like any other."""
+        from .parsers.mender import mend_message
+
+        headers = self.ctx.extra.get("upstream_headers")
+        async with up.call(path, orjson.dumps(retry_body), headers=headers) as call:
+            raw = await call.read_all()
+            status = call.status
+        if status >= 400:
+            return None, None
+        try:
+            doc = orjson.loads(raw)
+            msg = doc["choices"][0]["message"]
+        except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
+            return None, None
+        tools = retry_body.get("tools") or body_tools(self.toolset)
+        try:
+            mended, _, _ = mend_message(msg, "stop", None, tools, model=doc.get("model"))
+        except StreamError:
+            mended = msg
+        tcs = mended.get("tool_calls") or []
+        first = tcs[0]["function"] if tcs else {}
+        content = mended.get("content")
+        if plan.read_as == READ_ARGUMENTS and not (content or "").strip() and first:
+            content = first.get("arguments")  # the server answered with a call anyway
+        return plan.read(first.get("name"), first.get("arguments"), content)
+
+
+def body_tools(toolset: Toolset) -> list[dict[str, Any]]:
+    """Tools in OpenAI shape for parsing a retried reply (names are enough for the parser)."""
+    return [{"type": "function", "function": {"name": n}} for n in toolset.names]

@@ -1,0 +1,76 @@
+"""Convert the Gemma GGUF to HF safetensors that vLLM can serve (vLLM 0.32 dropped GGUF).
+
+Usage: ``python convert_gguf.py MODEL.gguf OUT_DIR CHAT_TEMPLATE``; runs inside vLLM's venv
+(transformers, gguf, accelerate). Three fixes on top of transformers' own conversion, each one
+needed for Gemma to produce sane text under vLLM:
+
+- the converted tokenizer does not prepend ``<bos>``; without it Gemma degenerates, so a
+  ``TemplateProcessing`` post-processor adds it (the completions endpoint tokenizes with special
+  tokens on; chat requests get ``<bos>`` from the template's ``bos_token`` instead);
+- ``<end_of_turn>`` ends a model turn but is not the GGUF's EOS: it is added as an extra EOS in
+  ``generation_config.json``, or generation runs to ``max_tokens``;
+- the base model has no chat template: the project's Hermes-style one is written into the
+  tokenizer config, so vLLM's hermes tool parser and the prompt agree on ``<tool_call>`` tags.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def main(gguf: Path, out: Path, template: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                 torch_dtype=torch.bfloat16)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+
+    bos, eot = tok.bos_token or "<bos>", "<end_of_turn>"
+    bos_id = tok.convert_tokens_to_ids(bos)
+    eot_id = tok.convert_tokens_to_ids(eot)
+    tj_path = out / "tokenizer.json"
+    tj = json.loads(tj_path.read_text())
+    tj["post_processor"] = {
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": bos, "type_id": 0}},
+                   {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"SpecialToken": {"id": bos, "type_id": 0}},
+                 {"Sequence": {"id": "A", "type_id": 0}},
+                 {"SpecialToken": {"id": bos, "type_id": 1}},
+                 {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}},
+    }
+    tj_path.write_text(json.dumps(tj, ensure_ascii=False))
+
+    tc_path = out / "tokenizer_config.json"
+    tc = json.loads(tc_path.read_text())
+    tc["add_bos_token"] = True
+    tc["chat_template"] = template.read_text()
+    tc_path.write_text(json.dumps(tc, indent=1, ensure_ascii=False))
+
+    gc_path = out / "generation_config.json"
+    gc = json.loads(gc_path.read_text()) if gc_path.exists() else {}
+    eos = gc.get("eos_token_id", model.config.eos_token_id)
+    eos_ids = list(eos) if isinstance(eos, list) else [eos] if eos is not None else []
+    if eot_id not in eos_ids:
+        eos_ids.append(eot_id)
+    gc["eos_token_id"] = eos_ids
+    gc["bos_token_id"] = bos_id
+    gc_path.write_text(json.dumps(gc, indent=1))
+
+    check = tok.__class__.from_pretrained(out)("Hello")["input_ids"]
+    if not check or check[0] != bos_id:
+        raise SystemExit(f"BOS fix did not take: 'Hello' tokenizes to {check[:5]}")
+    print(json.dumps({"bos_id": bos_id, "eos_ids": eos_ids}))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 4:
+        raise SystemExit(__doc__)
+    main(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]))

@@ -1,0 +1,166 @@
+"""Schema validation end to end: repair, constrained retry, clear errors, through the sim."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+import openai
+import orjson
+import pytest
+
+from .conftest import Stack, StackFactory
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object",
+    "properties": {"city": {"type": "string"}, "days": {"type": "integer", "minimum": 1}},
+    "required": ["city"], "additionalProperties": False}}}]
+MSG = [{"role": "user", "content": "Weather in Oslo for 3 days?"}]
+
+
+def call(args: Any, text: str = "") -> dict[str, Any]:
+    return {"content": text, "tool_calls": [{"name": "get_weather", "arguments": args}]}
+
+
+async def raw_stream(stack: Stack, headers: dict[str, str] | None = None,
+                     **extra: Any) -> tuple[int, bytes, list[Any]]:
+    async with aiohttp.ClientSession() as s:
+        async with s.post(stack.v1 + "/chat/completions", headers=headers or {},
+                          json={"messages": MSG, "tools": TOOLS, "stream": True,
+                                **extra}) as r:
+            raw = await r.read()
+            status = r.status
+    events = [orjson.loads(line[6:]) for line in raw.split(b"\n")
+              if line.startswith(b"data: {")]
+    return status, raw, events
+
+
+def calls_of(events: list[Any]) -> list[dict[str, str]]:
+    calls: dict[int, dict[str, str]] = {}
+    for e in events:
+        for ch in e.get("choices") or ():
+            for tc in (ch.get("delta") or {}).get("tool_calls") or ():
+                slot = calls.setdefault(tc["index"], {"name": "", "arguments": ""})
+                slot["name"] += tc["function"].get("name") or ""
+                slot["arguments"] += tc["function"].get("arguments") or ""
+    return [calls[i] for i in sorted(calls)]
+
+
+def content_of(events: list[Any]) -> str:
+    return "".join((ch.get("delta") or {}).get("content") or ""
+                   for e in events for ch in e.get("choices") or ())
+
+
+async def test_lossless_coercion_repairs_without_retry(stack: Stack) -> None:
+    stack.sim.push(call({"city": "Oslo", "days": "3"}))
+    _, raw, events = await raw_stream(stack)
+    assert orjson.loads(calls_of(events)[0]["arguments"]) == {"city": "Oslo", "days": 3}
+    assert b": toolmend repaired get_weather" in raw
+    assert stack.sim.stats.requests == 1
+
+
+@pytest.mark.parametrize("dialect", ["vllm", "llamacpp", "ollama"])
+async def test_invalid_call_is_retried_constrained_and_replaced(make_stack: StackFactory,
+                                                               dialect: str) -> None:
+    stack = await make_stack(dialect)
+    stack.sim.push(call({"days": 3}, text="Checking the forecast. "),
+                   call({"city": "Oslo", "days": 3}))
+    _, raw, events = await raw_stream(stack)
+    assert content_of(events) == "Checking the forecast. "  # streamed once, never repeated
+    calls = calls_of(events)
+    assert len(calls) == 1
+    assert orjson.loads(calls[0]["arguments"]) == {"city": "Oslo", "days": 3}
+    assert b"retried get_weather: valid on attempt 1" in raw
+    retry = stack.sim.stats.bodies[-1]
+    assert retry["stream"] is False
+    assert "city" in retry["messages"][-1]["content"]  # the correction names the problem
+    if dialect == "vllm":
+        assert retry["tool_choice"]["function"]["name"] == "get_weather"
+        assert "structured_outputs" in retry
+    elif dialect == "llamacpp":
+        assert "json_schema" in retry
+    else:
+        assert "format" in retry
+
+
+async def test_still_invalid_after_retries_is_an_error_event(stack: Stack) -> None:
+    stack.sim.push(call({"city": 7}), call({"city": 8}))
+    _, _, events = await raw_stream(stack)
+    err = events[-1]["error"]
+    assert err["code"] == "invalid_tool_call" and err["tool"] == "get_weather"
+    assert err["pointer"] == "/city"
+    assert not calls_of(events)
+
+
+async def test_non_streaming_error_is_502_with_the_same_body(stack: Stack) -> None:
+    stack.sim.push(call({"city": "Oslo", "extra": 1}))
+    c = openai.AsyncOpenAI(base_url=stack.v1, api_key="x", max_retries=0)
+    with pytest.raises(openai.APIStatusError) as ei:
+        await c.chat.completions.create(model="m", messages=MSG, tools=TOOLS,
+                                        extra_headers={"X-Toolmend-On-Invalid": "error"})
+    assert ei.value.status_code == 502
+    assert ei.value.body["code"] == "invalid_tool_call"  # type: ignore[index]
+    assert stack.sim.stats.requests == 1  # policy error: no retry
+
+
+async def test_non_streaming_repair_reports_in_header(stack: Stack) -> None:
+    stack.sim.push(call({"city": "Oslo", "days": "2"}))
+    c = openai.AsyncOpenAI(base_url=stack.v1, api_key="x", max_retries=0)
+    r = await c.chat.completions.with_raw_response.create(model="m", messages=MSG, tools=TOOLS)
+    assert "get_weather" in r.headers["x-toolmend-repairs"]
+    msg = r.parse().choices[0].message
+    assert orjson.loads(msg.tool_calls[0].function.arguments) == {"city": "Oslo", "days": 2}
+
+
+async def test_pass_policy_forwards_unchanged_and_reports(stack: Stack) -> None:
+    stack.sim.push(call({"city": 7}))
+    _, raw, events = await raw_stream(stack, headers={"X-Toolmend-On-Invalid": "pass"})
+    assert orjson.loads(calls_of(events)[0]["arguments"]) == {"city": 7}
+    assert b": toolmend invalid get_weather passed" in raw
+
+
+async def test_unknown_tool_name_is_not_passed(stack: Stack) -> None:
+    stack.sim.push({"tool_calls": [{"name": "launch_rockets", "arguments": {}}]},
+                   call({"city": "Oslo"}))
+    _, _, events = await raw_stream(stack)
+    assert [c["name"] for c in calls_of(events)] == ["get_weather"]
+
+
+async def test_required_tool_choice_without_a_call_is_retried(stack: Stack) -> None:
+    stack.sim.push({"content": "It is sunny, probably."}, call({"city": "Oslo"}))
+    _, _, events = await raw_stream(stack, tool_choice="required")
+    assert content_of(events) == "It is sunny, probably."
+    assert [c["name"] for c in calls_of(events)] == ["get_weather"]
+    assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+async def test_invalid_schema_is_400_naming_the_tool(stack: Stack) -> None:
+    bad = [{"type": "function", "function": {"name": "broken", "parameters": {
+        "type": "object", "properties": {"n": {"type": "integr"}}}}}]
+    async with aiohttp.ClientSession() as s:
+        async with s.post(stack.v1 + "/chat/completions",
+                          json={"messages": MSG, "tools": bad}) as r:
+            err = (await r.json())["error"]
+    assert r.status == 400
+    assert "broken" in err["message"] and err["code"] == "invalid_tool_schema"
+    assert stack.sim.stats.requests == 0
+
+
+async def test_redos_pattern_is_refused_or_safe(stack: Stack) -> None:
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"s": {"type": "string", "pattern": "^(a+)+$"}}}}}]
+    stack.sim.push({"tool_calls": [{"name": "f", "arguments": {"s": "a" * 50_000 + "!"}}]},
+                   {"tool_calls": [{"name": "f", "arguments": {"s": "aaa"}}]})
+    async with aiohttp.ClientSession() as s:
+        async with s.post(stack.v1 + "/chat/completions",
+                          json={"messages": MSG, "tools": tools, "stream": True}) as r:
+            raw = await r.read()
+    events = [orjson.loads(line[6:]) for line in raw.split(b"\n") if line.startswith(b"data: {")]
+    # the first call failed the (linear-time) pattern and was retried
+    assert [orjson.loads(c["arguments"]) for c in calls_of(events)] == [{"s": "aaa"}]
+
+
+async def test_bad_policy_header_is_400(stack: Stack) -> None:
+    status, raw, _ = await raw_stream(stack, headers={"X-Toolmend-On-Invalid": "ignore"})
+    assert status == 400
+    assert b"X-Toolmend-On-Invalid" in raw
