@@ -34,8 +34,9 @@ markers and looks for the first content), because a full SDK would be the bottle
 Stream starts are staggered over one request's duration so that the load is steady rather
 than a synchronized burst every request.
 
-Run ``python bench/relay.py`` (about five minutes) or ``--quick`` (about one); it prints
-markdown tables and replaces the ``## Relay overhead`` section of BENCHMARKS.md.
+Run ``python bench/relay.py`` (five to seven minutes) or ``--quick`` (one to two); it prints
+markdown tables and replaces the ``## Relay overhead`` section of BENCHMARKS.md. The processes'
+logs are kept in a temporary folder (printed) only when something failed.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ import platform
 import re
 import resource
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -76,7 +78,7 @@ TOOLS = (b',"tools":[{"type":"function","function":{"name":"get_weather",'
          b'"properties":{"city":{"type":"string"}},"required":["city"]}}}]')
 HEADERS = {"Content-Type": "application/json", "Accept": "text/event-stream"}
 
-# Goals from the benchmark brief (issue 2) and DESIGN.md's performance model.
+# Goals from issue 2 and from DESIGN.md's performance model.
 GOAL_LEVEL = 64
 GOAL_P50_ADDED_MS = 1.0
 GOAL_P99_ADDED_MS = 5.0
@@ -508,14 +510,19 @@ def goal_lines(levels: list[LevelResult]) -> list[str]:
         lines.append(f"- no errors at {GOAL_ERROR_LEVEL} streams through toolmend: {n} errors "
                      f"in {lv.modes['toolmend'].requests} requests, {verdict(n == 0)}")
     cores = os.cpu_count() or 1
-    starved = [f"{lv.streams} ({k})" for lv in levels for k in MODES
-               if lv.modes[k].window and lv.modes[k].machine_cpu / lv.modes[k].window
-               >= 0.9 * cores]
+    starved: list[str] = []
+    for lv in levels:
+        busy = [k for k in MODES if lv.modes[k].window
+                and lv.modes[k].machine_cpu / lv.modes[k].window >= 0.9 * cores]
+        if busy:
+            starved.append(str(lv.streams) if len(busy) == len(MODES)
+                           else f"{lv.streams} ({', '.join(busy)})")
     if starved:
         lines.append("")
-        lines.append("Caveat: the whole machine had at least 90% of its cores busy during the "
-                     f"rounds at {', '.join(starved)} streams; there the latency numbers show "
-                     "CPU starvation shared with other work more than the relay itself. The "
+        lines.append(f"Caveat: the machine's {cores} cores were at least 90% busy (all "
+                     f"processes, from /proc/stat) during the rounds at {', '.join(starved)} "
+                     "streams. There the latency numbers mostly show CPU starvation shared with "
+                     "other work, which hurts the process that needs more CPU most; the "
                      "CPU-per-chunk numbers are the robust ones.")
     return lines
 
@@ -559,6 +566,7 @@ async def run(cfg: argparse.Namespace) -> list[LevelResult]:
     py = sys.executable
     procs: list[Proc] = []
     client: Client | None = None
+    keep_logs = True
     try:
         sim = Proc("sim", [py, "-c", "from toolmend.cli import main; main()", "sim",
                            "--dialect", "vllm", "--port", "0", "--slots", str(cfg.slots),
@@ -604,12 +612,16 @@ async def run(cfg: argparse.Namespace) -> list[LevelResult]:
         if not cfg.no_write:
             write_section(table)
             print(f"# wrote the {SECTION!r} section of {BENCHMARKS}", file=sys.stderr)
+        keep_logs = any(m.errors for lv in results for m in lv.modes.values()) or any(
+            n for lv in results for n in lv.warmup_errors.values())
         return results
     finally:
         if client is not None:
             await client.close()
         for p in reversed(procs):
             p.stop()
+        if not keep_logs:
+            shutil.rmtree(log_dir, ignore_errors=True)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -164,10 +164,13 @@ class ChatMender:
         i = data.find(_CONTENT)
         if i < 0:
             return False  # role-only, reasoning or usage: nothing to mend
-        tail = data[i + 10:]
-        if _ESCAPE in tail:
+        i += 10
+        if data.find(_ESCAPE, i) >= 0:
             return True
-        return any(t in tail for t in self._triggers)
+        for t in self._triggers:  # bounded finds: no copy of the tail per event
+            if data.find(t, i) >= 0:
+                return True
+        return False
 
     # chunks ------------------------------------------------------------------------------------
     def feed(self, chunk: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:

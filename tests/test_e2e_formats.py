@@ -16,6 +16,8 @@ import orjson
 import pytest
 
 from toolmend.parsers.repair import repair_arguments
+from toolmend.parsers.schemas import compile_tools
+from toolmend.parsers.validation import validate_call
 
 from .conftest import StackFactory
 
@@ -76,8 +78,18 @@ async def test_fixture_through_toolmend(make_stack: StackFactory, dialect: str, 
     # a call the format parser sees as not-JSON must be repaired or refused, never passed on
     unrepairable = [e for e in exp_calls if not e["name"] or "arguments_raw" in e and
                     not repair_arguments(e["arguments_raw"], e.get("truncated", False)).ok]
+    # a fixture's call that parses but breaks its tool's schema is retried, then refused
+    tools = tools_for(case)
+    if not unrepairable and exp_calls and tools is not openai.omit:
+        toolset = compile_tools(tools)
+        for e in exp_calls:
+            raw = e.get("arguments_raw")
+            text = repair_arguments(raw, e.get("truncated", False)).text if raw is not None \
+                else json.dumps(e["arguments"])
+            if not validate_call(e["name"], text, toolset, coerce=True).ok:
+                unrepairable.append(e)
     request = c.chat.completions.create(
-        model="sim-model", messages=[{"role": "user", "content": "go"}], tools=tools_for(case),
+        model="sim-model", messages=[{"role": "user", "content": "go"}], tools=tools,
         stream=True)
     if unrepairable:
         with pytest.raises(openai.APIError) as ei:
