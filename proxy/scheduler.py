@@ -662,15 +662,11 @@ async def probe_slots(up: UpstreamClient, settings: Settings) -> int:
     configured count, else the backend's usual default."""
     if settings.slots > 0:
         return settings.slots
-    if settings.backend in ("auto", "llamacpp"):
-        try:
-            props = await up.get_json("/props", timeout=2.0)
-        except ProxyError:
-            props = None
-        total = props.get("total_slots") if isinstance(props, dict) else None
-        if isinstance(total, int) and not isinstance(total, bool) and total > 0:
-            return total
-    return default_slots(settings.backend)
+    detected = await up.detect()  # probes once; llama-server's /props gives total_slots
+    if isinstance(detected.slots, int) and detected.slots > 0:
+        return detected.slots
+    kind = settings.backend if settings.backend != "auto" else detected.kind
+    return default_slots(kind)
 
 
 def parse_deadline(value: str | None, now: float) -> float | None:

@@ -25,8 +25,18 @@ def main(gguf: Path, out: Path, template: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    kw: dict[str, object] = {}
+    try:  # transformers 5.x keeps GGUF weights packed unless told to unpack them
+        from transformers import GgufConfig
+
+        kw["quantization_config"] = GgufConfig(gguf_file=gguf.name, dequantize=True)
+    except ImportError:  # older transformers always dequantize GGUF
+        pass
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                 torch_dtype=torch.bfloat16)
+                                                 dtype=torch.bfloat16, **kw)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:  # dense now: drop the GGUF marker that blocks save_pretrained
+        quantizer.remove_quantization_config(model)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
