@@ -182,11 +182,13 @@ class ChatMender:
             model = chunk.get("model")
             self._choose(model if isinstance(model, str) else None)
         choices = chunk.get("choices")
-        if not choices:
+        if not choices or not isinstance(choices, list):
             out.append(chunk)  # the usage chunk, or an odd empty one: passed as it is
             return out, notes
         choice = choices[0] if isinstance(choices[0], dict) else {}
-        delta = choice.get("delta") or {}
+        delta = choice.get("delta")
+        if not isinstance(delta, dict):
+            delta = {}
         role = delta.get("role")
         reasoning = delta.get("reasoning_content") or delta.get("reasoning")
         if reasoning:

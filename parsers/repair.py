@@ -96,7 +96,7 @@ def repair_arguments(raw: str, truncated: bool = False) -> RepairResult:
     if not ok and truncated:
         closed = _close_truncated(text)
         if closed is not None:
-            new = orjson.dumps(closed).decode()
+            new = _dumps(closed)
             step("truncated_closed", new)
             return RepairResult(text, closed, True, repairs)
     if not ok:
@@ -107,7 +107,7 @@ def repair_arguments(raw: str, truncated: bool = False) -> RepairResult:
             fixed = ""
         f_ok, f_value = _loads(fixed) if isinstance(fixed, str) and fixed else (False, None)
         if f_ok and isinstance(f_value, dict) and (f_value or _looks_empty(text)):
-            new = orjson.dumps(f_value).decode()
+            new = _dumps(f_value)
             step(kind, new)
             return RepairResult(text, f_value, True, repairs)
         return RepairResult(raw, None, False, repairs,
@@ -116,6 +116,17 @@ def repair_arguments(raw: str, truncated: bool = False) -> RepairResult:
         return RepairResult(text, value, False, repairs,
                             error=f"arguments must be a JSON object, got {_type(value)}")
     return RepairResult(text, value, isinstance(value, dict), repairs)
+
+
+def _dumps(value: Any) -> str:
+    """Compact JSON text for a repaired value. jiter and ``json`` keep integers beyond 64 bits,
+    which orjson cannot encode; the standard library can, exactly."""
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:
+        import json
+
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 def _first_value(text: str) -> tuple[Any, int]:

@@ -193,6 +193,11 @@ class StreamPipeline:
             raise UpstreamStreamError(502, _malformed(data)) from None
         if not isinstance(obj, dict):
             raise UpstreamStreamError(502, _malformed(data))
+        choices = obj.get("choices")
+        if choices is not None and not (isinstance(choices, list) and
+                                        all(isinstance(c, dict) for c in choices)):
+            # not a chunk at all: refuse it here rather than let the mender trip over it
+            raise UpstreamStreamError(502, _malformed(data))
         self._observe(obj)
         if self._include_usage or not obj.get("usage"):
             return obj if want_obj else _UNCHANGED

@@ -8,16 +8,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from . import telemetry
+from . import auth, telemetry
 from .config import Settings
 from .context import RequestContext, new_request_id
 from .downstream import Downstream
 from .errors import ProxyError
+from .launcher import LAUNCHED
 from .mending import ChatMending
 from .mending import record as record_mending
 from .parsers.stream import StreamPipeline
@@ -26,6 +28,7 @@ from .request_body import (
     ask_for_usage,
     check_chat_body,
     check_completion_body,
+    check_counts,
     client_wants_usage,
     parse_json_body,
     wants_stream,
@@ -52,6 +55,9 @@ CTX = web.RequestKey("ctx", RequestContext)
 
 
 def _agent_id(request: web.Request, body: dict[str, Any] | None) -> str:
+    keyed = auth.keyed_agent(request)  # with API keys, the key decides (see auth.py)
+    if keyed is not None:
+        return keyed
     agent = request.headers.get("X-Agent-Id")
     if agent:
         return agent[:128]
@@ -72,12 +78,17 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
                          code="body_too_large") from None
 
 
-async def _json_request(request: web.Request) -> dict[str, Any]:
+async def _json_request(request: web.Request, *, any_content_type: bool = False
+                        ) -> dict[str, Any]:
+    """``any_content_type``: Ollama clients (``curl -d``) send JSON under any type."""
     settings = request.app[SETTINGS]
     raw = await _read_body(request, settings.max_body_bytes)
-    body = parse_json_body(raw, request.headers.get("Content-Type", "application/json"))
+    ctype = ("application/json" if any_content_type
+             else request.headers.get("Content-Type", "application/json"))
+    body = parse_json_body(raw, ctype)
     ctx: RequestContext = request[CTX]
     ctx.agent_id = _agent_id(request, body)
+    auth.check_body(request, body)
     ctx.session_id = request.headers.get("X-Session-Id")
     model = body.get("model")
     ctx.model = model if isinstance(model, str) else None
@@ -86,6 +97,8 @@ async def _json_request(request: web.Request) -> dict[str, Any]:
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await _json_request(request)
+    settings = request.app[SETTINGS]
+    check_counts(body, settings.max_messages, settings.max_tools)
     check_chat_body(body)
     return await _forward(request, body, "/v1/chat/completions")
 
@@ -96,7 +109,13 @@ async def completions(request: web.Request) -> web.StreamResponse:
     return await _forward(request, body, "/v1/completions")
 
 
-async def _forward(request: web.Request, body: dict[str, Any], path: str) -> web.StreamResponse:
+DownstreamFactory = Callable[[web.Request, RequestContext, float], Downstream]
+
+
+async def _forward(request: web.Request, body: dict[str, Any], path: str,
+                   make_down: DownstreamFactory | None = None) -> web.StreamResponse:
+    """Queue, relay, mend. ``make_down`` replaces the SSE client writer (the Ollama front
+    passes one that rewrites the mended stream as NDJSON), so every front shares this path."""
     settings = request.app[SETTINGS]
     up = request.app[UPSTREAM]
     sched = request.app[SCHEDULER]
@@ -121,7 +140,7 @@ async def _forward(request: web.Request, body: dict[str, Any], path: str) -> web
     pipeline = StreamPipeline(client_wants_usage(body), mender)
     ask_for_usage(body)
     raw = orjson.dumps(body)
-    down = Downstream(request, ctx, settings.keepalive_interval)
+    down = (make_down or Downstream)(request, ctx, settings.keepalive_interval)
     down.start_keepalive()  # keep-alives flow while the request waits for a slot
     try:
         async with sched.slot(ctx, estimate_cost(body, raw), priority=priority,
@@ -154,10 +173,24 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     """Ready when the upstream answers its model list with at least one model.
 
-    ``backend`` says what kind of server was detected behind the upstream URL.
+    ``backend`` says what kind of server was detected behind the upstream URL. With several
+    replicas, each is probed and listed; ready when at least one is.
     """
     up = request.app[UPSTREAM]
+    launched = request.app.get(LAUNCHED)
+    if launched is not None and launched.state != "ready":
+        # a child toolmend started (--launch) that is loading or restarting: say so, and do
+        # not probe a port nobody listens on
+        return web.json_response({"ready": False, "upstream": up.base_url(),
+                                  "reason": launched.reason, "launched": launched.status()},
+                                 status=503)
+    if len(up.replicas) > 1:
+        await up.check_health()
     backend = (await up.detect()).as_dict()
+    if launched is not None:
+        backend["launched"] = launched.status()
+    if len(up.replicas) > 1:
+        backend["replicas"] = [r.as_dict() for r in up.replicas]
     try:
         doc = await up.get_json("/v1/models", timeout=3.0)
     except ProxyError as e:
@@ -241,6 +274,10 @@ async def _size_scheduler(app: web.Application) -> None:
     log.info("fair queue: %d backend slots", slots)
 
 
+async def _start_upstream(app: web.Application) -> None:
+    app[UPSTREAM].start(warmup=app[SETTINGS].warmup)  # replica health checks, warm-up
+
+
 async def _close_upstream(app: web.Application) -> None:
     await app[UPSTREAM].close()
 
@@ -248,16 +285,23 @@ async def _close_upstream(app: web.Application) -> None:
 def build_app(settings: Settings, upstream_urls: list[str] | None = None) -> web.Application:
     urls = upstream_urls if upstream_urls is not None else settings.upstream
     app = web.Application(client_max_size=settings.max_body_bytes,
-                          middlewares=[telemetry.middleware(CTX), context_and_errors])
+                          middlewares=[telemetry.middleware(CTX), context_and_errors,
+                                       auth.require_key])
     app[SETTINGS] = settings
     app[UPSTREAM] = UpstreamClient(urls, settings)
     app[SCHEDULER] = scheduler_from_settings(settings)
+    app[auth.KEYRING] = auth.load_keys(settings.config_path)
+    auth.apply_weights(app[SCHEDULER].policies, app[auth.KEYRING])
     app.on_startup.append(_size_scheduler)
+    app.on_startup.append(_start_upstream)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    from .ollama_front import add_routes as add_ollama_routes  # it imports this module
+
+    add_ollama_routes(app)
     telemetry.setup(app, settings)
     app.on_cleanup.append(_close_upstream)
     return app
@@ -265,8 +309,11 @@ def build_app(settings: Settings, upstream_urls: list[str] | None = None) -> web
 
 async def start_server(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
     """Start serving; returns the runner and the bound port (useful with port 0)."""
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    limit = app[SETTINGS].max_header_bytes
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
+                           max_line_size=limit, max_field_size=limit)
     await runner.setup()
+    auth.shape_parser_errors(runner)
     site = web.TCPSite(runner, host, port, backlog=2048)
     await site.start()
     bound = port

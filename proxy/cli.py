@@ -10,6 +10,7 @@ import signal
 import sys
 from importlib.resources import files
 from pathlib import Path
+from typing import Any
 
 from .config import Settings, add_arguments
 
@@ -44,7 +45,26 @@ async def _serve(settings: Settings) -> int:
     log = logging.getLogger("toolmend")
     cleanup = []
     upstreams = list(settings.upstream)
-    if not upstreams:
+    launched = None
+    if settings.launch != "none":
+        from .launcher import LaunchError, ManagedBackend, apply_plan, plan_from_settings
+
+        if upstreams:
+            print("toolmend: --launch starts its own upstream; drop --upstream", file=sys.stderr)
+            return 2
+        try:
+            plan = plan_from_settings(settings)
+            apply_plan(settings, plan)
+            launched = ManagedBackend(plan, ready_timeout=settings.launch_ready_timeout)
+            await launched.start()
+        except LaunchError as e:
+            print(f"toolmend: {e}", file=sys.stderr)
+            return 1
+        cleanup.append(launched.stop)
+        upstreams = list(settings.upstream)
+        log.info("toolmend reads tool calls as %s (backend %s, %d slots)", settings.tool_format,
+                 settings.backend, settings.slots)
+    elif not upstreams:
         from .embedded import start_embedded
 
         backend = await start_embedded(settings)
@@ -52,23 +72,41 @@ async def _serve(settings: Settings) -> int:
         upstreams = [backend.url]
         log.info("embedded backend: %s (model %s)", backend.url, backend.model_name)
     app = build_app(settings, upstreams)
-    runner, port = await start_server(app, settings.host, settings.port)
+    if launched is not None:
+        launched.attach(app)  # /readyz and the queue follow the child from here on
+    try:
+        runner, port = await start_server(app, settings.host, settings.port)
+    except BaseException:
+        for fn in reversed(cleanup):
+            await fn()
+        raise
     from .app import UPSTREAM
     from .detect import describe
 
     up = app[UPSTREAM]
-    log.info("%s", describe(up.base_url(), await up.detect()))
+    if launched is None:
+        log.info("%s", describe(up.base_url(), await up.detect()))
     base = f"http://{settings.host}:{port}"
-    print(f"toolmend listening on {base}/v1 -> {', '.join(upstreams)}", flush=True)
+    via = f" (launched {settings.launch}, starting)" if launched is not None else ""
+    print(f"toolmend listening on {base}/v1 -> {', '.join(upstreams)}{via}", flush=True)
     print(f"  try: curl {base}/v1/chat/completions -H 'Content-Type: application/json' "
           "-d '{\"messages\":[{\"role\":\"user\",\"content\":\"Hello\"}]}'", flush=True)
+    rc = 0
     try:
-        await _wait_for_signal()
+        stop = asyncio.ensure_future(_wait_for_signal())
+        waits: set[asyncio.Future[Any]] = {stop}
+        if launched is not None and launched.failed is not None:
+            waits.add(launched.failed)
+        done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if launched is not None and launched.failed in done:
+            print(f"toolmend: {launched.failed.result()}", file=sys.stderr, flush=True)
+            rc = 1
     finally:
-        await runner.cleanup()
+        await runner.cleanup()  # stop taking requests first, then end the backend
         for fn in reversed(cleanup):
             await fn()
-    return 0
+    return rc
 
 
 async def _sim(args: argparse.Namespace) -> int:
@@ -120,6 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
     from .trace_view import add_arguments as add_trace_arguments
 
     add_trace_arguments(trace)
+    demo = sub.add_parser("demo", help="run a short agent loop through toolmend and show it",
+                          description="A short agent loop (real tool calls to local functions) "
+                          "through toolmend against a simulated server that breaks tool calls, "
+                          "or a real one with --upstream; prints each step, what toolmend "
+                          "repaired, and the per-step timeline.")
+    from .demo import add_arguments as add_demo_arguments
+
+    add_demo_arguments(demo)
     doctor = sub.add_parser("doctor", help="inspect this machine and recommend a stack",
                             description="Look at the GPUs and memory, probe running servers, "
                             "and print the serving stack to use with a ready-to-run command.")
@@ -131,8 +177,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; for ``serve``, what follows ``--`` goes to the launched server."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passthrough: list[str] = []
+    if "--" in argv:  # serve --launch STACK -- ARGS: ARGS go to the launched server
+        i = argv.index("--")
+        argv, passthrough = argv[:i], argv[i + 1:]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if passthrough:
+        if args.command != "serve":
+            parser.error("arguments after -- are for the server that serve --launch starts")
+        args.launch_args = [*(args.launch_args or []), *passthrough]
+    return args
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     if args.command == "serve":
         try:
             settings = Settings.load(args, args.config)
@@ -146,6 +208,10 @@ def main(argv: list[str] | None = None) -> None:
         from .trace_view import run
 
         raise SystemExit(run(args))
+    if args.command == "demo":
+        from .demo import run as run_demo
+
+        raise SystemExit(run_demo(args))
     if args.command == "doctor":
         from .doctor import run_doctor
 

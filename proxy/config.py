@@ -35,13 +35,37 @@ class Settings:
     upstream: list[str] = opt([], "base URL of an OpenAI-compatible or Ollama server; repeat for "
                               "replicas. None: start the embedded backend", metavar="URL")
     backend: str = opt("auto", "kind of server behind --upstream", choices=BACKENDS)
-    model: str = opt("", "GGUF file for the embedded backend (default: the bundled Gemma 3 270M)",
+    model: str = opt("", "GGUF file for the embedded backend or a launched llama-server / "
+                     "llama-cpp-python, or the model a launched vLLM / Ollama serves (default: "
+                     "the bundled Gemma 3 270M for the embedded backend and llama-cpp-python, "
+                     "else the one toolmend doctor suggests)",
                      metavar="PATH")
     embedded_ctx: int = opt(2048, "context size in tokens of the embedded model")
     embedded_threads: int = opt(0, "CPU threads for the embedded model (0: every core)")
+    launch: str = opt("none", "start this serving process as a child with the flags toolmend "
+                      "doctor recommends, use it as the upstream, restart it if it dies, stop "
+                      "it on exit; arguments after -- go to it",
+                      choices=("none", "vllm", "llama-server", "ollama", "llama-cpp-python"))
+    launch_args: list[str] = opt([], "extra arguments for the launched server (also everything "
+                                 "after --); a flag given here replaces the recommended one",
+                                 metavar="ARG")
+    launch_binary: str = opt("", "command that starts the launched server instead of the usual "
+                             "one (e.g. /opt/llama.cpp/llama-server, or 'python "
+                             "vllm_launcher.py')", metavar="CMD")
+    launch_port: int = opt(0, "loopback port for the launched server (0: a free one)")
+    launch_ready_timeout: float = opt(900.0, "seconds the launched server may take to become "
+                                      "ready (vLLM compiles for minutes)", metavar="S")
     loading_timeout: float = opt(300.0, "seconds to keep retrying, with backoff, while the "
                                  "upstream answers 503 'Loading model' (0: do not wait)",
                                  metavar="S")
+    ollama_native: bool = opt(False, "with an Ollama upstream, use its native /api/chat (tool "
+                              "calls whole, keep_alive) instead of its /v1 layer")
+    keep_alive: str = opt("", "Ollama keep_alive sent with native requests and the warm-up "
+                          "(-1: keep the model loaded for ever; e.g. 30m)", metavar="DURATION")
+    warmup: bool = opt(False, "send each upstream a tiny request at start-up so the model is "
+                       "loaded before the first agent asks")
+    health_interval: float = opt(5.0, "seconds between health checks of each replica when "
+                                 "there are several --upstream URLs", metavar="S")
     tool_format: str = opt("auto", "tool-call marker format of the model (auto: from its name)",
                            metavar="FORMAT")
     tool_mode: str = opt("buffered", "buffered: emit a call's arguments once complete and checked; "
@@ -99,6 +123,17 @@ class Settings:
     keepalive_interval: float = opt(10.0, "seconds between SSE keep-alive comments before the "
                                     "first token", metavar="S")
     max_body_bytes: int = opt(8 * 1024 * 1024, "largest request body accepted", metavar="BYTES")
+    max_header_bytes: int = opt(8190, "longest request line or single header accepted (beyond: "
+                                "400 headers_too_large)", metavar="BYTES")
+    max_messages: int = opt(2048, "most messages in one chat request (beyond: 400 "
+                            "too_many_messages)")
+    max_tools: int = opt(128, "most tools in one request (beyond: 400 too_many_tools)")
+    max_schema_bytes: int = opt(256 * 1024, "largest JSON Schema of one tool's parameters "
+                                "(beyond: 400 invalid_tool_schema)", metavar="BYTES")
+    max_schema_depth: int = opt(64, "deepest nesting of one tool's parameter schema")
+    max_pattern_bytes: int = opt(4096, "longest regex 'pattern' in a tool schema (patterns run "
+                                 "on RE2, linear time; backtracking-only syntax is refused)",
+                                 metavar="BYTES")
     max_connections: int = opt(1024, "upstream connection pool size")
     log_level: str = opt("info", "log level", choices=("debug", "info", "warning", "error"))
     log_requests: bool = opt(True, "log one structured line per request")

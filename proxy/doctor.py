@@ -202,24 +202,7 @@ def recommend(hw: Hardware, agents: int = 1,
               "llama-server reports its own")], notes)
 
     if hw.vendor == "nvidia" and agents > 1:
-        m = model or _tier(hw.gpu_memory_mb, [(80, "Qwen/Qwen3-32B"), (40, "Qwen/Qwen3-14B"),
-                                              (20, "Qwen/Qwen3-8B"), (0, "Qwen/Qwen3-4B")])
-        port = BACKEND_PORTS["vllm"]
-        flags = [("--gpu-memory-utilization 0.90", "leaves headroom for the CUDA context; the "
-                  "rest becomes KV cache shared by all agents"),
-                 ("--max-model-len 32768", "caps one agent's context so several fit in the KV "
-                  "cache; raise it only if your agents need more"),
-                 ("--enable-auto-tool-choice --tool-call-parser hermes", "structured tool calls "
-                  "(hermes is right for Qwen; pick the parser for your model family)"),
-                 (f"--max-num-seqs {max(8, agents * 2)}", "enough sequences for every agent "
-                  "plus retries")]
-        cmd = ["vllm", "serve", m, "--host", "127.0.0.1", "--port", str(port)]
-        for f, _ in flags:
-            cmd += f.split()
-        return Recommendation(
-            "vllm", f"NVIDIA GPU and {agents} concurrent agents: vLLM batches them "
-            "continuously and reuses their shared prompt prefixes", m, cmd, {},
-            _toolmend("vllm", port), flags)
+        return _vllm(hw, agents, model)
 
     if hw.vendor == "nvidia" or (hw.vendor == "amd" and not hw.strix_halo and agents == 1):
         m = model or _tier(hw.gpu_memory_mb, [(40, "qwen3:32b"), (20, "qwen3:14b"),
@@ -228,21 +211,7 @@ def recommend(hw: Hardware, agents: int = 1,
                        "stack, and keeping the model loaded removes reloads between steps")
 
     if hw.vendor == "amd" and not hw.strix_halo:  # discrete AMD, several agents
-        m = model or _tier(hw.gpu_memory_mb, [(80, "Qwen/Qwen3-32B"), (40, "Qwen/Qwen3-14B"),
-                                              (0, "Qwen/Qwen3-8B")])
-        port = BACKEND_PORTS["vllm"]
-        flags = [("--gpu-memory-utilization 0.90", "KV cache for all agents"),
-                 ("--max-model-len 32768", "so several agents fit"),
-                 ("--enable-auto-tool-choice --tool-call-parser hermes", "structured calls")]
-        cmd = ["vllm", "serve", m, "--host", "127.0.0.1", "--port", str(port)]
-        for f, _ in flags:
-            cmd += f.split()
-        return Recommendation(
-            "vllm", f"AMD {hw.gpus[0].arch or 'GPU'} with ROCm and {agents} agents: vLLM's "
-            "ROCm build batches them", m, cmd, {"VLLM_USE_TRITON_FLASH_ATTN": "0"},
-            _toolmend("vllm", port), flags,
-            ["use the rocm/vllm container image; toolmend repairs the tool calls its parser "
-             "misses"])
+        return _vllm(hw, agents, model)
 
     if hw.vendor == "apple":
         if agents == 1:
@@ -262,8 +231,78 @@ def recommend(hw: Hardware, agents: int = 1,
              "--continuous-batching"], {}, _toolmend("openai", port), flags,
             ["install with: pip install vllm-mlx"])
 
-    # llama.cpp: AMD Strix Halo (Vulkan/ROCm) or CPU only
-    port = BACKEND_PORTS["llamacpp"]
+    return _llamacpp(hw, agents, model)
+
+
+#: toolmend tool format -> the vLLM ``--tool-call-parser`` that handles it, so the backend and
+#: toolmend read the model's calls the same way.
+VLLM_TOOL_PARSERS = {
+    "hermes": "hermes", "qwen3_coder": "qwen3_coder", "llama3_json": "llama3_json",
+    "pythonic": "pythonic", "mistral": "mistral", "deepseek_v3": "deepseek_v3",
+    "deepseek_v31": "deepseek_v31", "granite": "granite", "glm45": "glm45",
+    "kimi_k2": "kimi_k2", "gpt_oss": "openai", "phi4_mini": "phi4_mini_json",
+    "minimax_m2": "minimax_m2", "functiongemma": "functiongemma",
+}
+#: The reverse: a ``--tool-call-parser`` given by hand -> the toolmend format to match it.
+TOOL_FORMAT_FOR_VLLM_PARSER = {v: k for k, v in VLLM_TOOL_PARSERS.items()} | {
+    "llama4_pythonic": "pythonic", "llama4_json": "llama3_json", "qwen3_xml": "qwen3_coder"}
+
+
+def vllm_tool_parser(model: str) -> str:
+    """The ``--tool-call-parser`` for a model, from its name; hermes when the name says nothing
+    (the most common format, and what a Hermes-style chat template produces)."""
+    from .parsers.formats import format_for_model
+
+    return VLLM_TOOL_PARSERS.get(format_for_model(model) or "hermes", "hermes")
+
+
+def _vllm(hw: Hardware, agents: int, model: str | None, port: int | None = None
+          ) -> Recommendation:
+    """vLLM: NVIDIA (or CPU) with several agents; the ROCm build on discrete AMD GPUs."""
+    port = port or BACKEND_PORTS["vllm"]
+    amd = hw.vendor == "amd"
+    if amd:
+        m = model or _tier(hw.gpu_memory_mb, [(80, "Qwen/Qwen3-32B"), (40, "Qwen/Qwen3-14B"),
+                                              (0, "Qwen/Qwen3-8B")])
+    else:
+        m = model or _tier(hw.gpu_memory_mb, [(80, "Qwen/Qwen3-32B"), (40, "Qwen/Qwen3-14B"),
+                                              (20, "Qwen/Qwen3-8B"), (0, "Qwen/Qwen3-4B")])
+    parser = vllm_tool_parser(m)
+    tool_flag = f"--enable-auto-tool-choice --tool-call-parser {parser}"
+    if amd:
+        flags = [("--gpu-memory-utilization 0.90", "KV cache for all agents"),
+                 ("--max-model-len 32768", "so several agents fit"),
+                 (tool_flag, "structured calls")]
+    else:
+        flags = [("--gpu-memory-utilization 0.90", "leaves headroom for the CUDA context; the "
+                  "rest becomes KV cache shared by all agents"),
+                 ("--max-model-len 32768", "caps one agent's context so several fit in the KV "
+                  "cache; raise it only if your agents need more"),
+                 (tool_flag, "structured tool calls "
+                  f"({parser} is right for {m.rsplit('/', 1)[-1]}; pick the parser for your "
+                  "model family)"),
+                 (f"--max-num-seqs {max(8, agents * 2)}", "enough sequences for every agent "
+                  "plus retries")]
+    cmd = ["vllm", "serve", m, "--host", "127.0.0.1", "--port", str(port)]
+    for f, _ in flags:
+        cmd += f.split()
+    if amd:
+        return Recommendation(
+            "vllm", f"AMD {hw.gpus[0].arch if hw.gpus else 'GPU'} with ROCm and {agents} "
+            "agents: vLLM's ROCm build batches them", m, cmd,
+            {"VLLM_USE_TRITON_FLASH_ATTN": "0"}, _toolmend("vllm", port), flags,
+            ["use the rocm/vllm container image; toolmend repairs the tool calls its parser "
+             "misses"])
+    return Recommendation(
+        "vllm", f"NVIDIA GPU and {agents} concurrent agents: vLLM batches them "
+        "continuously and reuses their shared prompt prefixes", m, cmd, {},
+        _toolmend("vllm", port), flags)
+
+
+def _llamacpp(hw: Hardware, agents: int, model: str | None, port: int | None = None
+              ) -> Recommendation:
+    """llama.cpp's llama-server: AMD Strix Halo (Vulkan/ROCm) or CPU only."""
+    port = port or BACKEND_PORTS["llamacpp"]
     ctx_per_agent = 16384 if hw.strix_halo else 8192
     if hw.strix_halo:
         m = model or _tier(hw.memory_mb, [(64, "Qwen/Qwen3-30B-A3B-GGUF:Q4_K_M"),
@@ -303,8 +342,53 @@ def recommend(hw: Hardware, agents: int = 1,
                           _toolmend("llamacpp", port, agents), flags, notes)
 
 
-def _ollama(model: str, agents: int, why: str) -> Recommendation:
-    port = BACKEND_PORTS["ollama"]
+def _llama_cpp_python(model: str, port: int | None = None, n_ctx: int = 2048
+                      ) -> Recommendation:
+    """llama-cpp-python's own server: pip-installable, runs a local GGUF, no build step."""
+    port = port or BACKEND_PORTS["llamacpp"]
+    flags = [("--chat_format chatml-function-calling", "its only chat format that streams "
+              "grammar-constrained tool calls"),
+             (f"--n_ctx {n_ctx}", "context of its single slot")]
+    cmd = ["python", "-m", "llama_cpp.server", "--model", model, "--host", "127.0.0.1",
+           "--port", str(port)]
+    for f, _ in flags:
+        cmd += f.split()
+    return Recommendation(
+        "llama-cpp-python", "llama-cpp-python's server: one pip install, one generation at a "
+        "time", model, cmd, {}, ["toolmend", "serve", "--upstream", f"http://127.0.0.1:{port}",
+                                 "--slots", "1"], flags,
+        ["it streams tool calls only for a named tool_choice; toolmend mends what it sends"])
+
+
+#: the stacks ``recommend_stack`` (and ``toolmend serve --launch``) can start
+STACKS = ("vllm", "llama-server", "ollama", "llama-cpp-python")
+
+
+def recommend_stack(stack: str, hw: Hardware, agents: int = 1, model: str | None = None,
+                    port: int | None = None) -> Recommendation:
+    """The recommended launch of one given stack on this machine (``recommend`` picks the
+    stack; this is for a user who already chose it). Pure."""
+    agents = max(1, agents)
+    if stack == "vllm":
+        return _vllm(hw, agents, model, port)
+    if stack == "llama-server":
+        return _llamacpp(hw, agents, model, port)
+    if stack == "ollama":
+        m = model or _tier(hw.gpu_memory_mb or hw.memory_mb,
+                           [(40, "qwen3:32b"), (20, "qwen3:14b"), (10, "qwen3:8b"),
+                            (0, "qwen3:4b")])
+        return _ollama(m, agents, "Ollama, with the model kept resident between agent steps",
+                       port)
+    if stack == "llama-cpp-python":
+        if not model:
+            raise ValueError("llama-cpp-python needs a GGUF file (--model PATH.gguf)")
+        return _llama_cpp_python(model, port)
+    raise ValueError(f"unknown stack {stack!r}; one of {', '.join(STACKS)}")
+
+
+def _ollama(model: str, agents: int, why: str, port: int | None = None
+            ) -> Recommendation:
+    port = port or BACKEND_PORTS["ollama"]
     env = {"OLLAMA_KEEP_ALIVE": "-1", "OLLAMA_NUM_PARALLEL": str(max(1, agents))}
     flags = [("OLLAMA_KEEP_ALIVE=-1", "keeps the model loaded between agent steps (the default "
               "unloads after 5 minutes idle)"),

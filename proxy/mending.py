@@ -17,7 +17,7 @@ from .errors import ProxyError
 from .parsers.mender import ChatMender, StreamError, fold_chunks
 from .parsers.stream import StreamPipeline, UpstreamStreamError
 from .upstream import UpstreamClient
-from .validating import RequestValidation
+from .validating import RequestValidation, schema_limits
 
 TOOL_MODE_HEADER = "X-Toolmend-Tool-Mode"
 REPAIRS_HEADER = "X-Toolmend-Repairs"
@@ -38,7 +38,8 @@ class ChatMending:
         self.fmt = None if settings.tool_format == "auto" else settings.tool_format
         self.tools = body.get("tools")
         self.validation = RequestValidation.prepare(body, headers, settings.on_invalid, backend,
-                                                    settings.max_retries, mode, ctx)
+                                                    settings.max_retries, mode, ctx,
+                                                    schema_limits(settings))
 
     @classmethod
     def for_request(cls, settings: Settings, body: dict[str, Any], ctx: RequestContext,

@@ -79,6 +79,19 @@ def check_chat_body(body: dict[str, Any]) -> None:
         raise bad_request("'stream_options' must be an object", param="stream_options")
 
 
+def check_counts(body: dict[str, Any], max_messages: int, max_tools: int) -> None:
+    """The configured count limits, checked before any per-item work (schema compiling, the
+    per-message checks' error paths) so a request with a million tiny items is cheap to refuse."""
+    msgs = body.get("messages")
+    if isinstance(msgs, list) and len(msgs) > max_messages:
+        raise bad_request(f"{len(msgs)} messages, over the limit of {max_messages} "
+                          "(max_messages)", param="messages", code="too_many_messages")
+    tools = body.get("tools")
+    if isinstance(tools, list) and len(tools) > max_tools:
+        raise bad_request(f"{len(tools)} tools, over the limit of {max_tools} (max_tools)",
+                          param="tools", code="too_many_tools")
+
+
 def check_completion_body(body: dict[str, Any]) -> None:
     _check_common(body)
     prompt = body.get("prompt")

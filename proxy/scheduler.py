@@ -284,6 +284,8 @@ class FairScheduler:
         self._seq = 0
         self._hold = 1.0  # moving average of seconds a request holds its slot (for Retry-After)
         self._last_small_at = -math.inf
+        # why nothing may be dispatched right now (a launched backend restarting), or None
+        self.paused: str | None = None
         self.set_slots(slots)
 
     # configuration ---------------------------------------------------------------------------
@@ -292,6 +294,16 @@ class FairScheduler:
         if slots < 1:
             raise ValueError("slots must be at least 1")
         self.slots = slots
+        return self._dispatch(self.clock())
+
+    def pause(self, reason: str) -> None:
+        """Dispatch nothing until :meth:`resume`: the backend is down (a launched child is being
+        restarted). Requests keep queueing and wait up to their time-to-live, then get 503 with
+        ``reason`` in the message, instead of failing at once against a closed port."""
+        self.paused = reason
+
+    def resume(self) -> list[Ticket]:
+        self.paused = None
         return self._dispatch(self.clock())
 
     @property
@@ -527,7 +539,7 @@ class FairScheduler:
             self.expire(now)
         out: list[Ticket] = []
         polled = False
-        while self.in_flight < self.slots and self._backlogged:
+        while self.in_flight < self.slots and self._backlogged and self.paused is None:
             if not polled:
                 self._poll()
                 polled = True
@@ -601,6 +613,8 @@ class FairScheduler:
         else:
             msg = (f"no backend slot became free within the queue time limit "
                    f"({self.limits.queue_ttl:g} s)")
+        if self.paused:
+            msg += f": {self.paused}"
         return ProxyError(503, msg, code=t.expiry_code,
                           headers={"Retry-After": str(self.retry_after(self.queued, self.slots))})
 

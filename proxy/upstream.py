@@ -5,12 +5,25 @@ Timeouts are separate because they guard different failures: ``connect`` (host d
 (a stalled generation mid-stream) and ``total``. aiohttp's ``sock_read`` cannot tell the first
 two apart, so the read-side timeouts are enforced here with one ``asyncio.timeout`` per request
 that is moved forward as chunks arrive.
+
+Several URLs are replicas of one model. Each request goes to the healthy replica with the fewest
+requests in flight through toolmend; a replica that refuses or drops the connection before any
+byte of its answer was read is marked down and the request moves to the next one (a periodic
+probe brings it back). Once bytes were read, the request stays where it is: restarting would
+repeat text the client already has.
+
+With ``ollama_native`` and an Ollama upstream, chat requests go to its native ``/api/chat``: the
+body is translated here and the NDJSON answer turned back into OpenAI SSE
+(``parsers/ollama.py``), so the relay, mender and retries see the usual stream.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import secrets
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -21,11 +34,23 @@ import orjson
 from .config import Settings
 from .detect import Detected, detect
 from .errors import ProxyError, normalize_upstream_error
+from .parsers.ollama import NDJSONToSSE, ollama_reply_to_openai, openai_to_ollama_chat
 
 log = logging.getLogger("toolmend.upstream")
 
 #: Backoff while a backend answers 503 "Loading model": first wait, growth, ceiling (seconds).
 LOADING_BACKOFF = (0.25, 2.0, 5.0)
+
+
+#: Failures that mean "this replica did not take the request": safe to send it elsewhere.
+#: (Timeouts are not among them: a slow prefill is not a dead server.)
+FAILOVER_ERRORS = (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError,
+                   aiohttp.ClientOSError)
+#: get_json failures after which another replica is asked.
+FAILOVER_CODES = frozenset({"upstream_unreachable", "upstream_timeout", "upstream_disconnected"})
+CHAT_PATH = "/v1/chat/completions"
+OLLAMA_CHAT_PATH = "/api/chat"
+HEALTH_PATH = "/v1/models"
 
 
 def is_loading(status: int, raw: bytes) -> bool:
@@ -45,6 +70,24 @@ class Timeouts:
         return cls(s.connect_timeout, s.first_byte_timeout, s.idle_timeout, s.total_timeout)
 
 
+@dataclass(slots=True)
+class Replica:
+    """One upstream URL and what toolmend knows about it."""
+
+    url: str
+    in_flight: int = 0  # requests through toolmend right now: the load that routing compares
+    healthy: bool = True  # optimistic until it fails: start-up must not wait for a probe
+    requests: int = 0
+    failures: int = 0
+    last_error: str = ""
+    checked_at: float = 0.0  # time.time() of the last probe
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"url": self.url, "healthy": self.healthy, "in_flight": self.in_flight,
+                "requests": self.requests, "failures": self.failures,
+                "last_error": self.last_error or None}
+
+
 class UpstreamClient:
     """Owns the shared :class:`aiohttp.ClientSession`; closed in the app's ``on_cleanup``."""
 
@@ -52,14 +95,143 @@ class UpstreamClient:
         if not urls:
             raise ValueError("at least one upstream URL is needed")
         self.urls = [u.rstrip("/") for u in urls]
+        self.replicas = [Replica(u) for u in self.urls]
         self.timeouts = Timeouts.from_settings(settings)
         self._api_key = settings.api_key
         self._limit = settings.max_connections
         self._session: aiohttp.ClientSession | None = None
         self.backend = settings.backend
         self.loading_timeout = settings.loading_timeout
+        self.ollama_native = settings.ollama_native
+        self.keep_alive = settings.keep_alive
+        self.health_interval = settings.health_interval
         self.detected: Detected | None = None
         self._detect_lock = asyncio.Lock()
+        self._turn = 0  # rotates ties between equally loaded replicas
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # --- replicas ------------------------------------------------------------------------------
+    def pick(self, exclude: list[Replica] | tuple[Replica, ...] = ()) -> Replica | None:
+        """The replica for the next attempt: healthy first, then fewest in flight; ties rotate
+        so that sequential requests spread too. Unhealthy replicas are still offered last (a
+        stale verdict must not fail a request that one of them could serve)."""
+        n = len(self.replicas)
+        if n == 1:
+            r = self.replicas[0]
+            return None if r in exclude else r
+        self._turn = (self._turn + 1) % n
+        best: Replica | None = None
+        best_key: tuple[int, int, int] | None = None
+        for i, r in enumerate(self.replicas):
+            if r in exclude:
+                continue
+            key = (0 if r.healthy else 1, r.in_flight, (i - self._turn) % n)
+            if best_key is None or key < best_key:
+                best, best_key = r, key
+        return best
+
+    def mark_down(self, replica: Replica, reason: str) -> None:
+        if replica.healthy and len(self.replicas) > 1:
+            log.warning("replica %s is down (%s); routing around it", replica.url, reason)
+        replica.healthy = False
+        replica.failures += 1
+        replica.last_error = reason[:300]
+
+    def mark_up(self, replica: Replica) -> None:
+        if not replica.healthy and len(self.replicas) > 1:
+            log.info("replica %s answers again", replica.url)
+        replica.healthy = True
+        replica.last_error = ""
+
+    @property
+    def ready_replicas(self) -> int:
+        return sum(1 for r in self.replicas if r.healthy)
+
+    async def check_health(self, timeout: float = 2.0) -> None:
+        """Probe every replica at once (``GET /v1/models``): any answer below 500 is alive;
+        503 (loading) and no answer are not."""
+
+        async def one(r: Replica) -> None:
+            try:
+                async with asyncio.timeout(timeout):
+                    async with self.session.get(r.url + HEALTH_PATH,
+                                                headers=self._headers(None)) as resp:
+                        status = resp.status
+                        await resp.read()
+            except (aiohttp.ClientError, TimeoutError, OSError) as e:
+                self.mark_down(r, f"health check: {e.__class__.__name__} {e}".strip())
+            else:
+                if status >= 500:
+                    self.mark_down(r, f"health check: HTTP {status}")
+                else:
+                    self.mark_up(r)
+            r.checked_at = time.time()
+
+        await asyncio.gather(*(one(r) for r in self.replicas))
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.health_interval)
+            try:
+                await self.check_health()
+            except Exception:  # a probe bug must not end the loop
+                log.exception("replica health check failed")
+
+    def start(self, *, warmup: bool = False) -> None:
+        """Background work from the app's start-up: replica health checks (only when there
+        is more than one replica to choose from) and the optional warm-up."""
+        loop = asyncio.get_running_loop()
+        if len(self.replicas) > 1 and self.health_interval > 0:
+            self._tasks.append(loop.create_task(self._health_loop()))
+        if warmup:
+            self._tasks.append(loop.create_task(self.warmup()))
+
+    async def warmup(self) -> None:
+        """Load the model on every replica before the first agent asks.
+
+        Ollama gets its own load request (``/api/chat`` with no messages) carrying
+        ``keep_alive``, so a ``-1`` keeps it loaded from the start; other servers get a one-token
+        chat request. Failures are logged, never raised: warm-up is an optimization.
+        """
+        d = await self.detect()
+        model = d.model or ""
+        if d.kind == "ollama":
+            body: dict[str, Any] = {"model": model, "messages": []}
+            if self.keep_alive:
+                body["keep_alive"] = openai_to_ollama_chat({}, keep_alive=self.keep_alive
+                                                           )["keep_alive"]
+            path = OLLAMA_CHAT_PATH
+            body["stream"] = False
+        else:
+            body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1,
+                    "stream": False}
+            if model:
+                body["model"] = model
+            path = CHAT_PATH
+        raw = orjson.dumps(body)
+
+        async def one(r: Replica) -> None:
+            started = time.monotonic()
+            try:
+                async with UpstreamCall(self, "POST", path, raw, self._headers(None),
+                                        replica=r, translate=False) as call:
+                    await call.read_all()
+                    status = call.status
+            except ProxyError as e:
+                log.warning("warm-up of %s failed: %s", r.url, e.message)
+                return
+            log.info("warm-up of %s: HTTP %d in %.2f s", r.url, status,
+                     time.monotonic() - started)
+
+        await asyncio.gather(*(one(r) for r in self.replicas))
+
+    async def native_chat(self, path: str) -> bool:
+        """Whether ``path`` goes to Ollama's native ``/api/chat`` instead."""
+        if not self.ollama_native or path != CHAT_PATH:
+            return False
+        if self.backend == "ollama":
+            return True
+        return self.backend == "auto" and (await self.detect()).kind == "ollama"
 
     async def detect(self, *, refresh: bool = False) -> Detected:
         """The kind of server upstream, probed once and remembered.
@@ -90,12 +262,19 @@ class UpstreamClient:
         return self._session
 
     async def close(self) -> None:
+        tasks, self._tasks = self._tasks, []
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
         if self._session is not None:
             await self._session.close()
             self._session = None
 
     def base_url(self) -> str:
-        return self.urls[0]
+        """The replica that probes and small GETs go to first: the first healthy one."""
+        return next((r.url for r in self.replicas if r.healthy), self.urls[0])
 
     def _headers(self, extra: dict[str, str] | None) -> dict[str, str]:
         h = {"Content-Type": "application/json", "Accept": "text/event-stream, application/json"}
@@ -107,11 +286,29 @@ class UpstreamClient:
 
     def call(self, path: str, body: bytes, *, headers: dict[str, str] | None = None,
              method: str = "POST") -> UpstreamCall:
-        return UpstreamCall(self, method, self.base_url() + path, body, self._headers(headers))
+        return UpstreamCall(self, method, path, body, self._headers(headers))
 
     async def get_json(self, path: str, timeout: float = 5.0) -> Any:
-        """A small GET with one overall timeout (models list, probes)."""
-        url = self.base_url() + path
+        """A small GET with one overall timeout (models list, probes), on the first replica
+        that answers."""
+        tried: list[Replica] = []
+        while True:
+            r = self.pick(tried)
+            assert r is not None
+            tried.append(r)
+            try:
+                doc = await self._get_json(r.url + path, timeout)
+            except ProxyError as e:
+                if e.code not in FAILOVER_CODES:
+                    raise
+                self.mark_down(r, e.message)
+                if self.pick(tried) is None:
+                    raise
+                continue
+            self.mark_up(r)
+            return doc
+
+    async def _get_json(self, url: str, timeout: float) -> Any:
         try:
             async with asyncio.timeout(timeout):
                 async with self.session.get(url, headers=self._headers(None)) as r:
@@ -139,14 +336,17 @@ class UpstreamCall:
     see its socket close at once so the backend stops spending a slot on it.
     """
 
-    __slots__ = ("_body", "_cm", "_deadline", "_headers", "_loop", "_method", "_next_move",
-                 "_owner", "_phase", "_resp", "_started", "url")
+    __slots__ = ("_adapter", "_body", "_cm", "_deadline", "_fixed", "_headers", "_loop",
+                 "_method", "_native", "_next_move", "_owner", "_path", "_phase", "_replica",
+                 "_resp", "_started", "_translate_ok", "_tried", "url")
 
-    def __init__(self, owner: UpstreamClient, method: str, url: str, body: bytes,
-                 headers: dict[str, str]) -> None:
+    def __init__(self, owner: UpstreamClient, method: str, path: str, body: bytes,
+                 headers: dict[str, str], *, replica: Replica | None = None,
+                 translate: bool = True) -> None:
         self._owner = owner
         self._method = method
-        self.url = url
+        self._path = path
+        self.url = owner.base_url() + path  # the replica actually used is set on sending
         self._body = body
         self._headers = headers
         self._resp: aiohttp.ClientResponse | None = None
@@ -156,6 +356,12 @@ class UpstreamCall:
         self._started = self._loop.time()
         self._deadline = self._started + owner.timeouts.total
         self._next_move = 0.0
+        self._fixed = replica  # warm-up: this replica and no other
+        self._replica: Replica | None = None
+        self._tried: list[Replica] = []
+        self._translate_ok = translate
+        self._native = False
+        self._adapter: NDJSONToSSE | None = None
 
     @property
     def status(self) -> int:
@@ -167,11 +373,17 @@ class UpstreamCall:
         assert self._resp is not None
         return self._resp
 
+    @property
+    def replica(self) -> Replica | None:
+        return self._replica
+
     async def __aenter__(self) -> UpstreamCall:
         t = self._owner.timeouts
         self._cm = asyncio.timeout_at(min(self._started + t.first_byte, self._deadline))
         await self._cm.__aenter__()
         try:
+            if self._translate_ok and await self._owner.native_chat(self._path):
+                await self._go_native()
             self._resp = await self._request_when_loaded()
         except BaseException as e:
             err = self._translate(e)
@@ -181,27 +393,84 @@ class UpstreamCall:
             raise err from e
         return self
 
-    async def _request_when_loaded(self) -> aiohttp.ClientResponse:
-        """Send the request; while the backend answers 503 "Loading model", wait and resend.
+    async def _go_native(self) -> None:
+        """Rewrite the OpenAI chat body for Ollama's ``/api/chat``."""
+        owner = self._owner
+        body = orjson.loads(self._body)
+        model = None if body.get("model") else (await owner.detect()).model
+        native = openai_to_ollama_chat(body, keep_alive=owner.keep_alive, default_model=model)
+        self._body = orjson.dumps(native)
+        self._path = OLLAMA_CHAT_PATH
+        self._native = True
+        if native["stream"]:
+            self._adapter = _adapter()
 
-        Nothing has reached the client yet, so waiting is invisible to it apart from time; the
-        wait counts against the first-byte timeout and is capped by ``loading_timeout``.
+    def _attach(self, r: Replica) -> None:
+        self._replica = r
+        r.in_flight += 1
+        r.requests += 1
+        self.url = r.url + self._path
+
+    def _detach(self) -> None:
+        r, self._replica = self._replica, None
+        if r is not None:
+            r.in_flight -= 1
+
+    async def _request_when_loaded(self) -> aiohttp.ClientResponse:
+        """Send the request to a replica; fail over while none has taken it; while the
+        backend answers 503 "Loading model", try another replica, else wait and resend.
+
+        Nothing has reached the client yet, so all of this is invisible to it apart from time;
+        it counts against the first-byte timeout, and the waiting is capped by
+        ``loading_timeout``.
         """
         owner = self._owner
         give_up = self._loop.time() + owner.loading_timeout
         delay, growth, ceiling = LOADING_BACKOFF
+        loading: aiohttp.ClientResponse | None = None
+        failed: BaseException | None = None
         while True:
-            resp = await owner.session.request(self._method, self.url, data=self._body,
-                                               headers=self._headers)
-            if resp.status != 503 or owner.loading_timeout <= 0:
-                return resp
-            raw = await resp.read()  # cached on the response: error() can read it again
-            if not is_loading(resp.status, raw) or self._loop.time() + delay > give_up:
-                return resp
-            resp.close()
-            log.info("upstream %s is loading its model; retrying in %.2f s", self.url, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * growth, ceiling)
+            r = self._next_replica()
+            if r is None:
+                if loading is None:  # every replica refused the connection
+                    assert failed is not None
+                    raise failed
+                if owner.loading_timeout <= 0 or self._loop.time() + delay > give_up:
+                    return loading  # read already: error() can read it again
+                loading.close()
+                loading = None
+                log.info("upstream %s is loading its model; retrying in %.2f s", self.url, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * growth, ceiling)
+                self._tried.clear()
+                continue
+            self._tried.append(r)
+            self._attach(r)
+            try:
+                resp = await owner.session.request(self._method, self.url, data=self._body,
+                                                   headers=self._headers)
+            except FAILOVER_ERRORS as e:
+                self._detach()
+                owner.mark_down(r, f"{e.__class__.__name__}: {e}")
+                failed = e
+                continue
+            owner.mark_up(r)
+            if resp.status == 503:
+                raw = await resp.read()  # cached on the response: error() can read it again
+                if is_loading(resp.status, raw):
+                    if loading is not None:
+                        loading.close()
+                    loading = resp
+                    self._detach()
+                    continue
+            if loading is not None:
+                loading.close()
+            return resp
+
+    def _next_replica(self) -> Replica | None:
+        if self._fixed is not None:
+            return None if self._fixed in self._tried else self._fixed
+        return self._owner.pick(self._tried)
 
     async def __aexit__(self, et: Any, ev: BaseException | None, tb: Any) -> None:
         await self._exit(ev)
@@ -210,6 +479,7 @@ class UpstreamCall:
         if self._resp is not None:
             self._resp.close()
             self._resp = None
+        self._detach()
         cm, self._cm = self._cm, None
         if cm is not None:
             try:
@@ -265,12 +535,21 @@ class UpstreamCall:
     async def read_all(self) -> bytes:
         assert self._resp is not None
         try:
-            return await self._resp.read()
+            raw = await self._resp.read()
         except BaseException as e:
             err = self._translate(e)
             if err is e:
                 raise
             raise err from e
+        if self._native and self._resp.status < 400:
+            try:
+                doc = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                return raw  # the relay reports it as not JSON
+            if isinstance(doc, dict):
+                raw = orjson.dumps(ollama_reply_to_openai(doc, _completion_id(),
+                                                          int(time.time())))
+        return raw
 
     async def error(self) -> ProxyError:
         """The upstream answered with an error status: read it and normalize it."""
@@ -278,20 +557,68 @@ class UpstreamCall:
         return normalize_upstream_error(self.status, raw)
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        """Body bytes as they arrive, under the first-byte, idle and total timeouts."""
+        """Body bytes as they arrive, under the first-byte, idle and total timeouts.
+
+        A replica that drops the connection before its first body byte is failed over like
+        one that refused it; after that byte, never (the caller has begun to use the stream).
+        """
         assert self._resp is not None
         content = self._resp.content
+        adapter = self._adapter
         while True:
             try:
                 chunk = await content.readany()
             except BaseException as e:
+                if self._phase == "first_byte" and await self._fail_over(e):
+                    assert self._resp is not None
+                    content = self._resp.content
+                    continue
                 err = self._translate(e)
                 if err is e:
                     raise
                 raise err from e
             if not chunk:
+                if adapter is not None and (tail := adapter.finish()):
+                    yield tail
                 return
             if self._phase == "first_byte":
                 self._phase = "idle"
             self._moved()
+            if adapter is not None:
+                chunk = adapter.feed(chunk)
+                if not chunk:
+                    continue
             yield chunk
+
+    async def _fail_over(self, e: BaseException) -> bool:
+        """After a drop before the first body byte: resend to another replica, if any."""
+        if not isinstance(e, FAILOVER_ERRORS | aiohttp.ClientPayloadError) or self._fixed:
+            return False
+        owner = self._owner
+        if owner.pick(self._tried) is None:
+            return False
+        if self._replica is not None:
+            owner.mark_down(self._replica, f"dropped before answering: {e.__class__.__name__}")
+        if self._resp is not None:
+            self._resp.close()
+            self._resp = None
+        self._detach()
+        try:
+            self._resp = await self._request_when_loaded()
+        except BaseException as e2:
+            err = self._translate(e2)
+            if err is e2:
+                raise
+            raise err from e2
+        if self._resp.status >= 400:
+            raise await self.error()
+        return True  # the NDJSON adapter has seen nothing yet: it carries over as it is
+
+
+def _completion_id() -> str:
+    return "chatcmpl-" + secrets.token_hex(12)
+
+
+def _adapter() -> NDJSONToSSE:
+    return NDJSONToSSE(_completion_id(), int(time.time()), id_prefix="call_"
+                       + secrets.token_hex(4) + "_")

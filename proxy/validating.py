@@ -19,7 +19,7 @@ from .context import RequestContext
 from .errors import ProxyError
 from .parsers.mender import CheckResult, HeldCall, StreamError
 from .parsers.policy import READ_ARGUMENTS, READ_TEXT, Outcome, Policy, decide, parse_policy
-from .parsers.schemas import SchemaError, Toolset, compile_tools
+from .parsers.schemas import DEFAULT_LIMITS, SchemaError, SchemaLimits, Toolset, compile_tools
 from .parsers.validation import Issue, Verdict, validate_call, validate_reply
 from .upstream import UpstreamClient
 
@@ -43,7 +43,8 @@ class RequestValidation:
 
     @classmethod
     def prepare(cls, body: dict[str, Any], headers: Any, default_policy: str, backend: str,
-                max_retries: int, mode: str, ctx: RequestContext) -> RequestValidation | None:
+                max_retries: int, mode: str, ctx: RequestContext,
+                limits: SchemaLimits = DEFAULT_LIMITS) -> RequestValidation | None:
         """Compile the tools when the request arrives: a bad schema is the client's 400."""
         tools = body.get("tools")
         if not tools:
@@ -54,7 +55,7 @@ class RequestValidation:
         except ValueError as e:
             raise ProxyError(400, str(e), param=ON_INVALID_HEADER, code="invalid_header") from None
         try:
-            toolset = compile_tools(tools, body.get("tool_choice"))
+            toolset = compile_tools(tools, body.get("tool_choice"), limits=limits)
         except SchemaError as e:
             raise ProxyError(400, f"invalid tool schema: {e}", param=getattr(e, "pointer", None),
                              code="invalid_tool_schema") from None
@@ -164,6 +165,13 @@ class RequestValidation:
         if plan.read_as == READ_ARGUMENTS and not (content or "").strip() and first:
             content = first.get("arguments")  # the server answered with a call anyway
         return plan.read(first.get("name"), first.get("arguments"), content)
+
+
+def schema_limits(settings: Any) -> SchemaLimits:
+    """The configured bounds on what a request may ask us to compile (see config.py)."""
+    return SchemaLimits(max_tools=settings.max_tools, max_schema_bytes=settings.max_schema_bytes,
+                        max_depth=settings.max_schema_depth,
+                        max_pattern_bytes=settings.max_pattern_bytes)
 
 
 def body_tools(toolset: Toolset) -> list[dict[str, Any]]:

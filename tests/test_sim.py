@@ -89,7 +89,8 @@ async def test_ollama_native_chat_ndjson() -> None:
     try:
         sim.push({"content": "hi", "tool_calls": [{"name": "f", "arguments": {"a": 1}}]})
         async with aiohttp.ClientSession() as s:
-            async with s.post(sim.url + "/api/chat", json={"model": "m", "messages": []}) as r:
+            async with s.post(sim.url + "/api/chat", json={"model": "m", "messages": [
+                    {"role": "user", "content": "hi"}]}) as r:
                 lines = [orjson.loads(x) for x in (await r.read()).splitlines()]
             async with s.get(sim.url + "/") as r:
                 assert await r.text() == "Ollama is running"

@@ -1,24 +1,38 @@
-"""Shared machinery of the marker parsers: the feed loop, marker scanning with hold-back, and
-an incremental reader for JSON tool calls.
+"""The machinery the marker parsers share; each format module keeps only its own markers and
+states.
 
-Not a format itself (hence the underscore). Every format in this package that carries calls as
-JSON (Hermes, Llama 3, Mistral, DeepSeek) reads them with :class:`CallReader`, so they share one
-answer to the hard questions: where a call ends when a marker-like string sits inside a JSON
-string, what a malformed call becomes, and how to do it in one pass over each character.
+Not a format itself (hence the underscore). In order:
 
-The loop (:class:`StreamParser`) keeps only an unconsumed tail between feeds: at most a marker
-length in text states (the hold-back), so ``buffer + new text`` costs O(new text) per feed.
+* :class:`Markers` and :class:`StreamParser`: the feed/finish loop over ``held tail + new text``
+  that every marker format runs on, with the plain-text and ``<think>`` reasoning handling they
+  all need. Between feeds only an unconsumed tail is kept (at most a marker length in text
+  states, the hold-back), so each feed costs O(new text).
+* :class:`CallReader`: calls written as JSON with a closing marker (Hermes, Llama 3, Mistral,
+  DeepSeek, Qwen3-Coder's JSON fallback), so they share one answer to the hard questions: where
+  a call ends when a marker-like string sits inside a JSON string, what a malformed call
+  becomes, and how to do it in one pass over each character.
+* :class:`CallListReader` and :class:`JsonArgs`: whole JSON call objects (Granite, Phi-4-mini,
+  the generic fallback) and raw JSON arguments closed by a marker (Kimi K2, gpt-oss).
+* :class:`XmlArgs`: the JSON arguments of XML-style calls, one member per value, typed by the
+  tool's schema (Qwen3-Coder, GLM, MiniMax-M2).
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import re
-from abc import abstractmethod
-from typing import Any
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from json.decoder import scanstring
+from typing import Any, ClassVar
 
 from ..events import Event, Reasoning, Text, ToolCallArgs, ToolCallEnd, ToolCallStart
-from .base import MarkerParser, holdback
+from .base import JsonScanner, MarkerParser, holdback, text_event
+
+#: the reasoning block most formats use (Mistral spells it ``[THINK]``)
+THINK_START = "<think>"
+THINK_END = "</think>"
 
 _WS = re.compile(r"[ \t\r\n]*")
 _WS_CHARS = " \t\r\n"
@@ -80,6 +94,14 @@ def emit_plain(out: list[Event], text: str, reasoning: bool) -> None:
         out.append(Reasoning(text) if reasoning else Text(text))
 
 
+# CallReader.feed status
+MORE = 0  # needs more text
+DONE = 1  # the call's JSON is complete; position is just after it
+STOP = 2  # a stop marker begins at the position (not consumed): the call ends there
+#: StreamParser._read_call only: the object named no tool; its text went out as content
+NOT_A_CALL = 3
+
+
 class StreamParser(MarkerParser):
     """The feed/finish loop shared by the formats: a state machine over ``buffer + text``.
 
@@ -87,13 +109,26 @@ class StreamParser(MarkerParser):
     events, and returns ``(new_pos, need_more)``. ``need_more`` stops the loop; whatever lies
     after ``new_pos`` is kept for the next feed (a partial marker, never more). With ``final``
     set a handler must consume everything it can; :meth:`_close` then ends what is still open.
+
+    Plain text is read by :meth:`_plain`, which also follows the reasoning block: whether the
+    parser is inside it is a flag rather than a state, so a call written inside reasoning
+    returns to reasoning without each format having to remember where it came from.
     """
+
+    #: markers that end a run of plain text (the format's call openers, ``<think>``, strays)
+    _IN_TEXT: ClassVar[Markers]
+    #: markers that end a run of reasoning
+    _IN_THINK: ClassVar[Markers] = Markers(THINK_END)
+    _THINK_START: ClassVar[str] = THINK_START
+    _THINK_END: ClassVar[str] = THINK_END
 
     def __init__(self, tools: list[dict[str, Any]] | None = None) -> None:
         super().__init__(tools)
         self._buf = ""
         self._finished = False
         self._state = 0
+        self._thinking = False
+        self._reader: CallReader | None = None  # the JSON call being read, if any
 
     def feed(self, text: str) -> list[Event]:
         if self._finished or not text:
@@ -131,9 +166,51 @@ class StreamParser(MarkerParser):
     def _step(self, data: str, pos: int, final: bool, out: list[Event]) -> tuple[int, bool]:
         """Handle the current state (see the class docstring)."""
 
-    @abstractmethod
     def _close(self, out: list[Event]) -> None:
-        """End of stream: close an open call with ``truncated=True``, flush held text."""
+        """End of stream: an open JSON call ends with ``truncated=True``. Formats with more
+        open state (a name being read, XML arguments) extend this."""
+        reader = self._reader
+        if reader is not None:
+            self._reader = None
+            emit_plain(out, reader.close(out, truncated=True) or "", False)
+
+    def _plain(self, data: str, pos: int, final: bool, out: list[Event]) -> tuple[int, str | None]:
+        """Text (or reasoning, inside the reasoning block) up to the next marker, emitted as
+        soon as it cannot be the start of one.
+
+        Returns the position after the marker and the marker, or ``(end, None)`` when more text
+        is needed. The reasoning delimiters are acted on here; the format acts on the others
+        (a stray closer it lists is simply dropped).
+        """
+        thinking = self._thinking
+        end, m = (self._IN_THINK if thinking else self._IN_TEXT).scan(data, pos, final)
+        emit_plain(out, data[pos:end], thinking)
+        if m is None:
+            return end, None
+        tok = m.group()
+        if tok == self._THINK_START:
+            self._thinking = True
+        elif tok == self._THINK_END:
+            self._thinking = False
+        return m.end(), tok
+
+    def _read_call(self, data: str, pos: int, final: bool,
+                   out: list[Event]) -> tuple[int, int]:
+        """Feed the open :class:`CallReader`; when the call ends (DONE or STOP) close it.
+
+        Returns ``(position, status)``; the status is NOT_A_CALL instead of DONE when the
+        reader decided the object was content after all (its text has been emitted)."""
+        reader = self._reader
+        assert reader is not None
+        i, status = reader.feed(data, pos, final, out)
+        if status == MORE:
+            return i, MORE
+        self._reader = None
+        text = reader.close(out, truncated=False)
+        if text is not None:
+            emit_plain(out, text, False)
+            return i, NOT_A_CALL
+        return i, status
 
 
 class Collector:
@@ -159,12 +236,7 @@ class Collector:
         return "".join(self.parts)
 
 
-# --- CallReader -------------------------------------------------------------------------------
-
-# reader status
-MORE = 0  # needs more text
-DONE = 1  # the call's JSON is complete; position is just after it
-STOP = 2  # a stop marker begins at the position (not consumed): the call ends there
+# --- JSON calls with a closing marker ---------------------------------------------------------
 
 # phases
 _OBJ_WAIT, _KEY_WAIT, _COLON, _VAL_WAIT, _VALUE, _AFTER_VAL, _FLAT_RAW, _DONE = range(8)
@@ -173,7 +245,7 @@ _R_KEY, _R_NAME, _R_ARGS, _R_OTHER, _R_RAW, _R_JUNK = range(6)
 # value kinds
 _K_STRING, _K_CONTAINER, _K_ATOM = range(3)
 
-ARG_KEYS = ("arguments", "parameters")
+ENVELOPE_ARG_KEYS = ("arguments", "parameters")
 _STR_RUN = re.compile(r'[^"\\]+')
 _NAME_IN_RAW = re.compile(r'"name"\s*:\s*"((?:[^"\\]|\\.)*)"')
 
@@ -402,7 +474,7 @@ class CallReader:
         elif c in ",}]:":
             self._to_raw()
             return i
-        elif self._key in ARG_KEYS and not self._args_seen:
+        elif self._key in ENVELOPE_ARG_KEYS and not self._args_seen:
             role = _R_ARGS
             self._args_seen = True
             self._drop_body()
@@ -509,3 +581,476 @@ class CallReader:
                 if self._depth <= 0:
                     return i, DONE
         return i, MORE
+
+
+# --- whole JSON call objects, and raw JSON arguments closed by a marker -----------------------
+
+# keys naming the tool, and keys carrying its arguments, in order of preference
+NAME_KEYS = ("name", "tool", "tool_name", "function", "function_name")
+ARG_KEYS = ("arguments", "parameters", "tool_input", "args", "input", "params")
+
+_DECODER = json.JSONDecoder()
+_LENIENT_NAME = re.compile(
+    r"""["']?(?:name|tool|tool_name|function|function_name)["']?\s*:\s*["']([^"'\\]+)["']""")
+_LENIENT_ARGS = re.compile(
+    r"""["']?(?:arguments|parameters|tool_input|args|input|params)["']?\s*:\s*""")
+
+
+def object_members(text: str) -> dict[str, tuple[Any, str]] | None:
+    """Parse a JSON object keeping each member's raw text: key -> (value, raw value text).
+
+    The raw text lets arguments reach the client exactly as the model wrote them (no number
+    or escape re-serialization). None when ``text`` is not exactly one JSON object.
+    """
+    try:
+        i = skip_ws(text, 0)
+        if text[i] != "{":
+            return None
+        members: dict[str, tuple[Any, str]] = {}
+        i = skip_ws(text, i + 1)
+        if text[i] == "}":
+            return members if skip_ws(text, i + 1) == len(text) else None
+        while True:
+            if text[i] != '"':
+                return None
+            key, i = scanstring(text, i + 1)
+            i = skip_ws(text, i)
+            if text[i] != ":":
+                return None
+            i = skip_ws(text, i + 1)
+            value, j = _DECODER.raw_decode(text, i)
+            members[key] = (value, text[i:j])
+            i = skip_ws(text, j)
+            if text[i] == ",":
+                i = skip_ws(text, i + 1)
+                continue
+            if text[i] == "}":
+                return members if skip_ws(text, i + 1) == len(text) else None
+            return None
+    except (ValueError, IndexError, RecursionError):
+        return None
+
+
+def call_from_members(members: dict[str, tuple[Any, str]]) -> tuple[str, str] | None:
+    """(name, arguments JSON text) of a parsed call object, or None if it names no tool."""
+    fn = members.get("function")
+    if fn is not None and isinstance(fn[0], dict):  # OpenAI shape {"function": {...}}
+        inner = object_members(fn[1])
+        return call_from_members(inner) if inner is not None else None
+    name = next((members[k][0] for k in NAME_KEYS
+                 if k in members and isinstance(members[k][0], str)), None)
+    if name is None:
+        return None
+    for k in ARG_KEYS:
+        if k in members:
+            value, raw = members[k]
+            # OpenAI wire shape: arguments already a JSON string; unwrap, don't double-encode
+            return name, (value if isinstance(value, str) else raw)
+    return name, "{}"
+
+
+def lenient_call(text: str, closed: bool) -> tuple[str, str] | None:
+    """Best-effort (name, raw arguments) from an object that is not valid JSON or is cut off.
+
+    The arguments are the raw text after the arguments key (without the object's closing
+    brace when ``closed``); repair happens later, on the whole.
+    """
+    m = _LENIENT_NAME.search(text)
+    if m is None:
+        return None
+    a = _LENIENT_ARGS.search(text)
+    if a is None:
+        return m.group(1), ""
+    raw = text[a.end():]
+    if closed:
+        raw = raw.rstrip()
+        raw = raw[:-1].rstrip() if raw.endswith("}") else raw
+    return m.group(1), raw
+
+
+class CallListReader:
+    """Reads ``[{call}, {call}, ...]`` or a single ``{call}`` from the stream, one call at a time.
+
+    Each object is delimited with a :class:`JsonScanner` (so brackets and markers inside
+    strings don't count) and held until it closes, then emitted as one call; work is linear
+    in the text. The reader stops at the list's end or at the first character that cannot
+    continue it, leaving that character to the caller.
+    """
+
+    __slots__ = ("_in_list", "_next_index", "_parts", "_scanner", "done")
+
+    def __init__(self, next_index: Callable[[], int], in_list: bool = False) -> None:
+        # in_list: the opening bracket was part of the format's marker (``functools[``)
+        self._next_index = next_index
+        self._in_list = in_list
+        self._scanner: JsonScanner | None = None
+        self._parts: list[str] = []
+        self.done = False
+
+    def feed(self, buf: str, pos: int, out: list[Event]) -> int:
+        """Consume from ``buf[pos:]``; returns the new position (``self.done`` once over)."""
+        n = len(buf)
+        while pos < n and not self.done:
+            if self._scanner is not None:
+                chunk = buf[pos:]
+                k = self._scanner.feed(chunk)
+                if k < 0:
+                    self._parts.append(chunk)
+                    return n
+                self._parts.append(chunk[:k])
+                pos += k
+                self._emit("".join(self._parts), out, truncated=False)
+                self._scanner, self._parts = None, []
+                self.done = not self._in_list
+                continue
+            c = buf[pos]
+            if c in _WS_CHARS:
+                pos += 1
+            elif c == "{":
+                self._scanner = JsonScanner()
+            elif c == "[" and not self._in_list:
+                self._in_list = True
+                pos += 1
+            elif c == "," and self._in_list:
+                pos += 1
+            elif c == "]" and self._in_list:
+                pos += 1
+                self.done = True
+            else:
+                self.done = True
+        return pos
+
+    def finish(self, out: list[Event]) -> None:
+        """End of stream: an object still open becomes a truncated call."""
+        if self._scanner is not None:
+            self._emit("".join(self._parts), out, truncated=True)
+            self._scanner, self._parts = None, []
+        self.done = True
+
+    def _emit(self, text: str, out: list[Event], truncated: bool) -> None:
+        members = None if truncated else object_members(text)
+        call = call_from_members(members) if members is not None else None
+        if call is None:
+            call = lenient_call(text, closed=not truncated)
+        if call is None:  # names no tool: it was never a call, pass it on as text
+            text_event(text, out)
+            return
+        name, args = call
+        index = self._next_index()
+        out.append(ToolCallStart(index, name))
+        if args:
+            out.append(ToolCallArgs(index, args))
+        out.append(ToolCallEnd(index, truncated))
+
+
+class JsonArgs:
+    """Streams a call's raw JSON arguments up to a closing marker.
+
+    A closing marker counts only outside JSON strings (a ``"<|call|>"`` inside a value does
+    not end the call) but does count while brackets are still open, so unbalanced JSON
+    cannot swallow the rest of the reply. Leading whitespace is dropped; text after the
+    value is complete is held and kept only if it is not just whitespace. The caller starts
+    the call; the reader ends it (``{}`` when no arguments came), at its marker or at finish.
+    """
+
+    __slots__ = ("_ends", "_scanner", "_started", "_trailing", "emitted", "index")
+
+    def __init__(self, index: int, ends: tuple[str, ...]) -> None:
+        self.index = index
+        self._ends = ends
+        self._scanner = JsonScanner()
+        self._started = False
+        self._trailing: list[str] = []
+        self.emitted = False
+
+    @property
+    def complete(self) -> bool:
+        return self._scanner.done
+
+    def feed(self, buf: str, pos: int, out: list[Event], final: bool) -> tuple[int, str | None]:
+        """Consume from ``buf[pos:]``; returns the new position and the closing marker once
+        found (the call has then ended)."""
+        while True:
+            best, found = -1, None
+            for m in self._ends:
+                j = buf.find(m, pos)
+                if j >= 0 and (found is None or j < best):
+                    best, found = j, m
+            if found is None:
+                end = len(buf)
+                if not final:
+                    held = holdback(buf[pos:], self._ends)
+                    if held and not self._in_string_after(buf[pos:end - held]):
+                        end -= held
+                self._take(buf[pos:end], out)
+                return end, None
+            self._take(buf[pos:best], out)
+            if self._scanner.in_string and not self._scanner.done:
+                # inside a string value: the marker is text; step over its first character
+                self._take(buf[best], out)
+                pos = best + 1
+                continue
+            self._close(out)
+            if not self.emitted:
+                out.append(ToolCallArgs(self.index, "{}"))
+            out.append(ToolCallEnd(self.index))
+            return best + len(found), found
+
+    def finish(self, out: list[Event]) -> None:
+        """End of stream: the call ends, truncated unless its value was complete."""
+        self._close(out)
+        out.append(ToolCallEnd(self.index, truncated=not self.complete))
+
+    def _in_string_after(self, text: str) -> bool:
+        """Whether ``text`` (not yet taken) would leave the value inside a string; a held
+        marker prefix there cannot be a marker, so it need not wait."""
+        probe = JsonScanner()
+        s = self._scanner
+        probe.depth, probe.in_string, probe.escape = s.depth, s.in_string, s.escape
+        probe.started, probe.done = s.started, s.done
+        probe.feed(text)
+        return probe.in_string and not probe.done
+
+    def _take(self, text: str, out: list[Event]) -> None:
+        if not text:
+            return
+        if not self._started:
+            text = text.lstrip(_WS_CHARS)
+            if not text:
+                return
+            self._started = True
+        if self._scanner.done:
+            self._trailing.append(text)
+            return
+        k = self._scanner.feed(text)
+        head, tail = (text, "") if k < 0 else (text[:k], text[k:])
+        out.append(ToolCallArgs(self.index, head))
+        self.emitted = True
+        if tail:
+            self._trailing.append(tail)
+
+    def _close(self, out: list[Event]) -> None:
+        rest = "".join(self._trailing)
+        self._trailing = []
+        if rest.strip(_WS_CHARS):
+            out.append(ToolCallArgs(self.index, rest))
+            self.emitted = True
+
+
+
+
+# --- XML-style arguments, typed by the tool's schema -------------------------------------------
+
+_PY_TYPES: dict[str, tuple[type, ...]] = {
+    "string": (str,), "integer": (int,), "number": (int, float), "boolean": (bool,),
+    "object": (dict,), "array": (list, tuple), "null": (type(None),),
+}
+
+
+def schema_types(schema: Any) -> set[str]:
+    """The JSON types a (sub)schema allows, from ``type``, ``anyOf``/``oneOf`` or ``enum``."""
+    if not isinstance(schema, dict):
+        return set()
+    t = schema.get("type")
+    if isinstance(t, str):
+        return {t}
+    if isinstance(t, list):
+        return {x for x in t if isinstance(x, str)}
+    out: set[str] = set()
+    for key in ("anyOf", "oneOf"):
+        alts = schema.get(key)
+        if isinstance(alts, list):
+            for alt in alts:
+                out |= schema_types(alt)
+    if not out and isinstance(schema.get("enum"), list):
+        for v in schema["enum"]:
+            out |= {name for name, py in _PY_TYPES.items()
+                    if isinstance(v, py) and not (isinstance(v, bool) and name != "boolean")}
+    return out
+
+
+def _fits(value: Any, types: set[str]) -> bool:
+    for name in types:
+        py = _PY_TYPES.get(name)
+        if py is None:
+            continue
+        if isinstance(value, bool) and name != "boolean":
+            continue
+        if name == "integer" and isinstance(value, float):
+            if value.is_integer():
+                return True
+            continue
+        if isinstance(value, py):
+            return True
+    return False
+
+
+def convert_value(raw: str, schema: Any) -> Any:
+    """Type one raw parameter value by its schema; the raw string when it cannot be typed
+    (validation reports that later, rather than the parser guessing)."""
+    types = schema_types(schema)
+    if not types or types == {"string"}:
+        return raw
+    text = raw.strip()
+    for parse in (json.loads, ast.literal_eval):
+        try:
+            value = parse(text)
+        except Exception:  # any parse failure: try the next reading
+            continue
+        if isinstance(value, tuple):
+            value = list(value)
+        if _fits(value, types):
+            if "integer" in types and isinstance(value, float) and "number" not in types:
+                value = int(value)
+            return value
+    if "boolean" in types and text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    if "null" in types and text.lower() in ("null", "none"):
+        return None
+    return raw
+
+
+def _dumps(value: Any) -> str:
+    try:
+        return json.dumps(value, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError):  # a value only Python can hold: keep it as text
+        return json.dumps(str(value), ensure_ascii=False)
+
+
+def trim_value(raw: str) -> str:
+    """Templates put the value on its own line; drop one newline each side, keep the rest."""
+    if raw.startswith("\n"):
+        raw = raw[1:]
+    if raw.endswith("\n"):
+        raw = raw[:-1]
+    return raw
+
+
+class ValueTyping(ABC):
+    """How a format turns raw XML-style values into JSON text.
+
+    Each model family follows its own reference parser (vLLM's), and those disagree about
+    values that do not fit the schema, so the rule is a format's choice (:data:`FITTED` or
+    :data:`PARSED`); the member layout, the closing and truncation are shared in
+    :class:`XmlArgs`.
+    """
+
+    #: whether a call cut off before its first member still opens its arguments object
+    opens_when_cut: ClassVar[bool] = False
+
+    @abstractmethod
+    def complete(self, raw: str, prop: Any) -> str:
+        """JSON text of a complete value (already trimmed) of the parameter schema ``prop``."""
+
+    @abstractmethod
+    def partial(self, raw: str, prop: Any) -> str:
+        """Text of a value the stream cut off (an unfinished string is left open)."""
+
+
+class FittedValues(ValueTyping):
+    """vLLM's qwen3coder rule: a value is parsed (JSON, then a Python literal) and kept only
+    when it fits one of the schema's types; otherwise it stays the raw string."""
+
+    def complete(self, raw: str, prop: Any) -> str:
+        return _dumps(convert_value(raw, prop))
+
+    def partial(self, raw: str, prop: Any) -> str:
+        types = schema_types(prop)
+        return _dumps(raw)[:-1] if not types or "string" in types else raw.strip()
+
+
+_NOT_STRING = ("integer", "number", "boolean", "object", "array", "null")
+
+
+def _declared_types(prop: Any) -> set[str]:
+    """The types the glm45 rule reads: ``type`` together with ``anyOf``/``oneOf``; an ``enum``
+    (with neither) counts as a string only when all its values are strings."""
+    if not isinstance(prop, dict):
+        return set()
+    t = prop.get("type")
+    types = {t} if isinstance(t, str) else {x for x in t if isinstance(x, str)} \
+        if isinstance(t, list) else set()
+    for alt in ("anyOf", "oneOf"):
+        for sub in prop.get(alt) or ():
+            types |= _declared_types(sub)
+    if not types and isinstance(prop.get("enum"), list):
+        types = {"string"} if all(isinstance(v, str) for v in prop["enum"]) else set()
+    return types
+
+
+def _is_string(prop: Any) -> bool | None:
+    """True/False when the schema says whether the parameter is a string; None when not."""
+    types = _declared_types(prop)
+    if not types:
+        return None
+    return "string" in types or not types & set(_NOT_STRING)
+
+
+class ParsedValues(ValueTyping):
+    """vLLM's glm45 rule: a value stays a string when the schema says the parameter is one;
+    otherwise it is parsed (JSON, then a Python literal), whatever type that gives, and kept
+    as a string only when neither parses."""
+
+    opens_when_cut = True
+
+    def complete(self, raw: str, prop: Any) -> str:
+        if _is_string(prop) is not True:
+            text = raw.strip()
+            for parse in (json.loads, ast.literal_eval):
+                try:
+                    return json.dumps(parse(text), ensure_ascii=False, allow_nan=False)
+                except Exception:  # any failure means "not this kind of value"
+                    continue
+        return json.dumps(raw, ensure_ascii=False)
+
+    def partial(self, raw: str, prop: Any) -> str:
+        return raw if _is_string(prop) is False else json.dumps(raw, ensure_ascii=False)[:-1]
+
+
+FITTED = FittedValues()
+PARSED = ParsedValues()
+
+
+class XmlArgs:
+    """The JSON arguments of one XML-style call, built one member per complete value and
+    emitted as fragments (``{"k": v``, ``, "k2": v2``, ``}``), values typed by the tool's
+    schema."""
+
+    __slots__ = ("count", "index", "props", "typing")
+
+    def __init__(self, parser: MarkerParser, name: str, typing: ValueTyping,
+                 out: list[Event]) -> None:
+        """Start the call (its ToolCallStart goes to ``out``)."""
+        self.index = parser.next_index()
+        schema = parser.schema_of(name)
+        props = schema.get("properties") if schema else None
+        self.props: dict[str, Any] = props if isinstance(props, dict) else {}
+        self.typing = typing
+        self.count = 0
+        out.append(ToolCallStart(self.index, name))
+
+    def member(self, key: str, raw: str, out: list[Event]) -> None:
+        key = key.strip()
+        lead = "{" if self.count == 0 else ", "
+        self.count += 1
+        value = self.typing.complete(trim_value(raw), self.props.get(key))
+        out.append(ToolCallArgs(self.index, f"{lead}{_dumps(key)}: {value}"))
+
+    def end(self, out: list[Event]) -> None:
+        out.append(ToolCallArgs(self.index, "}" if self.count else "{}"))
+        out.append(ToolCallEnd(self.index))
+
+    def truncate(self, key: str | None, partial: str | None, out: list[Event]) -> None:
+        """The stream ended inside the call (inside the member ``key``, inside its value when
+        ``partial`` is given): emit what there is as unterminated JSON, for the repair stage."""
+        if key is None:
+            frag = "{" if self.count == 0 and self.typing.opens_when_cut else ""
+        else:
+            key = key.strip()
+            frag = ("{" if self.count == 0 else ", ") + _dumps(key) + ": "
+            if partial is not None:
+                partial = partial[1:] if partial.startswith("\n") else partial
+                frag += self.typing.partial(partial, self.props.get(key))
+        if frag:
+            out.append(ToolCallArgs(self.index, frag))
+        out.append(ToolCallEnd(self.index, truncated=True))

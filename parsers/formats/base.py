@@ -1,4 +1,4 @@
-"""The one interface every tool-call format implements, and the shared incremental helpers.
+"""The one interface every tool-call format implements, and the scanning primitives under it.
 
 A format is one small class in one file (SGLang's detector habit), with its markers as named
 constants at the top. ``feed(text)`` takes the next piece of model output (any size, split
@@ -128,47 +128,3 @@ class JsonScanner:
                     self.done = True
                     return i
         return -1
-
-
-class MarkerStream:
-    """Unconsumed model output plus a read position, with marker searches that never re-scan.
-
-    ``push`` keeps only the unread remainder (by construction a held suffix shorter than the
-    longest marker) and appends the new piece, so each search covers the new text plus at
-    most a marker-length tail: the linear-work invariant, kept in one place.
-    """
-
-    __slots__ = ("buf", "pos")
-
-    def __init__(self) -> None:
-        self.buf = ""
-        self.pos = 0
-
-    def push(self, text: str) -> None:
-        if self.pos:
-            self.buf = self.buf[self.pos:]
-            self.pos = 0
-        self.buf += text
-
-    def pending(self) -> str:
-        """The unread text (consumed by the caller: the position moves to the end)."""
-        rest = self.buf[self.pos:]
-        self.pos = len(self.buf)
-        return rest
-
-    def until(self, markers: tuple[str, ...], final: bool = False) -> tuple[str, str | None]:
-        """Read up to the earliest of ``markers``: returns the text before it and the marker
-        (both consumed). When none occurs, returns the text that cannot begin one and None;
-        the held suffix stays unread (everything is released when ``final``)."""
-        buf, pos = self.buf, self.pos
-        best, found = -1, None
-        for m in markers:
-            j = buf.find(m, pos)
-            if j >= 0 and (found is None or j < best or (j == best and len(m) > len(found))):
-                best, found = j, m
-        if found is not None:
-            self.pos = best + len(found)
-            return buf[pos:best], found
-        end = len(buf) if final else len(buf) - holdback(buf[pos:], markers)
-        self.pos = end
-        return buf[pos:end], None

@@ -21,15 +21,14 @@ import re
 
 from ..events import Event
 from ._stream import (
-    DONE,
     MORE,
-    STOP,
+    THINK_END,
+    THINK_START,
     WS_LIMIT,
     CallReader,
     Collector,
     Markers,
     StreamParser,
-    emit_plain,
     skip_ws,
 )
 
@@ -38,8 +37,6 @@ CALLS_END = "<｜tool▁calls▁end｜>"
 CALL_BEGIN = "<｜tool▁call▁begin｜>"
 CALL_END = "<｜tool▁call▁end｜>"
 TOOL_SEP = "<｜tool▁sep｜>"
-THINK_START = "<think>"
-THINK_END = "</think>"
 FENCE = "```"
 NEWLINE = "\n"
 ARGS_OPEN = "{"  # arguments right after the name, without the fence
@@ -47,8 +44,8 @@ ARGS_OPEN = "{"  # arguments right after the name, without the fence
 _MAX_LANG = 16  # "```json\n": the language tag is short; only so much of it is read
 _FENCE_LANG = re.compile(rf"[A-Za-z0-9_-]{{0,{_MAX_LANG}}}")
 
-# states
-_TEXT, _THINK, _SECTION, _TYPE, _NAME, _FENCE, _CALL, _TAIL = range(8)
+# states (reasoning is a flag, see StreamParser)
+_TEXT, _SECTION, _TYPE, _NAME, _FENCE, _CALL, _TAIL = range(7)
 
 
 class DeepSeekV3Parser(StreamParser):
@@ -72,8 +69,6 @@ class DeepSeekV3Parser(StreamParser):
     def __init__(self, tools: list[dict] | None = None) -> None:
         super().__init__(tools)
         self._state = _TEXT
-        self._resume = _TEXT
-        self._reader: CallReader | None = None
         self._collect: Collector | None = None
         self._call_name = ""
 
@@ -88,24 +83,13 @@ class DeepSeekV3Parser(StreamParser):
     def _step(self, data: str, pos: int, final: bool, out: list[Event]) -> tuple[int, bool]:
         st = self._state
         n = len(data)
-        if st == _TEXT or st == _THINK:
-            markers = self._IN_TEXT if st == _TEXT else self._IN_THINK
-            end, m = markers.scan(data, pos, final)
-            emit_plain(out, data[pos:end], st == _THINK)
-            if m is None:
-                return end, True
-            tok = m.group()
+        if st == _TEXT:
+            pos, tok = self._plain(data, pos, final, out)
             if tok == CALLS_BEGIN:
-                self._resume = st
                 self._state = _SECTION
             elif tok == CALL_BEGIN:  # the section opener left out: lenient
-                self._resume = st
                 self._begin_call()
-            elif tok == THINK_START:
-                self._state = _THINK
-            elif tok == THINK_END:
-                self._state = _TEXT
-            return m.end(), False
+            return pos, tok is None
         if st == _TYPE or st == _NAME:
             assert self._collect is not None
             end, m = self._collect.feed(data, pos, final)
@@ -150,24 +134,20 @@ class DeepSeekV3Parser(StreamParser):
             self._state = _CALL
             return j, False
         if st == _CALL:
-            assert self._reader is not None
-            i, status = self._reader.feed(data, pos, final, out)
+            i, status = self._read_call(data, pos, final, out)
             if status == MORE:
                 return i, True
-            assert status in (DONE, STOP)
-            self._reader.close(out, truncated=False)
-            self._reader = None
-            self._state = _TAIL
+            self._state = _TAIL  # DONE, or STOP at a call or section end
             return i, False
         # _SECTION (between calls) and _TAIL (after a call's JSON)
         j = skip_ws(data, pos)
         if j - pos >= WS_LIMIT:
-            self._state = self._resume
+            self._state = _TEXT
             return pos, False
         if j >= n:
             if not final:
                 return pos, True
-            self._state = self._resume
+            self._state = _TEXT
             return pos, False
         hit = (self._TAIL_NEXT if st == _TAIL else self._SECTION_NEXT).at(data, j, final)
         if hit is True:
@@ -181,9 +161,9 @@ class DeepSeekV3Parser(StreamParser):
             self._begin_call()
             return j + len(CALL_BEGIN), False
         if hit == CALLS_END:
-            self._state = self._resume
+            self._state = _TEXT
             return j + len(CALLS_END), False
-        self._state = self._resume  # anything else is text again
+        self._state = _TEXT  # anything else is text again
         return pos, False
 
     def _close(self, out: list[Event]) -> None:
@@ -191,9 +171,7 @@ class DeepSeekV3Parser(StreamParser):
             name = self._collect.text().strip() if self._state == _NAME else ""
             self._collect = None
             self._reader = CallReader(self, None, name=name)
-        if self._reader is not None:
-            self._reader.close(out, truncated=True)
-            self._reader = None
+        super()._close(out)
 
 
 class DeepSeekV31Parser(DeepSeekV3Parser):

@@ -21,18 +21,14 @@ import re
 from typing import Any
 
 from ..events import Event, ToolCallArgs, ToolCallEnd, ToolCallStart
-from .base import MarkerParser, MarkerStream, text_event
+from ._stream import Collector, Markers, StreamParser, emit_plain
 
 CALL_START = "<start_function_call>"
 CALL_END = "<end_function_call>"
 ESCAPE = "<escape>"
 CALL_PREFIX = "call:"
 
-_TEXT_MARKERS = (CALL_START,)
-_NAME_MARKERS = ("{", CALL_END)
-_STRUCT_MARKERS = (ESCAPE, CALL_END, CALL_START)
-_STRING_MARKERS = (ESCAPE,)
-_CLOSED_MARKERS = (CALL_END, CALL_START)
+ARGS_OPEN = "{"
 
 _WS = " \t\r\n"
 _NAME = re.compile(r"[\w.\-]+")
@@ -50,48 +46,41 @@ def _bare_value(text: str) -> str:
     return _PY_LITERALS.get(text) or json.dumps(text, ensure_ascii=False)
 
 
-class FunctionGemmaParser(MarkerParser):
+class FunctionGemmaParser(StreamParser):
     """FunctionGemma calls, converted to JSON arguments while streaming."""
 
     name = "functiongemma"
 
+    _IN_TEXT = Markers(CALL_START)
+    _NAME_END = Markers(ARGS_OPEN, CALL_END)
+    _IN_STRUCT = Markers(ESCAPE, CALL_END, CALL_START)
+    _IN_STRING = Markers(ESCAPE)
+    _AFTER_ARGS = Markers(CALL_END, CALL_START)
+
     def __init__(self, tools: list[dict[str, Any]] | None = None) -> None:
         super().__init__(tools)
-        self._in = MarkerStream()
         self._state = _TEXT
-        self._parts: list[str] = []  # the name being read
+        self._collect = Collector(self._NAME_END)  # the name being read
         self._index = -1
         self._stack: list[str] = []  # "{" or "[" per open container
         self._expect_key = False
         self._token: list[str] = []  # a bare key or value being read
 
-    def feed(self, text: str) -> list[Event]:
-        self._in.push(text)
-        return self._run(final=False)
-
-    def finish(self) -> list[Event]:
-        out = self._run(final=True)
-        if self._state == _NAME_STATE:
-            self._raw_call(out, truncated=True)
-        elif self._state in (_STRUCT, _STRING, _CLOSED):
-            if self._state == _STRUCT:
-                self._emit(self._flush(), out)
-            out.append(ToolCallEnd(self._index, truncated=self._state != _CLOSED))
-        self._state = _TEXT
-        return out
-
     def _emit(self, fragment: str, out: list[Event]) -> None:
         if fragment:
             out.append(ToolCallArgs(self._index, fragment))
 
+    def _read_name(self) -> None:
+        self._collect = Collector(self._NAME_END)
+        self._state = _NAME_STATE
+
     def _raw_call(self, out: list[Event], truncated: bool) -> None:
         """No ``{`` after the name: a malformed (or cut off) call, its raw text kept as the
         arguments."""
-        text = "".join(self._parts).strip().removeprefix(CALL_PREFIX).strip()
-        self._parts = []
+        text = self._collect.text().strip().removeprefix(CALL_PREFIX).strip()
         m = _NAME.match(text)
         if not text or m is None:
-            text_event(text, out)
+            emit_plain(out, text, False)
             return
         index = self.next_index()
         out.append(ToolCallStart(index, m.group()))
@@ -100,69 +89,81 @@ class FunctionGemmaParser(MarkerParser):
             out.append(ToolCallArgs(index, args))
         out.append(ToolCallEnd(index, truncated))
 
-    def _run(self, final: bool) -> list[Event]:
-        out: list[Event] = []
-        src = self._in
-        while True:
-            state = self._state
-            if state == _TEXT:
-                chunk, marker = src.until(_TEXT_MARKERS, final)
-                text_event(chunk, out)
-                if marker is None:
-                    return out
-                self._state, self._parts = _NAME_STATE, []
-            elif state == _NAME_STATE:
-                chunk, marker = src.until(_NAME_MARKERS, final)
-                self._parts.append(chunk)
-                if marker is None:
-                    return out
-                if marker == CALL_END:
-                    self._raw_call(out, truncated=False)
+    def _step(self, data: str, pos: int, final: bool, out: list[Event]) -> tuple[int, bool]:
+        st = self._state
+        if st == _TEXT:
+            pos, tok = self._plain(data, pos, final, out)
+            if tok is None:
+                return pos, True
+            self._read_name()
+            return pos, False
+        if st == _NAME_STATE:
+            end, m = self._collect.feed(data, pos, final)
+            if m is None:
+                return end, True
+            if m.group() == CALL_END:
+                self._raw_call(out, truncated=False)
+                self._state = _TEXT
+                return m.end(), False
+            name = self._collect.text().strip().removeprefix(CALL_PREFIX).strip()
+            self._index = self.next_index()
+            out.append(ToolCallStart(self._index, name))
+            out.append(ToolCallArgs(self._index, "{"))
+            self._stack, self._expect_key, self._token = ["{"], True, []
+            self._state = _STRUCT
+            return m.end(), False
+        if st == _STRUCT:
+            end, m = self._IN_STRUCT.scan(data, pos, final)
+            self._emit(self._convert(data[pos:end]), out)
+            if m is None:
+                return end, True
+            tok = m.group()
+            if self._state == _CLOSED:  # the top-level braces closed in this chunk
+                self._after_closed(tok, out)
+            elif tok == ESCAPE:
+                self._emit(self._flush() + '"', out)
+                self._state = _STRING
+            else:  # the call ended with brackets still open: malformed, kept as is
+                self._emit(self._flush(), out)
+                out.append(ToolCallEnd(self._index))
+                if tok == CALL_START:
+                    self._read_name()
+                else:
                     self._state = _TEXT
-                    continue
-                name = "".join(self._parts).strip().removeprefix(CALL_PREFIX).strip()
-                self._parts = []
-                self._index = self.next_index()
-                out.append(ToolCallStart(self._index, name))
-                out.append(ToolCallArgs(self._index, "{"))
-                self._stack, self._expect_key, self._token = ["{"], True, []
-                self._state = _STRUCT
-            elif state == _STRUCT:
-                chunk, marker = src.until(_STRUCT_MARKERS, final)
-                self._emit(self._convert(chunk), out)
-                if marker is None:
-                    return out
-                if self._state == _CLOSED:  # the top-level braces closed in this chunk
-                    self._after_closed(marker, out)
-                elif marker == ESCAPE:
-                    self._emit(self._flush() + '"', out)
-                    self._state = _STRING
-                else:  # the call ended with brackets still open: malformed, kept as is
-                    self._emit(self._flush(), out)
-                    out.append(ToolCallEnd(self._index))
-                    self._state = _NAME_STATE if marker == CALL_START else _TEXT
-                    self._parts = []
-            elif state == _STRING:
-                chunk, marker = src.until(_STRING_MARKERS, final)
-                if chunk:
-                    self._emit(json.dumps(chunk, ensure_ascii=False)[1:-1], out)
-                if marker is None:
-                    return out
-                self._emit('"', out)
-                self._state = _STRUCT
-            else:  # _CLOSED: the arguments are complete; wait for the end marker
-                _, marker = src.until(_CLOSED_MARKERS, final)
-                if marker is None:
-                    return out
-                self._after_closed(marker, out)
+            return m.end(), False
+        if st == _STRING:
+            end, m = self._IN_STRING.scan(data, pos, final)
+            if end > pos:
+                self._emit(json.dumps(data[pos:end], ensure_ascii=False)[1:-1], out)
+            if m is None:
+                return end, True
+            self._emit('"', out)
+            self._state = _STRUCT
+            return m.end(), False
+        # _CLOSED: the arguments are complete; wait for the end marker
+        end, m = self._AFTER_ARGS.scan(data, pos, final)
+        if m is None:
+            return end, True
+        self._after_closed(m.group(), out)
+        return m.end(), False
+
+    def _close(self, out: list[Event]) -> None:
+        if self._state == _NAME_STATE:
+            self._raw_call(out, truncated=True)
+        elif self._state in (_STRUCT, _STRING, _CLOSED):
+            if self._state == _STRUCT:
+                self._emit(self._flush(), out)
+            out.append(ToolCallEnd(self._index, truncated=self._state != _CLOSED))
 
     def _after_closed(self, marker: str, out: list[Event]) -> None:
         if marker == ESCAPE:  # stray text after the arguments: dropped, keep waiting
             self._state = _CLOSED
             return
         out.append(ToolCallEnd(self._index))
-        self._state = _NAME_STATE if marker == CALL_START else _TEXT
-        self._parts = []
+        if marker == CALL_START:
+            self._read_name()
+        else:
+            self._state = _TEXT
 
     def _flush(self) -> str:
         """The bare token read so far, as JSON (a value, or a key missing its colon)."""

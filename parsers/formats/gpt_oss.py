@@ -20,9 +20,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from ..events import Event, Reasoning, Text, ToolCallArgs, ToolCallEnd, ToolCallStart
-from .base import MarkerParser, MarkerStream, text_event
-from .generic_json import JsonArgs
+from ..events import Event, ToolCallStart
+from ._stream import JsonArgs, Markers, StreamParser, emit_plain
 
 START = "<|start|>"
 CHANNEL = "<|channel|>"
@@ -34,9 +33,6 @@ CONSTRAIN = "<|constrain|>"
 FUNCTIONS_PREFIX = "functions."
 REASONING_CHANNEL = "analysis"
 
-_TEXT_MARKERS = (START, CHANNEL, END, RETURN, CALL, MESSAGE)
-_HEADER_MARKERS = (MESSAGE, START, END, RETURN, CALL)
-_BODY_MARKERS = (END, RETURN, CALL, START, CHANNEL)
 _CALL_ENDS = (CALL, END, RETURN)
 
 _RECIPIENT = re.compile(r"to=([^\s<]+)")
@@ -46,36 +42,20 @@ _CHANNEL_NAME = re.compile(re.escape(CHANNEL) + r"\s*([^\s<]+)")
 _TEXT, _HEADER, _REASONING, _CONTENT, _CALL = range(5)
 
 
-class GptOssParser(MarkerParser):
+class GptOssParser(StreamParser):
     """gpt-oss harmony channels and tool calls."""
 
     name = "gpt_oss"
 
+    _IN_TEXT = Markers(START, CHANNEL, END, RETURN, CALL, MESSAGE)
+    _IN_HEADER = Markers(MESSAGE, START, END, RETURN, CALL)
+    _IN_BODY = Markers(END, RETURN, CALL, START, CHANNEL)
+
     def __init__(self, tools: list[dict[str, Any]] | None = None) -> None:
         super().__init__(tools)
-        self._in = MarkerStream()
         self._state = _TEXT
         self._header: list[str] = []
         self._args: JsonArgs | None = None
-
-    def feed(self, text: str) -> list[Event]:
-        self._in.push(text)
-        return self._run(final=False)
-
-    def finish(self) -> list[Event]:
-        out = self._run(final=True)
-        if self._state == _HEADER:  # a header that never opened a message: keep it as text
-            text_event(self._header_text().removeprefix(CHANNEL), out)
-        elif self._args is not None:
-            args = self._args
-            args.finish(out)
-            out.append(ToolCallEnd(args.index, truncated=not args.complete))
-            self._args = None
-        self._state = _TEXT
-        return out
-
-    def _header_text(self) -> str:
-        return "".join(self._header)
 
     def _open(self, header: str, out: list[Event]) -> None:
         """A header is complete: decide what the message body is."""
@@ -91,58 +71,59 @@ class GptOssParser(MarkerParser):
         c = _CHANNEL_NAME.search(header)
         self._state = _REASONING if c and c.group(1) == REASONING_CHANNEL else _CONTENT
 
-    def _run(self, final: bool) -> list[Event]:
-        out: list[Event] = []
-        src = self._in
-        while True:
-            state = self._state
-            if state == _TEXT:
-                chunk, marker = src.until(_TEXT_MARKERS, final)
-                text_event(chunk, out)
-                if marker is None:
-                    return out
-                if marker in (START, CHANNEL):
-                    # keep <|channel|> in the header: the channel name follows it
-                    self._header = [CHANNEL] if marker == CHANNEL else []
-                    self._state = _HEADER
-                elif marker == MESSAGE:  # a body without a header: content
-                    self._state = _CONTENT
-                # stray <|end|>, <|return|>, <|call|>: message framing, dropped
-            elif state == _HEADER:
-                chunk, marker = src.until(_HEADER_MARKERS, final)
-                self._header.append(chunk)
-                if marker is None:
-                    return out
-                header = self._header_text()
-                self._header = []
-                if marker == MESSAGE:
-                    self._open(header, out)
-                elif marker == START:  # the header was abandoned: not a marker, text
-                    text_event(header.removeprefix(CHANNEL), out)
-                else:
-                    text_event(header.removeprefix(CHANNEL), out)
+    def _to_header(self, marker: str) -> None:
+        # keep <|channel|> in the header: the channel name follows it
+        self._header = [CHANNEL] if marker == CHANNEL else []
+        self._state = _HEADER
+
+    def _step(self, data: str, pos: int, final: bool, out: list[Event]) -> tuple[int, bool]:
+        st = self._state
+        if st == _TEXT:
+            pos, tok = self._plain(data, pos, final, out)
+            if tok in (START, CHANNEL):
+                self._to_header(tok)
+            elif tok == MESSAGE:  # a body without a header: content
+                self._state = _CONTENT
+            # stray <|end|>, <|return|>, <|call|>: message framing, dropped
+            return pos, tok is None
+        if st == _HEADER:
+            end, m = self._IN_HEADER.scan(data, pos, final)
+            self._header.append(data[pos:end])
+            if m is None:
+                return end, True
+            header = "".join(self._header)
+            self._header = []
+            tok = m.group()
+            if tok == MESSAGE:
+                self._open(header, out)
+            else:  # the header was abandoned: not a marker, text
+                emit_plain(out, header.removeprefix(CHANNEL), False)
+                if tok != START:
                     self._state = _TEXT
-            elif state in (_REASONING, _CONTENT):
-                chunk, marker = src.until(_BODY_MARKERS, final)
-                if chunk:
-                    out.append(Reasoning(chunk) if state == _REASONING else Text(chunk))
-                if marker is None:
-                    return out
-                if marker in (START, CHANNEL):
-                    self._header = [CHANNEL] if marker == CHANNEL else []
-                    self._state = _HEADER
-                else:
-                    self._state = _TEXT
-            else:  # _CALL
-                args = self._args
-                if args is None:  # pragma: no cover - _CALL always has a reader
-                    self._state = _TEXT
-                    continue
-                src.pos, marker = args.feed(src.buf, src.pos, out, final)
-                if marker is None:
-                    return out
-                if not args.emitted:
-                    out.append(ToolCallArgs(args.index, "{}"))
-                out.append(ToolCallEnd(args.index))
-                self._args = None
+            return m.end(), False
+        if st == _REASONING or st == _CONTENT:
+            end, m = self._IN_BODY.scan(data, pos, final)
+            emit_plain(out, data[pos:end], st == _REASONING)
+            if m is None:
+                return end, True
+            tok = m.group()
+            if tok in (START, CHANNEL):
+                self._to_header(tok)
+            else:
                 self._state = _TEXT
+            return m.end(), False
+        # _CALL
+        assert self._args is not None
+        pos, marker = self._args.feed(data, pos, out, final)
+        if marker is None:
+            return pos, True
+        self._args = None
+        self._state = _TEXT
+        return pos, False
+
+    def _close(self, out: list[Event]) -> None:
+        if self._state == _HEADER:  # a header that never opened a message: keep it as text
+            emit_plain(out, "".join(self._header).removeprefix(CHANNEL), False)
+        elif self._args is not None:
+            self._args.finish(out)
+            self._args = None

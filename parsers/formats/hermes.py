@@ -11,24 +11,22 @@ from __future__ import annotations
 
 from ..events import Event
 from ._stream import (
-    DONE,
     MORE,
     STOP,
+    THINK_END,
+    THINK_START,
     WS_LIMIT,
     CallReader,
     Markers,
     StreamParser,
-    emit_plain,
     skip_ws,
 )
 
 TOOL_CALL_START = "<tool_call>"
 TOOL_CALL_END = "</tool_call>"
-THINK_START = "<think>"
-THINK_END = "</think>"
 
-# states
-_TEXT, _THINK, _CALL, _TAIL = range(4)
+# states (reasoning is a flag, see StreamParser)
+_TEXT, _CALL, _TAIL = range(3)
 
 
 class HermesParser(StreamParser):
@@ -45,56 +43,35 @@ class HermesParser(StreamParser):
     def __init__(self, tools: list[dict] | None = None) -> None:
         super().__init__(tools)
         self._state = _TEXT
-        self._resume = _TEXT  # the state a call returns to (text or think)
-        self._reader: CallReader | None = None
 
     def _step(self, data: str, pos: int, final: bool, out: list[Event]) -> tuple[int, bool]:
         st = self._state
-        if st == _TEXT or st == _THINK:
-            markers = self._IN_TEXT if st == _TEXT else self._IN_THINK
-            end, m = markers.scan(data, pos, final)
-            emit_plain(out, data[pos:end], st == _THINK)
-            if m is None:
-                return end, True
-            tok = m.group()
+        if st == _TEXT:
+            pos, tok = self._plain(data, pos, final, out)
             if tok == TOOL_CALL_START:
-                self._resume = st
                 self._reader = CallReader(self, self._CALL_STOPS)
                 self._state = _CALL
-            elif tok == THINK_START:
-                self._state = _THINK
-            elif tok == THINK_END:
-                self._state = _TEXT
-            return m.end(), False
+            return pos, tok is None
         if st == _CALL:
-            assert self._reader is not None
-            i, status = self._reader.feed(data, pos, final, out)
+            i, status = self._read_call(data, pos, final, out)
             if status == MORE:
                 return i, True
-            self._reader.close(out, truncated=False)
-            self._reader = None
             if status == STOP:
-                self._state = self._resume
+                self._state = _TEXT
                 return i + len(TOOL_CALL_END), False
-            assert status == DONE
             self._state = _TAIL
             return i, False
         # _TAIL: after the JSON, expect whitespace and the closing tag
         j = skip_ws(data, pos)
         if j - pos >= WS_LIMIT:  # decided by the run's length alone, so split-invariant
-            self._state = self._resume
+            self._state = _TEXT
             return pos, False
         if j >= len(data) and not final:
             return pos, True
         hit = self._AFTER_CALL.at(data, j, final) if j < len(data) else None
         if hit is True:
             return pos, True
-        self._state = self._resume
+        self._state = _TEXT
         if hit == TOOL_CALL_END:
             return j + len(TOOL_CALL_END), False
-        return pos, False  # no closing tag: what follows is the resumed state's text
-
-    def _close(self, out: list[Event]) -> None:
-        if self._reader is not None:
-            self._reader.close(out, truncated=True)
-            self._reader = None
+        return pos, False  # no closing tag: what follows is text (or reasoning) again

@@ -18,12 +18,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from ..events import Event, Reasoning, ToolCallArgs, ToolCallEnd, ToolCallStart
-from .base import MarkerParser, MarkerStream, text_event
-from .generic_json import JsonArgs
+from ..events import Event, ToolCallArgs, ToolCallEnd, ToolCallStart
+from ._stream import THINK_START, Collector, JsonArgs, Markers, StreamParser
 
-THINK_START = "<think>"
-THINK_END = "</think>"
 SECTION_BEGIN = "<|tool_calls_section_begin|>"
 SECTION_BEGIN_ALT = "<|tool_call_section_begin|>"
 SECTION_END = "<|tool_calls_section_end|>"
@@ -32,16 +29,11 @@ CALL_BEGIN = "<|tool_call_begin|>"
 ARG_BEGIN = "<|tool_call_argument_begin|>"
 CALL_END = "<|tool_call_end|>"
 
-_TEXT_MARKERS = (THINK_START, SECTION_BEGIN, SECTION_BEGIN_ALT, CALL_BEGIN)
-_THINK_MARKERS = (THINK_END,)
-_SECTION_MARKERS = (CALL_BEGIN, SECTION_END, SECTION_END_ALT)
-_ID_MARKERS = (ARG_BEGIN, CALL_END)
 _ARG_ENDS = (CALL_END, SECTION_END, SECTION_END_ALT)
-
 _CALL_ID = re.compile(r"^(?:functions\.)?(.+?)(?::\d+)?$", re.S)
 
-# states
-_TEXT, _THINK, _SECTION, _ID, _ARGS = range(5)
+# states (reasoning is a flag, see StreamParser)
+_TEXT, _SECTION, _ID, _ARGS = range(4)
 
 
 def name_from_id(call_id: str) -> str:
@@ -50,101 +42,75 @@ def name_from_id(call_id: str) -> str:
     return m.group(1) if m else call_id
 
 
-class KimiK2Parser(MarkerParser):
+class KimiK2Parser(StreamParser):
     """Kimi K2 tool-call sections and reasoning."""
 
     name = "kimi_k2"
 
+    _IN_TEXT = Markers(THINK_START, SECTION_BEGIN, SECTION_BEGIN_ALT, CALL_BEGIN)
+    _IN_SECTION = Markers(CALL_BEGIN, SECTION_END, SECTION_END_ALT)
+    _ID_END = Markers(ARG_BEGIN, CALL_END)
+
     def __init__(self, tools: list[dict[str, Any]] | None = None) -> None:
         super().__init__(tools)
-        self._in = MarkerStream()
         self._state = _TEXT
         self._in_section = False
-        self._parts: list[str] = []
+        self._collect = Collector(self._ID_END)
         self._args: JsonArgs | None = None
 
-    def feed(self, text: str) -> list[Event]:
-        self._in.push(text)
-        return self._run(final=False)
+    def _step(self, data: str, pos: int, final: bool, out: list[Event]) -> tuple[int, bool]:
+        st = self._state
+        if st == _TEXT or st == _SECTION:
+            if st == _TEXT:
+                pos, tok = self._plain(data, pos, final, out)
+            else:  # whitespace between calls
+                end, m = self._IN_SECTION.scan(data, pos, final)
+                pos, tok = (end, None) if m is None else (m.end(), m.group())
+            if tok == CALL_BEGIN:
+                self._collect = Collector(self._ID_END)
+                self._state = _ID
+            elif tok in (SECTION_BEGIN, SECTION_BEGIN_ALT):
+                self._state, self._in_section = _SECTION, True
+            elif tok in (SECTION_END, SECTION_END_ALT):
+                self._state, self._in_section = _TEXT, False
+            return pos, tok is None
+        if st == _ID:
+            end, m = self._collect.feed(data, pos, final)
+            if m is None:
+                return end, True
+            call_id = self._collect.text().strip()
+            index = self.next_index()
+            out.append(ToolCallStart(index, name_from_id(call_id), call_id))
+            if m.group() == ARG_BEGIN:
+                self._args = JsonArgs(index, _ARG_ENDS)
+                self._state = _ARGS
+            else:
+                out.append(ToolCallArgs(index, "{}"))
+                out.append(ToolCallEnd(index))
+                self._after_call()
+            return m.end(), False
+        # _ARGS
+        assert self._args is not None
+        pos, marker = self._args.feed(data, pos, out, final)
+        if marker is None:
+            return pos, True
+        self._args = None
+        if marker == CALL_END:
+            self._after_call()
+        else:
+            self._state, self._in_section = _TEXT, False
+        return pos, False
 
-    def finish(self) -> list[Event]:
-        out = self._run(final=True)
+    def _after_call(self) -> None:
+        self._state = _SECTION if self._in_section else _TEXT
+
+    def _close(self, out: list[Event]) -> None:
         if self._state == _ID:
-            call_id = "".join(self._parts).strip()
+            call_id = self._collect.text().strip()
             if call_id:
                 index = self.next_index()
                 out.append(ToolCallStart(index, name_from_id(call_id), call_id))
                 out.append(ToolCallEnd(index, truncated=True))
         elif self._args is not None:
-            args = self._args
-            args.finish(out)
-            out.append(ToolCallEnd(args.index, truncated=not args.complete))
+            self._args.finish(out)
             self._args = None
-        self._state = _TEXT
-        return out
-
-    def _run(self, final: bool) -> list[Event]:
-        out: list[Event] = []
-        src = self._in
-        while True:
-            state = self._state
-            if state == _TEXT:
-                chunk, marker = src.until(_TEXT_MARKERS, final)
-                text_event(chunk, out)
-                if marker is None:
-                    return out
-                if marker == THINK_START:
-                    self._state = _THINK
-                elif marker == CALL_BEGIN:
-                    self._state, self._parts = _ID, []
-                else:
-                    self._state, self._in_section = _SECTION, True
-            elif state == _THINK:
-                chunk, marker = src.until(_THINK_MARKERS, final)
-                if chunk:
-                    out.append(Reasoning(chunk))
-                if marker is None:
-                    return out
-                self._state = _TEXT
-            elif state == _SECTION:
-                _, marker = src.until(_SECTION_MARKERS, final)  # whitespace between calls
-                if marker is None:
-                    return out
-                if marker == CALL_BEGIN:
-                    self._state, self._parts = _ID, []
-                else:
-                    self._state, self._in_section = _TEXT, False
-            elif state == _ID:
-                chunk, marker = src.until(_ID_MARKERS, final)
-                self._parts.append(chunk)
-                if marker is None:
-                    return out
-                call_id = "".join(self._parts).strip()
-                index = self.next_index()
-                out.append(ToolCallStart(index, name_from_id(call_id), call_id))
-                if marker == ARG_BEGIN:
-                    self._args = JsonArgs(index, _ARG_ENDS)
-                    self._state = _ARGS
-                else:
-                    out.append(ToolCallArgs(index, "{}"))
-                    out.append(ToolCallEnd(index))
-                    self._after_call()
-            else:  # _ARGS
-                args = self._args
-                if args is None:  # pragma: no cover - _ARGS always has a reader
-                    self._state = _TEXT
-                    continue
-                src.pos, marker = args.feed(src.buf, src.pos, out, final)
-                if marker is None:
-                    return out
-                if not args.emitted:
-                    out.append(ToolCallArgs(args.index, "{}"))
-                out.append(ToolCallEnd(args.index))
-                self._args = None
-                if marker == CALL_END:
-                    self._after_call()
-                else:
-                    self._state, self._in_section = _TEXT, False
-
-    def _after_call(self) -> None:
-        self._state = _SECTION if self._in_section else _TEXT

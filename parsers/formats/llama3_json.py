@@ -10,7 +10,16 @@ that answers with a plain JSON document is not turned into a nameless tool call.
 from __future__ import annotations
 
 from ..events import Event
-from ._stream import DONE, MORE, WS_LIMIT, CallReader, Markers, StreamParser, emit_plain, skip_ws
+from ._stream import (
+    MORE,
+    NOT_A_CALL,
+    WS_LIMIT,
+    CallReader,
+    Markers,
+    StreamParser,
+    emit_plain,
+    skip_ws,
+)
 
 PYTHON_TAG = "<|python_tag|>"
 CALL_SEPARATOR = ";"
@@ -29,7 +38,6 @@ class Llama3JsonParser(StreamParser):
     def __init__(self, tools: list[dict] | None = None) -> None:
         super().__init__(tools)
         self._state = _START
-        self._reader: CallReader | None = None
 
     def _new_call(self) -> None:
         self._reader = CallReader(self, None, text_if_unnamed=True)
@@ -42,18 +50,10 @@ class Llama3JsonParser(StreamParser):
             emit_plain(out, data[pos:], False)
             return n, True
         if st == _CALL:
-            assert self._reader is not None
-            i, status = self._reader.feed(data, pos, final, out)
+            i, status = self._read_call(data, pos, final, out)
             if status == MORE:
                 return i, True
-            assert status == DONE
-            text = self._reader.close(out, truncated=False)
-            self._reader = None
-            if text is not None:
-                emit_plain(out, text, False)
-                self._state = _TEXT
-            else:
-                self._state = _AFTER
+            self._state = _TEXT if status == NOT_A_CALL else _AFTER
             return i, False
         # _START, _AFTER, _NEXT: look past whitespace at what comes next
         j = skip_ws(data, pos)
@@ -83,10 +83,3 @@ class Llama3JsonParser(StreamParser):
         # prose (before any call, or after the calls)
         self._state = _TEXT
         return pos, False
-
-    def _close(self, out: list[Event]) -> None:
-        if self._reader is not None:
-            text = self._reader.close(out, truncated=True)
-            self._reader = None
-            if text is not None:
-                emit_plain(out, text, False)

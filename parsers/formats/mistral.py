@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from ..events import Event
 from ._stream import (
-    DONE,
     MORE,
     STOP,
     WS_LIMIT,
@@ -18,7 +17,6 @@ from ._stream import (
     Collector,
     Markers,
     StreamParser,
-    emit_plain,
     skip_ws,
 )
 
@@ -29,8 +27,8 @@ THINK_START = "[THINK]"
 THINK_END = "[/THINK]"
 ARGS_OPEN = "{"  # v11 output with the special tokens stripped: name{...}
 
-# states
-_TEXT, _THINK, _HEAD, _NAME, _ID, _CALL, _LIST, _AFTER = range(8)
+# states (reasoning is a flag, see StreamParser)
+_TEXT, _HEAD, _NAME, _ID, _CALL, _LIST, _AFTER = range(7)
 
 
 class MistralParser(StreamParser):
@@ -40,6 +38,8 @@ class MistralParser(StreamParser):
 
     _IN_TEXT = Markers(TOOL_CALLS, THINK_START)
     _IN_THINK = Markers(THINK_END)
+    _THINK_START = THINK_START
+    _THINK_END = THINK_END
     _BOT = Markers(TOOL_CALLS)
     _NAME_END = Markers(ARGS, CALL_ID, ARGS_OPEN, TOOL_CALLS)
     _ID_END = Markers(ARGS, ARGS_OPEN, TOOL_CALLS)
@@ -47,7 +47,6 @@ class MistralParser(StreamParser):
     def __init__(self, tools: list[dict] | None = None) -> None:
         super().__init__(tools)
         self._state = _TEXT
-        self._reader: CallReader | None = None
         self._collect: Collector | None = None
         self._call_name = ""
         self._in_list = False
@@ -59,15 +58,11 @@ class MistralParser(StreamParser):
     def _step(self, data: str, pos: int, final: bool, out: list[Event]) -> tuple[int, bool]:
         st = self._state
         n = len(data)
-        if st == _TEXT or st == _THINK:
-            markers = self._IN_TEXT if st == _TEXT else self._IN_THINK
-            end, m = markers.scan(data, pos, final)
-            emit_plain(out, data[pos:end], st == _THINK)
-            if m is None:
-                return end, True
-            tok = m.group()
-            self._state = _HEAD if tok == TOOL_CALLS else _THINK if tok == THINK_START else _TEXT
-            return m.end(), False
+        if st == _TEXT:
+            pos, tok = self._plain(data, pos, final, out)
+            if tok == TOOL_CALLS:
+                self._state = _HEAD
+            return pos, tok is None
         if st == _NAME or st == _ID:
             assert self._collect is not None
             end, m = self._collect.feed(data, pos, final)
@@ -89,17 +84,13 @@ class MistralParser(StreamParser):
                 return end, False
             return (m.end() if tok == ARGS else end), False
         if st == _CALL:
-            assert self._reader is not None
-            i, status = self._reader.feed(data, pos, final, out)
+            i, status = self._read_call(data, pos, final, out)
             if status == MORE:
                 return i, True
-            self._reader.close(out, truncated=False)
-            self._reader = None
             if status == STOP:  # the next [TOOL_CALLS] while this call was still open
                 self._in_list = False
                 self._state = _TEXT
             else:
-                assert status == DONE
                 self._state = _LIST if self._in_list else _AFTER
             return i, False
         # _HEAD, _LIST, _AFTER: decide from the next non-blank character
@@ -153,6 +144,4 @@ class MistralParser(StreamParser):
                 self._call_name = self._collect.text().strip()
             self._collect = None
             self._reader = CallReader(self, None, name=self._call_name)
-        if self._reader is not None:
-            self._reader.close(out, truncated=True)
-            self._reader = None
+        super()._close(out)

@@ -7,6 +7,7 @@ when it closes, text after the list is content again.
 
 from __future__ import annotations
 
+from ._stream import Markers
 from .granite import GraniteParser
 
 FUNCTOOLS = "functools["
@@ -16,6 +17,6 @@ class Phi4MiniParser(GraniteParser):
     """Phi-4-mini ``functools[...]`` lists."""
 
     name = "phi4_mini"
-    markers = (FUNCTOOLS,)
+    _IN_TEXT = Markers(FUNCTOOLS)
     closing = None
     marker_opens_list = True

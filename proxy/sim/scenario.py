@@ -70,6 +70,9 @@ class Scenario:
     quirks: dict[str, Any] = field(default_factory=dict)
     wire_split_seed: int | None = None  # write each event's bytes in random small pieces
     match: str | None = None  # pick this scenario when the last user message contains it
+    # ... and/or when the conversation holds exactly this many tool results: scripts an agent
+    # loop step by step, independent of how many requests a client (or a retry) makes
+    step: int | None = None
 
     def __post_init__(self) -> None:
         if self.chunks is not None and not self.content:
@@ -80,7 +83,7 @@ class Scenario:
         d = dict(d)
         sc = cls()
         for k in ("name", "content", "reasoning", "finish_reason", "ttft", "token_delay",
-                  "prompt_tokens", "wire_split_seed", "match"):
+                  "prompt_tokens", "wire_split_seed", "match", "step"):
             if k in d:
                 setattr(sc, k, d[k])
         if "chunks" in d:

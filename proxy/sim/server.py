@@ -99,8 +99,11 @@ class SimBackend:
             name = last.split("#scenario:", 1)[1].split()[0]
             if name in self.library:
                 return self.library[name]
+        results = _tool_results(body)
         for sc in self.library.values():
-            if sc.match and sc.match in last:
+            if not sc.match and sc.step is None:
+                continue  # picked by name only
+            if (not sc.match or sc.match in last) and (sc.step is None or sc.step == results):
                 return sc
         n = body.get("max_tokens") or body.get("max_completion_tokens") or self.default_tokens
         return Scenario(name="default", chunks=lorem(int(n)), finish_reason="length"
@@ -379,45 +382,89 @@ class SimBackend:
 
     # Ollama native ------------------------------------------------------------------------------
     async def ollama_chat(self, request: web.Request) -> web.StreamResponse:
+        """Ollama's native chat: NDJSON lines, each tool call whole with ``arguments`` an
+        object, counts and nanosecond durations on the ``done`` line. No messages means
+        "load the model" (``done_reason: load``), as the real server answers a warm-up."""
         if self.dialect.name != "ollama":
             return _json({"detail": "Not Found"}, 404)
         body = orjson.loads(await request.read())
         self.stats.requests += 1
         self.stats.bodies.append(body)
-        sc = self.pick(body)
-        await asyncio.sleep(self.ttft if sc.ttft is None else sc.ttft)
+        stream = body.get("stream", True) is not False
 
         def line(msg: dict[str, Any], done: bool, **extra: Any) -> bytes:
             doc = {"model": self.model, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ"),
                    "message": msg, "done": done, **extra}
             return orjson.dumps(doc) + b"\n"
 
-        pieces = sc.content_pieces()
-        calls = [{"function": {"name": c.name, "arguments": _obj(c.arguments)}}
-                 for c in sc.tool_calls]
-        final_extra = {"done_reason": "stop", "total_duration": 1_000_000,
-                       "load_duration": 1000, "prompt_eval_count": _estimate_prompt_tokens(body),
-                       "prompt_eval_duration": 1000, "eval_count": len(pieces) + len(calls),
-                       "eval_duration": 1000}
-        if body.get("stream", True) is False:
-            msg: dict[str, Any] = {"role": "assistant", "content": sc.content}
+        if not body.get("messages"):
+            self.stats.completed += 1
+            return web.Response(body=line({"role": "assistant", "content": ""}, True,
+                                          done_reason="load"),
+                                content_type="application/x-ndjson" if stream
+                                else "application/json")
+        sc = self.pick(body)
+        fault = sc.fault
+        if fault and fault.kind == "refuse":
+            assert request.transport is not None
+            request.transport.abort()
+            return web.Response(status=500)
+        if fault and fault.kind == "status":
+            return _json({"error": fault.message}, fault.status)
+        self.stats.in_flight += 1
+        self.stats.max_in_flight = max(self.stats.max_in_flight, self.stats.in_flight)
+        try:
+            await asyncio.sleep(self.ttft if sc.ttft is None else sc.ttft)
+            pieces = sc.content_pieces()
+            thinking = split_tokens(sc.reasoning)
+            calls = [{"function": {"name": c.name, "arguments": _obj(c.arguments)}}
+                     for c in sc.tool_calls]
+            reason = "length" if sc.finish_reason == "length" else "stop"
+            n = len(thinking) + len(pieces) + len(calls)
+            final_extra = {"done_reason": reason, "total_duration": 1_000_000 + n * 1000,
+                           "load_duration": 1000,
+                           "prompt_eval_count": _estimate_prompt_tokens(body),
+                           "prompt_eval_duration": 1000, "eval_count": n,
+                           "eval_duration": 1000 * max(n, 1)}
+            if not stream:
+                msg: dict[str, Any] = {"role": "assistant", "content": sc.content}
+                if sc.reasoning:
+                    msg["thinking"] = sc.reasoning
+                if calls:
+                    msg["tool_calls"] = calls
+                return web.Response(body=line(msg, True, **final_extra),
+                                    content_type="application/json")
+            resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+            await resp.prepare(request)
+            delay = self.token_delay if sc.token_delay is None else sc.token_delay
+            out = [line({"role": "assistant", "content": "", "thinking": t}, False)
+                   for t in thinking]
+            out += [line({"role": "assistant", "content": p}, False) for p in pieces]
             if calls:
-                msg["tool_calls"] = calls
-            return web.Response(body=line(msg, True, **final_extra),
-                                content_type="application/json")
-        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
-        await resp.prepare(request)
-        delay = self.token_delay if sc.token_delay is None else sc.token_delay
-        for p in pieces:
-            if delay > 0:
-                await asyncio.sleep(delay)
-            await resp.write(line({"role": "assistant", "content": p}, False))
-        if calls:
-            await resp.write(line({"role": "assistant", "content": "", "tool_calls": calls},
-                                  False))
-        await resp.write(line({"role": "assistant", "content": ""}, True, **final_extra))
-        await resp.write_eof()
-        return resp
+                out.append(line({"role": "assistant", "content": "", "tool_calls": calls},
+                                False))
+            for i, raw in enumerate(out):
+                if fault and fault.kind == "reset" and i >= fault.after:
+                    assert request.transport is not None
+                    request.transport.abort()
+                    return resp
+                if fault and fault.kind == "error_event" and i >= fault.after:
+                    await resp.write(orjson.dumps({"error": fault.message}) + b"\n")
+                    await resp.write_eof()
+                    return resp
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                await resp.write(raw)
+                self.stats.chunks_sent += 1
+            await resp.write(line({"role": "assistant", "content": ""}, True, **final_extra))
+            await resp.write_eof()
+            return resp
+        except (asyncio.CancelledError, ConnectionError):
+            self.stats.disconnects.append(time.monotonic())
+            raise
+        finally:
+            self.stats.in_flight -= 1
+            self.stats.completed += 1
 
 
 def _endless(d: Dialect, chat: bool) -> Any:
@@ -444,6 +491,12 @@ def _last_user_text(body: dict[str, Any]) -> str:
                 return " ".join(p.get("text", "") for p in c if isinstance(p, dict))
     p = body.get("prompt")
     return p if isinstance(p, str) else ""
+
+
+def _tool_results(body: dict[str, Any]) -> int:
+    """How many tool results the conversation holds: the step an agent loop has reached."""
+    return sum(1 for m in body.get("messages") or ()
+               if isinstance(m, dict) and m.get("role") == "tool")
 
 
 def _estimate_prompt_tokens(body: dict[str, Any]) -> int:

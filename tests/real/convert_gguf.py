@@ -1,16 +1,17 @@
 """Convert the Gemma GGUF to HF safetensors that vLLM can serve (vLLM 0.32 dropped GGUF).
 
-Usage: ``python convert_gguf.py MODEL.gguf OUT_DIR CHAT_TEMPLATE``; runs inside vLLM's venv
-(transformers, gguf, accelerate). Three fixes on top of transformers' own conversion, each one
-needed for Gemma to produce sane text under vLLM:
+Usage: ``python convert_gguf.py MODEL.gguf OUT_DIR``; runs inside vLLM's venv (transformers,
+gguf, accelerate). Two fixes on top of transformers' own conversion, each one needed for Gemma to
+produce sane text under vLLM:
 
 - the converted tokenizer does not prepend ``<bos>``; without it Gemma degenerates, so a
   ``TemplateProcessing`` post-processor adds it (the completions endpoint tokenizes with special
   tokens on; chat requests get ``<bos>`` from the template's ``bos_token`` instead);
 - ``<end_of_turn>`` ends a model turn but is not the GGUF's EOS: it is added as an extra EOS in
-  ``generation_config.json``, or generation runs to ``max_tokens``;
-- the base model has no chat template: the project's Hermes-style one is written into the
-  tokenizer config, so vLLM's hermes tool parser and the prompt agree on ``<tool_call>`` tags.
+  ``generation_config.json``, or generation runs to ``max_tokens``.
+
+The base model has no chat template; the project's Hermes-style one is given at serve time
+(``--chat-template``), so editing it does not remake this folder.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import sys
 from pathlib import Path
 
 
-def main(gguf: Path, out: Path, template: Path) -> None:
+def main(gguf: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -61,7 +62,6 @@ def main(gguf: Path, out: Path, template: Path) -> None:
     tc_path = out / "tokenizer_config.json"
     tc = json.loads(tc_path.read_text())
     tc["add_bos_token"] = True
-    tc["chat_template"] = template.read_text()
     tc_path.write_text(json.dumps(tc, indent=1, ensure_ascii=False))
 
     gc_path = out / "generation_config.json"
@@ -81,6 +81,6 @@ def main(gguf: Path, out: Path, template: Path) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 4:
+    if len(sys.argv) != 3:
         raise SystemExit(__doc__)
-    main(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]))
+    main(Path(sys.argv[1]), Path(sys.argv[2]))

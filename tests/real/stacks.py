@@ -351,17 +351,16 @@ def setup_vllm_venv() -> Path:
 
 
 def convert_model_for_vllm() -> Path:
-    """The GGUF as bf16 safetensors with the BOS fix, extra EOS and the Hermes template (cached).
+    """The GGUF as bf16 safetensors with the BOS fix and ``<end_of_turn>`` as EOS (cached).
 
-    Keyed by the vLLM version (its transformers did the conversion) and by the template's
-    content, so editing the template remakes the model folder.
+    Keyed by the vLLM version (its transformers does the conversion) and by the conversion
+    script's content, so changing the script remakes the folder.
     """
     import hashlib
 
     python = setup_vllm_venv()
     gguf = gguf_model()
-    key = hashlib.sha256(HERMES_TEMPLATE.read_bytes()
-                         + (HERE / "convert_gguf.py").read_bytes()).hexdigest()[:10]
+    key = hashlib.sha256((HERE / "convert_gguf.py").read_bytes()).hexdigest()[:10]
     folder = vllm_dir() / f"model-{gguf.name.removesuffix('.gguf')}-{key}"
     if _made(folder):
         return folder
@@ -374,8 +373,11 @@ def convert_model_for_vllm() -> Path:
         staging = folder.with_name(folder.name + f".partial{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
         env = {**os.environ, **_offline_env()}
-        _run([python, HERE / "convert_gguf.py", gguf, staging, HERMES_TEMPLATE], logfile,
-             env=env)
+        try:
+            _run([python, HERE / "convert_gguf.py", gguf, staging], logfile, env=env)
+        except StackError:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         shutil.rmtree(folder, ignore_errors=True)
         staging.rename(folder)
         _stamp(folder, gguf=gguf.name, seconds=round(time.monotonic() - started, 1))

@@ -1,0 +1,271 @@
+"""toolmend answering as an Ollama server, whatever stack is behind it.
+
+Many agent setups speak Ollama's native API. Rather than a second pipeline, each ``/api/chat``
+and ``/api/generate`` request is translated into an OpenAI chat body and handed to the same
+``_forward`` as ``/v1/chat/completions`` (so repair, validation, fair queuing and tracing all
+apply), with one difference: the client writer is :class:`OllamaDownstream`, which rewrites the
+mended OpenAI stream as Ollama NDJSON (``parsers/ollama_emit.py``). Non-streaming requests run
+the same streaming path and are answered with the accumulated object, as Ollama itself does.
+
+Errors take Ollama's shape, ``{"error": "text"}``, with the real status before the reply starts
+and as an ``{"error": ...}`` line after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import time
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from .app import CTX, SETTINGS, UPSTREAM, _forward, _json_request
+from .context import RequestContext
+from .downstream import ClientGone, Downstream
+from .errors import ProxyError
+from .parsers.ollama import (
+    OllamaRequestError,
+    chat_request_to_openai,
+    generate_request_to_openai,
+)
+from .parsers.ollama_emit import Durations, OllamaEmitter
+from .request_body import check_chat_body, check_counts
+
+#: The Ollama API version toolmend implements; clients gate features on it.
+OLLAMA_API_VERSION = "0.12.6"
+NDJSON = "application/x-ndjson"
+#: /api/ps reports models as loaded until this far ahead (toolmend does not unload them).
+PS_EXPIRY = "2318-01-01T00:00:00Z"
+
+
+def ollama_error(err: ProxyError) -> web.Response:
+    """Ollama's error body: the message alone under ``error``."""
+    return web.Response(status=err.status, body=orjson.dumps({"error": err.message}),
+                        content_type="application/json", headers=err.headers)
+
+
+def _now_rfc3339() -> str:
+    t = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e9):09d}Z"
+
+
+class OllamaDownstream(Downstream):
+    """The client writer for Ollama requests: NDJSON instead of SSE, no keep-alives (NDJSON
+    has no comment line, and Ollama clients parse every line), and for ``stream: false`` one
+    JSON object at the end."""
+
+    __slots__ = ("emitter", "whole")
+
+    def __init__(self, request: web.Request, ctx: RequestContext, emitter: OllamaEmitter,
+                 *, stream: bool) -> None:
+        super().__init__(request, ctx, 0.0)
+        self.resp.headers["Content-Type"] = NDJSON
+        self.emitter = emitter
+        self.whole = not stream
+
+    async def write(self, data: bytes) -> None:
+        out = self.emitter.feed(data)
+        if out:
+            await super().write(out)
+
+    async def fail(self, err: ProxyError) -> web.StreamResponse:
+        self.ctx.error_code = err.code
+        await self.stop_keepalive()
+        if not self.resp.prepared:
+            self.ctx.status = err.status
+            return ollama_error(err)
+        with contextlib.suppress(ClientGone):
+            await super().write(self.emitter.error_line(err.message))
+            await self.resp.write_eof()
+        return self.resp
+
+    async def close(self) -> web.StreamResponse:
+        tail = self.emitter.finish(self._durations())
+        if self.whole:
+            self.ctx.status = 200
+            self.ctx.bytes_out += len(tail)
+            return web.Response(body=tail, content_type="application/json",
+                                headers={"X-Request-Id": self.ctx.request_id})
+        await super().write(tail)
+        return await super().close()
+
+    def _durations(self) -> Durations:
+        ctx = self.ctx
+        now = asyncio.get_running_loop().time()
+        start = ctx.dispatched_at or ctx.started
+        first = ctx.upstream_first_token_at or now
+
+        def ns(a: float, b: float) -> int:
+            return max(0, int((b - a) * 1e9))
+
+        return Durations(total=ns(ctx.started, now), load=ns(ctx.started, start),
+                         prompt_eval=ns(start, first), eval=ns(first, now))
+
+
+async def _answer(request: web.Request, kind: str) -> web.StreamResponse:
+    """``/api/chat`` and ``/api/generate``: translate, run the OpenAI path, translate back."""
+    ctx: RequestContext = request[CTX]
+    try:
+        body = await _json_request(request, any_content_type=True)
+        try:
+            openai = (chat_request_to_openai(body) if kind == "chat"
+                      else generate_request_to_openai(body))
+        except OllamaRequestError as e:
+            raise ProxyError(400, str(e), param=e.param, code="invalid_request") from None
+        model = body.get("model") if isinstance(body.get("model"), str) else ""
+        stream = openai["stream"]
+        if (kind == "chat" and not openai["messages"]) or (
+                kind == "generate" and not body.get("prompt") and not body.get("images")):
+            # Ollama's "load the model" request: nothing to generate
+            return _loaded(model, kind, stream)
+        settings = request.app[SETTINGS]
+        check_counts(openai, settings.max_messages, settings.max_tools)
+        check_chat_body(openai)
+        emitter = OllamaEmitter(kind, model or "", _now_rfc3339(), stream=stream)
+        openai["stream"] = True  # one path for both: Ollama accumulates a stream too
+        openai["stream_options"] = {"include_usage": True}  # the done line's counts
+
+        def make_down(req: web.Request, c: RequestContext, _interval: float) -> Downstream:
+            return OllamaDownstream(req, c, emitter, stream=stream)
+
+        resp = await _forward(request, openai, "/v1/chat/completions", make_down)
+    except ProxyError as e:
+        ctx.status, ctx.error_code = e.status, e.code
+        return ollama_error(e)
+    return resp
+
+
+def _loaded(model: str, kind: str, stream: bool) -> web.Response:
+    doc: dict[str, Any] = {"model": model, "created_at": _now_rfc3339()}
+    if kind == "chat":
+        doc["message"] = {"role": "assistant", "content": ""}
+    else:
+        doc["response"] = ""
+    doc.update({"done": True, "done_reason": "load"})
+    raw = orjson.dumps(doc)
+    if stream:
+        return web.Response(body=raw + b"\n", content_type=NDJSON)
+    return web.Response(body=raw, content_type="application/json")
+
+
+async def api_chat(request: web.Request) -> web.StreamResponse:
+    return await _answer(request, "chat")
+
+
+async def api_generate(request: web.Request) -> web.StreamResponse:
+    return await _answer(request, "generate")
+
+
+# --- discovery -------------------------------------------------------------------------------
+async def _model_ids(request: web.Request) -> list[str]:
+    doc = await request.app[UPSTREAM].get_json("/v1/models")
+    data = doc.get("data") if isinstance(doc, dict) else None
+    return [m["id"] for m in data or () if isinstance(m, dict) and isinstance(m.get("id"), str)]
+
+
+def _details() -> dict[str, Any]:
+    return {"parent_model": "", "format": "gguf", "family": "", "families": None,
+            "parameter_size": "", "quantization_level": ""}
+
+
+def _digest(name: str) -> str:
+    return hashlib.sha256(name.encode()).hexdigest()
+
+
+def _same_model(asked: str, have: str) -> bool:
+    """Ollama names carry a tag (``:latest`` when none was given)."""
+    def norm(n: str) -> str:
+        return n[:-7] if n.endswith(":latest") else n
+    return norm(asked) == norm(have)
+
+
+async def api_tags(request: web.Request) -> web.Response:
+    ids = await _discover(request, _model_ids)
+    if isinstance(ids, web.Response):
+        return ids
+    now = _now_rfc3339()
+    return _json({"models": [{"name": m, "model": m, "modified_at": now, "size": 0,
+                              "digest": _digest(m), "details": _details()} for m in ids]})
+
+
+async def api_ps(request: web.Request) -> web.Response:
+    ids = await _discover(request, _model_ids)
+    if isinstance(ids, web.Response):
+        return ids
+    ctx_len = await _context_length(request)
+    models = []
+    for m in ids:
+        doc: dict[str, Any] = {"name": m, "model": m, "size": 0, "digest": _digest(m),
+                               "details": _details(), "expires_at": PS_EXPIRY, "size_vram": 0}
+        if ctx_len:
+            doc["context_length"] = ctx_len
+        models.append(doc)
+    return _json({"models": models})
+
+
+async def api_show(request: web.Request) -> web.Response:
+    ctx: RequestContext = request[CTX]
+    try:
+        body = await _json_request(request, any_content_type=True)
+    except ProxyError as e:
+        ctx.status, ctx.error_code = e.status, e.code
+        return ollama_error(e)
+    name = body.get("model") or body.get("name")
+    if not isinstance(name, str) or not name:
+        return ollama_error(ProxyError(400, "model is required", param="model"))
+    ids = await _discover(request, _model_ids)
+    if isinstance(ids, web.Response):
+        return ids
+    found = next((m for m in ids if _same_model(name, m)), None)
+    if found is None:
+        return ollama_error(ProxyError(404, f"model '{name}' not found", code="model_not_found"))
+    detected = await request.app[UPSTREAM].detect()
+    info: dict[str, Any] = {"general.architecture": detected.kind,
+                            "general.basename": found}
+    ctx_len = await _context_length(request)
+    if ctx_len:
+        info[f"{detected.kind}.context_length"] = ctx_len
+    return _json({"modelfile": f"# served by {detected.kind} behind toolmend\nFROM {found}\n",
+                  "parameters": "", "template": "", "details": _details(),
+                  "model_info": info, "capabilities": ["completion", "tools"],
+                  "modified_at": _now_rfc3339()})
+
+
+async def api_version(request: web.Request) -> web.Response:
+    return _json({"version": OLLAMA_API_VERSION})
+
+
+async def root(request: web.Request) -> web.Response:
+    return web.Response(text="Ollama is running")
+
+
+async def _context_length(request: web.Request) -> int | None:
+    d = (await request.app[UPSTREAM].detect()).details
+    n = d.get("n_ctx") or d.get("max_model_len")
+    return n if isinstance(n, int) else None
+
+
+async def _discover(request: web.Request, fn: Any) -> Any:
+    try:
+        return await fn(request)
+    except ProxyError as e:
+        request[CTX].status, request[CTX].error_code = e.status, e.code
+        return ollama_error(e)
+
+
+def _json(doc: Any) -> web.Response:
+    return web.Response(body=orjson.dumps(doc), content_type="application/json")
+
+
+def add_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_post("/api/chat", api_chat)
+    r.add_post("/api/generate", api_generate)
+    r.add_get("/api/tags", api_tags)
+    r.add_get("/api/version", api_version)
+    r.add_post("/api/show", api_show)
+    r.add_get("/api/ps", api_ps)
+    r.add_get("/", root)
