@@ -258,7 +258,7 @@ def generate_request_to_openai(body: dict[str, Any]) -> dict[str, Any]:
     if system:
         messages.append({"role": "system", "content": system})
     messages.append({"role": "user",
-                     "content": _content_with_images(prompt or "", body.get("images"), "")})
+                     "content": _content_with_images(prompt or "", body.get("images"), "body")})
     out["messages"] = messages
     return out
 

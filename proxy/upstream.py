@@ -533,14 +533,19 @@ class UpstreamCall:
             cm.reschedule(min(now + idle, self._deadline))
 
     async def read_all(self) -> bytes:
-        assert self._resp is not None
-        try:
-            raw = await self._resp.read()
-        except BaseException as e:
-            err = self._translate(e)
-            if err is e:
-                raise
-            raise err from e
+        """The whole body; a replica that drops it is failed over (nothing was used yet)."""
+        while True:
+            assert self._resp is not None
+            try:
+                raw = await self._resp.read()
+                break
+            except BaseException as e:
+                if await self._fail_over(e):
+                    continue
+                err = self._translate(e)
+                if err is e:
+                    raise
+                raise err from e
         if self._native and self._resp.status < 400:
             try:
                 doc = orjson.loads(raw)

@@ -1,0 +1,408 @@
+"""Load and soak: many concurrent streaming requests through toolmend to ``toolmend sim``.
+
+    python bench/load.py                      # 1,000 concurrent streams for 60 s
+    python bench/load.py --quick              # the same for 15 s
+    python bench/load.py --soak               # 10 minutes with random faults mixed in
+    python bench/load.py --quick --write      # also replace "## Load and soak" in BENCHMARKS.md
+
+Three processes: the simulated backend, toolmend, and this load generator (uvloop). Every
+worker sends one streaming chat request after another. A small group of probe workers sends
+the same requests straight to the simulator in the same run, so the TTFT that toolmend adds
+is measured against a baseline that shares the load generator's own latency.
+
+toolmend runs with ``--slots`` equal to the concurrency: the fair queue's job is to hold
+requests back when the backend is full, which would be measured as latency here. The simulator
+has as many slots too.
+
+Reported: errors (any non-200, error event, missing ``[DONE]``, exception or timeout), TTFT
+p50/p99 through toolmend and direct, the added p99, relayed chunks per second, toolmend's RSS
+at start, peak and after the run, and (soak) the outcome of every fault kind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH_MD = ROOT / "BENCHMARKS.md"
+SECTION = "## Load and soak"
+_TOKEN = re.compile(rb'"content":"[^"]')
+
+# Faults the soak mixes in: scenario name -> scenario (served by name: "#scenario:NAME")
+FAULTS: dict[str, dict[str, Any]] = {
+    "refuse": {"fault": {"kind": "refuse"}},
+    "reset": {"content": "one two three four five six", "fault": {"kind": "reset", "after": 3}},
+    "stall_first_byte": {"content": "late reply", "fault": {"kind": "stall", "seconds": 30}},
+    "stall_mid_stream": {"content": "one two three four", "fault": {"kind": "stall",
+                                                                     "after": 2,
+                                                                     "seconds": 30}},
+    "status_429": {"fault": {"kind": "status", "status": 429, "message": "busy"}},
+    "status_500": {"fault": {"kind": "status", "status": 500, "message": "kaputt"}},
+    "status_503": {"fault": {"kind": "status", "status": 503, "message": "overloaded"}},
+    "malformed": {"content": "one two three four", "fault": {"kind": "malformed", "after": 2}},
+    "truncated": {"content": "one two three four", "fault": {"kind": "truncated", "after": 2}},
+    "endless": {"fault": {"kind": "endless"}, "token_delay": 0.05},
+    "error_event": {"content": "one two three", "fault": {"kind": "error_event", "after": 2,
+                                                          "message": "CUDA out of memory"}},
+}
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        parts = f.read().rsplit(")", 1)[1].split()
+    return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, int(p / 100 * len(s)))]
+
+
+@dataclass
+class Stats:
+    ttft: list[float] = field(default_factory=list)
+    requests: int = 0
+    ok: int = 0
+    chunks: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    outcomes: Counter[str] = field(default_factory=Counter)  # soak: "fault -> outcome"
+
+
+async def wait_http(url: str, timeout: float = 20.0) -> None:
+    end = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as s:
+        while True:
+            try:
+                async with s.get(url) as r:
+                    if r.status < 500:
+                        return
+            except aiohttp.ClientError:
+                pass
+            if time.monotonic() > end:
+                raise RuntimeError(f"{url} did not come up")
+            await asyncio.sleep(0.1)
+
+
+async def one(session: aiohttp.ClientSession, url: str, stats: Stats, measure: bool,
+              fault: str | None = None, abandon: bool = False) -> None:
+    """One streaming request; classify its outcome."""
+    text = "hello" if fault is None else f"hello #scenario:{fault}"
+    body = {"model": "sim-model", "stream": True,
+            "messages": [{"role": "user", "content": text}]}
+    t0 = time.perf_counter()
+    stats.requests += 1
+    first: float | None = None
+    head = b""
+    tail = b""
+    chunks = 0
+    outcome = "?"
+    try:
+        async with session.post(url, json=body) as r:
+            if r.status != 200:
+                doc = await r.read()
+                shaped = _openai_error(doc)
+                outcome = f"HTTP {r.status}" + ("" if shaped else " (not OpenAI-shaped)")
+            else:
+                async for piece in r.content.iter_any():
+                    chunks += piece.count(b"data: ")
+                    if first is None:
+                        head += piece
+                        if _TOKEN.search(head):
+                            first = time.perf_counter()
+                            if abandon:
+                                outcome = "client left mid-stream"
+                                break
+                    tail = (tail + piece)[-4096:]
+                else:
+                    if not tail.rstrip().endswith(b"data: [DONE]"):
+                        outcome = "no [DONE]"
+                    elif b'data: {"error"' in tail:
+                        ev = tail.rsplit(b'data: {"error"', 1)[1].split(b"\n", 1)[0]
+                        shaped = _openai_error(b'{"error"' + ev)
+                        outcome = "in-stream error" + ("" if shaped else " (not OpenAI-shaped)")
+                    else:
+                        outcome = "clean finish"
+    except TimeoutError:
+        outcome = "client timeout"
+    except aiohttp.ClientError as e:
+        outcome = f"exception {e.__class__.__name__}"
+    stats.chunks += chunks
+    if fault is not None or abandon:
+        stats.outcomes[f"{fault or 'client disconnect'} -> {outcome}"] += 1
+        return
+    if outcome == "clean finish":
+        stats.ok += 1
+        if measure and first is not None:
+            stats.ttft.append(first - t0)
+    else:
+        stats.errors[outcome] += 1
+
+
+def _openai_error(raw: bytes) -> bool:
+    try:
+        err = json.loads(raw)["error"]
+    except (ValueError, KeyError, TypeError):
+        return False
+    return isinstance(err, dict) and {"message", "type", "param", "code"} <= set(err)
+
+
+async def worker(session: aiohttp.ClientSession, url: str, stats: Stats, stop_at: float,
+                 measure_after: float, fault_rate: float, rng: random.Random) -> None:
+    while time.monotonic() < stop_at:
+        fault = None
+        abandon = False
+        if fault_rate:
+            x = rng.random()
+            if x < fault_rate:
+                fault = rng.choice(sorted(FAULTS))
+            elif x < fault_rate * 1.4:
+                abandon = True
+        await one(session, url, stats, time.monotonic() >= measure_after, fault, abandon)
+
+
+async def sample_rss(pid: int, out: list[float], stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        out.append(rss_mb(pid))
+        try:
+            await asyncio.wait_for(stop.wait(), 0.25)
+        except TimeoutError:
+            pass
+
+
+async def scrape(url: str) -> dict[str, float]:
+    async with aiohttp.ClientSession() as s, s.get(url + "/metrics") as r:
+        text = await r.text()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        for name in ("toolmend_requests_in_flight", "toolmend_queue_depth"):
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+@dataclass
+class Procs:
+    sim: subprocess.Popen[bytes]
+    tm: subprocess.Popen[bytes]
+    sim_url: str
+    tm_url: str
+    fixtures: Path
+
+    def stop(self) -> None:
+        for p in (self.tm, self.sim):
+            p.send_signal(signal.SIGTERM)
+        for p in (self.tm, self.sim):
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(self.fixtures, ignore_errors=True)
+
+
+def start(args: argparse.Namespace) -> Procs:
+    """The simulator (with the fault scenarios as fixtures) and toolmend, as two processes."""
+    sim_port, tm_port = free_port(), free_port()
+    fixtures = Path(tempfile.mkdtemp(prefix="toolmend-load-"))
+    for name, sc in FAULTS.items():
+        (fixtures / f"{name}.json").write_text(json.dumps({"name": name, **sc}))
+    exe = [sys.executable, "-m", "toolmend"]
+    sim = subprocess.Popen([*exe, "sim", "--port", str(sim_port), "--slots",
+                            str(args.concurrency * 2), "--ttft", str(args.ttft),
+                            "--token-delay", str(args.token_delay), "--tokens",
+                            str(args.tokens), "--fixtures", str(fixtures)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # slots = concurrency and no express slot: nothing waits in toolmend's queue, so the
+    # numbers are the relay's, not the fair queue's (whose job is to make requests wait)
+    serve = [*exe, "serve", "--upstream", f"http://127.0.0.1:{sim_port}", "--backend", "vllm",
+             "--port", str(tm_port), "--slots", str(args.concurrency), "--no-express-slot",
+             "--max-queue", str(args.concurrency * 4), "--max-queue-per-agent",
+             str(args.concurrency * 4), "--no-log-requests", "--log-level", "warning",
+             "--max-connections", str(args.concurrency * 2)]
+    if args.soak:
+        serve += ["--first-byte-timeout", "3", "--idle-timeout", "3", "--total-timeout", "15",
+                  "--loading-timeout", "0"]
+    tm = subprocess.Popen(serve, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return Procs(sim, tm, f"http://127.0.0.1:{sim_port}", f"http://127.0.0.1:{tm_port}",
+                 fixtures)
+
+
+async def run(args: argparse.Namespace, procs: Procs) -> dict[str, Any]:
+    tm, tm_url, sim_url = procs.tm, procs.tm_url, procs.sim_url
+    await wait_http(sim_url + "/v1/models")
+    await wait_http(tm_url + "/healthz")
+    rss_fresh = rss_mb(tm.pid)
+    conn = aiohttp.TCPConnector(limit=0, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=60 if args.soak else 30)
+    async with aiohttp.ClientSession(connector=conn, timeout=timeout) as session:
+        warm = Stats()
+        await asyncio.gather(*(one(session, tm_url + "/v1/chat/completions", warm, False)
+                               for _ in range(min(200, args.concurrency))))
+        await asyncio.sleep(1.0)
+        rss_start = rss_mb(tm.pid)
+        cpu_start = cpu_seconds(tm.pid)
+        via, direct = Stats(), Stats()
+        rss: list[float] = []
+        stop = asyncio.Event()
+        sampler = asyncio.create_task(sample_rss(tm.pid, rss, stop))
+        t0 = time.monotonic()
+        stop_at = t0 + args.duration
+        measure_after = t0 + min(3.0, args.duration / 5)  # skip the ramp-up herd
+        probes = max(10, args.concurrency // 20)
+        rng = random.Random(7)
+        fault_rate = args.fault_rate if args.soak else 0.0
+        tasks = [worker(session, tm_url + "/v1/chat/completions", via, stop_at,
+                        measure_after, fault_rate, random.Random(rng.random()))
+                 for _ in range(args.concurrency)]
+        tasks += [worker(session, sim_url + "/v1/chat/completions", direct, stop_at,
+                         measure_after, 0.0, rng) for _ in range(probes)]
+        await asyncio.gather(*tasks)
+        elapsed = time.monotonic() - t0
+        cpu_used = cpu_seconds(tm.pid) - cpu_start
+        await asyncio.sleep(5.0)  # idle: let connections and buffers go
+        stop.set()
+        await sampler
+        rss_end = rss_mb(tm.pid)
+        after = await scrape(tm_url)
+    return {
+        "mode": "soak" if args.soak else ("quick" if args.quick else "full"),
+        "concurrency": args.concurrency, "probes": probes, "duration_s": round(elapsed, 1),
+        "sim": {"ttft_s": args.ttft, "token_delay_s": args.token_delay,
+                "tokens": args.tokens},
+        "requests": via.requests, "ok": via.ok, "errors": dict(via.errors),
+        "direct_requests": direct.requests, "direct_errors": dict(direct.errors),
+        "ttft_ms": {"via_p50": 1000 * pct(via.ttft, 50), "via_p99": 1000 * pct(via.ttft, 99),
+                    "direct_p50": 1000 * pct(direct.ttft, 50),
+                    "direct_p99": 1000 * pct(direct.ttft, 99)},
+        "added_ttft_p99_ms": 1000 * (pct(via.ttft, 99) - pct(direct.ttft, 99)),
+        "added_ttft_p50_ms": 1000 * (pct(via.ttft, 50) - pct(direct.ttft, 50)),
+        "chunks_per_s": via.chunks / elapsed,
+        "toolmend_cpu_us_per_chunk": 1e6 * cpu_used / max(1, via.chunks),
+        "rss_mb": {"fresh": rss_fresh, "start": rss_start, "peak": max(rss or [0]),
+                   "end": rss_end},
+        "after": after,
+        "outcomes": dict(sorted(via.outcomes.items())),
+    }
+
+
+def report(r: dict[str, Any]) -> str:
+    t, m = r["ttft_ms"], r["rss_mb"]
+    lines = [
+        f"**{r['mode']}**: {r['concurrency']} concurrent streams through toolmend for "
+        f"{r['duration_s']} s (+{r['probes']} direct probe streams), sim TTFT "
+        f"{r['sim']['ttft_s'] * 1000:.0f} ms, {r['sim']['tokens']} tokens at "
+        f"{r['sim']['token_delay_s'] * 1000:.0f} ms each; toolmend `--slots "
+        f"{r['concurrency']}`.",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        f"| requests through toolmend | {r['requests']:,} ({r['ok']:,} clean) |",
+        f"| errors | {sum(r['errors'].values())} {r['errors'] or ''} |",
+        f"| TTFT p50 / p99 via toolmend | {t['via_p50']:.1f} / {t['via_p99']:.1f} ms |",
+        f"| TTFT p50 / p99 direct | {t['direct_p50']:.1f} / {t['direct_p99']:.1f} ms |",
+        f"| added TTFT p50 / p99 | {r['added_ttft_p50_ms']:.1f} / "
+        f"{r['added_ttft_p99_ms']:.1f} ms |",
+        f"| relayed chunks/s | {r['chunks_per_s']:,.0f} |",
+        f"| toolmend CPU per chunk | {r['toolmend_cpu_us_per_chunk']:.0f} µs |",
+        f"| toolmend RSS fresh / start / peak / end | {m['fresh']:.0f} / {m['start']:.0f} / "
+        f"{m['peak']:.0f} / {m['end']:.0f} MB |",
+        f"| after the run: in flight, queued | "
+        f"{r['after'].get('toolmend_requests_in_flight', 0):.0f}, "
+        f"{r['after'].get('toolmend_queue_depth', 0):.0f} |",
+    ]
+    if r["outcomes"]:
+        lines += ["", "| fault (soak) | outcome | count |", "|---|---|---|"]
+        for k, n in r["outcomes"].items():
+            fault, outcome = k.split(" -> ", 1)
+            lines.append(f"| {fault} | {outcome} | {n} |")
+    return "\n".join(lines)
+
+
+def write_section(body: str) -> None:
+    """Replace (or append) this script's section of BENCHMARKS.md, re-read right before."""
+    text = BENCH_MD.read_text() if BENCH_MD.exists() else "# Benchmarks\n"
+    block = f"{SECTION}\n\n{body.strip()}\n"
+    start = text.find(SECTION + "\n")
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + block
+    else:
+        nxt = text.find("\n## ", start + len(SECTION))
+        text = text[:start] + block + ("\n" + text[nxt + 1:] if nxt >= 0 else "")
+    BENCH_MD.write_text(text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--concurrency", type=int, default=1000)
+    ap.add_argument("--duration", type=float, default=60.0)
+    ap.add_argument("--quick", action="store_true", help="15 s")
+    ap.add_argument("--soak", action="store_true", help="10 minutes with random faults")
+    ap.add_argument("--fault-rate", type=float, default=0.05,
+                    help="soak: share of requests that hit a fault (plus 40%% as many "
+                    "client disconnects)")
+    ap.add_argument("--ttft", type=float, default=0.05, help="sim: seconds to first token")
+    ap.add_argument("--token-delay", type=float, default=0.2, help="sim: seconds per token")
+    ap.add_argument("--tokens", type=int, default=16, help="sim: tokens per reply")
+    ap.add_argument("--json", help="also write the raw result here")
+    ap.add_argument("--write", action="store_true", help="replace the section in BENCHMARKS.md")
+    args = ap.parse_args()
+    if args.quick and args.duration == 60.0:
+        args.duration = 15.0
+    if args.soak and args.duration == 60.0:
+        args.duration = 600.0
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    procs = start(args)
+    try:
+        r = asyncio.run(run(args, procs))
+    finally:
+        procs.stop()
+    text = report(r)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps(r, indent=1))
+    if args.write:
+        write_section(text)
+
+
+if __name__ == "__main__":
+    main()
