@@ -98,8 +98,8 @@ class Proc:
         self._log.close()
 
 
-def write_section(section: str, path: Path = BENCHMARKS, *,
-                  new_file: str = "# Benchmarks\n") -> None:
+def replace_section(section: str, path: Path = BENCHMARKS, *,
+                    new_file: str = "# Benchmarks\n") -> None:
     """Replace the section whose heading is ``section``'s first line (up to the next ``## ``
     heading), or append it; every other section is left as it is.
 

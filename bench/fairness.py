@@ -26,7 +26,6 @@ import bisect
 import contextlib
 import math
 import os
-import socket
 import statistics
 import sys
 import time
@@ -34,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+from _common import free_port, replace_section
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOLMEND = [str(Path(sys.executable).with_name("toolmend"))]
@@ -48,12 +48,6 @@ LIGHT_TOKENS = 12
 LIGHT_PAUSE = 0.05
 LIGHT_STEP_GROWTH = "tool result: ok " * 8  # ~128 chars: the last tool round in the context
 WARMUP = 1.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _prompt_tokens(messages: list[dict[str, str]]) -> int:
@@ -268,7 +262,7 @@ async def wait_drained(sim_url: str, timeout: float = 15.0) -> None:
 
 @contextlib.asynccontextmanager
 async def stack(slots: int):  # type: ignore[no-untyped-def]
-    sim_port, tm_port = _free_port(), _free_port()
+    sim_port, tm_port = free_port(), free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     sim = await asyncio.create_subprocess_exec(
         *TOOLMEND, "sim", "--port", str(sim_port), "--slots", str(slots), "--ttft", str(TTFT),
@@ -412,23 +406,8 @@ async def main() -> int:
         "",
     ])
     print(section)
-    write_section(ROOT / "BENCHMARKS.md", section)
+    replace_section(section)
     return 0
-
-
-def write_section(path: Path, section: str) -> None:
-    """Replace this benchmark's ``## `` section, leaving every other section alone."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, ln in enumerate(lines) if ln.rstrip() == "## Fair queuing"), None)
-    if start is None:
-        new = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")),
-                   len(lines))
-        rest = "".join(lines[end:])
-        new = "".join(lines[:start]) + section + ("\n" + rest if rest else "")
-    path.write_text(new if new.endswith("\n") else new + "\n")
 
 
 if __name__ == "__main__":

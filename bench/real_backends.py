@@ -35,8 +35,6 @@ import argparse
 import asyncio
 import os
 import platform
-import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -47,13 +45,13 @@ from pathlib import Path
 
 import aiohttp
 import orjson
+from _common import BENCHMARKS, free_port, replace_section
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.real import stacks  # noqa: E402  (the repo root must be importable first)
 
-BENCHMARKS = ROOT / "BENCHMARKS.md"
 SECTION = "## Real backends"
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "Weather forecast for a city",
@@ -80,12 +78,6 @@ class Round:
     @property
     def total_tps(self) -> float:
         return sum(s.tokens for s in self.samples) / self.wall if self.wall else 0.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Toolmend:
@@ -231,20 +223,7 @@ def render_level(name: str, agents: int, rounds: dict[str, list[Round]]) -> str:
 
 
 def write_section(body: str, path: Path = BENCHMARKS) -> None:
-    """Replace (or append) only this section; re-read right before writing, swap atomically."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    section = f"{SECTION}\n\n{body}"
-    m = re.search(rf"^{re.escape(SECTION)}[ \t]*$", text, flags=re.M)
-    if m:
-        nxt = re.search(r"^## ", text[m.end():], flags=re.M)
-        end = m.end() + nxt.start() if nxt else len(text)
-        tail = text[end:]
-        text = text[:m.start()] + section + ("\n" + tail if tail else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    replace_section(f"{SECTION}\n\n{body}", path)
 
 
 async def run(cfg: argparse.Namespace) -> str:

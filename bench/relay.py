@@ -46,12 +46,9 @@ import asyncio
 import contextlib
 import os
 import platform
-import re
 import resource
-import select
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -60,17 +57,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+from _common import BENCHMARKS, CLK_TCK, FIRST_CONTENT, Proc, replace_section
 from aiohttp import web
 
 SELF = Path(__file__).resolve()
-ROOT = SELF.parent.parent
-BENCHMARKS = ROOT / "BENCHMARKS.md"
 SECTION = "## Relay overhead"
 LEVELS = (1, 16, 64, 256)
 MODES = ("direct", "toolmend", "bare")
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-URL_RE = re.compile(rb"http://[0-9.]+:[0-9]+")
-FIRST_CONTENT = re.compile(rb'"content": ?"[^"]')
 DATA = b"data: "
 DONE_TAIL = b"data: [DONE]\n\n"
 TOOLS = (b',"tools":[{"type":"function","function":{"name":"get_weather",'
@@ -88,66 +81,6 @@ GOAL_ERROR_LEVEL = 256
 
 
 # --- processes ------------------------------------------------------------------------------
-
-class Proc:
-    """A child process that prints its URL on stdout once it is listening."""
-
-    def __init__(self, name: str, argv: list[str], log_dir: Path) -> None:
-        self.name = name
-        self.log_path = log_dir / f"{name}.log"
-        self._log = self.log_path.open("wb")
-        self.p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self._log,
-                                  stdin=subprocess.DEVNULL, cwd=log_dir)
-        self.url = self._wait_for_url(20.0)
-
-    def _wait_for_url(self, timeout: float) -> str:
-        assert self.p.stdout is not None
-        fd = self.p.stdout.fileno()
-        seen = b""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([fd], [], [], 0.2)
-            if ready:
-                piece = os.read(fd, 4096)
-                if not piece:
-                    break
-                seen += piece
-                m = URL_RE.search(seen)
-                if m:
-                    return m.group(0).decode()
-            elif self.p.poll() is not None:
-                break
-        self.stop()
-        raise RuntimeError(f"{self.name} did not start; stdout {seen!r}; see {self.log_path}")
-
-    @property
-    def pid(self) -> int:
-        return self.p.pid
-
-    def cpu_seconds(self) -> float:
-        """utime + stime of the process (all threads), in seconds."""
-        raw = Path(f"/proc/{self.pid}/stat").read_text()
-        fields = raw[raw.rindex(")") + 2:].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-    def peak_rss_mib(self) -> float:
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
-
-    def stop(self) -> None:
-        if self.p.poll() is None:
-            self.p.send_signal(signal.SIGINT)
-            try:
-                self.p.wait(10)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
-                self.p.wait()
-        if self.p.stdout is not None:
-            self.p.stdout.close()
-        self._log.close()
-
 
 def machine_cpu_busy() -> float:
     """Busy CPU-seconds of the whole machine so far (all cores), from /proc/stat."""
@@ -539,22 +472,8 @@ def machine_line() -> str:
 
 
 def write_section(body: str, path: Path = BENCHMARKS) -> None:
-    """Replace (or append) only our section; re-read right before writing, swap atomically."""
-    text = path.read_text() if path.exists() else ""
-    if not text.strip():
-        text = f"# Benchmarks\n\nMachine: {machine_line()}\n"
-    section = f"{SECTION}\n\n{body}"
-    m = re.search(rf"^{re.escape(SECTION)}[ \t]*$", text, flags=re.M)
-    if m:
-        nxt = re.search(r"^## ", text[m.end():], flags=re.M)
-        end = m.end() + nxt.start() if nxt else len(text)
-        tail = text[end:]
-        text = text[:m.start()] + section + ("\n" + tail if tail else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    replace_section(f"{SECTION}\n\n{body}", path,
+                    new_file=f"# Benchmarks\n\nMachine: {machine_line()}\n")
 
 
 # --- driver ---------------------------------------------------------------------------------

@@ -31,12 +31,8 @@ import argparse
 import asyncio
 import os
 import platform
-import re
-import select
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,68 +40,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+from _common import FIRST_CONTENT, Proc, free_port, replace_section
 from aiohttp import web
 
 SELF = Path(__file__).resolve()
-ROOT = SELF.parent.parent
-BENCHMARKS = ROOT / "BENCHMARKS.md"
 SECTION = "## Tracing overhead"
 CONFIGS = ("off", "live", "down")
-URL_RE = re.compile(rb"http://[0-9.]+:[0-9]+")
-FIRST_CONTENT = re.compile(rb'"content": ?"[^"]')
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 GOAL_THROUGHPUT_COST = 0.10
 CONCURRENCY = 32
 TOKENS = 64
-
-
-class Proc:
-    """A child process that prints its URL on stdout once it is listening."""
-
-    def __init__(self, name: str, argv: list[str], log_dir: Path) -> None:
-        self.name = name
-        self.log_path = log_dir / f"{name}.log"
-        self._log = self.log_path.open("wb")
-        self.p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self._log,
-                                  stdin=subprocess.DEVNULL, cwd=log_dir)
-        self.url = self._wait_for_url(30.0)
-
-    def _wait_for_url(self, timeout: float) -> str:
-        assert self.p.stdout is not None
-        fd = self.p.stdout.fileno()
-        seen = b""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([fd], [], [], 0.2)
-            if ready:
-                piece = os.read(fd, 4096)
-                if not piece:
-                    break
-                seen += piece
-                m = URL_RE.search(seen)
-                if m:
-                    return m.group(0).decode()
-            elif self.p.poll() is not None:
-                break
-        self.stop()
-        raise RuntimeError(f"{self.name} did not start; stdout {seen!r}; see {self.log_path}")
-
-    def cpu_seconds(self) -> float:
-        raw = Path(f"/proc/{self.p.pid}/stat").read_text()
-        fields = raw[raw.rindex(")") + 2:].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-    def stop(self) -> None:
-        if self.p.poll() is None:
-            self.p.send_signal(signal.SIGINT)
-            try:
-                self.p.wait(15)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
-                self.p.wait()
-        if self.p.stdout is not None:
-            self.p.stdout.close()
-        self._log.close()
+#: the receiver and the traced servers can take a while to start and to flush on exit
+_SLOW = {"start_timeout": 30.0, "stop_timeout": 15.0}
 
 
 # --- the OTLP receiver (its own process: ``tracing.py --receiver``) ------------------------------
@@ -237,12 +182,6 @@ async def throughput(url: str, proc: Proc, seconds: float) -> tuple[float, float
     return n / (t1 - t0), (cpu1 - cpu0) * 1000 / max(n, 1), errors
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def pct(xs: list[float], q: float) -> float:
     if not xs:
         return float("nan")
@@ -259,17 +198,17 @@ async def run(rounds: int, lat_n: int, seconds: float) -> str:
             sim = Proc("sim", [*tm, "sim", "--port", "0", "--ttft", "0", "--slots", "1024",
                                "--tokens", str(TOKENS)], logs)
             procs.append(sim)
-            recv = Proc("receiver", [sys.executable, str(SELF), "--receiver"], logs)
+            recv = Proc("receiver", [sys.executable, str(SELF), "--receiver"], logs, **_SLOW)
             procs.append(recv)
             endpoints = {"off": None, "live": recv.url,
-                         "down": f"http://127.0.0.1:{closed_port()}"}
+                         "down": f"http://127.0.0.1:{free_port()}"}
             servers: dict[str, Proc] = {}
             for cfg in CONFIGS:
                 argv = [*tm, "serve", "--port", "0", "--upstream", sim.url, "--slots", "1024",
                         "--no-log-requests", "--log-level", "warning"]
                 if endpoints[cfg]:
                     argv += ["--otlp-endpoint", endpoints[cfg]]
-                servers[cfg] = Proc(f"toolmend-{cfg}", argv, logs)
+                servers[cfg] = Proc(f"toolmend-{cfg}", argv, logs, **_SLOW)
                 procs.append(servers[cfg])
             # warm up every path once
             for cfg in CONFIGS:
@@ -357,18 +296,6 @@ shrinks in proportion.
 """
 
 
-def write_section(section: str) -> None:
-    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
-    start = text.find(SECTION + "\n")
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        nxt = text.find("\n## ", start + len(SECTION))
-        end = len(text) if nxt < 0 else nxt + 1
-        text = text[:start] + section + ("\n" if nxt >= 0 else "") + text[end:]
-    BENCHMARKS.write_text(text.rstrip("\n") + "\n")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--quick", action="store_true", help="fewer, shorter rounds")
@@ -382,7 +309,7 @@ def main() -> None:
     section = asyncio.run(run(rounds, lat_n, seconds))
     print(section)
     if not args.no_write:
-        write_section(section)
+        replace_section(section)
 
 
 if __name__ == "__main__":

@@ -27,14 +27,14 @@ import sys
 import time
 from collections.abc import Callable
 from importlib import metadata
-from pathlib import Path
 from typing import Any
+
+from _common import BENCHMARKS, replace_section
 
 from toolmend.parsers.schemas import ValidatorCache, compile_tools
 from toolmend.parsers.validation import validate_call
 
 SECTION = "## Tool-argument validation"
-BENCHMARKS = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 REPAIR_GOAL_US = 1000.0
 
 
@@ -214,23 +214,6 @@ def section(results: dict[str, dict[str, float]]) -> str:
     ])
 
 
-def write_section(text: str, path: Path = BENCHMARKS) -> None:
-    """Replace this benchmark's section of ``path`` (from its heading to the next ``## ``
-    heading), or append it; the rest of the file is kept as it is."""
-    existing = path.read_text("utf-8") if path.exists() else "# Benchmarks\n\n"
-    lines = existing.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == SECTION), None)
-    if start is None:
-        if existing and not existing.endswith("\n\n"):
-            existing += "\n" if existing.endswith("\n") else "\n\n"
-        path.write_text(existing + text, "utf-8")
-        return
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")),
-               len(lines))
-    after = "".join(lines[end:])
-    path.write_text("".join(lines[:start]) + text + ("\n" + after if after else ""), "utf-8")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="shorter runs, noisier numbers")
@@ -240,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     text = section(results)
     print(text)
     if not args.no_write:
-        write_section(text)
+        replace_section(text)
         print(f"wrote {SECTION!r} in {BENCHMARKS}", file=sys.stderr)
     return 0
 

@@ -277,7 +277,12 @@ class ChatMender:
         if args is not None and not isinstance(args, str):
             import orjson
 
-            args = orjson.dumps(args).decode()  # some servers send arguments as an object
+            try:  # some servers send arguments as an object
+                args = orjson.dumps(args).decode()
+            except TypeError:  # integers beyond 64 bits (a caller's own json.loads)
+                import json
+
+                args = json.dumps(args, ensure_ascii=False, separators=(",", ":"))
         cid = tc.get("id") if isinstance(tc.get("id"), str) and tc.get("id") else None
         index = tc.get("index") if isinstance(tc.get("index"), int) else None
         cur = self._current

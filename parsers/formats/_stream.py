@@ -98,7 +98,7 @@ def emit_plain(out: list[Event], text: str, reasoning: bool) -> None:
 MORE = 0  # needs more text
 DONE = 1  # the call's JSON is complete; position is just after it
 STOP = 2  # a stop marker begins at the position (not consumed): the call ends there
-#: StreamParser._read_call only: the object named no tool; its text went out as content
+#: StreamParser._call_ended only: the object named no tool; its text went out as content
 NOT_A_CALL = 3
 
 
@@ -194,23 +194,19 @@ class StreamParser(MarkerParser):
             self._thinking = False
         return m.end(), tok
 
-    def _read_call(self, data: str, pos: int, final: bool,
-                   out: list[Event]) -> tuple[int, int]:
-        """Feed the open :class:`CallReader`; when the call ends (DONE or STOP) close it.
-
-        Returns ``(position, status)``; the status is NOT_A_CALL instead of DONE when the
-        reader decided the object was content after all (its text has been emitted)."""
+    def _call_ended(self, out: list[Event], status: int) -> int:
+        """The open :class:`CallReader` returned DONE or STOP: close it. Returns the status,
+        NOT_A_CALL instead of DONE when the reader decided the object was content after all
+        (its text has been emitted). Feeding the reader stays in the format's ``_step``, one
+        call less per feed on the hot path."""
         reader = self._reader
         assert reader is not None
-        i, status = reader.feed(data, pos, final, out)
-        if status == MORE:
-            return i, MORE
         self._reader = None
         text = reader.close(out, truncated=False)
         if text is not None:
             emit_plain(out, text, False)
-            return i, NOT_A_CALL
-        return i, status
+            return NOT_A_CALL
+        return status
 
 
 class Collector:

@@ -134,9 +134,11 @@ class DeepSeekV3Parser(StreamParser):
             self._state = _CALL
             return j, False
         if st == _CALL:
-            i, status = self._read_call(data, pos, final, out)
+            assert self._reader is not None
+            i, status = self._reader.feed(data, pos, final, out)
             if status == MORE:
                 return i, True
+            self._call_ended(out, status)
             self._state = _TAIL  # DONE, or STOP at a call or section end
             return i, False
         # _SECTION (between calls) and _TAIL (after a call's JSON)

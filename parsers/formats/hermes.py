@@ -53,9 +53,11 @@ class HermesParser(StreamParser):
                 self._state = _CALL
             return pos, tok is None
         if st == _CALL:
-            i, status = self._read_call(data, pos, final, out)
+            assert self._reader is not None
+            i, status = self._reader.feed(data, pos, final, out)
             if status == MORE:
                 return i, True
+            status = self._call_ended(out, status)
             if status == STOP:
                 self._state = _TEXT
                 return i + len(TOOL_CALL_END), False

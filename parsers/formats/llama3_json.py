@@ -50,9 +50,11 @@ class Llama3JsonParser(StreamParser):
             emit_plain(out, data[pos:], False)
             return n, True
         if st == _CALL:
-            i, status = self._read_call(data, pos, final, out)
+            assert self._reader is not None
+            i, status = self._reader.feed(data, pos, final, out)
             if status == MORE:
                 return i, True
+            status = self._call_ended(out, status)
             self._state = _TEXT if status == NOT_A_CALL else _AFTER
             return i, False
         # _START, _AFTER, _NEXT: look past whitespace at what comes next

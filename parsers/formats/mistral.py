@@ -84,9 +84,11 @@ class MistralParser(StreamParser):
                 return end, False
             return (m.end() if tok == ARGS else end), False
         if st == _CALL:
-            i, status = self._read_call(data, pos, final, out)
+            assert self._reader is not None
+            i, status = self._reader.feed(data, pos, final, out)
             if status == MORE:
                 return i, True
+            status = self._call_ended(out, status)
             if status == STOP:  # the next [TOOL_CALLS] while this call was still open
                 self._in_list = False
                 self._state = _TEXT

@@ -136,9 +136,11 @@ class Qwen3CoderParser(StreamParser):
                 self._state = _AFTER_FUNC if tok == FUNCTION_END else _TEXT
             return m.end(), False
         if st == _JSON:
-            i, status = self._read_call(data, pos, final, out)
+            assert self._reader is not None
+            i, status = self._reader.feed(data, pos, final, out)
             if status == MORE:
                 return i, True
+            self._call_ended(out, status)
             self._state = _AFTER_FUNC  # DONE, or STOP at </tool_call>
             return i, False
         # _WRAP (after <tool_call>) and _AFTER_FUNC (after </function>)

@@ -408,7 +408,7 @@ def start_vllm(*, max_model_len: int = 1024, ready_timeout: float = 600,
     env.pop("VIRTUAL_ENV", None)
     port = free_port()
     cmd = [python, HERE / "vllm_launcher.py", "serve", model,
-           "--served-model-name", "gemma-3-270m",
+           "--served-model-name", "gemma-3-270m", "gemma",  # alias: clients send "gemma"
            "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
            "--chat-template", HERMES_TEMPLATE, "--max-model-len", str(max_model_len),
            "--dtype", "bfloat16", "--host", "127.0.0.1", "--port", str(port), *extra_args]
