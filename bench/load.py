@@ -183,7 +183,11 @@ def _openai_error(raw: bytes) -> bool:
 
 
 async def worker(session: aiohttp.ClientSession, url: str, stats: Stats, stop_at: float,
-                 measure_after: float, fault_rate: float, rng: random.Random) -> None:
+                 measure_after: float, fault_rate: float, rng: random.Random,
+                 stagger: float) -> None:
+    # Every reply takes the same time, so workers started together would stay in lockstep
+    # and hit toolmend as one herd per reply; a random start spreads them for good.
+    await asyncio.sleep(rng.uniform(0, stagger))
     while time.monotonic() < stop_at:
         fault = None
         abandon = False
@@ -282,15 +286,17 @@ async def run(args: argparse.Namespace, procs: Procs) -> dict[str, Any]:
         sampler = asyncio.create_task(sample_rss(tm.pid, rss, stop))
         t0 = time.monotonic()
         stop_at = t0 + args.duration
-        measure_after = t0 + min(3.0, args.duration / 5)  # skip the ramp-up herd
+        stagger = args.ttft + args.tokens * args.token_delay  # one reply's duration
+        measure_after = t0 + min(stagger, args.duration / 4)  # after the ramp-up
         probes = max(10, args.concurrency // 20)
         rng = random.Random(7)
         fault_rate = args.fault_rate if args.soak else 0.0
         tasks = [worker(session, tm_url + "/v1/chat/completions", via, stop_at,
-                        measure_after, fault_rate, random.Random(rng.random()))
+                        measure_after, fault_rate, random.Random(rng.random()), stagger)
                  for _ in range(args.concurrency)]
         tasks += [worker(session, sim_url + "/v1/chat/completions", direct, stop_at,
-                         measure_after, 0.0, rng) for _ in range(probes)]
+                         measure_after, 0.0, random.Random(rng.random()), stagger)
+                  for _ in range(probes)]
         await asyncio.gather(*tasks)
         elapsed = time.monotonic() - t0
         cpu_used = cpu_seconds(tm.pid) - cpu_start

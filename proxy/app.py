@@ -309,7 +309,8 @@ def build_app(settings: Settings, upstream_urls: list[str] | None = None) -> web
 
 async def start_server(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
     """Start serving; returns the runner and the bound port (useful with port 0)."""
-    limit = app[SETTINGS].max_header_bytes
+    settings = app.get(SETTINGS)  # other apps (the embedded backend, test peers) have none
+    limit = settings.max_header_bytes if settings is not None else 8190
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
                            max_line_size=limit, max_field_size=limit)
     await runner.setup()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import ast
 import json
 import re
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from json.decoder import scanstring
@@ -38,6 +39,14 @@ _WS = re.compile(r"[ \t\r\n]*")
 _WS_CHARS = " \t\r\n"
 #: whitespace held while deciding what follows a call; longer runs are released as text
 WS_LIMIT = 256
+
+
+def literal_eval_quiet(text: str) -> Any:
+    """``ast.literal_eval`` without its SyntaxWarning/DeprecationWarning noise: model output
+    full of odd escapes (``"\\i"``) is expected input here, not a programming mistake."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ast.literal_eval(text)
 
 
 def skip_ws(data: str, pos: int) -> int:
@@ -888,7 +897,7 @@ def convert_value(raw: str, schema: Any) -> Any:
     if not types or types == {"string"}:
         return raw
     text = raw.strip()
-    for parse in (json.loads, ast.literal_eval):
+    for parse in (json.loads, literal_eval_quiet):
         try:
             value = parse(text)
         except Exception:  # any parse failure: try the next reading
@@ -992,7 +1001,7 @@ class ParsedValues(ValueTyping):
     def complete(self, raw: str, prop: Any) -> str:
         if _is_string(prop) is not True:
             text = raw.strip()
-            for parse in (json.loads, ast.literal_eval):
+            for parse in (json.loads, literal_eval_quiet):
                 try:
                     return json.dumps(parse(text), ensure_ascii=False, allow_nan=False)
                 except Exception:  # any failure means "not this kind of value"

@@ -13,13 +13,12 @@ does): a Python value cannot be converted to JSON before it is complete.
 
 from __future__ import annotations
 
-import ast
 import json
 import re
 from typing import Any
 
 from ..events import Event, ToolCallArgs, ToolCallEnd, ToolCallStart
-from ._stream import WS_LIMIT, Markers, StreamParser, emit_plain, skip_ws
+from ._stream import WS_LIMIT, Markers, StreamParser, emit_plain, literal_eval_quiet, skip_ws
 
 PYTHON_START = "<|python_start|>"
 PYTHON_END = "<|python_end|>"
@@ -72,7 +71,7 @@ def _json_default(o: Any) -> Any:
 def literal_to_json(text: str) -> str | None:
     """A Python literal as JSON text, or None when it is not a plain literal."""
     try:
-        value = ast.literal_eval(text.strip())
+        value = literal_eval_quiet(text.strip())
         return json.dumps(value, ensure_ascii=False, allow_nan=False, default=_json_default)
     except Exception:  # SyntaxError, ValueError, RecursionError, TypeError, MemoryError...
         return None

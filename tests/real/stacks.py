@@ -443,11 +443,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("vllm model:", convert_model_for_vllm(), f"{time.monotonic() - t:.1f} s")
         return 0
     server = STARTERS[args.stack]()
-    print(f"{server.name} ready at {server.v1} in {server.started_in:.1f} s; log {server.logfile}")
+    print(f"{server.name} ready at {server.v1} in {server.started_in:.1f} s; log {server.logfile}",
+          flush=True)
+
+    def _exit(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    # a background job ignores SIGINT: stop the server on SIGTERM too
+    signal.signal(signal.SIGTERM, _exit)
+    signal.signal(signal.SIGINT, _exit)
     try:
         server.proc.wait()
-    except KeyboardInterrupt:
-        pass
     finally:
         server.stop()
     return 0
