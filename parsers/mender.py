@@ -428,8 +428,11 @@ class ChatMender:
                 if tail:
                     out.append(self._tool_chunk(call, {"arguments": tail}))
             elif args != streamed:
-                notes.append(f"call {call.name}: arguments were streamed before a repair; "
-                             "the client has the unrepaired text")
+                # the client already holds text that no appended suffix can make right, and
+                # incremental mode cannot retract: an explicit error, never a silent bad call
+                raise StreamError(invalid_call_error(
+                    call.name, "arguments were streamed (incremental mode) before they could "
+                    f"be repaired; the streamed text is not valid: {streamed[:200]!r}"))
             return
         self._emit_start(call, out)
         if args:

@@ -83,6 +83,7 @@ class Streamed:
 
 
 def client(base_v1: str, timeout: float = 300) -> openai.AsyncOpenAI:
+    """No retries: a retried request would hide what the first answer was."""
     return openai.AsyncOpenAI(base_url=base_v1, api_key="unused", max_retries=0,
                               timeout=timeout)
 
@@ -92,24 +93,30 @@ async def sdk_stream(base_v1: str, *, headers: dict[str, str] | None = None,
     body.setdefault("model", "gemma")
     out = Streamed()
     calls: dict[int, dict[str, str]] = {}
-    stream = await client(base_v1).chat.completions.create(
-        stream=True, extra_headers=headers or {}, **body)
-    async for ch in stream:
-        out.chunks += 1
-        for c in ch.choices:
-            d = c.delta
-            out.content += d.content or ""
-            if d.function_call is not None:
-                out.function_call_deltas += 1
-            for tc in d.tool_calls or ():
-                slot = calls.setdefault(tc.index, {"id": "", "name": "", "arguments": ""})
-                slot["id"] += tc.id or ""
-                if tc.function is not None:
-                    slot["name"] += tc.function.name or ""
-                    slot["arguments"] += tc.function.arguments or ""
-            out.finish = c.finish_reason or out.finish
+    async with client(base_v1) as c:
+        stream = await c.chat.completions.create(stream=True, extra_headers=headers or {},
+                                                 **body)
+        async for ch in stream:
+            _accumulate(out, calls, ch)
     out.calls = [calls[i] for i in sorted(calls)]
     return out
+
+
+def _accumulate(out: Streamed, calls: dict[int, dict[str, str]], ch: Any) -> None:
+    """Fold one chunk in the way agent frameworks do: every fragment is concatenated."""
+    out.chunks += 1
+    for c in ch.choices:
+        d = c.delta
+        out.content += d.content or ""
+        if d.function_call is not None:
+            out.function_call_deltas += 1
+        for tc in d.tool_calls or ():
+            slot = calls.setdefault(tc.index, {"id": "", "name": "", "arguments": ""})
+            slot["id"] += tc.id or ""
+            if tc.function is not None:
+                slot["name"] += tc.function.name or ""
+                slot["arguments"] += tc.function.arguments or ""
+        out.finish = c.finish_reason or out.finish
 
 
 @dataclass
