@@ -476,9 +476,12 @@ class UpstreamCall:
         await self._exit(ev)
 
     async def _exit(self, ev: BaseException | None) -> None:
-        if self._resp is not None:
-            self._resp.close()
-            self._resp = None
+        resp, self._resp = self._resp, None
+        if resp is not None:
+            if ev is None and resp.content.is_eof():
+                resp.release()  # read to the end: the connection goes back to the pool
+            else:
+                resp.close()  # unfinished: the backend must see the socket close at once
         self._detach()
         cm, self._cm = self._cm, None
         if cm is not None:

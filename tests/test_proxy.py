@@ -348,3 +348,15 @@ async def test_slow_reader_does_not_grow_memory(stack: Stack) -> None:
     assert sent_while_paused < 25_000_000, sent_while_paused
     resp.close()
     await session.close()
+
+
+async def test_upstream_connections_are_kept_alive_and_reused(stack: Stack) -> None:
+    c = client(stack)
+    await c.chat.completions.create(model="m", messages=MSG)  # warm: start-up probes are done
+    opened = len(stack.sim.stats.connections)
+    for stream in (True, False, True, True, False, True):
+        r = await c.chat.completions.create(model="m", messages=MSG, stream=stream)
+        if stream:
+            _ = [ch async for ch in r]  # type: ignore[union-attr]
+    assert len(stack.sim.stats.peers) == 7
+    assert len(stack.sim.stats.connections) == opened  # every request rode a pooled connection

@@ -35,6 +35,8 @@ class SimStats:
     completed: int = 0
     disconnects: list[float] = field(default_factory=list)  # time.monotonic() of each
     bodies: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=64))
+    peers: deque[int | None] = field(default_factory=lambda: deque(maxlen=64))  # client ports
+    connections: set[int] = field(default_factory=set)  # every client port seen, any endpoint
     chunks_sent: int = 0
     bytes_sent: int = 0
 
@@ -111,7 +113,14 @@ class SimBackend:
 
     # server ------------------------------------------------------------------------------------
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+        @web.middleware
+        async def count_connections(request: web.Request, handler: Any) -> web.StreamResponse:
+            peer = request.transport.get_extra_info("peername") if request.transport else None
+            if peer:
+                self.stats.connections.add(peer[1])
+            return await handler(request)
+
+        app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[count_connections])
         app[SIM] = self
         r = app.router
         r.add_post("/v1/chat/completions", self.chat)
@@ -217,6 +226,8 @@ class SimBackend:
             return self._error(400, "invalid JSON body")
         self.stats.requests += 1
         self.stats.bodies.append(body)
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        self.stats.peers.append(peer[1] if peer else None)
         if self.loading:
             return self._error(503, "Loading model")
         sc = self.pick(body)
