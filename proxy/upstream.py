@@ -20,6 +20,7 @@ body is translated here and the NDJSON answer turned back into OpenAI SSE
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import secrets
@@ -30,6 +31,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from yarl import URL
 
 from .config import Settings
 from .detect import Detected, detect
@@ -74,7 +76,8 @@ class Timeouts:
 class Replica:
     """One upstream URL and what toolmend knows about it."""
 
-    url: str
+    url: str  # without credentials: safe to show in /readyz, logs, errors and traces
+    auth: str | None = None  # "Basic ..." from user:password in the configured URL
     in_flight: int = 0  # requests through toolmend right now: the load that routing compares
     healthy: bool = True  # optimistic until it fails: start-up must not wait for a probe
     requests: int = 0
@@ -88,14 +91,26 @@ class Replica:
                 "last_error": self.last_error or None}
 
 
+def _replica(url: str) -> Replica:
+    """A replica for a configured URL; ``user:password@`` moves out of the URL into BasicAuth,
+    so that no string toolmend shows anywhere can carry the credentials."""
+    parsed = URL(url.rstrip("/"))
+    auth = None
+    if parsed.user is not None or parsed.password is not None:
+        pair = f"{parsed.user or ''}:{parsed.password or ''}".encode()
+        auth = "Basic " + base64.b64encode(pair).decode("ascii")
+        parsed = parsed.with_user(None)
+    return Replica(str(parsed).rstrip("/"), auth)
+
+
 class UpstreamClient:
     """Owns the shared :class:`aiohttp.ClientSession`; closed in the app's ``on_cleanup``."""
 
     def __init__(self, urls: list[str], settings: Settings) -> None:
         if not urls:
             raise ValueError("at least one upstream URL is needed")
-        self.urls = [u.rstrip("/") for u in urls]
-        self.replicas = [Replica(u) for u in self.urls]
+        self.replicas = [_replica(u) for u in urls]
+        self.urls = [r.url for r in self.replicas]
         self.timeouts = Timeouts.from_settings(settings)
         self._api_key = settings.api_key
         self._limit = settings.max_connections
@@ -155,7 +170,7 @@ class UpstreamClient:
             try:
                 async with asyncio.timeout(timeout):
                     async with self.session.get(r.url + HEALTH_PATH,
-                                                headers=self._headers(None)) as resp:
+                                                headers=self._headers(None, r)) as resp:
                         status = resp.status
                         await resp.read()
             except (aiohttp.ClientError, TimeoutError, OSError) as e:
@@ -276,10 +291,13 @@ class UpstreamClient:
         """The replica that probes and small GETs go to first: the first healthy one."""
         return next((r.url for r in self.replicas if r.healthy), self.urls[0])
 
-    def _headers(self, extra: dict[str, str] | None) -> dict[str, str]:
+    def _headers(self, extra: dict[str, str] | None,
+                 replica: Replica | None = None) -> dict[str, str]:
         h = {"Content-Type": "application/json", "Accept": "text/event-stream, application/json"}
         if self._api_key:
             h["Authorization"] = f"Bearer {self._api_key}"
+        elif replica is not None and replica.auth:
+            h["Authorization"] = replica.auth
         if extra:
             h.update(extra)
         return h
@@ -297,7 +315,7 @@ class UpstreamClient:
             assert r is not None
             tried.append(r)
             try:
-                doc = await self._get_json(r.url + path, timeout)
+                doc = await self._get_json(r.url + path, timeout, r)
             except ProxyError as e:
                 if e.code not in FAILOVER_CODES:
                     raise
@@ -308,10 +326,10 @@ class UpstreamClient:
             self.mark_up(r)
             return doc
 
-    async def _get_json(self, url: str, timeout: float) -> Any:
+    async def _get_json(self, url: str, timeout: float, replica: Replica | None = None) -> Any:
         try:
             async with asyncio.timeout(timeout):
-                async with self.session.get(url, headers=self._headers(None)) as r:
+                async with self.session.get(url, headers=self._headers(None, replica)) as r:
                     raw = await r.read()
                     if r.status >= 400:
                         raise normalize_upstream_error(r.status, raw)
@@ -447,8 +465,11 @@ class UpstreamCall:
             self._tried.append(r)
             self._attach(r)
             try:
+                headers = self._headers
+                if r.auth and "Authorization" not in headers:
+                    headers = {**headers, "Authorization": r.auth}
                 resp = await owner.session.request(self._method, self.url, data=self._body,
-                                                   headers=self._headers)
+                                                   headers=headers)
             except FAILOVER_ERRORS as e:
                 self._detach()
                 owner.mark_down(r, f"{e.__class__.__name__}: {e}")

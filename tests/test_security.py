@@ -424,3 +424,38 @@ async def test_requests_cannot_choose_the_upstream(make_stack: StackFactory) -> 
         assert canary.stats.requests == 0
     finally:
         await canary.stop()
+
+
+async def test_credentials_in_upstream_url_never_shown(make_stack) -> None:  # type: ignore[no-untyped-def]
+    """``http://user:secret@host`` authenticates to the upstream but is never displayed."""
+    import aiohttp as _aiohttp
+
+    from toolmend.app import build_app, start_server
+    from toolmend.config import Settings
+    from toolmend.sim.server import SimBackend
+
+    sim = SimBackend("vllm")
+    await sim.start()
+    host = sim.url.removeprefix("http://")
+    app = build_app(Settings(log_requests=False), [f"http://agent:s3cr3t@{host}"])
+    runner, port = await start_server(app, "127.0.0.1", 0)
+    try:
+        async with _aiohttp.ClientSession() as s:
+            async with s.get(f"http://127.0.0.1:{port}/readyz") as r:
+                ready = await r.text()
+            async with s.post(f"http://127.0.0.1:{port}/v1/chat/completions",
+                              json={"messages": [{"role": "user", "content": "hi"}]}) as r:
+                reply = await r.text()
+        await sim.stop()
+        async with _aiohttp.ClientSession() as s:  # now unreachable: the error names the URL
+            async with s.post(f"http://127.0.0.1:{port}/v1/chat/completions",
+                              json={"messages": [{"role": "user", "content": "hi"}]}) as r:
+                error = await r.text()
+        for text in (ready, reply, error):
+            assert "s3cr3t" not in text and "agent:" not in text
+        assert host in error
+        # the upstream did get them
+        assert any(a and a.startswith("Basic ") for a in sim.stats.authorizations)
+    finally:
+        await runner.cleanup()
+        await sim.stop()

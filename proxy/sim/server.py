@@ -37,6 +37,7 @@ class SimStats:
     bodies: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=64))
     peers: deque[int | None] = field(default_factory=lambda: deque(maxlen=64))  # client ports
     connections: set[int] = field(default_factory=set)  # every client port seen, any endpoint
+    authorizations: deque[str | None] = field(default_factory=lambda: deque(maxlen=64))
     chunks_sent: int = 0
     bytes_sent: int = 0
 
@@ -118,6 +119,7 @@ class SimBackend:
             peer = request.transport.get_extra_info("peername") if request.transport else None
             if peer:
                 self.stats.connections.add(peer[1])
+            self.stats.authorizations.append(request.headers.get("Authorization"))
             return await handler(request)
 
         app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[count_connections])
