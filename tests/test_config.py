@@ -66,3 +66,10 @@ def test_cli_reports_configuration_errors(tmp_path: Path) -> None:
                        capture_output=True, text=True)
     assert r.returncode == 2
     assert "configuration error" in r.stderr and "port" in r.stderr
+
+
+def test_readme_documents_every_option() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    missing = [f.name for f in fields(Settings)
+               if f.metadata.get("help") and f"| `{f.name}` |" not in readme]
+    assert not missing, f"README's configuration table lacks {missing}"
