@@ -157,7 +157,11 @@ async def one_request(session: aiohttp.ClientSession, url: str, tokens: int,
 async def run_round(url: str, path: str, agents: int, per_agent: int, tokens: int) -> Round:
     rnd = Round(path, agents)
     timeout = aiohttp.ClientTimeout(total=600)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
+    # A new connection per request on both paths: llama-server closes idle keep-alive
+    # connections, and a pooled one it has closed fails the next request (a client artefact,
+    # not a server error). Loopback connects cost well under a millisecond.
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         async def agent(i: int) -> None:
             for _ in range(per_agent):
                 try:

@@ -8,6 +8,7 @@ constrained, so the call itself is real model output and deterministic at temper
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import jsonschema
@@ -90,7 +91,7 @@ async def test_named_call_non_streaming(make_proxy: Any, llama_cpp_python: Serve
     assert [tc["function"]["name"] for tc in msg["tool_calls"]] == ["get_weather"]
     assert msg.get("function_call") is None
     assert choice["finish_reason"] == "tool_calls"
-    jsonschema.validate(__import__("json").loads(msg["tool_calls"][0]["function"]["arguments"]),
+    jsonschema.validate(json.loads(msg["tool_calls"][0]["function"]["arguments"]),
                         WEATHER_SCHEMA)
 
 
@@ -101,20 +102,43 @@ BOUNDED_DAYS: dict[str, Any] = {
     "required": ["city", "days"], "additionalProperties": False}
 
 
-@pytest.mark.xfail(strict=False, reason="schema validation and constrained retry are not yet "
-                   "wired into the proxy (parsers/validation.py, parsers/policy.py)")
+async def test_out_of_range_argument_never_reaches_the_agent(make_proxy: Any,
+                                                            llama_cpp_python: Server) -> None:
+    """The server's grammar ignores ``maximum``: Gemma writes ``"days": 1000000000000000``
+    (real output). The agent gets a call that validates (retried) or a clear
+    ``invalid_tool_call`` error, never the out-of-range call."""
+    tools = [{"type": "function", "function": {"name": "get_weather",
+                                               "parameters": BOUNDED_DAYS}}]
+    body = {"messages": ASK, "tools": tools, "tool_choice": NAMED, "max_tokens": 60,
+            "temperature": 0}
+    direct = await raw_stream(llama_cpp_python.v1, body)
+    assert direct.tool_calls(), "the forced call did not come out at all"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(json.loads(direct.tool_calls()[0]["arguments"]), BOUNDED_DAYS)
+    proxy = await make_proxy(llama_cpp_python)
+    raw = await raw_stream(proxy.v1, body, headers={ON_INVALID: "retry"})
+    if raw.error is not None:
+        assert raw.error["code"] == "invalid_tool_call", raw.error
+        assert "/days" in raw.error["message"]
+        return
+    calls = raw.tool_calls()
+    assert [c["name"] for c in calls] == ["get_weather"]
+    jsonschema.validate(json.loads(calls[0]["arguments"]), BOUNDED_DAYS)
+
+
+@pytest.mark.xfail(strict=False, reason="llama-cpp-python's JSON-schema grammar ignores "
+                   "minimum/maximum, so the constrained retry (response_format with the schema) "
+                   "repeats the out-of-range value and the agent gets the clear error instead")
 async def test_out_of_range_argument_is_retried_with_a_grammar(make_proxy: Any,
                                                                llama_cpp_python: Server) -> None:
-    """The server's grammar ignores ``maximum``: Gemma writes ``"days": 15082346900000000000``
-    (real output). With ``retry``, toolmend asks again constrained to the schema and the agent
-    receives a call that validates."""
+    """Issue 10's constrained retry on llama-cpp-python: the retried call validates."""
     proxy = await make_proxy(llama_cpp_python)
     tools = [{"type": "function", "function": {"name": "get_weather",
                                                "parameters": BOUNDED_DAYS}}]
-    direct = await sdk_stream(llama_cpp_python.v1, messages=ASK, tools=tools, tool_choice=NAMED,
-                              max_tokens=60, temperature=0)
-    assert direct.calls, "the forced call did not come out at all"
-    got = await sdk_stream(proxy.v1, headers={ON_INVALID: "retry"}, messages=ASK, tools=tools,
-                           tool_choice=NAMED, max_tokens=60, temperature=0)
-    assert [c["name"] for c in got.calls] == ["get_weather"]
-    jsonschema.validate(got.args(), BOUNDED_DAYS)
+    raw = await raw_stream(proxy.v1, {"messages": ASK, "tools": tools, "tool_choice": NAMED,
+                                      "max_tokens": 60, "temperature": 0},
+                           headers={ON_INVALID: "retry"})
+    assert raw.error is None, raw.error
+    calls = raw.tool_calls()
+    assert [c["name"] for c in calls] == ["get_weather"]
+    jsonschema.validate(json.loads(calls[0]["arguments"]), BOUNDED_DAYS)
