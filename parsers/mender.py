@@ -501,6 +501,14 @@ def mend_message(message: dict[str, Any], finish_reason: str | None, fmt: str | 
     rule, then folds the emitted chunks back into one message.
     """
     m = ChatMender(fmt, tools, checker=checker, reply_checker=reply_checker, model_hint=model)
+    chunks, _ = m.feed({"choices": [{"index": 0, "delta": message_as_delta(message),
+                                     "finish_reason": finish_reason or "stop"}]})
+    return fold_chunks(message, chunks), m.finish_reason, m
+
+
+def message_as_delta(message: dict[str, Any]) -> dict[str, Any]:
+    """A whole ``message`` as one streaming ``delta``, so non-streaming replies take the same
+    path through the mender as streamed ones (tool calls get their positional index)."""
     delta: dict[str, Any] = {"role": "assistant"}
     for key in ("content", "reasoning_content", "reasoning", "tool_calls", "function_call"):
         if message.get(key) is not None:
@@ -508,9 +516,7 @@ def mend_message(message: dict[str, Any], finish_reason: str | None, fmt: str | 
     if isinstance(delta.get("tool_calls"), list):
         delta["tool_calls"] = [{**tc, "index": i} for i, tc in enumerate(delta["tool_calls"])
                                if isinstance(tc, dict)]
-    chunks, _ = m.feed({"choices": [{"index": 0, "delta": delta,
-                                     "finish_reason": finish_reason or "stop"}]})
-    return fold_chunks(message, chunks), m.finish_reason, m
+    return delta
 
 
 def fold_chunks(message: dict[str, Any], chunks: list[dict[str, Any]]) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from typing import Any
 from .config import Settings
 from .context import RequestContext
 from .errors import ProxyError
-from .parsers.mender import ChatMender, StreamError, fold_chunks
+from .parsers.mender import ChatMender, StreamError, fold_chunks, message_as_delta
 from .parsers.stream import StreamPipeline, UpstreamStreamError
 from .upstream import UpstreamClient
 from .validating import RequestValidation, schema_limits
@@ -88,7 +88,7 @@ class ChatMending:
                     continue
                 mender = self.mender()
                 mender._model_hint = model
-                delta = _as_delta(msg)
+                delta = message_as_delta(msg)
                 try:
                     chunks, notes = mender.feed({"model": model, "choices": [
                         {"index": 0, "delta": delta,
@@ -115,17 +115,6 @@ class ChatMending:
             return obj
 
         return transform
-
-
-def _as_delta(message: dict[str, Any]) -> dict[str, Any]:
-    delta: dict[str, Any] = {"role": "assistant"}
-    for key in ("content", "reasoning_content", "reasoning", "tool_calls", "function_call"):
-        if message.get(key) is not None:
-            delta[key] = message[key]
-    if isinstance(delta.get("tool_calls"), list):
-        delta["tool_calls"] = [{**tc, "index": i} for i, tc in enumerate(delta["tool_calls"])
-                               if isinstance(tc, dict)]
-    return delta
 
 
 def record(ctx: RequestContext, mender: ChatMender | None) -> None:

@@ -76,8 +76,8 @@ async def test_fixture_through_toolmend(make_stack: StackFactory, dialect: str, 
     expected = case["expected"]
     exp_calls = expected.get("tool_calls", [])
     # a call the format parser sees as not-JSON must be repaired or refused, never passed on
-    unrepairable = [e for e in exp_calls if not e["name"] or "arguments_raw" in e and
-                    not repair_arguments(e["arguments_raw"], e.get("truncated", False)).ok]
+    unrepairable = [e for e in exp_calls if not e["name"] or ("arguments_raw" in e and
+                    not repair_arguments(e["arguments_raw"], e.get("truncated", False)).ok)]
     # a fixture's call that parses but breaks its tool's schema is retried, then refused
     tools = tools_for(case)
     if not unrepairable and exp_calls and tools is not openai.omit:
