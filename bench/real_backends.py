@@ -251,7 +251,8 @@ async def run(cfg: argparse.Namespace) -> str:
         f"Streaming chat requests offering one tool, {cfg.tokens} output tokens each "
         f"(`ignore_eos`), {cfg.per_agent} sequential requests per agent, {cfg.rounds} "
         f"alternating rounds per path. TTFT p50 in ms; tok/s as direct / through toolmend. "
-        f"Load average at the end: {load}. " + "; ".join(notes) + ".\n\n"
+        f"Load average at the end: {load}. " + "; ".join(notes) + ". With several agents "
+        "the TTFT includes waiting for a slot (llama-server has 2; vLLM batches them all).\n\n"
         "| backend | agents | TTFT direct | TTFT toolmend | added | noise (direct rounds) "
         "| decode tok/s per stream | total tok/s | errors |\n"
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")

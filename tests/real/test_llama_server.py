@@ -32,8 +32,6 @@ from .stacks import Server
 
 pytestmark = pytest.mark.real
 
-WIRING = ("schema validation, tool_choice checks and retry are not yet wired into the proxy "
-          "(parsers/validation.py, parsers/policy.py)")
 # At temperature 0 Gemma repeats the call until max_tokens (parallel_tool_calls: false does not
 # stop it, see below); the stop string ends the reply after the first call, as llama-server
 # still parses a call whose closing tag the stop string removed.
@@ -141,7 +139,6 @@ async def test_parallel_tool_calls_false(make_proxy: Any, llama_server: Server,
     assert json.loads(calls[0]["arguments"]) == {"city": "Lima"}
 
 
-@pytest.mark.xfail(strict=False, reason=WIRING)
 async def test_named_tool_choice_is_honoured(make_proxy: Any, llama_server: Server) -> None:
     """llama-server ignores a named ``tool_choice`` (a warning in its log): told to call
     ``get_time``, Gemma answers the weather question with ``get_weather``. The agent gets a call to
