@@ -233,7 +233,7 @@ def correction_message(verdict: Verdict, toolset: Toolset, *, read_as: str = REA
 def retry_plan(verdict: Verdict, toolset: Toolset, backend: str = Backend.OPENAI) -> RetryPlan:
     """How to retry, constrained to the tool's schema where ``backend`` supports it:
 
-    * ``vllm``: ``tool_choice`` naming the tool plus ``structured_outputs: {"json": schema}``;
+    * ``vllm``: ``tool_choice`` naming the tool, the tool itself marked ``strict``;
     * ``openai`` (and SGLang, TGI, vllm-mlx): ``tool_choice`` naming the tool;
     * ``llamacpp`` (llama-server): ``json_schema``, tools removed, reply read as arguments;
     * ``ollama``: ``format: schema``, tools removed, reply read as arguments;
@@ -259,8 +259,12 @@ def retry_plan(verdict: Verdict, toolset: Toolset, backend: str = Backend.OPENAI
     content_only = ("tools", "tool_choice", "parallel_tool_calls", "response_format")
     set_fields: dict[str, Any]
     if kind is Backend.VLLM:
-        set_fields = {"tool_choice": _named_choice(tool), "structured_outputs": {"json": schema}}
-        remove: tuple[str, ...] = ("response_format",)
+        # vLLM refuses structured_outputs beside tools ("either ... or tools, not both"); a
+        # named tool_choice on a ``strict`` tool is what its guided decoding honours.
+        strict_tool = {"type": "function",
+                       "function": {"name": tool, "parameters": schema, "strict": True}}
+        set_fields = {"tool_choice": _named_choice(tool), "tools": [strict_tool]}
+        remove: tuple[str, ...] = ("response_format", "structured_outputs")
         read_as = READ_TOOL_CALL
     elif kind is Backend.OPENAI:
         set_fields, remove, read_as = {"tool_choice": _named_choice(tool)}, (), READ_TOOL_CALL

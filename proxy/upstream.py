@@ -53,6 +53,8 @@ FAILOVER_CODES = frozenset({"upstream_unreachable", "upstream_timeout", "upstrea
 CHAT_PATH = "/v1/chat/completions"
 OLLAMA_CHAT_PATH = "/api/chat"
 HEALTH_PATH = "/v1/models"
+#: resends on a replica whose connection dropped before any answer (a stale keep-alive)
+STALE_RETRIES = 2
 
 
 def is_loading(status: int, raw: bytes) -> bool:
@@ -447,8 +449,10 @@ class UpstreamCall:
         delay, growth, ceiling = LOADING_BACKOFF
         loading: aiohttp.ClientResponse | None = None
         failed: BaseException | None = None
+        stale: dict[int, int] = {}  # id(replica) -> resends after a dropped connection
+        resend: Replica | None = None  # the replica to send to again, on a fresh connection
         while True:
-            r = self._next_replica()
+            r, resend = (resend, None) if resend is not None else (self._next_replica(), None)
             if r is None:
                 if loading is None:  # every replica refused the connection
                     assert failed is not None
@@ -472,6 +476,16 @@ class UpstreamCall:
                                                    headers=headers)
             except FAILOVER_ERRORS as e:
                 self._detach()
+                if not isinstance(e, aiohttp.ClientConnectorError) and \
+                        stale.get(id(r), 0) < STALE_RETRIES:
+                    # The connection was made (or taken from the pool) and then dropped before
+                    # any answer: typically a keep-alive connection the server had just closed
+                    # as idle (llama-server does). The request never reached the model; send
+                    # it again on a fresh connection before calling the replica down.
+                    stale[id(r)] = stale.get(id(r), 0) + 1
+                    self._tried.remove(r)
+                    resend = r
+                    continue
                 owner.mark_down(r, f"{e.__class__.__name__}: {e}")
                 failed = e
                 continue

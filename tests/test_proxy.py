@@ -360,3 +360,53 @@ async def test_upstream_connections_are_kept_alive_and_reused(stack: Stack) -> N
             _ = [ch async for ch in r]  # type: ignore[union-attr]
     assert len(stack.sim.stats.peers) == 7
     assert len(stack.sim.stats.connections) == opened  # every request rode a pooled connection
+
+
+async def test_stale_keepalive_connection_is_retried_transparently(make_stack: StackFactory
+                                                                   ) -> None:
+    """A server that closes an idle keep-alive connection just as the next request arrives
+    (llama-server does) must not cost the agent a 502: nothing reached the model yet."""
+    served = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal served
+        on_this_connection = 0
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(next((line.split(b":")[1] for line in head.split(b"\r\n")
+                                   if line.lower().startswith(b"content-length")), b"0"))
+                await reader.readexactly(length)
+                on_this_connection += 1
+                if on_this_connection > 1:  # the idle close racing the reuse
+                    writer.close()
+                    return
+                served += 1
+                body = (b'data: {"id":"c","object":"chat.completion.chunk","model":"m",'
+                        b'"choices":[{"index":0,"delta":{"content":"ok"},'
+                        b'"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n')
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                             b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    from toolmend.app import build_app, start_server
+    from toolmend.config import Settings
+
+    app = build_app(Settings(log_requests=False, backend="vllm", slots=4),
+                    [f"http://127.0.0.1:{port}"])
+    runner, pport = await start_server(app, "127.0.0.1", 0)
+    try:
+        async with aiohttp.ClientSession() as s:
+            for _ in range(3):
+                async with s.post(f"http://127.0.0.1:{pport}/v1/chat/completions",
+                                  json={"messages": MSG, "stream": True}) as r:
+                    raw = await r.read()
+                assert r.status == 200 and b'"ok"' in raw and b"error" not in raw, raw
+        assert served == 3
+    finally:
+        await runner.cleanup()
+        server.close()

@@ -159,7 +159,8 @@ async def test_stopped_replica_is_skipped_until_it_answers_again(make_pair: Fact
 async def test_failover_when_a_replica_drops_the_request(make_pair: Factory) -> None:
     pair = await make_pair(health_interval=60)
     a, b = pair.sims
-    a.push({"fault": {"kind": "refuse"}})  # reads the request, then resets the connection
+    # reads the request, then resets the connection, however often it is resent
+    a.push({"fault": {"kind": "refuse", "times": 3}})
     served = 0
     while a.stats.requests == 0:
         assert await ask(pair, stream=True)  # never fails: the request moved to b

@@ -24,6 +24,7 @@ class Fault:
     status: int = 500  # for kind "status"
     seconds: float = 3600.0  # for kind "stall"
     message: str = "simulated failure"
+    times: int = 1  # consecutive requests the fault strikes (a proxy may resend)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Fault:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
+import dataclasses
 import random
 import time
 from collections import deque
@@ -96,7 +98,12 @@ class SimBackend:
 
     def pick(self, body: dict[str, Any]) -> Scenario:
         if self.script:
-            return self.script.popleft()
+            sc = self.script.popleft()
+            if sc.fault is not None and sc.fault.times > 1:  # strikes the next request too
+                again = copy.copy(sc)
+                again.fault = dataclasses.replace(sc.fault, times=sc.fault.times - 1)
+                self.script.appendleft(again)
+            return sc
         last = _last_user_text(body)
         if "#scenario:" in last:
             name = last.split("#scenario:", 1)[1].split()[0]
