@@ -359,11 +359,14 @@ class ChatMender:
         self.finish_reason = final
         return self._chunk({}, final)
 
-    def resolve(self, held: HeldCall, name: str | None, arguments: str | None
-                ) -> tuple[list[dict[str, Any]], list[str]]:
-        """Emit the replacement for a held call (``name`` None: the retry produced no call)."""
+    def resolve(self, held: HeldCall, name: str | None, arguments: str | None,
+                text: str | None = None) -> tuple[list[dict[str, Any]], list[str]]:
+        """Emit the replacement for a held call (``name`` None: the retry produced no call;
+        ``text``: a plain answer asked for instead, as under ``tool_choice: "none"``)."""
         out: list[dict[str, Any]] = []
         notes: list[str] = []
+        if text:
+            out.append(self._chunk({"content": text}))
         if name:
             call = held.call or PendingCall(source="retry")
             if held.call is None:

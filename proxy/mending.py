@@ -44,8 +44,8 @@ class ChatMending:
     @classmethod
     def for_request(cls, settings: Settings, body: dict[str, Any], ctx: RequestContext,
                     headers: Any, backend: str) -> ChatMending | None:
-        if not body.get("tools") or body.get("tool_choice") == "none":
-            return None
+        if not body.get("tools"):
+            return None  # with tools and tool_choice "none", a call in the reply is a violation
         return cls(settings, body, ctx, headers, backend)
 
     def mender(self) -> ChatMender:

@@ -67,7 +67,9 @@ class RequestValidation:
         return self._result(verdict, attempt=0)
 
     def check_reply(self, names: list[str]) -> CheckResult:
-        if not names and self.toolset.choice not in ("required", "function"):
+        # Under "none" every call was already refused one by one (check_call); what is left
+        # for the whole reply is a required call that never came.
+        if names or self.toolset.choice not in ("required", "function"):
             return CheckResult(True)
         return self._result(validate_reply(names, self.toolset), attempt=0)
 
@@ -113,11 +115,11 @@ class RequestValidation:
             retry_body.pop("stream_options", None)
             self.ctx.retries += 1
             self.ctx.extra.setdefault("retry_times", []).append(loop.time())
-            name, arguments = await self._ask(up, path, retry_body, plan)
+            name, arguments, content = await self._ask(up, path, retry_body, plan)
             attempt += 1
             if name is None:
                 if plan.read_as == READ_TEXT:  # the plan asked for a plain answer instead
-                    return mender.resolve(held, None, None)
+                    return mender.resolve(held, None, None, text=content)
                 if held.call is None:  # a required call never came
                     verdict = validate_reply([], self.toolset)
                 else:
@@ -139,7 +141,7 @@ class RequestValidation:
                 raise StreamError(dict(decision.error or {}))
 
     async def _ask(self, up: UpstreamClient, path: str, retry_body: dict[str, Any],
-                   plan: Any) -> tuple[str | None, str | None]:
+                   plan: Any) -> tuple[str | None, str | None, str | None]:
         """One non-streaming retry request; the reply is mended like any other."""
         from .parsers.mender import mend_message
 
@@ -148,12 +150,12 @@ class RequestValidation:
             raw = await call.read_all()
             status = call.status
         if status >= 400:
-            return None, None
+            return None, None, None
         try:
             doc = orjson.loads(raw)
             msg = doc["choices"][0]["message"]
         except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
-            return None, None
+            return None, None, None
         tools = retry_body.get("tools") or body_tools(self.toolset)
         try:
             mended, _, _ = mend_message(msg, "stop", None, tools, model=doc.get("model"))
@@ -164,7 +166,8 @@ class RequestValidation:
         content = mended.get("content")
         if plan.read_as == READ_ARGUMENTS and not (content or "").strip() and first:
             content = first.get("arguments")  # the server answered with a call anyway
-        return plan.read(first.get("name"), first.get("arguments"), content)
+        name, arguments = plan.read(first.get("name"), first.get("arguments"), content)
+        return name, arguments, mended.get("content")
 
 
 def schema_limits(settings: Any) -> SchemaLimits:

@@ -165,3 +165,23 @@ async def test_bad_policy_header_is_400(stack: Stack) -> None:
     status, raw, _ = await raw_stream(stack, headers={"X-Toolmend-On-Invalid": "ignore"})
     assert status == 400
     assert b"X-Toolmend-On-Invalid" in raw
+
+
+async def test_tool_choice_none_with_a_call_in_the_text_is_retried_as_text(stack: Stack) -> None:
+    stack.sim.push({"content": "<tool_call>{\"name\": \"get_weather\", \"arguments\": "
+                               "{\"city\": \"Oslo\"}}</tool_call>"},
+                   {"content": "It is sunny in Oslo."})
+    _, _, events = await raw_stream(stack, tool_choice="none")
+    assert not calls_of(events)
+    assert content_of(events) == "It is sunny in Oslo."
+    assert events[-1]["choices"][0]["finish_reason"] == "stop"
+    retry = stack.sim.stats.bodies[-1]
+    assert "tools" not in retry  # the retry asks for a plain answer
+
+
+async def test_tool_choice_none_with_a_call_is_refused_under_error(stack: Stack) -> None:
+    stack.sim.push({"tool_calls": [{"name": "get_weather", "arguments": {"city": "Oslo"}}]})
+    _, _, events = await raw_stream(stack, tool_choice="none",
+                                    headers={"X-Toolmend-On-Invalid": "error"})
+    assert events[-1]["error"]["code"] == "invalid_tool_call"
+    assert "none" in events[-1]["error"]["message"]
