@@ -269,14 +269,64 @@ def retry_plan(verdict: Verdict, toolset: Toolset, backend: str = Backend.OPENAI
     elif kind is Backend.OPENAI:
         set_fields, remove, read_as = {"tool_choice": _named_choice(tool)}, (), READ_TOOL_CALL
     elif kind is Backend.LLAMACPP:
-        set_fields, remove, read_as = {"json_schema": schema}, content_only, READ_ARGUMENTS
+        set_fields = {"json_schema": grammar_friendly(schema)}
+        remove, read_as = content_only, READ_ARGUMENTS
     elif kind is Backend.OLLAMA:
-        set_fields, remove, read_as = {"format": schema}, content_only, READ_ARGUMENTS
+        set_fields = {"format": grammar_friendly(schema)}
+        remove, read_as = content_only, READ_ARGUMENTS
     else:
-        set_fields = {"response_format": {"type": "json_object", "schema": schema}}
+        set_fields = {"response_format": {"type": "json_object",
+                                          "schema": grammar_friendly(schema)}}
         remove, read_as = content_only, READ_ARGUMENTS
     text = correction_message(verdict, toolset, read_as=read_as, tool=tool)
     return RetryPlan(tool, text, set_fields, remove, read_as)
+
+
+#: a bounded integer with at most this many values is spelled out as an enum for a grammar
+GRAMMAR_ENUM_LIMIT: Final = 256
+
+
+def grammar_friendly(schema: Any) -> Any:
+    """The schema as llama.cpp-style grammar converters can enforce it.
+
+    Their JSON-schema-to-grammar conversion ignores ``minimum``/``maximum`` on integers
+    (llama-cpp-python's does; the model then writes ``"days": 1000000000000000`` again), so a
+    retry "constrained to the schema" would not be valid by construction. A bounded integer
+    with a small range gets an explicit ``enum`` of its values, which every converter turns
+    into alternatives. The bounds stay, so the schema means exactly what it meant.
+    """
+    if isinstance(schema, list):
+        return [grammar_friendly(v) for v in schema]
+    if not isinstance(schema, Mapping):
+        return schema
+    out = {k: grammar_friendly(v) for k, v in schema.items()}
+    if out.get("type") == "integer" and "enum" not in out and "const" not in out:
+        lo, hi = _int_bound(out, "minimum", "exclusiveMinimum", 1), \
+            _int_bound(out, "maximum", "exclusiveMaximum", -1)
+        if lo is not None and hi is not None and 0 <= hi - lo < GRAMMAR_ENUM_LIMIT:
+            step = out.get("multipleOf")
+            values = [v for v in range(lo, hi + 1)
+                      if not (isinstance(step, int) and step > 0 and v % step)]
+            if values:
+                out["enum"] = values
+    return out
+
+
+def _int_bound(schema: Mapping[str, Any], inclusive: str, exclusive: str,
+               nudge: int) -> int | None:
+    """The tightest integer bound from ``minimum``/``exclusiveMinimum`` (or the maxima)."""
+    import math
+
+    found: list[int] = []
+    v = schema.get(inclusive)
+    if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
+        found.append(math.ceil(v) if nudge > 0 else math.floor(v))
+    v = schema.get(exclusive)
+    if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
+        found.append(math.floor(v) + 1 if nudge > 0 else math.ceil(v) - 1)
+    if not found:
+        return None
+    return max(found) if nudge > 0 else min(found)
 
 
 def error_body(verdict: Verdict) -> dict[str, Any]:

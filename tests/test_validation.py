@@ -556,3 +556,26 @@ def test_random_arguments_never_raise(text: str, which: str, coerce: bool) -> No
         assert coerce or verdict.arguments == text
     for policy in Policy:
         decide(verdict, policy, toolset, backend="llamacpp")
+
+
+def test_grammar_friendly_spells_out_small_integer_ranges() -> None:
+    from toolmend.parsers.policy import grammar_friendly
+
+    schema = {"type": "object", "properties": {
+        "days": {"type": "integer", "minimum": 1, "maximum": 14},
+        "step": {"type": "integer", "exclusiveMinimum": 0, "maximum": 10, "multipleOf": 5},
+        "big": {"type": "integer", "minimum": 0, "maximum": 10_000},
+        "open": {"type": "integer", "minimum": 0},
+        "nested": {"type": "array", "items": {"type": "integer", "minimum": -1, "maximum": 1}}}}
+    out = grammar_friendly(schema)
+    props = out["properties"]
+    assert props["days"]["enum"] == list(range(1, 15)) and props["days"]["maximum"] == 14
+    assert props["step"]["enum"] == [5, 10]
+    assert "enum" not in props["big"] and "enum" not in props["open"]
+    assert props["nested"]["items"]["enum"] == [-1, 0, 1]
+    assert "enum" not in schema["properties"]["days"]  # the request's schema is untouched
+    plan = retry_plan(validate_call("f", '{"days": 99}', compile_tools(
+        [{"type": "function", "function": {"name": "f", "parameters": schema}}])),
+        compile_tools([{"type": "function", "function": {"name": "f", "parameters": schema}}]),
+        "llama-cpp-python")
+    assert plan.set["response_format"]["schema"]["properties"]["days"]["enum"][-1] == 14
