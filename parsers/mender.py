@@ -70,6 +70,7 @@ class PendingCall:
     source: str = "structured"  # or "markers"
     upstream_index: int | None = None
     out_index: int = -1
+    dropped: bool = False  # an extra call under parallel_tool_calls: false; never emitted
     started_out: bool = False  # incremental mode: the first fragment was sent
     sent_args: int = 0  # incremental mode: characters of arguments already sent
     repairs: list[Repair] = field(default_factory=list)
@@ -112,7 +113,7 @@ class ChatMender:
     def __init__(self, fmt: str | None, tools: list[dict[str, Any]] | None = None, *,
                  mode: str = "buffered", checker: CallChecker | None = None,
                  reply_checker: ReplyChecker | None = None,
-                 model_hint: str | None = None) -> None:
+                 model_hint: str | None = None, single_call: bool = False) -> None:
         # The format may be decided late, from the model name the upstream reports in its
         # first chunk: an agent often sends a placeholder model name.
         self._fmt = None if fmt in (None, "", "auto") else fmt
@@ -123,6 +124,7 @@ class ChatMender:
         self.mode = mode
         self.checker = checker
         self.reply_checker = reply_checker
+        self.single_call = single_call  # parallel_tool_calls: false, which servers ignore
         self.held: list[HeldCall] = []  # calls waiting for a retry (buffered mode only)
         self._pending_finish: str | None = None
         self._triggers: tuple[bytes, ...] = DEFAULT_TRIGGERS
@@ -248,7 +250,8 @@ class ChatMender:
             elif type(ev) is ToolCallStart:
                 only_text = False
                 self._close_structured(out, notes)
-                call = PendingCall(name=ev.name, id=ev.id, source="markers")
+                call = PendingCall(name=ev.name, id=ev.id, source="markers",
+                                   dropped=self.single_call and bool(self._calls))
                 self._marker_calls[ev.index] = call
                 self._calls.append(call)
                 if self.mode == "incremental":
@@ -301,7 +304,8 @@ class ChatMender:
                 new = True  # a second whole call to the same tool, without id or index
         if new:
             self._close_structured(out, notes)
-            cur = PendingCall(name=name or "", id=cid, upstream_index=index)
+            cur = PendingCall(name=name or "", id=cid, upstream_index=index,
+                              dropped=self.single_call and bool(self._calls))
             self._current = cur
             self._calls.append(cur)
         else:
@@ -388,6 +392,12 @@ class ChatMender:
         if call.complete:
             return
         call.complete = True
+        if call.dropped:
+            notes.append(f"dropped an extra call to {call.name or '?'}: parallel_tool_calls "
+                         "is false")
+            self.repairs.append({"kind": "extra_call_dropped", "call": -1,
+                                 "before": len(call.arguments), "after": 0})
+            return
         name, changed = clean_name(call.name)
         if changed:
             self._record(call, Repair("name_markup", len(call.name), len(name)), notes)
@@ -449,7 +459,7 @@ class ChatMender:
         notes.append(f"repaired call {idx} {call.name or '?'}: {r.note()}")
 
     def _emit_start(self, call: PendingCall, out: list[dict[str, Any]]) -> None:
-        if call.started_out:
+        if call.started_out or call.dropped:
             return
         call.started_out = True
         call.out_index = self._next_out

@@ -52,7 +52,8 @@ class ChatMending:
         v = self.validation
         m = ChatMender(self.fmt, self.tools, mode=self.mode,
                        checker=v.check_call if v else None,
-                       reply_checker=v.check_reply if v else None, model_hint=self.ctx.model)
+                       reply_checker=v.check_reply if v else None, model_hint=self.ctx.model,
+                       single_call=self.body.get("parallel_tool_calls") is False)
         self.ctx.extra["mender"] = m
         return m
 

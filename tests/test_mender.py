@@ -318,3 +318,21 @@ def test_property_any_content_never_raises_and_is_split_invariant(text: str, cut
 
     assert outcome([{"content": text}]) == outcome([{"content": text[:cut]},
                                                     {"content": text[cut:]}])
+
+
+@pytest.mark.parametrize("mode", ["buffered", "incremental"])
+def test_parallel_tool_calls_false_keeps_only_the_first_call(mode: str) -> None:
+    m = ChatMender("hermes", TOOLS, mode=mode, single_call=True)
+    out: list[dict[str, Any]] = []
+    text = ("<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Lima\"}}"
+            "</tool_call><tool_call>{\"name\": \"get_weather\", \"arguments\": "
+            "{\"city\": \"Lima\"}}</tool_call>")
+    for ch in text:
+        out += m.feed({"choices": [{"index": 0, "delta": {"content": ch}}]})[0]
+    out += m.feed({"choices": [{"index": 0, "delta": {"tool_calls": [
+        {"index": 5, "id": "x", "type": "function",
+         "function": {"name": "get_weather", "arguments": "{}"}}]}}]})[0]
+    out += m.feed({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})[0]
+    res = accumulate(out)
+    assert [orjson.loads(c["arguments"]) for c in res["calls"]] == [{"city": "Lima"}]
+    assert [r["kind"] for r in m.repairs].count("extra_call_dropped") == 2

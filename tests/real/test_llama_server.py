@@ -121,12 +121,11 @@ async def test_call_cut_by_max_tokens(make_proxy: Any, llama_server: Server, mod
     assert any("repaired" in c for c in raw.comments), raw.comments
 
 
-@pytest.mark.xfail(strict=False, reason="the mender does not enforce parallel_tool_calls yet")
 @pytest.mark.parametrize("mode", MODES)
 async def test_parallel_tool_calls_false(make_proxy: Any, llama_server: Server,
                                          mode: str) -> None:
-    """``parallel_tool_calls: false`` is not enforced: Gemma writes the same call again and
-    again. The agent gets exactly one call (the first, complete one)."""
+    """llama-server does not enforce ``parallel_tool_calls: false``: Gemma writes the same call
+    again and again. toolmend does: the agent gets exactly one call (the first, complete one)."""
     body = {**FEW_SHOT, "parallel_tool_calls": False}
     del body["stop"]
     direct = await raw_stream(llama_server.v1, body)

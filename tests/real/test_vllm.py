@@ -33,14 +33,6 @@ from .stacks import Server
 
 pytestmark = pytest.mark.real
 
-# Outcomes toolmend does not deliver yet against this real server (each test says which).
-RETRY_READ = ("vLLM 0.32 refuses toolmend's constrained retry (named tool_choice + "
-              "structured_outputs json) with HTTP 400 'You can only either use constraints for "
-              "structured outputs or tools, not both', so the agent gets 'the retried reply has "
-              "no tool call'; a named tool_choice with the tool marked strict: true does "
-              "constrain the arguments (see test_named_tool_choice_finish_reason)")
-NONE_OFF = ("with tool_choice 'none' the mender is off (proxy/mending.py), so the none-with-a-"
-            "call rule of parsers/validation.py never sees the raw <tool_call> in content")
 MODES = ["buffered", "incremental"]
 _REGEX_SPECIAL = set("\\.^$*+?{}[]()|")
 
@@ -241,7 +233,6 @@ async def test_schema_echo_arguments_are_an_error(make_proxy: Any, vllm: Server)
     assert raw.error["code"] == "invalid_tool_call"
 
 
-@pytest.mark.xfail(strict=False, reason=RETRY_READ)
 async def test_schema_echo_is_retried_constrained(make_proxy: Any, vllm: Server) -> None:
     """The same real schema echo with ``retry``: toolmend asks again constrained to the schema
     (named ``tool_choice`` + ``structured_outputs``), and the retried call validates."""
@@ -254,7 +245,6 @@ async def test_schema_echo_is_retried_constrained(make_proxy: Any, vllm: Server)
     jsonschema.validate(json.loads(calls[0]["arguments"]), STRICT_SCHEMA)
 
 
-@pytest.mark.xfail(strict=False, reason=NONE_OFF)
 async def test_raw_tags_as_content_with_tool_choice_none(make_proxy: Any, vllm: Server) -> None:
     """``tool_choice: "none"`` takes vLLM's parser out of play and the call comes out as raw
     ``<tool_call>`` text in ``content``. The agent asked for no tools: it gets a clear error
@@ -268,7 +258,6 @@ async def test_raw_tags_as_content_with_tool_choice_none(make_proxy: Any, vllm: 
     assert raw.error["code"] == "invalid_tool_call"
 
 
-@pytest.mark.xfail(strict=False, reason=RETRY_READ)
 async def test_constrained_retry_validates(make_proxy: Any, vllm: Server) -> None:
     """A first answer forced wrong (``town`` instead of the required ``city``); with ``retry``
     toolmend asks again constrained to the tool's schema (vLLM named ``tool_choice`` +
