@@ -49,8 +49,7 @@ class Embedded:
 
 @pytest.fixture
 async def embedded() -> AsyncIterator[Embedded]:
-    pytest.importorskip("llama_cpp")
-    from toolmend.embedded import start_embedded
+    from toolmend.embedded import start_embedded  # needs llama-cpp-python: no silent skip
 
     settings = Settings(log_requests=False)
     backend = await start_embedded(settings)
