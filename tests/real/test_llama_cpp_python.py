@@ -1,9 +1,10 @@
 """llama-cpp-python's OpenAI server (``chatml-function-calling``), real Gemma model, via toolmend.
 
-Its bugs, as seen on the real server: the function name and id repeated in every chunk,
-so an SDK-style accumulator builds ``get_weatherget_weather...``; the deprecated ``function_call`` sent beside
-``tool_calls``; no usage chunk; ``owned_by: "me"``. A named ``tool_choice`` is grammar-
-constrained, so the call itself is real model output and deterministic at temperature 0.
+Its bugs, as seen on the real server: the function name and id repeated in every chunk, so an
+SDK-style accumulator builds ``get_weatherget_weather...``; the deprecated ``function_call``
+sent beside ``tool_calls``; no usage chunk; ``owned_by: "me"``. A named ``tool_choice`` is
+grammar- constrained, so the call itself is real model output and deterministic at temperature
+0.
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 The base model makes real, unforced calls after two earlier tool-call rounds in the history
 (few-shot), which is how these tests get calls out of it: llama-server ignores a named
-``tool_choice``. Its bugs, as seen on the real server: a call cut by ``max_tokens`` is
-streamed anyway with arguments ``{"``; a named ``tool_choice`` is ignored; ``required`` can end with no call at all.
+``tool_choice``. Its bugs, as seen on the real server: a call cut by ``max_tokens`` is streamed
+anyway with arguments ``{"``; a named ``tool_choice`` is ignored; ``required`` can end with no
+call at all.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """vLLM's CPU build with its hermes tool parser, real Gemma model (converted), via toolmend.
 
-A 270M base model will not write a given broken call on request, so each bug is produced
-exactly with ``structured_outputs: {"regex": ...}``: the model's output is forced to the literal
-text, and vLLM's own parser then does what it does with it, as seen on the real server:
-invalid JSON inside the tags is streamed as corrupted arguments; a call cut by ``max_tokens`` arrives with invented
-``{}``; unknown tool names pass; a named ``tool_choice`` ends with ``finish_reason: "stop"``;
-with ``tool_choice: "none"`` raw ``<tool_call>`` text comes out as content.
+A 270M base model will not write a given broken call on request, so each bug is produced exactly
+with ``structured_outputs: {"regex": ...}``: the model's output is forced to the literal text,
+and vLLM's own parser then does what it does with it, as seen on the real server: invalid JSON
+inside the tags is streamed as corrupted arguments; a call cut by ``max_tokens`` arrives with
+invented ``{}``; unknown tool names pass; a named ``tool_choice`` ends with ``finish_reason:
+"stop"``; with ``tool_choice: "none"`` raw ``<tool_call>`` text comes out as content.
 """
 
 from __future__ import annotations
