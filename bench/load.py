@@ -48,6 +48,7 @@ _TOKEN = re.compile(rb'"content":"[^"]')
 
 # Faults the soak mixes in: scenario name -> scenario (served by name: "#scenario:NAME")
 FAULTS: dict[str, dict[str, Any]] = {
+    # served by name, so toolmend's two resends of a dropped request are refused too
     "refuse": {"fault": {"kind": "refuse"}},
     "reset": {"content": "one two three four five six", "fault": {"kind": "reset", "after": 3}},
     "stall_first_byte": {"content": "late reply", "fault": {"kind": "stall", "seconds": 30}},
