@@ -183,6 +183,11 @@ class StreamParser(MarkerParser):
             self._reader = None
             emit_plain(out, reader.close(out, truncated=True) or "", False)
 
+    def _read(self, state: int, markers: Markers) -> None:
+        """Go to ``state``, collecting text (a name, key or value) up to one of ``markers``."""
+        self._collect = Collector(markers)
+        self._state = state
+
     def _plain(self, data: str, pos: int, final: bool, out: list[Event]) -> tuple[int, str | None]:
         """Text (or reasoning, inside the reasoning block) up to the next marker, emitted as
         soon as it cannot be the start of one.

@@ -55,10 +55,6 @@ class MiniMaxM2Parser(StreamParser):
         self._key: str | None = None
         self._call: XmlArgs | None = None
 
-    def _read(self, state: int, markers: Markers) -> None:
-        self._collect = Collector(markers)
-        self._state = state
-
     def _step(self, data: str, pos: int, final: bool, out: list[Event]) -> tuple[int, bool]:
         st = self._state
         if st == _TEXT:
