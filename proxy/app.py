@@ -25,12 +25,15 @@ from .mending import record as record_mending
 from .parsers.stream import StreamPipeline
 from .relay import relay_json, relay_stream
 from .request_body import (
+    LARGE_BODIES,
+    LargeBodies,
     ask_for_usage,
     check_chat_body,
     check_completion_body,
     check_counts,
     client_wants_usage,
     parse_json_body,
+    release_large_bodies,
     wants_stream,
 )
 from .scheduler import (
@@ -44,6 +47,7 @@ from .scheduler import (
 )
 from .telemetry import TELEMETRY
 from .upstream import UpstreamClient
+from .validating import install_schema_compiler, request_toolset
 
 log = logging.getLogger("toolmend")
 access_log = logging.getLogger("toolmend.access")
@@ -85,7 +89,8 @@ async def _json_request(request: web.Request, *, any_content_type: bool = False
     raw = await _read_body(request, settings.max_body_bytes)
     ctype = ("application/json" if any_content_type
              else request.headers.get("Content-Type", "application/json"))
-    body = parse_json_body(raw, ctype)
+    body = parse_json_body(raw, ctype,
+                           admit=lambda size: request.app[LARGE_BODIES].admit(request, size))
     ctx: RequestContext = request[CTX]
     ctx.agent_id = _agent_id(request, body)
     auth.check_body(request, body)
@@ -129,7 +134,8 @@ async def _forward(request: web.Request, body: dict[str, Any], path: str,
     mending = None
     if path == "/v1/chat/completions" and body.get("tools"):
         backend = settings.backend if settings.backend != "auto" else (await up.detect()).kind
-        mending = ChatMending.for_request(settings, body, ctx, request.headers, backend)
+        toolset = await request_toolset(request.app, body, settings)  # off the loop if large
+        mending = ChatMending.for_request(settings, body, ctx, request.headers, backend, toolset)
     if not ctx.stream:
         raw = orjson.dumps(body)
         async with sched.slot(ctx, estimate_cost(body, raw), priority=priority,
@@ -285,11 +291,12 @@ async def _close_upstream(app: web.Application) -> None:
 def build_app(settings: Settings, upstream_urls: list[str] | None = None) -> web.Application:
     urls = upstream_urls if upstream_urls is not None else settings.upstream
     app = web.Application(client_max_size=settings.max_body_bytes,
-                          middlewares=[telemetry.middleware(CTX), context_and_errors,
-                                       auth.require_key])
+                          middlewares=[telemetry.middleware(CTX), release_large_bodies,
+                                       context_and_errors, auth.require_key])
     app[SETTINGS] = settings
     app[UPSTREAM] = UpstreamClient(urls, settings)
     app[SCHEDULER] = scheduler_from_settings(settings)
+    app[LARGE_BODIES] = LargeBodies(settings.large_body_bytes, settings.max_large_bodies)
     app[auth.KEYRING] = auth.load_keys(settings.config_path)
     auth.apply_weights(app[SCHEDULER].policies, app[auth.KEYRING])
     app.on_startup.append(_size_scheduler)
@@ -303,6 +310,7 @@ def build_app(settings: Settings, upstream_urls: list[str] | None = None) -> web
 
     add_ollama_routes(app)
     telemetry.setup(app, settings)
+    install_schema_compiler(app, settings)
     app.on_cleanup.append(_close_upstream)
     return app
 

@@ -15,6 +15,7 @@ from .config import Settings
 from .context import RequestContext
 from .errors import ProxyError
 from .parsers.mender import ChatMender, StreamError, fold_chunks, message_as_delta
+from .parsers.schemas import Toolset
 from .parsers.stream import StreamPipeline, UpstreamStreamError
 from .upstream import UpstreamClient
 from .validating import RequestValidation, schema_limits
@@ -27,7 +28,7 @@ class ChatMending:
     """Everything tool-call related for one chat request."""
 
     def __init__(self, settings: Settings, body: dict[str, Any], ctx: RequestContext,
-                 headers: Any, backend: str) -> None:
+                 headers: Any, backend: str, toolset: Toolset | None = None) -> None:
         self.body = body
         self.ctx = ctx
         mode = settings.tool_mode
@@ -37,23 +38,31 @@ class ChatMending:
         self.mode = mode
         self.fmt = None if settings.tool_format == "auto" else settings.tool_format
         self.tools = body.get("tools")
+        self.max_argument_chars = settings.max_argument_chars
+        self.max_argument_depth = settings.max_argument_depth
         self.validation = RequestValidation.prepare(body, headers, settings.on_invalid, backend,
                                                     settings.max_retries, mode, ctx,
-                                                    schema_limits(settings))
+                                                    schema_limits(settings), toolset,
+                                                    settings.max_argument_depth,
+                                                    settings.max_argument_chars)
 
     @classmethod
     def for_request(cls, settings: Settings, body: dict[str, Any], ctx: RequestContext,
-                    headers: Any, backend: str) -> ChatMending | None:
+                    headers: Any, backend: str, toolset: Toolset | None = None
+                    ) -> ChatMending | None:
+        """``toolset``: the tools already compiled (``validating.request_toolset``)."""
         if not body.get("tools"):
             return None  # with tools and tool_choice "none", a call in the reply is a violation
-        return cls(settings, body, ctx, headers, backend)
+        return cls(settings, body, ctx, headers, backend, toolset)
 
     def mender(self) -> ChatMender:
         v = self.validation
         m = ChatMender(self.fmt, self.tools, mode=self.mode,
                        checker=v.check_call if v else None,
                        reply_checker=v.check_reply if v else None, model_hint=self.ctx.model,
-                       single_call=self.body.get("parallel_tool_calls") is False)
+                       single_call=self.body.get("parallel_tool_calls") is False,
+                       max_argument_chars=self.max_argument_chars,
+                       max_argument_depth=self.max_argument_depth)
         self.ctx.extra["mender"] = m
         return m
 

@@ -6,17 +6,76 @@ framework's log, and "bad request" alone costs someone an afternoon.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import orjson
+from aiohttp import web
 
 from .errors import ProxyError, bad_request
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 MAX_DEPTH = 64
+#: Memory one parsed JSON value takes beyond its text, on average, in bytes: a dict slot and a
+#: key object, or a list slot (measured by bench/hostile_bodies.py; see BENCHMARKS.md). An
+#: 8 MB body of 690,000 small keys parses to about 80 MB.
+BYTES_PER_VALUE = 100
 
 
-def parse_json_body(raw: bytes, content_type: str) -> dict[str, Any]:
+class LargeBodies:
+    """At most ``permits`` large request bodies held at once.
+
+    A body's parsed form can be ten times its size (many small values), and it lives as long
+    as its request (the upstream call, retries); eight 8 MB bodies of small keys took the
+    process from 114 to 775 MB. Each body's parsed size is estimated right after parsing
+    (text plus :data:`BYTES_PER_VALUE` per value); one over ``large_bytes`` needs a permit
+    until its request ends, and with none free it is refused at once (503, ``Retry-After``):
+    its parsed form is dropped before the next body is parsed, so a burst of them costs one
+    at a time. Ordinary requests never come near the threshold.
+    """
+
+    def __init__(self, large_bytes: int, permits: int) -> None:
+        self.large_bytes = large_bytes
+        self.permits = permits
+        self.held = 0
+
+    def admit(self, request: web.Request, size: int) -> None:
+        if size <= self.large_bytes or request.get(_PERMIT) is not None:
+            return
+        if self.held >= self.permits:
+            raise ProxyError(503, f"too many large request bodies at once: this one parses to "
+                             f"about {size >> 20} MB and {self.held} such bodies are being "
+                             f"served (max_large_bodies={self.permits}, large_body_bytes="
+                             f"{self.large_bytes}); retry shortly", code="too_many_large_bodies",
+                             headers={"Retry-After": "1"})
+        self.held += 1
+        request[_PERMIT] = self
+
+    def release(self, request: web.Request) -> None:
+        if request.get(_PERMIT) is self:
+            request[_PERMIT] = None
+            self.held -= 1
+
+
+LARGE_BODIES = web.AppKey("large_bodies", LargeBodies)
+_PERMIT = "toolmend.large_body_permit"
+
+
+@web.middleware
+async def release_large_bodies(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Give back a large body's permit when its request is over, however it ends."""
+    try:
+        return await handler(request)  # type: ignore[no-any-return]
+    finally:
+        gate = request.app.get(LARGE_BODIES)
+        if gate is not None:
+            gate.release(request)
+
+
+def parse_json_body(raw: bytes, content_type: str,
+                    admit: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """The body as a JSON object, checked for depth. ``admit`` is told the body's estimated
+    parsed size in bytes and may refuse it (see :class:`LargeBodies`)."""
     ctype = content_type.split(";", 1)[0].strip().lower()
     if ctype not in ("application/json", "", "text/json") and not ctype.endswith("+json"):
         raise ProxyError(415, f"unsupported content type {ctype!r}; send application/json",
@@ -30,9 +89,12 @@ def parse_json_body(raw: bytes, content_type: str) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise bad_request(f"request body must be a JSON object, not {_kind(body)}",
                           code="invalid_json")
-    if _depth(body) > MAX_DEPTH:
+    depth, values = _measure(body)
+    if depth > MAX_DEPTH:
         raise bad_request(f"request body nests deeper than {MAX_DEPTH} levels",
                           code="nesting_too_deep")
+    if admit is not None:
+        admit(len(raw) + values * BYTES_PER_VALUE)
     return body
 
 
@@ -140,18 +202,18 @@ def _kind(v: Any) -> str:
             bool: "a boolean", type(None): "null", dict: "an object"}.get(type(v), type(v).__name__)
 
 
-def _depth(v: Any) -> int:
-    """Nesting depth, iteratively: a hostile 100k-deep body must not blow the C stack."""
-    deepest = 0
+def _measure(v: Any) -> tuple[int, int]:
+    """Nesting depth and number of values inside containers, iteratively: a hostile 100k-deep
+    body must not blow the C stack. Stops counting once too deep."""
+    deepest = values = 0
     stack: list[tuple[Any, int]] = [(v, 1)]
     while stack:
         node, d = stack.pop()
         if d > deepest:
             deepest = d
             if deepest > MAX_DEPTH:
-                return deepest
-        if isinstance(node, dict):
-            stack.extend((c, d + 1) for c in node.values() if isinstance(c, dict | list))
-        elif isinstance(node, list):
-            stack.extend((c, d + 1) for c in node if isinstance(c, dict | list))
-    return deepest
+                return deepest, values
+        values += len(node)
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((c, d + 1) for c in children if isinstance(c, dict | list))
+    return deepest, values
