@@ -78,8 +78,8 @@ _COERCE_DEPTH: Final = 4
 _COERCE_BUDGET: Final = 64
 
 #: Work bound on the Python validator for one call, coercion included, in keyword evaluations
-#: (a few microseconds each: about 50 ms in all). Past it the errors come from the Rust gate,
-#: and nothing is coerced.
+#: (a few microseconds each: tens of milliseconds in all). Past it the call is refused as
+#: invalid (keyword ``budget``), and nothing is coerced.
 VALIDATION_STEPS: Final = 20_000
 #: Errors collected from the validator for one call; the first MAX_REPORTED_ERRORS, in pointer
 #: order, are reported (a call with thousands of errors is not worth more).
@@ -249,7 +249,7 @@ def validate_call(name: str, arguments_text: str, toolset: Toolset, *,
         try:
             errors = list(islice(tool.validator.iter_errors(value), _MAX_ERRORS))
         except BudgetExceeded:
-            return _invalid(name, arguments_text, *(not_object or _gate_issues(gate, value)))
+            return _invalid(name, arguments_text, *(not_object or (_over_budget(),)))
         except RecursionError:
             return _invalid(name, arguments_text, Issue(
                 "", "depth", "arguments are nested too deeply to validate"))
@@ -272,22 +272,12 @@ def validate_call(name: str, arguments_text: str, toolset: Toolset, *,
     return Verdict(False, name, arguments_text, not_object or _issues(errors))
 
 
-def _gate_issues(gate: Any, value: Any) -> tuple[Issue, ...]:
-    """The errors as the Rust gate sees them, for a call too costly to explain in Python."""
-    issues = []
-    if gate is not None:
-        try:
-            for error in islice(gate.iter_errors(value), MAX_REPORTED_ERRORS):
-                keyword = str(error.schema_path[-1]) if error.schema_path else "false"
-                issues.append(Issue(json_pointer(error.instance_path), keyword,
-                                    _cut(error.message)))
-        except Exception:  # the gate could not say either
-            issues = []
-    if not issues:
-        issues.append(Issue("", "budget", f"the arguments are too large or too complex to "
-                                          f"validate within {VALIDATION_STEPS} steps"))
-    issues.sort(key=lambda i: (i.pointer, i.keyword != "type"))
-    return tuple(issues)
+def _over_budget() -> Issue:
+    """The verdict on a call too costly to explain in Python. The Rust gate's own error
+    listing is no way out: it collects the errors of every ``anyOf`` branch at every level,
+    which for the schemas that exhaust the budget is exponential in memory as well."""
+    return Issue("", "budget", f"the arguments are too large or too complex to check against "
+                               f"the tool's schema within {VALIDATION_STEPS} steps")
 
 
 def validate_reply(call_names: Sequence[str], toolset: Toolset) -> Verdict:

@@ -53,12 +53,12 @@ class LargeBodies:
 
     def release(self, request: web.Request) -> None:
         if request.get(_PERMIT) is self:
-            request[_PERMIT] = None
+            del request[_PERMIT]
             self.held -= 1
 
 
 LARGE_BODIES = web.AppKey("large_bodies", LargeBodies)
-_PERMIT = "toolmend.large_body_permit"
+_PERMIT = web.RequestKey("large_body_permit", LargeBodies)
 
 
 @web.middleware
