@@ -1,8 +1,9 @@
-"""Marker parsers do linear work: a 10,000- and a 100,000-character argument stream, fed one
+"""Marker parsers do linear work: a 20,000- and a 200,000-character argument stream, fed one
 character per delta, should differ in time by about 10x (the issue's bound is ~12x).
 
 A parser that re-scans what it has already seen would show ~100x here. Run:
-``python bench/parsers_linear.py [format ...]``; prints one row per format.
+``python bench/parsers_linear.py [format ...] [--sizes 20000,200000]``; prints one row per
+format.
 """
 
 from __future__ import annotations
@@ -99,30 +100,33 @@ ALL = ["hermes", "qwen3_coder", "llama3_json", "pythonic", "mistral", "deepseek_
 
 def main(argv: list[str]) -> None:
     write = "--write" in argv
+    sizes = next((a.split("=", 1)[1] for a in argv if a.startswith("--sizes=")), "20000,200000")
+    n_small, n_large = (int(x) for x in sizes.split(","))
     formats = [a for a in argv if not a.startswith("--")] or ALL
     rows = []
-    print(f"{'format':<16} {'10k chars (s)':>14} {'100k chars (s)':>15} {'ratio':>7} "
-          f"{'µs/char':>8}")
+    print(f"{'format':<16} {f'{n_small // 1000}k chars (s)':>14} "
+          f"{f'{n_large // 1000}k chars (s)':>15} {'ratio':>7} {'µs/char':>8}")
     for name in [*formats, "mender (hermes)"]:
         if name.startswith("mender"):
-            small = min(mender_time(stream("hermes", 10_000)) for _ in range(3))
-            large = min(mender_time(stream("hermes", 100_000)) for _ in range(3))
+            small = min(mender_time(stream("hermes", n_small)) for _ in range(3))
+            large = min(mender_time(stream("hermes", n_large)) for _ in range(3))
         else:
-            small = min(feed_time(name, stream(name, 10_000)) for _ in range(3))
-            large = min(feed_time(name, stream(name, 100_000)) for _ in range(3))
-        per = large / len(stream("hermes" if name.startswith("mender") else name, 100_000)) * 1e6
+            small = min(feed_time(name, stream(name, n_small)) for _ in range(3))
+            large = min(feed_time(name, stream(name, n_large)) for _ in range(3))
+        per = large / len(stream("hermes" if name.startswith("mender") else name, n_large)) * 1e6
         print(f"{name:<16} {small:>14.4f} {large:>15.4f} {large / small:>7.1f} {per:>8.2f}")
         rows.append(f"| {name} | {small * 1000:.1f} | {large * 1000:.1f} | {large / small:.1f} "
                     f"| {per:.2f} |")
     if write:
         body = ("Measured by `python bench/parsers_linear.py --write`: one tool call whose "
-                "arguments are about 10,000 and 100,000 characters, fed one character per "
-                "delta; best of 3. A parser that re-scanned what it had seen would show a "
+                f"arguments are about {n_small:,} and {n_large:,} characters, fed one character "
+                "per delta; best of 3. A parser that re-scanned what it had seen would show a "
                 "ratio near 100; the goal is about 10 (at most ~12). The last row is the whole "
                 "per-delta mender path (chunk dict in, chunks out).\n\n"
                 f"Load average at the start: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores, "
                 f"Python {sys.version.split()[0]}.\n\n"
-                "| format | 10k chars (ms) | 100k chars (ms) | ratio | µs per char |\n"
+                f"| format | {n_small // 1000}k chars (ms) | {n_large // 1000}k chars (ms) | "
+                "ratio | µs per char |\n"
                 "|---|---:|---:|---:|---:|\n" + "\n".join(rows) + "\n")
         replace_section("## Tool-call parsing cost\n\n" + body)
 

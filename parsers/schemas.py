@@ -8,8 +8,13 @@ needs exponential time for. So before a schema is ever used, :func:`compile_tool
 * checks every ``pattern`` and ``patternProperties`` key compiles on RE2, a linear-time engine
   (no backreferences, no lookaround), and refuses the schema otherwise: we would rather reject a
   schema up front with a clear message than run an unbounded regex on model output later;
-* refuses remote ``$ref`` (no fetching of URLs named by a client) and refs that do not resolve;
-* meta-validates it with the dialect named by ``$schema`` (2020-12 when absent).
+* refuses remote ``$ref`` (no fetching of URLs named by a client) and refs that do not resolve
+  from where they are written (in the scope of the nearest ``$id``, as validation resolves them);
+* meta-validates it with the dialect named by ``$schema`` (2020-12 when absent), in Rust.
+
+Those checks (:func:`check_schema`) are the expensive part and pure, so the proxy runs them for
+large schemas in a worker process; :func:`plan_tools` does the cheap part of a request (shapes,
+names, sizes, the per-request total, the cache) and :meth:`ToolPlan.finish` builds what passed.
 
 Validation then runs on a :mod:`jsonschema` validator class whose ``pattern``,
 ``patternProperties`` and ``additionalProperties`` keywords use RE2, so Python's ``re`` never runs
@@ -25,8 +30,10 @@ coercion, and is the authority: if it finds no error (the engines differ at the 
 formats only Rust checks), the call is valid. A schema the gate cannot build simply has no gate.
 
 Compiling is the expensive part (meta-validation alone is ~100x one validation), and agents send
-the same tools on every step of a loop, so compiled validators are cached across requests in a
-bounded LRU keyed by a hash of the schema's canonical bytes.
+the same tools on every step of a loop, so compiled validators are cached across requests in an
+LRU keyed by a hash of the schema's canonical bytes, bounded by entries and by memory. The
+Python validator's work on one call is bounded too (:func:`validation_budget`): recursive
+``anyOf`` branches make it exponential in the depth of the arguments.
 
 Every problem raises :class:`SchemaError`; the proxy turns it into a 400 whose ``param`` is the
 error's JSON pointer into the request body.
@@ -187,11 +194,11 @@ def _additional_keys(instance: Mapping[str, Any], schema: Mapping[str, Any]) -> 
             patterns.append(_regex(pattern))
         except re2.error:
             continue  # such a key matches nothing, as if absent
-    return {
-        key
-        for key in instance
-        if key not in properties and not any(p.search(key) is not None for p in patterns)
-    }
+    extras = instance.keys() - properties.keys() if isinstance(properties, dict) else set(
+        instance)
+    if not patterns:
+        return extras  # the common case, at C speed: arguments may hold 100,000 keys
+    return {key for key in extras if not any(p.search(key) is not None for p in patterns)}
 
 
 def _re2_additional_properties(
@@ -203,7 +210,8 @@ def _re2_additional_properties(
         return
     extras = _additional_keys(instance, schema)
     if validator.is_type(additional, "object"):
-        for extra in sorted(extras):
+        # in the arguments' own order (deterministic, and no sort of 100,000 keys)
+        for extra in (key for key in instance if key in extras):
             yield from validator.descend(instance[extra], additional, path=extra)
     elif not additional and extras:
         names = ", ".join(repr(key) for key in sorted(extras))

@@ -80,7 +80,7 @@ _COERCE_BUDGET: Final = 64
 #: Work bound on the Python validator for one call, coercion included, in keyword evaluations
 #: (a few microseconds each: tens of milliseconds in all). Past it the call is refused as
 #: invalid (keyword ``budget``), and nothing is coerced.
-VALIDATION_STEPS: Final = 20_000
+VALIDATION_STEPS: Final = 2_000
 #: Errors collected from the validator for one call; the first MAX_REPORTED_ERRORS, in pointer
 #: order, are reported (a call with thousands of errors is not worth more).
 _MAX_ERRORS: Final = 256

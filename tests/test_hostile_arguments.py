@@ -326,7 +326,7 @@ def test_python_validation_is_bounded_by_a_budget() -> None:
     verdict = validate_call("nest", json.dumps({"a": inner}), toolset, coerce=True)
     assert not verdict.ok
     assert verdict.errors == (Issue("", "budget", "the arguments are too large or too complex "
-                                    "to check against the tool's schema within 20000 steps"),)
+                                    "to check against the tool's schema within 2000 steps"),)
 
 
 def test_structured_call_repeating_its_name_is_split_only_between_whole_calls() -> None:
