@@ -12,8 +12,8 @@ options to ``toolmend serve`` (repeatable).
 
 schemas: toolmend in front of ``toolmend sim``. A warm-up of ordinary agent requests (six
 tools, 5 KB of schemas) sets the baseline RSS. Then for ``--seconds`` two hostile clients
-send, one after another, (a) the probe's request: 31 tools of 2,800 properties, 8 MB, and (b)
-one just under the per-request bound: 4 tools of 2,000 properties, 0.63 MB; the property names
+send, one after another, (a) the probe's request: 31 tools of 2,800 properties, 8.2 MB, and (b)
+one just under the per-request bound: 4 tools of 2,000 properties, 0.74 MB; the property names
 change on every request, so no cache helps. Ordinary requests continue meanwhile, and
 ``/healthz`` is asked every 20 ms. Reported: /healthz p50/p99/max during the hostile phase,
 ordinary requests' latency, every outcome, and RSS (toolmend plus its schema workers) after
@@ -78,7 +78,7 @@ def wide_tools(tools: int, properties: int) -> bytes:
     body = {"messages": MSG, "tools": [
         {"type": "function", "function": {"name": f"tool_{t}", "parameters": {
             "type": "object", "properties": {
-                f"p@@@@_{t}_{i:05d}_{'x' * 12}": {
+                f"p@@@@_{t}_{i:05d}_{'x' * 5}": {
                     "type": "string", "description": f"field {i} of tool {t}",
                     "maxLength": 100 + i}
                 for i in range(properties)}}}}
@@ -179,8 +179,8 @@ async def _hostile(session: aiohttp.ClientSession, url: str, stop: asyncio.Event
         seconds.append(time.perf_counter() - t)
 
 
-async def bench_schemas(py: str, serve_args: list[str], hostile_s: float, settle_s: float
-                        ) -> dict[str, Any]:
+async def bench_schemas(py: str, serve_args: list[str], hostile_s: float, settle_s: float,
+                        kinds: tuple[str, ...] = ("probe", "under")) -> dict[str, Any]:
     log_dir = Path(tempfile.mkdtemp(prefix="toolmend-hostile-"))
     sim, tm = start(py, log_dir, serve_args)
     probe = wide_tools(31, 2800)
@@ -216,14 +216,17 @@ async def bench_schemas(py: str, serve_args: list[str], hostile_s: float, settle
                     peak[0] = (max(peak[0][0], now[0]), max(peak[0][1], now[1]))
                     await asyncio.sleep(0.5)
 
+            senders = {
+                "probe": _hostile(session, tm.url, stop, "probe (8.2 MB, 31 tools)", probe,
+                                  outcomes, took["probe"]),
+                "under": _hostile(session, tm.url, stop, "under the bound (0.74 MB, 4 tools)",
+                                  under, outcomes, took["under"])}
             tasks = [asyncio.ensure_future(c) for c in (
                 _healthz(session, tm.url, stop, health),
                 _ordinary(session, tm.url, stop, ordinary, outcomes),
-                _hostile(session, tm.url, stop, "probe (8 MB, 31 tools)", probe, outcomes,
-                         took["probe"]),
-                _hostile(session, tm.url, stop, "under the bound (0.63 MB, 4 tools)", under,
-                         outcomes, took["under"]),
-                watch())]
+                *(senders.pop(k) for k in kinds), watch())]
+            for unused in senders.values():
+                unused.close()
             await asyncio.sleep(hostile_s)
             stop.set()
             await asyncio.gather(*tasks)
@@ -444,16 +447,19 @@ def main() -> None:
     ap.add_argument("--serve-arg", action="append", default=[], metavar="ARG")
     ap.add_argument("--seconds", type=float, default=30.0, help="hostile phase (schemas)")
     ap.add_argument("--settle", type=float, default=60.0, help="wait before the last RSS")
+    ap.add_argument("--hostile", default="probe,under",
+                    help="schemas: which hostile senders run (probe, under)")
     ap.add_argument("--write", action="store_true", help="replace the section in BENCHMARKS.md")
     a = ap.parse_args()
     runs = ([("before", a.before)] if a.before else []) + [("after", a.python)]
     parts: list[str] = []
     if a.part in ("schemas", "all"):
         text = ""
+        kinds = tuple(a.hostile.split(","))
         for label, py in runs:
             r = asyncio.run(bench_schemas(py, a.serve_arg if label == "after" else [],
-                                          a.seconds, a.settle))
-            text += schemas_table(label, r) + "\n"
+                                          a.seconds, a.settle, kinds))
+            text += schemas_table(f"{label}, hostile senders: {a.hostile}", r) + "\n"
         print(text)
         parts.append("### Hostile tool schemas\n\n" + text)
     if a.part in ("bodies", "all"):

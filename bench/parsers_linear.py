@@ -1,7 +1,9 @@
 """Marker parsers do linear work: a 20,000- and a 200,000-character argument stream, fed one
 character per delta, should differ in time by about 10x (the issue's bound is ~12x).
 
-A parser that re-scans what it has already seen would show ~100x here. Run:
+A parser that re-scans what it has already seen would show ~100x here. Times are CPU time of
+this process (``process_time``), so a busy shared machine does not add its waiting to them.
+Run:
 ``python bench/parsers_linear.py [format ...] [--sizes 20000,200000]``; prints one row per
 format.
 """
@@ -21,9 +23,10 @@ _DS_CALL = "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>"
 
 
 def _value(n: int) -> str:
-    """About n characters of argument text with strings, escapes and nesting."""
+    """About n characters of argument text with strings, escapes and nesting: valid JSON
+    (whole units), so the finish measures the parsers, not a repair of a value cut short."""
     unit = '{"path": "src/a\\"b\\".py", "lines": [1, 2, 3], "text": "x < y </tool_call>"}, '
-    return "[" + (unit * (n // len(unit) + 1))[: n - 2].rstrip(", ") + "]"
+    return "[" + (unit * max(1, (n - 2) // len(unit))).rstrip(", ") + "]"
 
 
 def stream(fmt: str, n: int) -> str:
@@ -76,21 +79,21 @@ WRITE_TOOL = [{"type": "function", "function": {"name": "write", "parameters": {
 
 def feed_time(fmt: str, text: str) -> float:
     parser = make_parser(fmt, WRITE_TOOL)
-    start = time.perf_counter()
+    start = time.process_time()
     for ch in text:
         parser.feed(ch)
     parser.finish()
-    return time.perf_counter() - start
+    return time.process_time() - start
 
 
 def mender_time(text: str) -> float:
     """The whole per-delta path: chunk dict in, mended chunks out (hermes, buffered mode)."""
     mender = ChatMender("hermes", WRITE_TOOL)
-    start = time.perf_counter()
+    start = time.process_time()
     for ch in text:
         mender.feed({"choices": [{"index": 0, "delta": {"content": ch}}]})
     mender.feed({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
-    return time.perf_counter() - start
+    return time.process_time() - start
 
 
 ALL = ["hermes", "qwen3_coder", "llama3_json", "pythonic", "mistral", "deepseek_v3",
@@ -120,7 +123,8 @@ def main(argv: list[str]) -> None:
     if write:
         body = ("Measured by `python bench/parsers_linear.py --write`: one tool call whose "
                 f"arguments are about {n_small:,} and {n_large:,} characters, fed one character "
-                "per delta; best of 3. A parser that re-scanned what it had seen would show a "
+                "per delta; best of 3, in CPU time. A parser that re-scanned what it had seen "
+                "would show a "
                 "ratio near 100; the goal is about 10 (at most ~12). The last row is the whole "
                 "per-delta mender path (chunk dict in, chunks out).\n\n"
                 f"Load average at the start: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores, "

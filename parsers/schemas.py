@@ -461,6 +461,14 @@ def _refuse_retrieval(uri: str) -> Any:
     raise ValueError(f"remote reference {uri!r} is not allowed")
 
 
+#: Largest schema that gets a Rust gate. Compiling one takes about 0.35 ms and 23 bytes of
+#: memory per byte of schema, holding the GIL for part of it (80 ms and 3.7 MB for 157 KB):
+#: real tool schemas are a few KB, and a client sending large ones with new names would make
+#: every request pay that. Larger schemas are checked by the Python validator alone, within
+#: its step budget (see ``validation.VALIDATION_STEPS``).
+GATE_MAX_BYTES: Final = 64 * 1024
+
+
 def _gate(schema: Mapping[str, Any]) -> Any:
     """The Rust validator for an already checked schema, or ``None`` if it cannot build one.
     ``RegexOptions`` selects the linear-time engine (the default one backtracks)."""
@@ -548,13 +556,14 @@ def build_schema(raw: bytes, digest: str, checked: Checked) -> CompiledSchema:
     base = _dialect(schema)
     registry = _registry(schema, base) if checked.scoped else _EMPTY_REGISTRY
     validator = _safe_class(base)(schema, registry=registry, format_checker=FORMAT_CHECKER)
-    return CompiledSchema(digest, schema, validator, checked.depth, len(raw), _gate(schema),
+    gate = _gate(schema) if len(raw) <= GATE_MAX_BYTES else None
+    return CompiledSchema(digest, schema, validator, checked.depth, len(raw), gate,
                           checked.scoped)
 
 
-#: Memory a compiled schema holds, per byte of its canonical JSON: the decoded copy, the Rust
-#: gate and the validator's caches (measured by bench/hostile_schemas.py; see BENCHMARKS.md).
-MEMORY_PER_SCHEMA_BYTE: Final = 12
+#: Memory a compiled schema holds, per byte of its canonical JSON, measured: 23 (2,000
+#: properties) to 34 (30 properties), nearly all of it the Rust gate; the decoded copy is ~1.
+MEMORY_PER_SCHEMA_BYTE: Final = 32
 DEFAULT_CACHE_BYTES: Final = 64 * 1024 * 1024
 
 
@@ -563,9 +572,11 @@ class ValidatorCache:
 
     Bounded twice: by entries, and by the memory the entries hold (estimated from their size,
     :data:`MEMORY_PER_SCHEMA_BYTE`), so a stream of large schemas with new names cannot grow
-    the process by more than ``max_bytes``. A schema too large to keep (over a quarter of the
-    budget) is not kept compiled; only the verdict that it passed its checks is, so sending it
-    again costs a rebuild of its validator, not the checks.
+    the process by more than ``max_bytes``. A large schema (over 1/32 of the budget: 64 KB of
+    JSON with the default 64 MB, ten times the largest real tool schemas) is not kept compiled,
+    only the verdict that it passed its checks, so sending it again costs a rebuild of its
+    validators (off the event loop, in the proxy), not the checks; and a client sending large
+    schemas with new names cannot fill the cache with them, evicting everyone else's.
 
     Thread-safe because the embedded backend and benchmarks may compile from threads; the lock is
     held only around dict operations, never while compiling (two threads missing on the same
@@ -603,7 +614,7 @@ class ValidatorCache:
     def put(self, entry: CompiledSchema) -> None:
         cost = entry.size * MEMORY_PER_SCHEMA_BYTE
         with self._lock:
-            if cost > self.max_bytes // 4:
+            if cost > self.max_bytes // 32:
                 self._checked[entry.digest] = Checked(entry.depth, entry.scoped)
                 self._checked.move_to_end(entry.digest)
                 while len(self._checked) > self.maxsize * 8:  # ~100 bytes each

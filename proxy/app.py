@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from . import auth, telemetry
+from . import auth, memory, telemetry
 from .config import Settings
 from .context import RequestContext, new_request_id
 from .downstream import Downstream
@@ -32,7 +32,7 @@ from .request_body import (
     check_completion_body,
     check_counts,
     client_wants_usage,
-    parse_json_body,
+    read_json_body,
     release_large_bodies,
     wants_stream,
 )
@@ -89,8 +89,9 @@ async def _json_request(request: web.Request, *, any_content_type: bool = False
     raw = await _read_body(request, settings.max_body_bytes)
     ctype = ("application/json" if any_content_type
              else request.headers.get("Content-Type", "application/json"))
-    body = parse_json_body(raw, ctype,
-                           admit=lambda size: request.app[LARGE_BODIES].admit(request, size))
+    body = await read_json_body(raw, ctype,
+                                admit=lambda size: request.app[LARGE_BODIES].admit(request,
+                                                                                    size))
     ctx: RequestContext = request[CTX]
     ctx.agent_id = _agent_id(request, body)
     auth.check_body(request, body)
@@ -311,6 +312,7 @@ def build_app(settings: Settings, upstream_urls: list[str] | None = None) -> web
     add_ollama_routes(app)
     telemetry.setup(app, settings)
     install_schema_compiler(app, settings)
+    memory.install(app)  # large schemas and bodies: their freed pages go back to the system
     app.on_cleanup.append(_close_upstream)
     return app
 

@@ -8,6 +8,7 @@ request context for logs, metrics and traces.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -38,6 +39,7 @@ class ChatMending:
         self.mode = mode
         self.fmt = None if settings.tool_format == "auto" else settings.tool_format
         self.tools = body.get("tools")
+        self._mender: ChatMender | None = None
         self.max_argument_chars = settings.max_argument_chars
         self.max_argument_depth = settings.max_argument_depth
         self.validation = RequestValidation.prepare(body, headers, settings.on_invalid, backend,
@@ -63,7 +65,10 @@ class ChatMending:
                        single_call=self.body.get("parallel_tool_calls") is False,
                        max_argument_chars=self.max_argument_chars,
                        max_argument_depth=self.max_argument_depth)
-        self.ctx.extra["mender"] = m
+        # kept here, not in ctx.extra: the mender holds the validation, which holds the ctx, and
+        # that cycle kept each request's compiled schemas (megabytes of Rust validators for a
+        # large one) alive until a full garbage collection
+        self._mender = m
         return m
 
     def finisher(self, up: UpstreamClient, path: str
@@ -71,7 +76,8 @@ class ChatMending:
         """Streaming: after the upstream's reply, resolve held calls by retrying."""
 
         async def finish(pipeline: StreamPipeline) -> bytes:
-            mender = self.ctx.extra["mender"]
+            mender = self._mender
+            assert mender is not None
             assert self.validation is not None
             try:
                 chunks, notes = await self.validation.run_retries(mender, up, path, self.body)
@@ -128,9 +134,14 @@ class ChatMending:
 
 
 def record(ctx: RequestContext, mender: ChatMender | None) -> None:
-    if mender is None or ctx.extra.get("_recorded") is mender:
+    if mender is None:
         return
-    ctx.extra["_recorded"] = mender
+    recorded = ctx.extra.get("_recorded")
+    if recorded is not None and recorded() is mender:
+        return
+    # a weak reference: aiohttp keeps a keep-alive connection's last request (and so its ctx)
+    # alive until the next one, and the mender holds the request's compiled schemas
+    ctx.extra["_recorded"] = weakref.ref(mender)
     ctx.repairs.extend(mender.repairs)
     ctx.tool_names.extend(mender.tool_names)
     ctx.extra["tool_format"] = mender.format

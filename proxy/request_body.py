@@ -6,13 +6,16 @@ framework's log, and "bad request" alone costs someone an afternoon.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+from collections.abc import Callable, Generator
+from itertools import compress
 from typing import Any
 
 import orjson
 from aiohttp import web
 
 from .errors import ProxyError, bad_request
+from .memory import note_large_work
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 MAX_DEPTH = 64
@@ -40,6 +43,8 @@ class LargeBodies:
         self.held = 0
 
     def admit(self, request: web.Request, size: int) -> None:
+        if size > self.large_bytes // 8:
+            note_large_work()  # freed when the request ends: give the pages back then
         if size <= self.large_bytes or request.get(_PERMIT) is not None:
             return
         if self.held >= self.permits:
@@ -76,6 +81,33 @@ def parse_json_body(raw: bytes, content_type: str,
                     admit: Callable[[int], None] | None = None) -> dict[str, Any]:
     """The body as a JSON object, checked for depth. ``admit`` is told the body's estimated
     parsed size in bytes and may refuse it (see :class:`LargeBodies`)."""
+    body = _decode(raw, content_type)
+    steps = _measure(body)
+    try:
+        while True:
+            next(steps)
+    except StopIteration as done:
+        _bound(raw, done.value, admit)
+    return body
+
+
+async def read_json_body(raw: bytes, content_type: str,
+                         admit: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """:func:`parse_json_body` for the event loop: the walk over a large body's values lets
+    other requests run every few thousand containers (an 8 MB body of 350,000 values took
+    80 ms of walking; only the parse itself, in C, is one piece)."""
+    body = _decode(raw, content_type)
+    steps = _measure(body)
+    try:
+        while True:
+            next(steps)
+            await asyncio.sleep(0)
+    except StopIteration as done:
+        _bound(raw, done.value, admit)
+    return body
+
+
+def _decode(raw: bytes, content_type: str) -> dict[str, Any]:
     ctype = content_type.split(";", 1)[0].strip().lower()
     if ctype not in ("application/json", "", "text/json") and not ctype.endswith("+json"):
         raise ProxyError(415, f"unsupported content type {ctype!r}; send application/json",
@@ -89,13 +121,16 @@ def parse_json_body(raw: bytes, content_type: str,
     if not isinstance(body, dict):
         raise bad_request(f"request body must be a JSON object, not {_kind(body)}",
                           code="invalid_json")
-    depth, values = _measure(body)
+    return body
+
+
+def _bound(raw: bytes, measured: tuple[int, int], admit: Callable[[int], None] | None) -> None:
+    depth, values = measured
     if depth > MAX_DEPTH:
         raise bad_request(f"request body nests deeper than {MAX_DEPTH} levels",
                           code="nesting_too_deep")
     if admit is not None:
         admit(len(raw) + values * BYTES_PER_VALUE)
-    return body
 
 
 def check_chat_body(body: dict[str, Any]) -> None:
@@ -202,18 +237,34 @@ def _kind(v: Any) -> str:
             bool: "a boolean", type(None): "null", dict: "an object"}.get(type(v), type(v).__name__)
 
 
-def _measure(v: Any) -> tuple[int, int]:
-    """Nesting depth and number of values inside containers, iteratively: a hostile 100k-deep
-    body must not blow the C stack. Stops counting once too deep."""
-    deepest = values = 0
-    stack: list[tuple[Any, int]] = [(v, 1)]
-    while stack:
-        node, d = stack.pop()
-        if d > deepest:
-            deepest = d
-            if deepest > MAX_DEPTH:
-                return deepest, values
-        values += len(node)
-        children = node.values() if isinstance(node, dict) else node
-        stack.extend((c, d + 1) for c in children if isinstance(c, dict | list))
-    return deepest, values
+_IS_CONTAINER = frozenset({dict, list}).__contains__
+
+
+#: containers walked between two yields of :func:`_measure`
+_SLICE = 4096
+
+
+def _measure(v: Any) -> Generator[None, None, tuple[int, int]]:
+    """Nesting depth and number of values inside containers, returned when the generator
+    ends; it yields every :data:`_SLICE` containers so a caller on the event loop can let
+    others run. Level by level, iteratively (a hostile deep body cannot blow the C stack),
+    and at C speed per value (``compress`` over ``map(type, ...)``): a Python loop over every
+    value took 250-570 ms for an 8 MB body of 350,000. Stops once deeper than the limit."""
+    values = 0
+    depth = 0
+    level = [v]
+    walked = 0
+    while level:
+        depth += 1
+        if depth > MAX_DEPTH:
+            return depth, values
+        below: list[Any] = []
+        for node in level:
+            values += len(node)
+            children = node.values() if type(node) is dict else node
+            below.extend(compress(children, map(_IS_CONTAINER, map(type, children))))
+            walked += 1
+            if walked % _SLICE == 0:
+                yield
+        level = below
+    return depth, values

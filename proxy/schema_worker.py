@@ -28,14 +28,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import struct
+import subprocess
 import sys
 from typing import IO, Any, Final
 
 import orjson
 
+from .memory import note_large_work
 from .parsers.schemas import (
     Checked,
     CompiledSchema,
@@ -118,60 +121,77 @@ def main() -> None:
 # --- the event loop's side -------------------------------------------------------------------
 
 class _Worker:
-    """One worker process and its pipes; used by one job at a time."""
+    """One worker process and its pipes; used by one job at a time.
 
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
+    Started with :class:`subprocess.Popen` in a thread, its pipes then handed to the event
+    loop: forking from the loop thread (what ``asyncio.create_subprocess_exec`` does) held the
+    loop for up to 1.4 s on a busy machine, the parent being suspended until the child execs.
+    """
+
+    def __init__(self, popen: subprocess.Popen[bytes], reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter) -> None:
+        self.popen = popen
+        self.reader = reader
+        self.writer = writer
         self.jobs = 0
 
     @classmethod
     async def start(cls) -> _Worker:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "toolmend.schema_worker",
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL)
-        return cls(proc)
+        loop = asyncio.get_running_loop()
+        popen = await loop.run_in_executor(None, functools.partial(
+            subprocess.Popen, [sys.executable, "-m", "toolmend.schema_worker"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL))
+        assert popen.stdin is not None and popen.stdout is not None
+        reader = asyncio.StreamReader(limit=2 ** 20)
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
+                                     popen.stdout)
+        transport, protocol = await loop.connect_write_pipe(
+            lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()), popen.stdin)
+        return cls(popen, reader, asyncio.StreamWriter(transport, protocol, None, loop))
 
     @property
     def alive(self) -> bool:
-        return self.proc.returncode is None
+        return self.popen.poll() is None
 
     async def run(self, limits: SchemaLimits, raws: list[bytes]) -> list[dict[str, Any]]:
-        stdin, stdout = self.proc.stdin, self.proc.stdout
-        assert stdin is not None and stdout is not None
         header = orjson.dumps({"limits": dataclasses.asdict(limits), "count": len(raws)})
-        stdin.write(_FRAME.pack(len(header)) + header)
+        self.writer.write(_FRAME.pack(len(header)) + header)
         for raw in raws:
-            stdin.write(_FRAME.pack(len(raw)))
-            stdin.write(raw)
-        await stdin.drain()
-        (size,) = _FRAME.unpack(await stdout.readexactly(_FRAME.size))
-        answer = orjson.loads(await stdout.readexactly(size))
+            self.writer.write(_FRAME.pack(len(raw)))
+            self.writer.write(raw)
+        await self.writer.drain()
+        (size,) = _FRAME.unpack(await self.reader.readexactly(_FRAME.size))
+        answer = orjson.loads(await self.reader.readexactly(size))
         self.jobs += 1
         return answer  # type: ignore[no-any-return]
 
     def rss(self) -> int:
         try:
-            with open(f"/proc/{self.proc.pid}/statm", "rb") as f:
+            with open(f"/proc/{self.popen.pid}/statm", "rb") as f:
                 return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
         except (OSError, ValueError, IndexError):
             return 0
 
+    async def wait(self) -> int:
+        """Its exit status, once it has exited (reaped in a thread: ``wait`` blocks)."""
+        return await asyncio.get_running_loop().run_in_executor(None, self.popen.wait)
+
     async def stop(self) -> None:
         """Close its stdin (it exits at once between jobs), kill it if it does not."""
         if self.alive:
-            if self.proc.stdin is not None:
-                self.proc.stdin.close()
+            self.writer.close()
             try:
-                await asyncio.wait_for(self.proc.wait(), 2.0)
+                await asyncio.wait_for(asyncio.shield(self.wait()), 2.0)
             except TimeoutError:
                 self.kill()
-        await self.proc.wait()
+        else:
+            self.writer.close()
+        await self.wait()
 
     def kill(self) -> None:
         if self.alive:
             with contextlib.suppress(ProcessLookupError):
-                self.proc.kill()
+                self.popen.kill()
 
 
 class SchemaCompiler:
@@ -226,16 +246,19 @@ class SchemaCompiler:
 
     async def _build_large(self, plan: ToolPlan, checked: dict[int, Checked]
                            ) -> dict[str, CompiledSchema]:
-        """Build the validators of large schemas in a thread, one at a time. Building is
-        decoding the bytes and compiling the Rust gate (about 80 ms for 240 KB), and both let
-        go of the GIL often enough that the event loop keeps running meanwhile."""
+        """Build the validators of large schemas one at a time, letting other requests run in
+        between. A large schema gets no Rust gate (``GATE_MAX_BYTES``), so building one is
+        decoding its bytes: a few milliseconds. (In a thread it would not help: decoding holds
+        the GIL, and a thread holding it while the machine is busy kept the event loop waiting
+        for seconds.)"""
         built: dict[str, CompiledSchema] = {}
-        loop = asyncio.get_running_loop()
         for raw, digest, verdict in plan.to_build(checked):
             if len(raw) > self.inline_bytes:
-                entry = await loop.run_in_executor(None, build_schema, raw, digest, verdict)
+                await asyncio.sleep(0)
+                entry = build_schema(raw, digest, verdict)
                 self.cache.put(entry)
                 built[digest] = entry
+                note_large_work()  # short-lived unless cached: give its pages back after
         return built
 
     async def _in_worker(self, limits: SchemaLimits, raws: list[bytes]

@@ -242,13 +242,13 @@ async def test_workers_stop_when_idle_and_with_the_app() -> None:
                                            DEFAULT_LIMITS)
     assert "a" in toolset.tools
     [worker] = compiler.processes
-    assert await worker.proc.wait() == 0  # exits on its own once idle: its memory is returned
+    assert await worker.wait() == 0  # exits on its own once idle: its memory is returned
     assert compiler.processes == []
     await compiler.compile_tools([tool("b", wide(50, 2))], None,
                                  DEFAULT_LIMITS)
     [worker] = compiler.processes
     await compiler.close()
-    assert worker.proc.returncode is not None and compiler.processes == []
+    assert worker.popen.returncode is not None and compiler.processes == []
 
 
 async def test_a_request_gone_mid_check_takes_its_worker_with_it(
@@ -269,7 +269,7 @@ async def test_a_request_gone_mid_check_takes_its_worker_with_it(
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert await worker.proc.wait() != 0  # killed: nobody waits for its answer
+    assert await worker.wait() != 0  # killed: nobody waits for its answer
     await compiler.close()
 
 
@@ -299,16 +299,17 @@ async def test_checks_waiting_for_a_worker_are_bounded(monkeypatch: pytest.Monke
 # --- the cache, bounded by memory ---------------------------------------------------------
 
 def test_cache_is_bounded_by_bytes() -> None:
-    small = [{"type": "object", "description": "x" * 1000, "maxProperties": i} for i in range(5)]
-    cost = len(orjson.dumps(small[0], option=orjson.OPT_SORT_KEYS)) * MEMORY_PER_SCHEMA_BYTE
-    cache = ValidatorCache(max_bytes=cost * 4 + cost // 2)  # room for four
+    small = [{"type": "object", "description": "x" * 1000, "maxProperties": i}
+             for i in range(40)]  # 1,051 or 1,052 bytes each
+    cost = 1052 * MEMORY_PER_SCHEMA_BYTE
+    cache = ValidatorCache(max_bytes=cost * 32 + cost // 2)  # room for 32, none over 1/32
     for schema in small:
         compile_schema(schema, cache=cache)
-    assert len(cache) == 4 and cache.bytes <= cache.max_bytes
-    # one schema over a quarter of the budget is not kept compiled, only its verdict
+    assert len(cache) == 32 and cache.bytes <= cache.max_bytes
+    # a schema over 1/32 of the budget is not kept compiled, only its verdict
     big = wide(400, 5)
     entry = compile_schema(big, cache=cache)
-    assert len(cache) == 4 and cache.get(entry.digest) is None
+    assert len(cache) == 32 and cache.get(entry.digest) is None
     assert cache.checked(entry.digest) == Checked(entry.depth, False)
     plan = plan_tools([tool("big", big)], cache=cache)
     assert plan.misses == []  # sent again: rebuilt from the verdict, not checked again
@@ -317,7 +318,8 @@ def test_cache_is_bounded_by_bytes() -> None:
 
 # --- anything in, a verdict out ---------------------------------------------------------------
 
-JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1)
+                    | st.text(max_size=8),
                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
                         st.sampled_from(["type", "$ref", "$id", "properties", "items", "anyOf",
                                          "$defs", "pattern", "required", "x", "$anchor"]),
