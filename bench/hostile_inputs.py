@@ -272,7 +272,7 @@ def schemas_table(label: str, r: dict[str, Any]) -> str:
 # --- bodies -----------------------------------------------------------------------------------
 
 def wide_body(keys: int) -> bytes:
-    blob = ",".join(f'"k{i:07d}":{i % 10}' for i in range(keys))
+    blob = ",".join(f'"k{i:06d}":{i % 10}' for i in range(keys))
     return (b'{"messages":[{"role":"user","content":"hi"}],"stream":true,"metadata_blob":{'
             + blob.encode() + b"}}")
 

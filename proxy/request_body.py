@@ -30,11 +30,13 @@ class LargeBodies:
 
     A body's parsed form can be ten times its size (many small values), and it lives as long
     as its request (the upstream call, retries); eight 8 MB bodies of small keys took the
-    process from 114 to 775 MB. Each body's parsed size is estimated right after parsing
-    (text plus :data:`BYTES_PER_VALUE` per value); one over ``large_bytes`` needs a permit
-    until its request ends, and with none free it is refused at once (503, ``Retry-After``):
-    its parsed form is dropped before the next body is parsed, so a burst of them costs one
-    at a time. Ordinary requests never come near the threshold.
+    process from 114 to 775 MB. Each body's parsed size is estimated twice: before parsing,
+    from its text at C speed, as an upper bound (every ``,`` and ``:`` a value, even inside
+    strings), and after, exactly (text plus :data:`BYTES_PER_VALUE` per value). One over
+    ``large_bytes`` needs a permit until its request ends; with none free it is refused
+    before it is parsed (503, ``Retry-After``), so a burst of them costs their bytes, not
+    their parsed forms. A permit taken on the upper bound is given back once the exact size
+    turns out small. Ordinary requests never come near the threshold.
     """
 
     def __init__(self, large_bytes: int, permits: int) -> None:
@@ -43,9 +45,13 @@ class LargeBodies:
         self.held = 0
 
     def admit(self, request: web.Request, size: int) -> None:
+        """Called with the upper bound before parsing, then with the exact estimate."""
         if size > self.large_bytes // 8:
             note_large_work()  # freed when the request ends: give the pages back then
-        if size <= self.large_bytes or request.get(_PERMIT) is not None:
+        if size <= self.large_bytes:
+            self.release(request)  # the upper bound was pessimistic: not large after all
+            return
+        if request.get(_PERMIT) is not None:
             return
         if self.held >= self.permits:
             raise ProxyError(503, f"too many large request bodies at once: this one parses to "
@@ -95,7 +101,10 @@ async def read_json_body(raw: bytes, content_type: str,
                          admit: Callable[[int], None] | None = None) -> dict[str, Any]:
     """:func:`parse_json_body` for the event loop: the walk over a large body's values lets
     other requests run every few thousand containers (an 8 MB body of 350,000 values took
-    80 ms of walking; only the parse itself, in C, is one piece)."""
+    80 ms of walking; only the parse itself, in C, is one piece). ``admit`` is first told an
+    upper bound of the parsed size, before parsing, so a body it refuses is never parsed."""
+    if admit is not None:
+        admit(len(raw) + (raw.count(b",") + raw.count(b":") + 1) * BYTES_PER_VALUE)
     body = _decode(raw, content_type)
     steps = _measure(body)
     try:
