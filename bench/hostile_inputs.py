@@ -462,6 +462,7 @@ def main() -> None:
             text += schemas_table(f"{label}, hostile senders: {a.hostile}", r) + "\n"
         print(text)
         parts.append("### Hostile tool schemas\n\n" + text)
+        write(a.write, parts)
     if a.part in ("bodies", "all"):
         rows = [(label, asyncio.run(bench_bodies(py, a.serve_arg if label == "after" else [])))
                 for label, py in runs]
@@ -470,6 +471,7 @@ def main() -> None:
                 "is the process's high-water mark.\n\n" + bodies_table(rows))
         print(text)
         parts.append("### Request bodies that parse large\n\n" + text)
+        write(a.write, parts)
     if a.part in ("arguments", "all"):
         rows = [(label, in_child(py, ARGUMENTS_CODE)) for label, py in runs]
         text = ("One structured call whose arguments arrive in 16 KB deltas, buffered by the "
@@ -481,16 +483,23 @@ def main() -> None:
                      f"{capped[0] * 1000:.0f} ms: `{capped[1]}`.\n")
         print(text)
         parts.append("### Buffered tool-call arguments\n\n" + text)
+        write(a.write, parts)
     if a.part in ("validation", "all"):
         rows = [(label, in_child(py, VALIDATION_CODE)) for label, py in runs]
         text = ("The work one request or one call puts on the event loop, measured in "
                 "process, load " + load_average() + ".\n\n" + validation_table(rows))
         print(text)
         parts.append("### Checking calls against big schemas\n\n" + text)
-    if a.write:
+    write(a.write, parts)
+
+
+def write(enabled: bool, parts: list[str]) -> None:
+    if enabled and parts:
         replace_section(SECTION + "\n\nMeasured by `python bench/hostile_inputs.py all "
                         "--write --before <main's python>`; see the script's docstring for "
-                        "what each part sends.\n\n" + "\n".join(parts))
+                        "what each part sends. Wall-clock times on a shared 2-core machine "
+                        "(the load average is given with each table).\n\n"
+                        + "\n".join(parts))
 
 
 if __name__ == "__main__":

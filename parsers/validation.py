@@ -203,14 +203,16 @@ def _issues(errors: list[jsonschema.exceptions.ValidationError]) -> tuple[Issue,
 
 
 def validate_call(name: str, arguments_text: str, toolset: Toolset, *,
-                  coerce: bool = False, max_depth: int | None = MAX_ARGUMENT_DEPTH) -> Verdict:
+                  coerce: bool = False, max_depth: int = MAX_ARGUMENT_DEPTH,
+                  depth_checked: bool = False) -> Verdict:
     """Check one complete tool call: is ``name`` callable here, and are ``arguments_text`` a JSON
     object valid against its schema? With ``coerce`` (policy ``repair``), an invalid call that
     has exactly one lossless valid reading comes back ``ok`` with that reading and its repairs.
 
     Never raises on any ``name`` or ``arguments_text``: the model's output is untrusted input.
     Arguments nesting deeper than ``max_depth`` are refused (``depth``) before being parsed,
-    since both the parsers and the validator recurse (``None``: the caller has checked).
+    since both the parsers and the validator recurse (``depth_checked``: the caller has done
+    that already; the bound still applies to JSON strings offered as coercions).
     """
     if toolset.choice == "none":
         return _invalid(name, arguments_text, Issue(
@@ -225,7 +227,7 @@ def validate_call(name: str, arguments_text: str, toolset: Toolset, *,
         return _invalid(name, arguments_text, Issue(
             "", "name", _cut(f"unknown tool {name!r}; the request's tools are: {known}")))
 
-    if max_depth is not None and too_deep(arguments_text, max_depth):
+    if not depth_checked and too_deep(arguments_text, max_depth):
         return _invalid(name, arguments_text, Issue("", "depth", depth_message(max_depth)))
     try:
         value = _loads(arguments_text)

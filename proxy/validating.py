@@ -85,9 +85,9 @@ class RequestValidation:
 
     # mender callbacks -------------------------------------------------------------------------
     def check_call(self, name: str, arguments: str) -> CheckResult:
-        # max_depth None: the mender refused arguments nested too deeply before asking
+        # the mender refused arguments nested too deeply before asking
         verdict = validate_call(name, arguments, self.toolset, coerce=self.policy.coerces,
-                                max_depth=None)
+                                max_depth=self.max_depth, depth_checked=True)
         return self._result(verdict, attempt=0)
 
     def check_reply(self, names: list[str]) -> CheckResult:
