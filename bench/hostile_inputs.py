@@ -472,6 +472,13 @@ def main() -> None:
         print(text)
         parts.append("### Request bodies that parse large\n\n" + text)
         write(a.write, parts)
+    if a.part in ("validation", "all"):
+        rows = [(label, in_child(py, VALIDATION_CODE)) for label, py in runs]
+        text = ("The work one request or one call puts on the event loop, measured in "
+                "process, load " + load_average() + ".\n\n" + validation_table(rows))
+        print(text)
+        parts.append("### Checking calls against big schemas\n\n" + text)
+        write(a.write, parts)
     if a.part in ("arguments", "all"):
         rows = [(label, in_child(py, ARGUMENTS_CODE)) for label, py in runs]
         text = ("One structured call whose arguments arrive in 16 KB deltas, buffered by the "
@@ -484,12 +491,6 @@ def main() -> None:
         print(text)
         parts.append("### Buffered tool-call arguments\n\n" + text)
         write(a.write, parts)
-    if a.part in ("validation", "all"):
-        rows = [(label, in_child(py, VALIDATION_CODE)) for label, py in runs]
-        text = ("The work one request or one call puts on the event loop, measured in "
-                "process, load " + load_average() + ".\n\n" + validation_table(rows))
-        print(text)
-        parts.append("### Checking calls against big schemas\n\n" + text)
     write(a.write, parts)
 
 
