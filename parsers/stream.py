@@ -22,6 +22,7 @@ _USAGE_NULL = (b'"usage":null', b'"usage": null')
 _FINISH = b'"finish_reason"'
 _FINISH_NULL = (b'"finish_reason":null', b'"finish_reason": null')
 _ERROR = b'"error"'
+_CONTENT_KEY = b'"content":'
 
 
 class EventMender(Protocol):
@@ -33,6 +34,10 @@ class EventMender(Protocol):
     """
 
     def wants(self, data: bytes) -> bool: ...
+
+    #: when not None, an event ``wants`` declined has its ``"content":`` key renamed to this
+    #: (the mender is at rest inside reasoning it separates: the text is reasoning as it is)
+    rekey: bytes | None
 
     def feed(self, chunk: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]: ...
 
@@ -146,13 +151,16 @@ class StreamPipeline:
                 raise UpstreamStreamError(500, data)
             if not stats.first_token:
                 stats.first_token = _has_token(data)
-            if mender is not None and mender.wants(data):
-                obj = self._parse(data, want_obj=True)
-                if obj is not None:
-                    chunks, notes = mender.feed(obj)
-                    self._emit(chunks, notes, parts)
-                    stats.tool_calls = len(mender.tool_names)
-                continue
+            if mender is not None:
+                if mender.wants(data):
+                    obj = self._parse(data, want_obj=True)
+                    if obj is not None:
+                        chunks, notes = mender.feed(obj)
+                        self._emit(chunks, notes, parts)
+                        stats.tool_calls = len(mender.tool_names)
+                    continue
+                if mender.rekey is not None:
+                    data = data.replace(_CONTENT_KEY, mender.rekey, 1)
             if (_USAGE in data and not _is_null(data, _USAGE_NULL)) or (
                     _FINISH in data and not _is_null(data, _FINISH_NULL)):
                 obj = self._parse(data, want_obj=False)

@@ -71,6 +71,20 @@ class Settings:
     tool_mode: str = opt("buffered", "buffered: emit a call's arguments once complete and checked; "
                          "incremental: stream argument fragments as they arrive",
                          choices=("buffered", "incremental"))
+    reasoning_field: str = opt("reasoning_content", "where reasoning toolmend separates from "
+                               "content goes: reasoning_content, reasoning, drop, or content "
+                               "(inside <think>...</think>); a server's own reasoning field "
+                               "passes through as it is (X-Toolmend-Reasoning overrides it per "
+                               "request)", choices=("reasoning_content", "reasoning", "drop",
+                                                    "content"))
+    reasoning_open_models: list[str] = opt([], "model names (shell patterns, e.g. "
+                                           "'*my-thinker*') whose chat template opens reasoning "
+                                           "in the prompt, so replies start inside it",
+                                           metavar="PATTERN")
+    reasoning_closed_models: list[str] = opt([], "model names (shell patterns) whose replies "
+                                             "never start inside reasoning, whatever the "
+                                             "built-in table or the request says",
+                                             metavar="PATTERN")
     on_invalid: str = opt("repair", "what to do with a schema-invalid tool call", choices=POLICIES)
     max_retries: int = opt(1, "upstream retries for an invalid tool call")
     slots: int = opt(0, "concurrent requests the backend may hold (0: ask it, else a default "
