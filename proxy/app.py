@@ -131,7 +131,7 @@ async def _forward(request: web.Request, body: dict[str, Any], path: str,
         backend = settings.backend if settings.backend != "auto" else (await up.detect()).kind
         mending = ChatMending.for_request(settings, body, ctx, request.headers, backend)
     if not ctx.stream:
-        raw = orjson.dumps(body)
+        raw = orjson.dumps(mending.upstream_body() if mending else body)
         async with sched.slot(ctx, estimate_cost(body, raw), priority=priority,
                               deadline=deadline):
             return await relay_json(ctx, up, path, raw,
@@ -139,7 +139,7 @@ async def _forward(request: web.Request, body: dict[str, Any], path: str,
     mender = mending.mender() if mending else None
     pipeline = StreamPipeline(client_wants_usage(body), mender)
     ask_for_usage(body)
-    raw = orjson.dumps(body)
+    raw = orjson.dumps(mending.upstream_body() if mending else body)
     down = (make_down or Downstream)(request, ctx, settings.keepalive_interval)
     down.start_keepalive()  # keep-alives flow while the request waits for a slot
     try:

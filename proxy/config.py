@@ -26,6 +26,7 @@ def opt(default: Any, help: str, *, flag: str | None = None, metavar: str | None
 
 BACKENDS = ("auto", "vllm", "llamacpp", "ollama", "sglang", "tgi", "openai", "embedded")
 POLICIES = ("repair", "retry", "error", "pass")
+SERVER_TOOL_PARSER = ("auto", "bypass", "trust")
 
 
 @dataclass
@@ -68,6 +69,12 @@ class Settings:
                                  "there are several --upstream URLs", metavar="S")
     tool_format: str = opt("auto", "tool-call marker format of the model (auto: from its name)",
                            metavar="FORMAT")
+    server_tool_parser: str = opt("auto", "bypass: ask a vLLM upstream for the reply as raw "
+                                  "text (tool_choice 'none', special tokens kept) and parse "
+                                  "calls and re-split its reasoning here; trust: take its "
+                                  "parsed tool_calls and reasoning as they come; auto: bypass "
+                                  "on vLLM, whose parsers fire calls drafted inside reasoning",
+                                  choices=SERVER_TOOL_PARSER)
     tool_mode: str = opt("buffered", "buffered: emit a call's arguments once complete and checked; "
                          "incremental: stream argument fragments as they arrive",
                          choices=("buffered", "incremental"))

@@ -4,6 +4,13 @@ Decides whether a request gets a mender (only when it offers tools: without ``to
 cannot receive a call, and a ``<tool_call>`` in the text is the model's own business), which
 format and mode apply, hooks in schema validation, and copies the mender's findings onto the
 request context for logs, metrics and traces.
+
+It also shapes what is sent upstream when toolmend takes over the server's own tool parser
+(``server_tool_parser``, see :func:`bypasses_server_parser`): vLLM's reasoning parser ends
+reasoning at a call the model only drafts inside ``<think>``, and its tool parser then emits
+that draft as a real call and drops the text after it, so the structured reply no longer holds
+what is needed to judge which call the model meant. In bypass mode the request asks for raw
+text instead, and the mender parses the calls and re-splits the reasoning itself.
 """
 
 from __future__ import annotations
@@ -15,10 +22,25 @@ from .config import Settings
 from .context import RequestContext
 from .errors import ProxyError
 from .parsers.mender import ChatMender, StreamError, feed_whole, fold_chunks
-from .parsers.reasoning import ReasoningSignals, field_for, template_switch
+from .parsers.reasoning import (
+    DEFAULT_FIELD,
+    ReasoningSignals,
+    field_for,
+    template_switch,
+)
 from .parsers.stream import StreamPipeline, UpstreamStreamError
 from .upstream import UpstreamClient
 from .validating import RequestValidation, schema_limits
+
+#: servers whose tool parser toolmend bypasses by default: vLLM (0.32, checked on the real
+#: server) ends reasoning at a call drafted inside it and fires the draft
+BYPASS_BY_DEFAULT = frozenset({"vllm"})
+#: servers where ``tool_choice: "none"`` turns the tool parser off while the chat template still
+#: receives the tools: vLLM (unless started with --exclude-tools-when-tool-choice-none), and any
+#: other OpenAI-compatible server the operator vouches for with ``server_tool_parser = "bypass"``
+BYPASSABLE = frozenset({"vllm", "openai"})
+#: where vLLM puts reasoning; re-split reasoning stays there unless asked otherwise
+VLLM_REASONING_FIELD = "reasoning"
 
 TOOL_MODE_HEADER = "X-Toolmend-Tool-Mode"
 REASONING_HEADER = "X-Toolmend-Reasoning"
@@ -45,9 +67,15 @@ class ChatMending:
             request=template_switch(body.get("chat_template_kwargs")),
             open_models=tuple(settings.reasoning_open_models),
             closed_models=tuple(settings.reasoning_closed_models))
-        #: re-split the server's own reasoning field (see ChatMender): for servers whose
-        #: reasoning split is known to be wrong when a call is drafted inside reasoning
-        self.resplit_server_reasoning = False
+        #: the server's tool parser is bypassed: the request asks for raw text, and the
+        #: server's own reasoning field is re-split here (see ChatMender)
+        self.bypass = bypasses_server_parser(settings.server_tool_parser, backend, body)
+        self.resplit_server_reasoning = self.bypass
+        if self.bypass:
+            ctx.extra["server_tool_parser"] = "bypass"
+            if asked is None and settings.reasoning_field == DEFAULT_FIELD:
+                # the client talks to vLLM: its reasoning stays in vLLM's own field
+                self.reasoning_field = VLLM_REASONING_FIELD
         self.validation = RequestValidation.prepare(body, headers, settings.on_invalid, backend,
                                                     settings.max_retries, mode, ctx,
                                                     schema_limits(settings))
@@ -58,6 +86,22 @@ class ChatMending:
         if not body.get("tools"):
             return None  # with tools and tool_choice "none", a call in the reply is a violation
         return cls(settings, body, ctx, headers, backend)
+
+    def upstream_body(self) -> dict[str, Any]:
+        """The body to send upstream: the client's own, or, when the server's tool parser is
+        bypassed, a copy that asks for the reply as raw text.
+
+        ``tool_choice: "none"`` takes vLLM's tool parser out of play (the chat template still
+        gets the tools); special tokens are kept, as vLLM's own tool parsers ask for, because a
+        format's markers may be special tokens. Validation and retries keep reading the
+        client's body: its ``tool_choice`` is still the rule the reply must follow.
+        """
+        if not self.bypass:
+            return self.body
+        shaped = dict(self.body)
+        shaped["tool_choice"] = "none"
+        shaped.setdefault("skip_special_tokens", False)
+        return shaped
 
     def mender(self) -> ChatMender:
         v = self.validation
@@ -127,6 +171,22 @@ class ChatMending:
             return obj
 
         return transform
+
+
+def bypasses_server_parser(setting: str, backend: str, body: dict[str, Any]) -> bool:
+    """Whether toolmend parses this request's reply itself instead of trusting the server's
+    tool parser (``server_tool_parser``: ``auto``, ``bypass`` or ``trust``).
+
+    Only for ``tool_choice`` ``auto`` (or absent) and ``none``: a named or ``required`` choice is
+    served by vLLM with structured outputs, not by its tool parser, and is left as it is.
+    ``none`` is included because the server's reasoning split still misplaces a call drafted
+    inside reasoning, which would then count as a call the request forbade.
+    """
+    if setting == "trust" or backend not in BYPASSABLE:
+        return False
+    if body.get("tool_choice") not in (None, "auto", "none"):
+        return False
+    return setting == "bypass" or backend in BYPASS_BY_DEFAULT
 
 
 def record(ctx: RequestContext, mender: ChatMender | None) -> None:
