@@ -29,7 +29,6 @@ import re
 import sys
 from pathlib import Path
 
-
 #: the reasoning markers made single tokens, in the order the reserved tokens are taken
 THINK_TOKENS = ("<think>", "</think>")
 _RESERVED = re.compile(r"<unused(\d+)>")
