@@ -121,9 +121,10 @@ class _Drafts:
     reasoning closed) rejects them, and their text goes to reasoning exactly as written.
     """
 
-    __slots__ = ("after", "closed", "events", "in_call", "raw", "space")
+    __slots__ = ("after", "closed", "events", "first_index", "in_call", "raw", "space")
 
-    def __init__(self, opener: str) -> None:
+    def __init__(self, opener: str, first_index: int) -> None:
+        self.first_index = first_index  # the parser's call count when the drafting began
         self.raw = [opener]  # everything since the first drafted call's marker, as written
         self.space: list[str] = []  # reasoning whitespace between and after the calls
         self.events: list[Event] = []  # the drafted calls' events, not yet let out
@@ -335,7 +336,7 @@ class StreamParser(MarkerParser):
                 self.stray_closes += 1
         elif thinking:
             # a call opener inside reasoning: a draft until the reply shows it was meant
-            self._drafts = _Drafts(tok)
+            self._drafts = _Drafts(tok, self._calls)
 
     def _plain_reasoning(self, data: str, pos: int, final: bool) -> tuple[int, str | None]:
         """:meth:`_plain` while something about reasoning is undecided: the start of a reply
@@ -412,6 +413,7 @@ class StreamParser(MarkerParser):
         assert drafts is not None
         self._drafts = None
         self.drafts_rejected += max(1, drafts.calls())
+        self._calls = drafts.first_index  # the calls that count are numbered without them
         emit_plain(out, "".join(drafts.raw), True)
         emit_plain(out, "".join(drafts.after), False)
 
