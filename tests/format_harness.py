@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from toolmend.parsers.autodetect import AutoParser
 from toolmend.parsers.events import Reasoning, Text, ToolCallArgs, ToolCallEnd, ToolCallStart
 from toolmend.parsers.formats import make_parser
 
@@ -54,8 +55,9 @@ def options(case: dict[str, Any]) -> dict[str, Any]:
 
 def run(fmt: str, pieces: list[str], tools: list[dict[str, Any]] | None = None, *,
         reasoning_open: bool = False, finish_reason: str | None = None) -> Result:
-    """Feed the pieces, finish, and fold the events into a Result, checking event order."""
-    parser = make_parser(fmt, tools)
+    """Feed the pieces, finish, and fold the events into a Result, checking event order
+    (``fmt`` "auto": the marker-triggered detection in front of the formats)."""
+    parser = AutoParser(tools) if fmt == "auto" else make_parser(fmt, tools)
     if reasoning_open:
         parser.open_reasoning()
     res = Result()
