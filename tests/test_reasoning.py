@@ -159,7 +159,7 @@ def test_a_rejected_draft_gives_its_index_to_the_real_call() -> None:
 # --- reasoning opened by the chat template ----------------------------------------------------
 
 def test_reply_opened_inside_reasoning_is_split_at_the_end_marker() -> None:
-    got, notes, _ = mend(chars(f"I could call {X} but no.</think>\n\n{Y}"), reasoning_open=True)
+    got, _, _ = mend(chars(f"I could call {X} but no.</think>\n\n{Y}"), reasoning_open=True)
     assert got == {"reasoning_content": f"I could call {X} but no.", "content": "\n\n",
                    "calls": [BERGEN], "finish": "tool_calls"}
     assert "</think>" not in got.get("content", "")

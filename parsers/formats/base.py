@@ -63,6 +63,7 @@ class MarkerParser(ABC):
     def end_server_reasoning(self) -> None:
         """The server's own reasoning field ended here (the text fed so far came from it, the
         text fed next from its content field). Formats without reasoning ignore this."""
+        return None
 
     @property
     def in_reasoning(self) -> bool:
