@@ -228,6 +228,8 @@ class ChatMender:
             return self._wants_in_reasoning(data)
         if not self._idle:
             return True
+        if self.resplit and _REASONING_KEY in data:
+            return True  # the server's reasoning is raw reply text here
         for s in _STRUCTURE:
             if s in data:
                 return True

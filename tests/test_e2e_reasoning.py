@@ -2,13 +2,15 @@
 proxy, a real HTTP client in front and the simulated backend behind, in each dialect (vLLM,
 llama-server, Ollama), streaming and not.
 
-The simulated server sends the scripted reply the way a server without a reasoning parser does
-(raw text in ``content``) or, for the last row, the way one with a reasoning parser does (its
-own reasoning field, which toolmend passes through and never reads for calls).
+The table's rows are ``fixtures/reasoning/decision_table.json``. The simulated server sends each
+scripted reply the way a server without a reasoning parser does (raw text in ``content``) or,
+for the last row, the way one with a reasoning parser does (its own reasoning field, which
+toolmend passes through and never reads for calls).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -33,25 +35,25 @@ X = '<tool_call>\n{"name": "get_time", "arguments": {"tz": "UTC"}}\n</tool_call>
 Y = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Bergen"}}\n</tool_call>'
 BERGEN = ["get_weather", {"city": "Bergen"}]
 
-# (row, scripted reply, what the client gets)
-ROWS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
-    ("drafted-then-call", {"content": f"<think>I could call {X} but no.</think>\n\n{Y}"},
-     {"content": "\n\n", "reasoning_content": f"I could call {X} but no.", "calls": [BERGEN],
-      "finish": "tool_calls"}),
-    ("drafted-then-answer", {"content": f"<think>I could call {X} but no.</think>Hello!"},
-     {"content": "Hello!", "reasoning_content": f"I could call {X} but no.", "calls": [],
-      "finish": "stop"}),
-    ("final-act-then-close", {"content": f"<think>Bergen. {Y}\n</think>\n"},
-     {"content": "\n", "reasoning_content": "Bergen. \n", "calls": [BERGEN],
-      "finish": "tool_calls"}),
-    ("final-act-never-closed", {"content": f"<think>Bergen. {Y}"},
-     {"reasoning_content": "Bergen. ", "calls": [BERGEN], "finish": "tool_calls"}),
-    ("drafted-then-more-reasoning", {"content": f"<think>Maybe {X} or not"},
-     {"reasoning_content": f"Maybe {X} or not", "calls": [], "finish": "stop"}),
-    ("drafted-then-more-reasoning-cut", {"content": f"<think>Maybe {X} or not",
-                                         "finish_reason": "length"},
-     {"reasoning_content": f"Maybe {X} or not", "calls": [], "finish": "length"}),
-]
+#: the decision table, one row per case: the scripted reply and what the client gets
+TABLE = orjson.loads((Path(__file__).resolve().parent.parent / "fixtures" / "reasoning" /
+                      "decision_table.json").read_bytes())
+
+
+def expected_view(case: dict[str, Any], dialect: str) -> dict[str, Any]:
+    """A table case's expected result as :func:`client_view` shows it: reasoning toolmend
+    separated in ``reasoning_content``, a server's own in that server's field."""
+    exp = case["expected"]
+    out: dict[str, Any] = {}
+    if exp.get("content"):
+        out["content"] = exp["content"]
+    if exp.get("reasoning"):
+        out["reasoning_content"] = exp["reasoning"]
+    if exp.get("server_reasoning"):
+        out[SERVER_FIELD[dialect]] = exp["server_reasoning"]
+    out["calls"] = [[c["name"], c["arguments"]] for c in exp["tool_calls"]]
+    out["finish"] = exp["finish_reason"]
+    return out
 
 
 def client_view(chunks: list[dict[str, Any]]) -> dict[str, Any]:
@@ -107,14 +109,13 @@ async def chat(stack: Stack, *, stream: bool, headers: dict[str, str] | None = N
 
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
 @pytest.mark.parametrize("dialect", DIALECTS)
-@pytest.mark.parametrize(("script", "expected"), [r[1:] for r in ROWS], ids=[r[0] for r in ROWS])
+@pytest.mark.parametrize("case", TABLE, ids=[c["name"] for c in TABLE])
 async def test_decision_table_end_to_end(make_stack: StackFactory, dialect: str, stream: bool,
-                                         script: dict[str, Any],
-                                         expected: dict[str, Any]) -> None:
+                                         case: dict[str, Any]) -> None:
     stack = await make_stack(dialect)
-    stack.sim.push({**script, "wire_split_seed": 5})
+    stack.sim.push({**case["scenario"], "wire_split_seed": 5})
     got, _ = await chat(stack, stream=stream)
-    assert got == expected
+    assert got == expected_view(case, dialect)
 
 
 @pytest.mark.parametrize("mode", ["buffered", "incremental"])

@@ -9,7 +9,9 @@ whole mender, in buffered and incremental mode, one character per delta.
 
 from __future__ import annotations
 
+import itertools
 import random
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -83,42 +85,47 @@ def chars(text: str) -> list[dict[str, Any]]:
 
 # --- the decision table ------------------------------------------------------------------------
 
-TABLE: list[tuple[str, list[dict[str, Any]], str, dict[str, Any]]] = [
-    ("drafted call, more reasoning, then a call",
-     chars(f"<think>I could call {X} but no.</think>{Y}"), "stop",
-     {"reasoning_content": f"I could call {X} but no.", "calls": [BERGEN],
-      "finish": "tool_calls"}),
-    ("drafted call, more reasoning, then an answer",
-     chars(f"<think>I could call {X} but no.</think>Hello!"), "stop",
-     {"reasoning_content": f"I could call {X} but no.", "content": "Hello!", "calls": [],
-      "finish": "stop"}),
-    ("call, then only whitespace and the end marker",
-     chars(f"<think>Bergen, then. {Y} \n</think>\n"), "stop",
-     {"reasoning_content": "Bergen, then.  \n", "content": "\n", "calls": [BERGEN],
-      "finish": "tool_calls"}),
-    ("call, and the reply ends without the end marker",
-     chars(f"<think>Bergen, then. {Y}"), "stop",
-     {"reasoning_content": "Bergen, then. ", "calls": [BERGEN], "finish": "tool_calls"}),
-    ("drafted call, more reasoning, the reply ends (stop)",
-     chars(f"<think>Maybe {X} or not"), "stop",
-     {"reasoning_content": f"Maybe {X} or not", "calls": [], "finish": "stop"}),
-    ("drafted call, more reasoning, the reply ends (length)",
-     chars(f"<think>Maybe {X} or not"), "length",
-     {"reasoning_content": f"Maybe {X} or not", "calls": [], "finish": "length"}),
-    ("call text in the server's reasoning field",
-     [{"reasoning": c} for c in f"I could call {Y} and stop."] + [{"content": "Hi."}], "stop",
-     {"reasoning": f"I could call {Y} and stop.", "content": "Hi.", "calls": [],
-      "finish": "stop"}),
-]
+TABLE = orjson.loads((Path(__file__).resolve().parent.parent / "fixtures" / "reasoning" /
+                      "decision_table.json").read_bytes())
+
+
+def table_row(case: dict[str, Any]) -> tuple[list[dict[str, Any]], str, dict[str, Any]]:
+    """A table case as one-character deltas (the server's reasoning field as vLLM names it),
+    its finish reason, and the client's expected view."""
+    sc, exp = case["scenario"], case["expected"]
+    deltas = [{"reasoning": c} for c in sc.get("reasoning", "")] + chars(sc.get("content", ""))
+    view_: dict[str, Any] = {}
+    if exp.get("reasoning"):
+        view_["reasoning_content"] = exp["reasoning"]
+    if exp.get("server_reasoning"):
+        view_["reasoning"] = exp["server_reasoning"]
+    if exp.get("content"):
+        view_["content"] = exp["content"]
+    view_["calls"] = [(c["name"], c["arguments"]) for c in exp["tool_calls"]]
+    view_["finish"] = exp["finish_reason"]
+    return deltas, sc.get("finish_reason", "stop"), view_
 
 
 @pytest.mark.parametrize("mode", ["buffered", "incremental"])
-@pytest.mark.parametrize(("deltas", "finish", "expected"), [t[1:] for t in TABLE],
-                         ids=[t[0] for t in TABLE])
-def test_decision_table_through_the_mender(deltas: list[dict[str, Any]], finish: str,
-                                           expected: dict[str, Any], mode: str) -> None:
+@pytest.mark.parametrize("case", TABLE, ids=[c["name"] for c in TABLE])
+def test_decision_table_through_the_mender(case: dict[str, Any], mode: str) -> None:
+    deltas, finish, expected = table_row(case)
     got, _, _ = mend(deltas, finish, mode=mode)
     assert got == expected
+
+
+def test_the_table_fixture_is_the_readme_table() -> None:
+    """Every row of the README's table has its cases (the fifth row's two finish reasons are
+    two), in the README's order."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    at = readme.index("| reply | calls the agent gets | where the drafted call's text goes |")
+    rows = list(itertools.takewhile(lambda line: line.startswith("| "),
+                                    readme[at:].splitlines()[2:]))
+    assert len(rows) == 6
+    cells = [row.split(" | ")[0].removeprefix("| ").replace("`", "").split(" (")[0]
+             for row in rows]
+    cases = [c["row"].split(" (")[0] for c in TABLE]
+    assert cases == [cells[0], cells[1], cells[2], cells[3], cells[4], cells[4], cells[5]]
 
 
 @pytest.mark.parametrize("mode", ["buffered", "incremental"])
@@ -496,3 +503,23 @@ def test_parser_never_lets_a_drafted_call_out_before_the_end() -> None:
         kinds = [type(e).__name__ for e in p.finish() if type(e).__name__.startswith("Tool")]
         assert kinds[0] == "ToolCallStart" and kinds[-1] == "ToolCallEnd", fmt
         assert set(kinds[1:-1]) == {"ToolCallArgs"}, fmt
+
+
+def test_resplit_reads_server_reasoning_that_comes_after_plain_content() -> None:
+    """Even when the mender's fast path is on (plain text before), a server reasoning delta in
+    re-split mode is read, never forwarded as it came (Ollama's /v1 sends it beside an empty
+    content)."""
+    raw = sse([{"content": "Plain. "}, {"content": "", "reasoning": "<think>late"}])
+    got, _ = client([raw], resplit_server_reasoning=True)
+    assert got == {"content": "Plain. ", "reasoning_content": "late", "calls": [],
+                   "finish": "stop"}
+
+
+def test_detected_formats_that_cannot_follow_reasoning_are_not_chosen_inside_it() -> None:
+    """An unknown model: a Llama 3 or pythonic call marker inside ``<think>`` stays reasoning
+    (those formats cannot hold a call as a draft), and no call fires."""
+    for text in ('<think><|python_tag|>{"name": "get_weather", "parameters": {}}</think>ok',
+                 "<think><|python_start|>[get_weather(city='Bergen')]<|python_end|></think>ok"):
+        res = run("auto", list(text), TOOLS)
+        assert (res.content, res.calls) == ("ok", []), text
+        assert res.reasoning == text.removeprefix("<think>").split("</think>")[0]

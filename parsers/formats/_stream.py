@@ -223,7 +223,9 @@ class StreamParser(MarkerParser):
 
     @property
     def in_reasoning(self) -> bool:
-        return self._thinking
+        # an opened reply whose start was never read as text (a format that reads no plain
+        # text, or no text at all) never entered its reasoning
+        return self._thinking and not self._lead
 
     def closes_unopened(self, text: str) -> bool:
         if not self.knows_reasoning:
