@@ -331,6 +331,7 @@ class ChatMender:
             text = fields.get("reasoning") or fields["reasoning_content"]
             if not self._server_reasoning and not self._content_seen:
                 self.parser.open_reasoning()
+                self.open_signal = "the server's reasoning field"
             self._server_reasoning = True
             self._events(self.parser.feed(text), out, notes)
             return

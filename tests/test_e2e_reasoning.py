@@ -89,7 +89,8 @@ def message_view(doc: dict[str, Any]) -> dict[str, Any]:
 
 async def chat(stack: Stack, *, stream: bool, headers: dict[str, str] | None = None,
                **extra: Any) -> tuple[dict[str, Any], list[str]]:
-    """One chat request through toolmend: the client's view and the SSE comments."""
+    """One chat request through toolmend: the client's view and toolmend's notes (SSE comments
+    when streaming, the ``X-Toolmend-Repairs`` header when not)."""
     body = {"model": extra.pop("model", "sim-model"),
             "messages": [{"role": "user", "content": "Weather in Bergen?"}],
             "tools": TOOLS, "stream": stream, **extra}
@@ -97,8 +98,9 @@ async def chat(stack: Stack, *, stream: bool, headers: dict[str, str] | None = N
             http.post(stack.v1 + "/chat/completions", json=body, headers=headers) as r:
         raw = await r.read()
         assert r.status == 200, raw
+        header = r.headers.get("X-Toolmend-Repairs", "")
     if not stream:
-        return message_view(orjson.loads(raw)), []
+        return message_view(orjson.loads(raw)), header.split("; ") if header else []
     dec = SSEDecoder()
     evs = dec.feed(raw) + dec.finish()
     data = [e for e in evs if isinstance(e, SSEEvent)]
@@ -118,17 +120,19 @@ async def test_decision_table_end_to_end(make_stack: StackFactory, dialect: str,
     assert got == expected_view(case, dialect)
 
 
-@pytest.mark.parametrize("mode", ["buffered", "incremental"])
+@pytest.mark.parametrize("mode", ["buffered", "incremental", "whole"])
 @pytest.mark.parametrize("dialect", DIALECTS)
-async def test_drafted_call_never_fires_in_either_mode(make_stack: StackFactory, dialect: str,
-                                                       mode: str) -> None:
+async def test_drafted_call_never_fires_and_is_reported(make_stack: StackFactory, dialect: str,
+                                                        mode: str) -> None:
     stack = await make_stack(dialect)
     stack.sim.push({"content": f"<think>I could call {X} but no.</think>\n\n{Y}",
                     "wire_split_seed": 11})
-    got, comments = await chat(stack, stream=True, headers={"X-Toolmend-Tool-Mode": mode})
+    got, notes = await chat(stack, stream=mode != "whole",
+                            headers={"X-Toolmend-Tool-Mode": mode} if mode != "whole" else None)
     assert got["calls"] == [BERGEN]
-    assert "toolmend kept 1 tool call(s) drafted inside reasoning as reasoning: the model went "\
-        "on after them" in comments
+    prefix = "toolmend " if mode != "whole" else ""
+    assert prefix + "kept 1 tool call(s) drafted inside reasoning as reasoning: the model went "\
+        "on after them" in notes
 
 
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])

@@ -523,3 +523,26 @@ def test_detected_formats_that_cannot_follow_reasoning_are_not_chosen_inside_it(
         res = run("auto", list(text), TOOLS)
         assert (res.content, res.calls) == ("ok", []), text
         assert res.reasoning == text.removeprefix("<think>").split("</think>")[0]
+
+
+def test_reasoning_reopened_after_a_draft_rejects_it() -> None:
+    text = f"<think>{X}</think><think>more</think>answer"
+    for pieces in ([text], list(text)):
+        res = run("hermes", pieces, TOOLS)
+        assert (res.reasoning, res.content, res.calls) == (f"{X}more", "answer", [])
+
+
+@pytest.mark.parametrize(("fmt", "text", "expected"), [
+    ("granite", 'Weather.</think><|tool_call|>[{"name": "get_weather", "arguments": '
+     '{"city": "Bergen"}}]', ("Weather.", "", ["get_weather"])),
+    ("functiongemma", "Hmm.</think>Just text.", ("Hmm.", "Just text.", [])),
+    ("phi4_mini", "Hmm.</think>Just text.", ("Hmm.", "Just text.", [])),
+    ("glm45", "Hmm.</think>Just text.", ("Hmm.", "Just text.", [])),
+])
+def test_formats_without_their_own_reasoning_markers_follow_an_opened_reply(
+        fmt: str, text: str, expected: tuple[str, str, list[str]]) -> None:
+    """The end marker closes the reasoning the template opened; it is never taken for the
+    format's own call marker."""
+    for pieces in ([text], list(text)):
+        res = run(fmt, pieces, TOOLS, reasoning_open=True)
+        assert (res.reasoning, res.content, [c.name for c in res.calls]) == expected

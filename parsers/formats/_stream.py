@@ -313,19 +313,29 @@ class StreamParser(MarkerParser):
         soon as it cannot be the start of one.
 
         Returns the position after the marker and the marker, or ``(end, None)`` when more text
-        is needed. The reasoning delimiters are acted on here; the format acts on the others
-        (a stray closer it lists is simply dropped).
+        is needed. The reasoning delimiters are acted on here and never returned (a format's
+        text state only ever sees its own markers); the format acts on the others (a stray
+        closer it lists is simply dropped).
         """
-        if self._lead or self._boundary or self._drafts is not None:
-            return self._plain_reasoning(data, pos, final)
-        thinking = self._thinking
-        end, m = (self._IN_THINK if thinking else self._IN_TEXT).scan(data, pos, final)
-        emit_plain(out, data[pos:end], thinking)
-        if m is None:
-            return end, None
-        tok = m.group()
-        self._marker(tok, thinking)
-        return m.end(), tok
+        # the feed's own list: when a drafted call has just ended, ``out`` is still its list
+        out = self._out
+        think_start, think_end = self._THINK_START, self._THINK_END
+        while True:
+            if self._lead or self._boundary or self._drafts is not None:
+                pos, tok = self._plain_reasoning(data, pos, final)
+                if tok is None:
+                    return pos, None
+            else:
+                thinking = self._thinking
+                end, m = (self._IN_THINK if thinking else self._IN_TEXT).scan(data, pos, final)
+                emit_plain(out, data[pos:end], thinking)
+                if m is None:
+                    return end, None
+                tok = m.group()
+                self._marker(tok, thinking)
+                pos = m.end()
+            if tok and tok != think_start and tok != think_end:
+                return pos, tok
 
     def _marker(self, tok: str, thinking: bool) -> None:
         """Act on a marker met in text or reasoning (no drafts pending)."""
@@ -344,7 +354,9 @@ class StreamParser(MarkerParser):
         """:meth:`_plain` while something about reasoning is undecided: the start of a reply
         opened inside reasoning, the end of a server's reasoning field, or drafted calls.
 
-        Emits to the feed's own list (a drafted call's ``out`` holds only its events)."""
+        Emits to the feed's own list (a drafted call's ``out`` holds only its events). Returns
+        like :meth:`_plain`, or ``""`` for the marker when it consumed up to ``pos`` and
+        :meth:`_plain` should read on."""
         out = self._out
         self._plain_ran = True
         n = len(data)
@@ -376,7 +388,7 @@ class StreamParser(MarkerParser):
                 # inside it (vLLM's qwen3 reasoning parser does): still reasoning
         drafts = self._drafts
         if drafts is None:
-            return self._plain(data, pos, final, out)
+            return pos, ""  # decided: read on as usual
         drafts.in_call = False  # back in text or reasoning: the drafted call has ended
         thinking = self._thinking
         end, m = (self._IN_THINK if thinking else self._IN_TEXT).scan(data, pos, final)
