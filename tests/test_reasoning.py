@@ -208,6 +208,18 @@ def test_stray_end_marker_is_removed_from_streamed_content_with_a_note() -> None
                      "reasoning: see reasoning_open_models)"]
 
 
+def test_stray_end_marker_after_a_streamed_call_says_the_call_was_sent() -> None:
+    """Not guessed open, streamed: a call before the marker has gone out by the time the
+    marker shows it was written inside reasoning; the note says so, for the operator to set
+    the model's reasoning_open_models."""
+    got, notes, _ = mend(chars(f"Maybe {X}</think>Hi."))
+    assert got["calls"] == [UTC]
+    assert notes[0] == ("dropped 1 reasoning end marker(s) that closed no reasoning; the text "
+                        "before was already sent as content, and 1 tool call(s) written before "
+                        "it were already emitted (the chat template probably opened reasoning: "
+                        "see reasoning_open_models)")
+
+
 def test_stray_end_marker_in_a_whole_reply_makes_the_text_before_it_reasoning() -> None:
     """Not streamed, nothing has gone out yet: the reply is read as opened from its start, so
     the call drafted before the marker does not fire either."""

@@ -345,6 +345,8 @@ class StreamParser(MarkerParser):
             if thinking:
                 self._thinking = False
             else:
+                if not self.stray_closes:
+                    self.calls_before_stray = self._calls
                 self.stray_closes += 1
         elif thinking:
             # a call opener inside reasoning: a draft until the reply shows it was meant
