@@ -31,6 +31,9 @@ START_MARKERS: dict[str, str] = {
     "<|channel|>": "gpt_oss",
 }
 _MARKERS = tuple(START_MARKERS)
+#: formats that do not follow ``<think>`` reasoning: their start marker inside reasoning is
+#: reasoning text, so a call written there can never fire
+_NOT_IN_REASONING = frozenset({"llama3_json", "pythonic", "gpt_oss"})
 # Until a format is chosen, ``<think>`` reasoning is followed here; a start marker met inside it
 # hands the rest to the chosen format still inside reasoning, where the call is a draft.
 _IN_TEXT = Markers(*_MARKERS, THINK_START, THINK_END)
@@ -148,8 +151,12 @@ class AutoParser(MarkerParser):
                     self.stray_closes += 1  # a close without an open: dropped from content
                 pos = m.end()
                 continue
-            rest = buf[m.start():]
             fmt = START_MARKERS[tok]
+            if thinking and fmt in _NOT_IN_REASONING:
+                emit_plain(out, tok, True)
+                pos = m.end()
+                continue
+            rest = buf[m.start():]
             if fmt:
                 self._switch(fmt)
                 out.extend(self._inner.feed(rest))  # type: ignore[union-attr]

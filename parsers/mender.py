@@ -228,6 +228,8 @@ class ChatMender:
             return self._wants_in_reasoning(data)
         if not self._idle:
             return True
+        if self.resplit and _REASONING_KEY in data:
+            return True  # the server's reasoning is raw reply text here
         for s in _STRUCTURE:
             if s in data:
                 return True
@@ -329,6 +331,7 @@ class ChatMender:
             text = fields.get("reasoning") or fields["reasoning_content"]
             if not self._server_reasoning and not self._content_seen:
                 self.parser.open_reasoning()
+                self.open_signal = "the server's reasoning field"
             self._server_reasoning = True
             self._events(self.parser.feed(text), out, notes)
             return
@@ -533,9 +536,14 @@ class ChatMender:
             notes.append(f"the reply ended inside reasoning{why}; it never closed it, so all "
                          "of its text after the start went to reasoning")
         if parser.stray_closes:
+            sent = inner.calls_before_stray
+            calls = f", and {sent} tool call(s) written before it were already emitted" \
+                if sent else ""
             notes.append(f"dropped {parser.stray_closes} reasoning end marker(s) that closed no "
-                         "reasoning; the text before was already sent as content (the chat "
-                         "template probably opened reasoning: see reasoning_open_models)")
+                         f"reasoning; the text before was already sent as content{calls} (the "
+                         "chat template probably opened reasoning: see reasoning_open_models)")
+            self.repairs.append({"kind": "reasoning_end_without_start", "call": -1,
+                                 "before": parser.stray_closes, "after": 0})
 
     def _finish_chunk(self, reason: str | None, notes: list[str]) -> dict[str, Any]:
         emitted = any(c.out_index >= 0 for c in self._calls)

@@ -5,7 +5,8 @@ Two decisions the mender needs before it reads a reply:
 * **Does the reply start inside reasoning?** Many chat templates write the opening ``<think>``
   into the prompt, so the model's output only closes it with ``</think>``. Nothing in the output
   says so until that marker arrives, and by then the reasoning has streamed as content. toolmend
-  decides it from explicit signals only, never by guessing from the text (:class:`ReasoningSignals`).
+  decides it from explicit signals only, never by guessing from the text
+  (:class:`ReasoningSignals`).
 * **Which field does the reasoning toolmend separates go to?** (:data:`FIELDS`). A server's own
   reasoning field is passed through as it came; this is only for reasoning toolmend split from
   content itself.

@@ -134,6 +134,9 @@ class Settings:
     admin_key: str = opt("", "bearer key that lets non-loopback clients read /metrics and "
                          "/toolmend/v1/sessions (default: loopback only)", metavar="KEY")
     sessions_max: int = opt(256, "recent agent sessions kept in memory for toolmend trace")
+    trace_session_idle: float = opt(60.0, "seconds without a step after which a session's span "
+                                    "is ended and exported (a later step opens a new one in "
+                                    "the same trace)", metavar="S")
     api_key: str = opt("", "bearer key sent to the upstream (never forwarded to clients)",
                        flag="--upstream-api-key", metavar="KEY")
     connect_timeout: float = opt(5.0, "seconds to connect to the upstream", metavar="S")

@@ -121,9 +121,10 @@ class _Drafts:
     reasoning closed) rejects them, and their text goes to reasoning exactly as written.
     """
 
-    __slots__ = ("after", "closed", "events", "in_call", "raw", "space")
+    __slots__ = ("after", "closed", "events", "first_index", "in_call", "raw", "space")
 
-    def __init__(self, opener: str) -> None:
+    def __init__(self, opener: str, first_index: int) -> None:
+        self.first_index = first_index  # the parser's call count when the drafting began
         self.raw = [opener]  # everything since the first drafted call's marker, as written
         self.space: list[str] = []  # reasoning whitespace between and after the calls
         self.events: list[Event] = []  # the drafted calls' events, not yet let out
@@ -222,7 +223,9 @@ class StreamParser(MarkerParser):
 
     @property
     def in_reasoning(self) -> bool:
-        return self._thinking
+        # an opened reply whose start was never read as text (a format that reads no plain
+        # text, or no text at all) never entered its reasoning
+        return self._thinking and not self._lead
 
     def closes_unopened(self, text: str) -> bool:
         if not self.knows_reasoning:
@@ -310,19 +313,29 @@ class StreamParser(MarkerParser):
         soon as it cannot be the start of one.
 
         Returns the position after the marker and the marker, or ``(end, None)`` when more text
-        is needed. The reasoning delimiters are acted on here; the format acts on the others
-        (a stray closer it lists is simply dropped).
+        is needed. The reasoning delimiters are acted on here and never returned (a format's
+        text state only ever sees its own markers); the format acts on the others (a stray
+        closer it lists is simply dropped).
         """
-        if self._lead or self._boundary or self._drafts is not None:
-            return self._plain_reasoning(data, pos, final)
-        thinking = self._thinking
-        end, m = (self._IN_THINK if thinking else self._IN_TEXT).scan(data, pos, final)
-        emit_plain(out, data[pos:end], thinking)
-        if m is None:
-            return end, None
-        tok = m.group()
-        self._marker(tok, thinking)
-        return m.end(), tok
+        # the feed's own list: when a drafted call has just ended, ``out`` is still its list
+        out = self._out
+        think_start, think_end = self._THINK_START, self._THINK_END
+        while True:
+            if self._lead or self._boundary or self._drafts is not None:
+                pos, tok = self._plain_reasoning(data, pos, final)
+                if tok is None:
+                    return pos, None
+            else:
+                thinking = self._thinking
+                end, m = (self._IN_THINK if thinking else self._IN_TEXT).scan(data, pos, final)
+                emit_plain(out, data[pos:end], thinking)
+                if m is None:
+                    return end, None
+                tok = m.group()
+                self._marker(tok, thinking)
+                pos = m.end()
+            if tok and tok != think_start and tok != think_end:
+                return pos, tok
 
     def _marker(self, tok: str, thinking: bool) -> None:
         """Act on a marker met in text or reasoning (no drafts pending)."""
@@ -332,16 +345,20 @@ class StreamParser(MarkerParser):
             if thinking:
                 self._thinking = False
             else:
+                if not self.stray_closes:
+                    self.calls_before_stray = self._calls
                 self.stray_closes += 1
         elif thinking:
             # a call opener inside reasoning: a draft until the reply shows it was meant
-            self._drafts = _Drafts(tok)
+            self._drafts = _Drafts(tok, self._calls)
 
     def _plain_reasoning(self, data: str, pos: int, final: bool) -> tuple[int, str | None]:
         """:meth:`_plain` while something about reasoning is undecided: the start of a reply
         opened inside reasoning, the end of a server's reasoning field, or drafted calls.
 
-        Emits to the feed's own list (a drafted call's ``out`` holds only its events)."""
+        Emits to the feed's own list (a drafted call's ``out`` holds only its events). Returns
+        like :meth:`_plain`, or ``""`` for the marker when it consumed up to ``pos`` and
+        :meth:`_plain` should read on."""
         out = self._out
         self._plain_ran = True
         n = len(data)
@@ -373,7 +390,7 @@ class StreamParser(MarkerParser):
                 # inside it (vLLM's qwen3 reasoning parser does): still reasoning
         drafts = self._drafts
         if drafts is None:
-            return self._plain(data, pos, final, out)
+            return pos, ""  # decided: read on as usual
         drafts.in_call = False  # back in text or reasoning: the drafted call has ended
         thinking = self._thinking
         end, m = (self._IN_THINK if thinking else self._IN_TEXT).scan(data, pos, final)
@@ -412,6 +429,7 @@ class StreamParser(MarkerParser):
         assert drafts is not None
         self._drafts = None
         self.drafts_rejected += max(1, drafts.calls())
+        self._calls = drafts.first_index  # the calls that count are numbered without them
         emit_plain(out, "".join(drafts.raw), True)
         emit_plain(out, "".join(drafts.after), False)
 

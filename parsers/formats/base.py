@@ -40,8 +40,10 @@ class MarkerParser(ABC):
         #: set before :meth:`finish` when the reply was cut off (finish ``length``): a call the
         #: model drafted inside reasoning can then never count as its final act
         self.cut_off = False
-        #: reasoning end markers seen in text that was not reasoning (dropped from the text)
+        #: reasoning end markers seen in text that was not reasoning (dropped from the text),
+        #: and the calls the reply had started before the first of them
         self.stray_closes = 0
+        self.calls_before_stray = 0
         #: :meth:`open_reasoning` was called: the reply was taken to start inside reasoning
         self.reasoning_opened = False
 
@@ -63,6 +65,7 @@ class MarkerParser(ABC):
     def end_server_reasoning(self) -> None:
         """The server's own reasoning field ended here (the text fed so far came from it, the
         text fed next from its content field). Formats without reasoning ignore this."""
+        return None
 
     @property
     def in_reasoning(self) -> bool:
