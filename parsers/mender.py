@@ -181,6 +181,7 @@ class ChatMender:
             raise ValueError(f"reasoning_field must be one of {FIELDS}, got {reasoning_field!r}")
         self.reasoning_field = reasoning_field
         self.resplit = resplit_server_reasoning
+        self._server_key: str | None = None  # the server's reasoning field, when re-split
         self.opens_reasoning = False  # the decision, once the model is known
         self.open_signal = ""  # what decided it
         self._content_seen = False
@@ -329,6 +330,8 @@ class ChatMender:
         if self.resplit:
             # both names at once carry the same text (servers in transition send both)
             text = fields.get("reasoning") or fields["reasoning_content"]
+            if self._server_key is None:  # re-split reasoning stays in the server's field
+                self._server_key = "reasoning" if "reasoning" in fields else "reasoning_content"
             if not self._server_reasoning and not self._content_seen:
                 self.parser.open_reasoning()
                 self.open_signal = "the server's reasoning field"
@@ -417,8 +420,9 @@ class ChatMender:
                 self.rekey = None
 
     def _reasoning(self, text: str, out: list[dict[str, Any]]) -> None:
-        """Reasoning toolmend separated, to the field chosen for it."""
-        field = self.reasoning_field
+        """Reasoning toolmend separated, to the field chosen for it (re-split reasoning of a
+        server's own field: to that field, as the server's reasoning always goes)."""
+        field = self._server_key or self.reasoning_field
         if field == "drop":
             return
         if field == "content":

@@ -22,12 +22,7 @@ from .config import Settings
 from .context import RequestContext
 from .errors import ProxyError
 from .parsers.mender import ChatMender, StreamError, feed_whole, fold_chunks
-from .parsers.reasoning import (
-    DEFAULT_FIELD,
-    ReasoningSignals,
-    field_for,
-    template_switch,
-)
+from .parsers.reasoning import ReasoningSignals, field_for, template_switch
 from .parsers.stream import StreamPipeline, UpstreamStreamError
 from .upstream import UpstreamClient
 from .validating import RequestValidation, schema_limits
@@ -39,8 +34,6 @@ BYPASS_BY_DEFAULT = frozenset({"vllm"})
 #: receives the tools: vLLM (unless started with --exclude-tools-when-tool-choice-none), and any
 #: other OpenAI-compatible server the operator vouches for with ``server_tool_parser = "bypass"``
 BYPASSABLE = frozenset({"vllm", "openai"})
-#: where vLLM puts reasoning; re-split reasoning stays there unless asked otherwise
-VLLM_REASONING_FIELD = "reasoning"
 
 TOOL_MODE_HEADER = "X-Toolmend-Tool-Mode"
 REASONING_HEADER = "X-Toolmend-Reasoning"
@@ -73,9 +66,6 @@ class ChatMending:
         self.resplit_server_reasoning = self.bypass
         if self.bypass:
             ctx.extra["server_tool_parser"] = "bypass"
-            if asked is None and settings.reasoning_field == DEFAULT_FIELD:
-                # the client talks to vLLM: its reasoning stays in vLLM's own field
-                self.reasoning_field = VLLM_REASONING_FIELD
         self.validation = RequestValidation.prepare(body, headers, settings.on_invalid, backend,
                                                     settings.max_retries, mode, ctx,
                                                     schema_limits(settings))

@@ -308,23 +308,30 @@ VLLM_DRAFT = [{"reasoning": "I could call "},
 @pytest.mark.parametrize("mode", ["buffered", "incremental"])
 @pytest.mark.parametrize(("deltas", "expected"), [
     # vLLM's qwen3 parser ended reasoning at the drafted call; the end marker is in content
-    (VLLM_DRAFT, {"reasoning_content": f"I could call {X} but no.", "calls": [BERGEN],
+    (VLLM_DRAFT, {"reasoning": f"I could call {X} but no.", "calls": [BERGEN],
                   "finish": "tool_calls"}),
     # ... or dropped
     ([{"reasoning": "I could call "}, {"content": f"{X} but no.{Y}"}],
-     {"reasoning_content": f"I could call {X} but no.", "calls": [BERGEN],
+     {"reasoning": f"I could call {X} but no.", "calls": [BERGEN],
       "finish": "tool_calls"}),
     # the server ended reasoning at the model's own end marker (dropped): content follows
     ([{"reasoning": "Sunny?"}, {"content": "\n\nIt is sunny."}],
-     {"reasoning_content": "Sunny?", "content": "\n\nIt is sunny.", "calls": [],
+     {"reasoning": "Sunny?", "content": "\n\nIt is sunny.", "calls": [],
       "finish": "stop"}),
-    # ... or a call follows it
+    # ... or a call follows it, after whitespace (Qwen3 writes "</think>\n\n"): the server
+    # cut the reasoning at a call only when the content starts with the call's opener
     ([{"reasoning_content": "Bergen."}, {"content": f"\n\n{Y}"}],
-     {"reasoning_content": "Bergen.\n\n", "calls": [BERGEN], "finish": "tool_calls"}),
+     {"reasoning_content": "Bergen.", "content": "\n\n", "calls": [BERGEN],
+      "finish": "tool_calls"}),
+    # ... and with text after the call, the call still counts
+    ([{"reasoning": "Bergen."}, {"content": f"\n\n{Y}\nDone."}],
+     {"reasoning": "Bergen.", "content": "\n\n\nDone.", "calls": [BERGEN],
+      "finish": "tool_calls"}),
     # no content at all: the whole reply was reasoning
     ([{"reasoning": "Just "}, {"reasoning": "thinking."}],
-     {"reasoning_content": "Just thinking.", "calls": [], "finish": "stop"}),
-], ids=["end-marker-in-content", "end-marker-dropped", "answer", "call", "only-reasoning"])
+     {"reasoning": "Just thinking.", "calls": [], "finish": "stop"}),
+], ids=["end-marker-in-content", "end-marker-dropped", "answer", "call", "call-then-text",
+        "only-reasoning"])
 def test_resplit_server_reasoning(deltas: list[dict[str, Any]], expected: dict[str, Any],
                                   mode: str) -> None:
     got, _, _ = mend(deltas, resplit_server_reasoning=True, mode=mode)
@@ -371,7 +378,7 @@ def byte_splits(raw: bytes, rng: random.Random, n: int = 60) -> list[list[bytes]
 def test_resplit_stream_split_at_every_byte() -> None:
     raw = sse([{"role": "assistant", "content": ""}, *VLLM_DRAFT])
     whole, _ = client([raw], resplit_server_reasoning=True)
-    assert whole == {"reasoning_content": f"I could call {X} but no.", "calls": [BERGEN],
+    assert whole == {"reasoning": f"I could call {X} but no.", "calls": [BERGEN],
                      "finish": "tool_calls"}
     for pieces in byte_splits(raw, random.Random(7)):
         assert client(pieces, resplit_server_reasoning=True)[0] == whole
@@ -523,7 +530,7 @@ def test_resplit_reads_server_reasoning_that_comes_after_plain_content() -> None
     content)."""
     raw = sse([{"content": "Plain. "}, {"content": "", "reasoning": "<think>late"}])
     got, _ = client([raw], resplit_server_reasoning=True)
-    assert got == {"content": "Plain. ", "reasoning_content": "late", "calls": [],
+    assert got == {"content": "Plain. ", "reasoning": "late", "calls": [],
                    "finish": "stop"}
 
 

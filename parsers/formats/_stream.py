@@ -376,7 +376,11 @@ class StreamParser(MarkerParser):
                     return pos, None
                 self._lead = False
             if self._boundary:
-                hit = self._IN_THINK.at(data, j, final) if j < n else None
+                # checked where the content starts, not after its whitespace: vLLM's qwen3
+                # parser starts it exactly at the call opener it ended the reasoning at (the
+                # space before the opener stays reasoning), while after a dropped end marker
+                # the content is what the model wrote next (Qwen3 writes "</think>\n\n")
+                hit = self._IN_THINK.at(data, pos, final) if pos < n else None
                 if hit is True:
                     return pos, None
                 self._boundary = False
