@@ -126,7 +126,8 @@ class AutoParser(MarkerParser):
                         self._buf = buf[pos:]
                         return out
                 if self._boundary:
-                    hit = _IN_THINK.at(buf, j, final) if j < n else None
+                    # where the content starts, not after its whitespace (see _stream.py)
+                    hit = _IN_THINK.at(buf, pos, final) if pos < n else None
                     if hit is True:
                         self._buf = buf[pos:]
                         return out

@@ -135,7 +135,8 @@ async def _forward(request: web.Request, body: dict[str, Any], path: str,
         async with sched.slot(ctx, estimate_cost(body, raw), priority=priority,
                               deadline=deadline):
             return await relay_json(ctx, up, path, raw,
-                                    mending.json_transform(up, path) if mending else None)
+                                    mending.json_transform(up, path) if mending else None,
+                                    as_stream=mending is not None and mending.whole_as_stream)
     mender = mending.mender() if mending else None
     pipeline = StreamPipeline(client_wants_usage(body), mender)
     ask_for_usage(body)

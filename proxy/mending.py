@@ -77,6 +77,13 @@ class ChatMending:
             return None  # with tools and tool_choice "none", a call in the reply is a violation
         return cls(settings, body, ctx, headers, backend)
 
+    @property
+    def whole_as_stream(self) -> bool:
+        """A non-streaming request whose reply toolmend re-splits: it is asked upstream as a
+        stream and folded back into one reply before it is mended (see ``whole_reply.py``:
+        vLLM's non-streaming path drops a ``</think>`` that toolmend needs)."""
+        return self.bypass and self.body.get("stream") is not True
+
     def upstream_body(self) -> dict[str, Any]:
         """The body to send upstream: the client's own, or, when the server's tool parser is
         bypassed, a copy that asks for the reply as raw text.
@@ -91,6 +98,9 @@ class ChatMending:
         shaped = dict(self.body)
         shaped["tool_choice"] = "none"
         shaped.setdefault("skip_special_tokens", False)
+        if self.whole_as_stream:
+            shaped["stream"] = True
+            shaped["stream_options"] = {"include_usage": True}
         return shaped
 
     def mender(self) -> ChatMender:
@@ -176,6 +186,8 @@ def bypasses_server_parser(setting: str, backend: str, body: dict[str, Any]) -> 
         return False
     if body.get("tool_choice") not in (None, "auto", "none"):
         return False
+    if body.get("n") not in (None, 1):
+        return False  # the mender reads choice 0 of a stream: several are left to the server
     return setting == "bypass" or backend in BYPASS_BY_DEFAULT
 
 

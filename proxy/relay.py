@@ -23,6 +23,7 @@ from .downstream import ClientGone, Downstream
 from .errors import ProxyError, normalize_upstream_error
 from .parsers.stream import StreamPipeline, UpstreamStreamError
 from .upstream import UpstreamClient
+from .whole_reply import fold_stream
 
 JsonTransform = Callable[[dict[str, Any]], Any]  # may return an awaitable
 
@@ -85,7 +86,10 @@ async def relay_stream(request: web.Request, ctx: RequestContext, up: UpstreamCl
 
 
 async def relay_json(ctx: RequestContext, up: UpstreamClient, path: str, body: bytes,
-                     transform: JsonTransform | None = None) -> web.Response:
+                     transform: JsonTransform | None = None, *,
+                     as_stream: bool = False) -> web.Response:
+    """A non-streaming reply; ``as_stream``: the request asked the upstream for a stream, which
+    is folded into the reply object first (see ``whole_reply.py``)."""
     loop = asyncio.get_running_loop()
     try:
         async with up.call(path, body, headers=ctx.extra.get("upstream_headers")) as call:
@@ -95,7 +99,7 @@ async def relay_json(ctx: RequestContext, up: UpstreamClient, path: str, body: b
         if status >= 400:
             raise normalize_upstream_error(status, raw)
         try:
-            obj = orjson.loads(raw)
+            obj = fold_stream(raw) if as_stream else orjson.loads(raw)
         except orjson.JSONDecodeError:
             raise ProxyError(502, "upstream sent a response that is not JSON",
                              code="upstream_bad_response") from None

@@ -332,9 +332,10 @@ VLLM_DRAFT = [{"reasoning": "I could call "},
      {"reasoning": "Just thinking.", "calls": [], "finish": "stop"}),
 ], ids=["end-marker-in-content", "end-marker-dropped", "answer", "call", "call-then-text",
         "only-reasoning"])
+@pytest.mark.parametrize("fmt", ["hermes", "auto"])
 def test_resplit_server_reasoning(deltas: list[dict[str, Any]], expected: dict[str, Any],
-                                  mode: str) -> None:
-    got, _, _ = mend(deltas, resplit_server_reasoning=True, mode=mode)
+                                  mode: str, fmt: str) -> None:
+    got, _, _ = mend(deltas, resplit_server_reasoning=True, mode=mode, fmt=fmt)
     assert got == expected
 
 
