@@ -1,7 +1,7 @@
 """Replies forced on the real vLLM server (qwen3 reasoning parser on) for the reasoning tests.
 
 Each case is the whole text the model is made to write (``structured_outputs`` regex; see
-``test_vllm.literal``) and what the agent must get through toolmend: the decision table of the
+``helpers.literal``) and what the agent must get through toolmend: the decision table of the
 README ("A call counts when the model meant it"), row by row, where the real server can be made
 to produce the row. Used by ``test_vllm_reasoning.py`` against the real server, and by
 ``record_vllm.py``, which saves the server's real streams for the fast suite
@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .test_vllm import literal
+from .helpers import ASK, TOOLS, literal
 
 
 def call(name: str, city: str) -> str:
@@ -42,10 +42,11 @@ class Case:
     max_tokens: int = 160
     row: int = 0  # the decision table's row (0: not a row, a control)
     body: dict[str, Any] = field(default_factory=dict)  # request fields beyond the defaults
+    #: the reply is cut by ``max_tokens`` right after this prefix of ``text`` (the token count
+    #: is measured on the server: see :func:`tokens_through`)
+    cut_after: str = ""
 
     def request(self, **extra: Any) -> dict[str, Any]:
-        from .helpers import ASK, TOOLS
-
         return {"messages": ASK, "tools": TOOLS, "max_tokens": self.max_tokens,
                 "temperature": 0, "structured_outputs": {"regex": literal(self.text)},
                 **self.body, **extra}
@@ -65,12 +66,17 @@ CASES = [
          content="It is sunny in Bergen.", finish="stop", row=2),
     Case("call_then_close_as_final_act",
          f"<think>The user asks about the weather in Bergen. {MEANT}\n</think>",
-         calls=WEATHER, reasoning="The user asks about the weather in Bergen. ",
+         calls=WEATHER, reasoning="The user asks about the weather in Bergen. \n",
          content="", finish="tool_calls", row=3),
     Case("call_as_final_act_never_closed",
          f"<think>The user asks about the weather in Bergen. {MEANT}",
          calls=WEATHER, reasoning="The user asks about the weather in Bergen. ",
          content="", finish="tool_calls", row=4),
+    Case("drafted_call_then_more_reasoning_cut",
+         f"<think>I could call {DRAFT} but I am still thinking about what to do",
+         cut_after=f"<think>I could call {DRAFT} but I am",
+         calls=[], reasoning=f"I could call {DRAFT} but I am", content="", finish="length",
+         row=5),
     Case("drafted_call_then_more_reasoning",
          f"<think>I could call {DRAFT} but I am still thinking about what to do",
          calls=[], reasoning=f"I could call {DRAFT} but I am still thinking about what to do",
@@ -85,3 +91,16 @@ CASES = [
          finish="stop"),
 ]
 BY_NAME = {c.name: c for c in CASES}
+
+
+def tokens_through(tokens: list[str], prefix: str) -> int:
+    """How many of the reply's ``tokens`` (as vLLM's logprobs name them) write ``prefix``:
+    the ``max_tokens`` that cuts the reply right after it."""
+    text = ""
+    for n, tok in enumerate(tokens, 1):
+        text += tok
+        if text == prefix:
+            return n
+        if not prefix.startswith(text):
+            break
+    raise AssertionError(f"no token boundary right after {prefix[-40:]!r}: {tokens}")
