@@ -182,6 +182,7 @@ class ChatMender:
         self.reasoning_field = reasoning_field
         self.resplit = resplit_server_reasoning
         self._server_key: str | None = None  # the server's reasoning field, when re-split
+        self._server_key_bytes: bytes | None = None  # its JSON key, for the fast path
         self.opens_reasoning = False  # the decision, once the model is known
         self.open_signal = ""  # what decided it
         self._content_seen = False
@@ -251,7 +252,8 @@ class ChatMender:
     def _wants_in_reasoning(self, data: bytes) -> bool:
         """:meth:`wants` while the parser is at rest inside reasoning it separated: a content
         delta with no character of a reasoning marker is reasoning as it stands, and is
-        forwarded with its key renamed (:attr:`rekey`) instead of being parsed."""
+        forwarded with its key renamed (:attr:`rekey`) instead of being parsed; so is, when
+        re-splitting, a delta of the server's own reasoning field (its key unchanged)."""
         for s in _STRUCTURE:
             if s in data:
                 return True
@@ -261,11 +263,21 @@ class ChatMender:
         if _USAGE in data and _USAGE_NULL[0] not in data and _USAGE_NULL[1] not in data:
             return True  # the pipeline may re-encode it: the key must be renamed in feed
         i = data.find(_CONTENT)
-        if i < 0:
-            return _REASONING_KEY in data  # the server's own reasoning: decided in feed
-        if data.find(_CONTENT, i + 10) >= 0 or data.find(_REASONING_KEY) >= 0:
-            return True  # another "content" key (logprobs) or reasoning beside it
-        i += 10
+        if i >= 0:
+            if data.find(_CONTENT, i + 10) >= 0 or data.find(_REASONING_KEY) >= 0:
+                return True  # another "content" key (logprobs) or reasoning beside it
+            if self._server_reasoning and not self._content_seen and \
+                    not data.startswith(b'""', i + 10):
+                return True  # the server's reasoning field ended here: decided in feed
+            i += 10
+        else:
+            key = self._server_key_bytes
+            j = data.find(key) if key is not None else -1
+            if j < 0 or data.count(_REASONING_KEY) != 1:
+                return _REASONING_KEY in data  # the server's own reasoning: decided in feed
+            # re-split: the server's reasoning field alone, bound for that same field while the
+            # parser rests inside reasoning, is forwarded as it came unless it may hold a marker
+            i = j + len(key)
         if data.find(_ESCAPE, i) >= 0:
             return True
         for t in self._think_triggers:
@@ -332,11 +344,13 @@ class ChatMender:
             text = fields.get("reasoning") or fields["reasoning_content"]
             if self._server_key is None:  # re-split reasoning stays in the server's field
                 self._server_key = "reasoning" if "reasoning" in fields else "reasoning_content"
+                if len(fields) == 1:  # see _wants_in_reasoning
+                    self._server_key_bytes = b'"' + self._server_key.encode() + b'":'
             if not self._server_reasoning and not self._content_seen:
                 self.parser.open_reasoning()
                 self.open_signal = "the server's reasoning field"
             self._server_reasoning = True
-            self._events(self.parser.feed(text), out, notes)
+            self._events(self.parser.feed(text), out, notes, count_idle=len(text))
             return
         self._server_reasoning = True
         self._close_wrap(out)
@@ -410,12 +424,12 @@ class ChatMender:
                     self._complete(call, out, notes)
         if count_idle >= 0:
             self._idle = only_text and text_len == count_idle
+            field = self._server_key or self.reasoning_field
             idle_reasoning = only_reasoning and reasoning_len == count_idle and \
-                self.reasoning_field != "drop" and not self.resplit and \
-                self.parser.at_rest and self.parser.in_reasoning
+                field != "drop" and self.parser.at_rest and self.parser.in_reasoning
             self._idle_reasoning = idle_reasoning
-            if idle_reasoning and self.reasoning_field != "content":
-                self.rekey = b'"' + self.reasoning_field.encode() + b'":'
+            if idle_reasoning and field != "content":
+                self.rekey = b'"' + field.encode() + b'":'
             else:
                 self.rekey = None
 

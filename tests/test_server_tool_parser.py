@@ -375,3 +375,67 @@ def test_fold_stream_concatenates_each_field(deltas: list[dict[str, str]]) -> No
         want = "".join(d.get(key, "") for d in deltas)
         if msg is not None:
             assert (msg.get(key) or "") == want
+
+
+# --- the re-split's hot path -------------------------------------------------------------------
+
+def _pipeline_run(deltas: list[dict[str, Any]], mender: Any) -> list[dict[str, Any]]:
+    from toolmend.parsers.sse import SSEDecoder, SSEEvent
+    from toolmend.parsers.stream import StreamPipeline
+
+    p = StreamPipeline(False, mender)
+    out = b"".join(p.feed(e) for e in (b"data: " + orjson.dumps(chunk(
+        {"delta": d, "finish_reason": None})) + b"\n\n" for d in deltas))
+    out += p.feed(b"data: " + orjson.dumps(chunk({"delta": {}, "finish_reason": "stop"})) +
+                  b"\n\n") + p.feed(b"data: [DONE]\n\n") + p.finish()
+    return [orjson.loads(e.data) for e in SSEDecoder().feed(out)
+            if isinstance(e, SSEEvent) and not e.is_done]
+
+
+def test_plain_server_reasoning_is_forwarded_without_being_parsed() -> None:
+    """Re-splitting reads the server's reasoning, but a delta of it with no character that could
+    start a marker, while nothing is held, goes out as it came: a thinking reply costs the
+    mender a parse per marker, not per delta."""
+    from toolmend.parsers.mender import ChatMender
+
+    words = [{"role": "assistant", "content": ""}] + \
+        [{"reasoning": f"word{i} "} for i in range(200)] + \
+        [{"content": "<tool_call>"}, {"content": '\n{"name": "get_time", "arguments": {}}\n'},
+         {"content": "</tool_call>"}, {"content": " no."}, {"content": "</think>"},
+         {"content": "It is sunny."}]
+    m = ChatMender("hermes", TOOLS, resplit_server_reasoning=True)
+    fed: list[Any] = []
+    feed = m.feed
+    m.feed = lambda c: (fed.append(c), feed(c))[1]  # type: ignore[method-assign]
+    events = _pipeline_run(words, m)
+    reasoning = "".join(c["delta"].get("reasoning") or "" for e in events
+                        for c in e["choices"])
+    content = "".join(c["delta"].get("content") or "" for e in events for c in e["choices"])
+    assert reasoning == "".join(f"word{i} " for i in range(200)) + \
+        '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call> no.'
+    assert content == "It is sunny."
+    assert not any(c["delta"].get("tool_calls") for e in events for c in e["choices"])
+    assert len(fed) <= 12  # the first deltas, the markers, the call, the finish; not 200 words
+
+
+def test_resplit_fast_and_parsed_paths_agree() -> None:
+    """The same deltas, once through the hot path and once with every event parsed: the
+    client receives the same chunks."""
+    from toolmend.parsers.mender import ChatMender
+
+    deltas = [{"role": "assistant", "content": ""}, {"reasoning": "a é 🌍 "},
+              {"reasoning": "b"}, {"reasoning": " [c] <d"}, {"reasoning": "e"},
+              {"content": "<tool_call>\n"}, {"content": '{"name": "get_time", "arguments": {}}'},
+              {"content": "\n</tool_call>"}, {"content": " f</think>"}, {"content": "g"}]
+
+    class Always(ChatMender):
+        def wants(self, data: bytes) -> bool:
+            return True
+
+    def run(m: ChatMender) -> list[Any]:
+        return [(c["delta"], c["finish_reason"]) for e in _pipeline_run(deltas, m)
+                for c in e["choices"]]
+
+    fast = run(ChatMender("hermes", TOOLS, resplit_server_reasoning=True))
+    slow = run(Always("hermes", TOOLS, resplit_server_reasoning=True))
+    assert fast == slow
