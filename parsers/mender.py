@@ -59,12 +59,18 @@ _CONTENT = b'"content":'
 _STRUCTURE = (b'"tool_calls"', b'"function_call"')
 _FINISH_NULL = (b'"finish_reason":null', b'"finish_reason": null')
 _SKIP = b" \t\r\n:"
+_SHARED = b"_call"  # in both _STRUCTURE keys
 
 
 def carries_call(data: bytes) -> bool:
     """Whether a raw chunk carries a structured call: a ``tool_calls`` or ``function_call`` key
     whose value is not ``null`` or ``[]`` (SGLang sends ``"tool_calls": null`` in every delta).
-    A key inside a string value cannot match: its quotes would be escaped."""
+    A key inside a string value cannot match: its quotes would be escaped.
+
+    One search decides a plain chunk (both keys share ``_call``): this runs on every event of a
+    request without tools, so it must cost next to nothing."""
+    if data.find(_SHARED) < 0:
+        return False
     for key in _STRUCTURE:
         i = data.find(key)
         while i >= 0:

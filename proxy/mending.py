@@ -22,6 +22,7 @@ from .config import Settings
 from .context import RequestContext
 from .errors import ProxyError
 from .parsers.mender import ChatMender, StreamError, fold_chunks, message_as_delta
+from .parsers.schemas import DEFAULT_LIMITS
 from .parsers.stream import StreamPipeline, UpstreamStreamError
 from .upstream import UpstreamClient
 from .validating import RequestValidation, schema_limits
@@ -49,9 +50,10 @@ class ChatMending:
         self.mode = mode
         self.fmt = None if settings.tool_format == "auto" else settings.tool_format
         self.tools = body.get("tools")
+        # no schema to compile without tools: the limits are not even built (plain chat's path)
+        limits = DEFAULT_LIMITS if self.structured_only else schema_limits(settings)
         self.validation = RequestValidation.prepare(body, headers, settings.on_invalid, backend,
-                                                    settings.max_retries, mode, ctx,
-                                                    schema_limits(settings))
+                                                    settings.max_retries, mode, ctx, limits)
 
     @classmethod
     def for_request(cls, settings: Settings, body: dict[str, Any], ctx: RequestContext,

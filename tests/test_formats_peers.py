@@ -76,7 +76,7 @@ def test_pythonic_special_tokens_never_reach_the_content() -> None:
     assert res.key() == ("no list here done", "", ())
 
 
-# --- GLM / MiniMax values --------------------------------------------------------------------------
+# --- GLM / MiniMax values ------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("text", "value"), [
     ('["a", "b"]', ["a", "b"]),
@@ -111,7 +111,7 @@ def test_glm_value_typing(raw: str, prop: dict[str, Any], json_text: str) -> Non
     assert GLM_VALUES.complete(raw, prop) == json_text
 
 
-# --- Mistral ---------------------------------------------------------------------------------------
+# --- Mistral -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("text", "tools", "content", "names"), [
     ("[TOOL_CALLS]get_weather", [WEATHER], "", ["get_weather"]),  # cut off after a real name
