@@ -50,7 +50,7 @@ class RequestValidation:
     @classmethod
     def prepare(cls, body: dict[str, Any], headers: Any, default_policy: str, backend: str,
                 max_retries: int, mode: str, ctx: RequestContext,
-                limits: SchemaLimits = DEFAULT_LIMITS) -> RequestValidation | None:
+                limits: SchemaLimits = DEFAULT_LIMITS) -> RequestValidation:
         """Compile the tools when the request arrives: a bad schema is the client's 400.
         Without tools there is nothing to compile (nor a ``tool_choice`` to judge): the request
         gets :data:`NO_TOOLS`."""
