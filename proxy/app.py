@@ -127,8 +127,11 @@ async def _forward(request: web.Request, body: dict[str, Any], path: str,
     if settings.vllm_priority:
         body["priority"] = -priority  # vLLM serves lower values first
     mending = None
-    if path == "/v1/chat/completions" and body.get("tools"):
-        backend = settings.backend if settings.backend != "auto" else (await up.detect()).kind
+    if path == "/v1/chat/completions":
+        # without tools only structured calls are checked, and their retry (plain text) is the
+        # same on every backend: no need to know which one it is
+        backend = settings.backend if settings.backend != "auto" or not body.get("tools") \
+            else (await up.detect()).kind
         mending = ChatMending.for_request(settings, body, ctx, request.headers, backend)
     if not ctx.stream:
         raw = orjson.dumps(body)

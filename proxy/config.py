@@ -87,6 +87,11 @@ class Settings:
                                              metavar="PATTERN")
     on_invalid: str = opt("repair", "what to do with a schema-invalid tool call", choices=POLICIES)
     max_retries: int = opt(1, "upstream retries for an invalid tool call")
+    undeclared_calls: str = opt("refuse", "a structured tool call in the reply to a request "
+                                "that declared no tools: refuse (an unknown tool under "
+                                "--on-invalid: asked again for a plain-text answer, then "
+                                "refused) or pass (forwarded unchecked)",
+                                choices=("refuse", "pass"))
     slots: int = opt(0, "concurrent requests the backend may hold (0: ask it, else a default "
                      "per backend)")
     max_queue: int = opt(1024, "requests waiting for a backend slot, all agents together "
