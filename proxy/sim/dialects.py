@@ -28,6 +28,7 @@ class Dialect:
     name = "openai"
     owned_by = "openai"
     sends_usage_chunk = True
+    context = 4096  # tokens of context one request gets (prompt and reply together)
 
     def __init__(self, model: str) -> None:
         self.model = model
@@ -133,7 +134,7 @@ class VLLM(Dialect):
 
     def models_doc(self) -> dict[str, Any]:
         doc = super().models_doc()
-        doc["data"][0].update({"root": self.model, "parent": None, "max_model_len": 4096,
+        doc["data"][0].update({"root": self.model, "parent": None, "max_model_len": self.context,
                                "permission": []})
         return doc
 
@@ -141,6 +142,7 @@ class VLLM(Dialect):
 class LlamaServer(Dialect):
     name = "llamacpp"
     owned_by = "llamacpp"
+    context = 2048
 
     def completion_id(self) -> str:
         return "chatcmpl-" + _alnum(32)
