@@ -118,6 +118,60 @@ def _check_common(body: dict[str, Any]) -> None:
             raise bad_request(f"'{name}' must be a number", param=name)
 
 
+#: Request fields that some backend reads as "generate at most this many tokens": OpenAI's two
+#: names (vLLM, SGLang, every OpenAI-compatible server), llama-server's ``n_predict`` (it wins
+#: over ``max_tokens`` there), TGI's ``max_new_tokens`` and Ollama's ``num_predict`` (top level
+#: or in ``options``). A cap that misses one of them is no cap.
+OUTPUT_LIMIT_FIELDS = ("max_tokens", "max_completion_tokens", "n_predict", "max_new_tokens",
+                       "num_predict")
+
+
+def cap_output_tokens(body: dict[str, Any], key_cap: int | None, context: int | None) -> bool:
+    """Bound how many tokens the request may generate; returns whether the body changed.
+
+    Called once, on the internal request a front produced, right before it is queued and sent
+    (``app._forward``): every front (chat, completions, Ollama ``/api/*``, and any front added
+    later) and every upstream wire (the Ollama-native translation reads these fields) gets the
+    same bound by construction, and retries copy the bounded body.
+
+    ``key_cap``, the client key's ``max_tokens``, is strict: every output field present ends as
+    an integer from 0 to the cap, whatever it was (``null`` and ``-1`` mean "no limit" to the
+    servers, a float or a string may be read leniently), and a body without either OpenAI field
+    gets ``max_tokens`` set. ``context``, the backend's context length when toolmend knows it,
+    only lowers numbers above it (``max_tokens: 10**12``); values a server reads as its own
+    default (absent, ``null``, ``-1``) are bounded by that context already.
+    """
+    cap = key_cap
+    if context is not None and context > 0 and (cap is None or context < cap):
+        cap = context
+    if cap is None:
+        return False
+    strict = key_cap is not None
+    changed = _cap_fields(body, cap, strict)
+    options = body.get("options")
+    if isinstance(options, dict):
+        changed = _cap_fields(options, cap, strict) or changed
+    if strict and "max_tokens" not in body and "max_completion_tokens" not in body:
+        body["max_tokens"] = cap
+        changed = True
+    return changed
+
+
+def _cap_fields(doc: dict[str, Any], cap: int, strict: bool) -> bool:
+    changed = False
+    for name in OUTPUT_LIMIT_FIELDS:
+        if name not in doc:
+            continue
+        v = doc[name]
+        if isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= cap:
+            continue
+        number = isinstance(v, int | float) and not isinstance(v, bool)
+        if strict or (number and v > cap):
+            doc[name] = cap
+            changed = True
+    return changed
+
+
 def wants_stream(body: dict[str, Any]) -> bool:
     return body.get("stream") is True
 
