@@ -140,6 +140,8 @@ async def _forward(request: web.Request, body: dict[str, Any], path: str,
     deadline = parse_deadline(request.headers.get(DEADLINE_HEADER), sched.clock())
     if settings.vllm_priority:
         body["priority"] = -priority  # vLLM serves lower values first
+    else:  # a client's own "priority" would reach a priority-scheduling server past the
+        body.pop("priority", None)  # policy that X-Priority is held to
     mending = None
     if path == "/v1/chat/completions" and body.get("tools"):
         backend = settings.backend if settings.backend != "auto" else (await up.detect()).kind

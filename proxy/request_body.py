@@ -14,6 +14,8 @@ from .errors import ProxyError, bad_request
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 MAX_DEPTH = 64
+#: Most sequences one request may have generated (``n``, ``best_of``): each is a whole reply.
+MAX_CHOICES = 128
 
 
 def parse_json_body(raw: bytes, content_type: str) -> dict[str, Any]:
@@ -112,6 +114,11 @@ def _check_common(body: dict[str, Any]) -> None:
         v = body.get(name)
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
             raise bad_request(f"'{name}' must be a positive integer", param=name)
+    for name in ("n", "best_of"):
+        v = body.get(name)
+        if isinstance(v, int | float) and not isinstance(v, bool) and v > MAX_CHOICES:
+            raise bad_request(f"'{name}' must be at most {MAX_CHOICES}", param=name,
+                              code="too_many_choices")
     for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
         v = body.get(name)
         if v is not None and (not isinstance(v, int | float) or isinstance(v, bool)):
@@ -137,11 +144,17 @@ def cap_output_tokens(body: dict[str, Any], key_cap: int | None, context: int | 
     ``key_cap``, the client key's ``max_tokens``, is strict: every output field present ends as
     an integer from 0 to the cap, whatever it was (``null`` and ``-1`` mean "no limit" to the
     servers, a float or a string may be read leniently), and a body without either OpenAI field
-    gets ``max_tokens`` set. ``context``, the backend's context length when toolmend knows it,
-    only lowers numbers above it (``max_tokens: 10**12``); values a server reads as its own
-    default (absent, ``null``, ``-1``) are bounded by that context already.
+    gets ``max_tokens`` set. The key's cap is on the request, so a request asking for several
+    sequences (``n``, ``best_of``) gets it shared among them. ``context``, the backend's
+    context length when toolmend knows it, only lowers numbers above it (``max_tokens:
+    10**12``); values a server reads as its own default (absent, ``null``, ``-1``) are
+    bounded by that context already.
     """
     cap = key_cap
+    if cap is not None:
+        choices = max((v for name in ("n", "best_of") if isinstance(v := body.get(name), int)
+                       and not isinstance(v, bool)), default=1)
+        cap = max(1, cap // max(1, choices))
     if context is not None and context > 0 and (cap is None or context < cap):
         cap = context
     if cap is None:

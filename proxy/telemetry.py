@@ -245,7 +245,7 @@ def _build_exporter(settings: Settings) -> tuple[SpanExporter, str] | None:
                              "package; install it or use http/protobuf") from None
         insecure = urlsplit(endpoint).scheme == "http" if endpoint else None
         exp = GrpcExporter(endpoint=endpoint or None, insecure=insecure, timeout=timeout)
-        return exp, endpoint or "the OTEL_EXPORTER_OTLP_* endpoint"
+        return exp, _shown(endpoint) or "the OTEL_EXPORTER_OTLP_* endpoint"
     if protocol not in ("http/protobuf", "http"):
         raise ValueError(f"OTLP protocol {protocol!r} is not supported (http/protobuf, grpc)")
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -255,7 +255,16 @@ def _build_exporter(settings: Settings) -> tuple[SpanExporter, str] | None:
         if parts.path in ("", "/"):
             endpoint = endpoint.rstrip("/") + "/v1/traces"
     exp = OTLPSpanExporter(endpoint=endpoint or None, timeout=timeout)
-    return exp, endpoint or "the OTEL_EXPORTER_OTLP_* endpoint"
+    return exp, _shown(endpoint) or "the OTEL_EXPORTER_OTLP_* endpoint"
+
+
+def _shown(endpoint: str) -> str:
+    """The collector's URL as logged: without ``user:password@``, like the upstream's."""
+    if "@" not in endpoint:
+        return endpoint
+    parts = urlsplit(endpoint)
+    host = parts.netloc.rsplit("@", 1)[1]
+    return parts._replace(netloc=host).geturl()
 
 
 def _quiet_sdk_loggers() -> None:

@@ -260,6 +260,29 @@ async def test_keyed_cap_holds_on_a_validation_retry(make_hstack: Callable[..., 
     assert [p[2]["max_tokens"] for p in h.sim.posts] == [64, 64]
 
 
+async def test_keyed_cap_is_shared_by_the_sequences_asked_for(
+        make_hstack: Callable[..., Any]) -> None:
+    h = await make_hstack()
+    body = {"model": "sim-model", "prompt": "hi", "n": 4, "best_of": 8, "max_tokens": 1000}
+    assert (await h.post(body, ALPHA_KEY, "/v1/completions"))[0] == 200
+    assert h.sim.last()["max_tokens"] == 8  # 64 tokens for the request, over 8 sequences
+    status, doc = await h.post({"model": "sim-model", "messages": MSG, "n": 129}, ALPHA_KEY)
+    assert status == 400
+    assert_openai_error(doc, "too_many_choices", "n")
+    assert len(h.sim.posts) == 1
+
+
+async def test_body_priority_does_not_reach_the_upstream(make_hstack: Callable[..., Any]
+                                                         ) -> None:
+    h = await make_hstack(keys=False)
+    body = {"model": "sim-model", "messages": MSG, "priority": -1000}
+    assert (await h.post(body))[0] == 200
+    assert "priority" not in h.sim.last()  # X-Priority, held to the agent's ceiling, decides
+    h2 = await make_hstack(keys=False, vllm_priority=True)
+    assert (await h2.post(body))[0] == 200
+    assert h2.sim.last()["priority"] == 0  # the agent's own class, not the body's
+
+
 def test_cap_output_tokens_rules() -> None:
     body: dict[str, Any] = {"max_tokens": 1.5e12, "n_predict": "9999", "max_new_tokens": True}
     assert cap_output_tokens(body, 64, None)
@@ -632,6 +655,12 @@ async def test_loopback_is_exempt_from_the_connection_cap_by_default(
             w.close()
 
 
+def test_identity_text_rules() -> None:
+    assert auth.is_text("planner-7") and auth.is_text("agent é 東京")
+    for bad in ("a\udcffb", "a\x01b", "tab\there", "del\x7f", "zero\u200bwidth"):
+        assert not auth.is_text(bad), bad
+
+
 def test_which_addresses_count_against_the_cap() -> None:
     g = auth.ConnectionGuard(1.0, 4, exempt=auth.parse_networks(["10.1.0.0/16", "2001:db8::1"]))
     assert g.counted("192.0.2.7") and g.counted("2001:db8::2")
@@ -669,6 +698,16 @@ async def test_banner_does_not_print_upstream_credentials(tmp_path: Path) -> Non
         _, err = await proc.communicate()
         await sim.stop()
     assert b"s3cr3t-pw" not in err
+
+
+def test_collector_credentials_are_not_logged() -> None:
+    from toolmend.telemetry import _build_exporter
+
+    built = _build_exporter(Settings(otlp_endpoint="http://otel:c0ll-pw@127.0.0.1:4318"))
+    assert built is not None
+    exporter, shown = built
+    assert shown == "http://127.0.0.1:4318/v1/traces"
+    exporter.shutdown()
 
 
 async def test_doctor_does_not_print_upstream_credentials() -> None:
