@@ -34,6 +34,9 @@ MSG = [{"role": "user", "content": "hello"}]
 TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
 MB = 1 << 20
+#: A hostile exchange that takes longer than this is counted as a client timeout (with the
+#: soak's upstream timeouts, every handled one ends well within it).
+HOSTILE_TIMEOUT = aiohttp.ClientTimeout(total=30)
 
 
 def keys_toml() -> str:
@@ -56,7 +59,7 @@ def _nested(depth: int) -> str:
 def scenarios(scale: float) -> dict[str, dict[str, Any]]:
     """Simulator scenarios (served by name) that the hostile entries ask for."""
     big_args = max(1, int(24 * MB * scale))
-    return {
+    return {name: {"token_delay": 0, **sc} for name, sc in {  # the hostility, not the pace
         "h_headers_then_reset": {"fault": {"kind": "headers_then_reset"}},
         "h_headers_then_stall": {"fault": {"kind": "headers_then_stall", "seconds": 30}},
         "h_reset_mid_body": {"fault": {"kind": "reset_mid_body"}},
@@ -73,7 +76,7 @@ def scenarios(scale: float) -> dict[str, dict[str, Any]]:
         "h_huge_args_hermes": {"chunks": [
             '<tool_call>{"name": "get_weather", "arguments": {"city": "',
             *(["x" * MB] * (big_args // MB)), "x" * (big_args % MB), '"}}</tool_call>']},
-    }
+    }.items()}
 
 
 @dataclass
@@ -111,8 +114,9 @@ async def exchange(ctx: Ctx, path: str, body: Any, headers: dict[str, str],
     raw = b""
     try:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        async with ctx.session.post(ctx.url + path, data=data, headers={
-                "Content-Type": "application/json", **headers}) as r:
+        async with ctx.session.post(ctx.url + path, data=data, timeout=HOSTILE_TIMEOUT,
+                                    headers={"Content-Type": "application/json",
+                                             **headers}) as r:
             raw = await r.read()
             if r.status != 200:
                 shaped = _openai_error(raw) or (path.startswith("/api/") and b'"error"' in raw)
@@ -231,17 +235,23 @@ async def slowloris(ctx: Ctx) -> str:
     reader, writer = await asyncio.open_connection("127.0.0.1", ctx.port)
     writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\n")
     got = b""
+    next_line = loop.time() + 1.0
     try:
         i = 0
         while loop.time() - started < limit + 10:
             try:
-                got = await asyncio.wait_for(reader.read(), 1.0)
-                break  # EOF: the server closed the connection
+                piece = await asyncio.wait_for(reader.read(65536),
+                                               max(0.01, next_line - loop.time()))
             except TimeoutError:
                 i += 1
+                next_line = loop.time() + 1.0
                 writer.write(f"X-Slow-{i}: x\r\n".encode())
+                continue
             except ConnectionError:
                 break
+            if not piece:
+                break  # EOF: the server closed the connection
+            got += piece
         else:
             return "still open"
     finally:

@@ -464,6 +464,8 @@ async def run(args: argparse.Namespace, procs: Procs) -> dict[str, Any]:
         via.hostile[(15, f"largest output limit the upstream got: {asked:,}", outcome)] += 1
         if asked > SIM_CONTEXT:
             via.unexpected[f"15. upstream was asked for {asked:,} tokens"] += 1
+        for what, n in via.errors.items():  # ordinary traffic must not suffer either
+            via.unexpected[f"ordinary request -> {what}"] += n
         bad = {st: n for st, n in health.sessions_status.items() if st != 200}
         if bad:
             via.unexpected[f"5. GET /toolmend/v1/sessions -> {bad}"] += sum(bad.values())

@@ -723,3 +723,52 @@ async def test_doctor_does_not_print_upstream_credentials() -> None:
         await sim.stop()
     assert "s3cr3t-pw" not in out and "s3cr3t-pw" not in as_json
     assert f"probe:   {url}: vllm" in out
+
+
+# --- the simulator's hostile upstream faults (the soak's inputs for items 2, 4, 7, 13, 14) -----
+
+async def test_sim_hostile_faults_do_what_they_say() -> None:
+    sim = SimBackend("vllm", ttft=0.0)
+    await sim.start()
+
+    def scenario(kind: str, **fault: Any) -> dict[str, Any]:
+        return {"fault": {"kind": kind, **fault}}
+
+    async def fetch(stream: bool) -> tuple[int, bytes | None, str | None]:
+        body = {"messages": MSG, "stream": stream}
+        async with aiohttp.ClientSession() as s:
+            try:
+                async with s.post(sim.url + "/v1/chat/completions", json=body) as r:
+                    try:
+                        return r.status, await r.read(), None
+                    except aiohttp.ClientError as e:
+                        return r.status, None, e.__class__.__name__
+            except aiohttp.ClientError as e:
+                return 0, None, e.__class__.__name__
+
+    try:
+        sim.push(scenario("headers_then_reset"))
+        status, raw, err = await fetch(True)
+        assert status == 200 and raw is None and err is not None
+        sim.push(scenario("headers_then_stall", seconds=0.05))
+        status, raw, err = await fetch(True)
+        assert status == 200 and raw is None and err is not None
+        sim.push(scenario("reset_mid_body"))
+        status, raw, err = await fetch(False)
+        assert status == 200 and err == "ClientPayloadError"
+        sim.push(scenario("invalid_utf8"))
+        status, raw, _ = await fetch(True)
+        assert raw is not None and b"bad \xff\xfe bytes \xc3" in raw
+        assert raw.endswith(b"data: [DONE]\n\n")
+        sim.push(scenario("huge_line", size=3 * 1024 * 1024))
+        status, raw, _ = await fetch(True)
+        assert raw is not None and max(len(x) for x in raw.split(b"\n")) > 3 * 1024 * 1024
+        sim.push(scenario("unterminated_event", size=2 * 1024 * 1024))
+        status, raw, _ = await fetch(True)
+        assert raw is not None and len(raw) >= 2 * 1024 * 1024 - 64 and b"\n\n" not in raw
+        sim.push(scenario("huge_body", size=5 * 1024 * 1024))
+        status, raw, _ = await fetch(False)
+        assert raw is not None
+        assert len(orjson.loads(raw)["choices"][0]["message"]["content"]) == 5 * 1024 * 1024
+    finally:
+        await sim.stop()
