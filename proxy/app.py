@@ -11,12 +11,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import aiohttp
 import orjson
 from aiohttp import web
 
 from . import auth, telemetry
 from .config import Settings
 from .context import RequestContext, new_request_id
+from .detect import detect
 from .downstream import Downstream
 from .errors import ProxyError
 from .launcher import LAUNCHED
@@ -303,11 +305,16 @@ def _escaped(v: Any) -> Any:
 
 async def _size_scheduler(app: web.Application) -> None:
     up = app[UPSTREAM]
+    # What is upstream, probed before the first request (also with --slots given: the context
+    # length bounds max_tokens), on connections of its own that close at once: an idle probe
+    # connection left in the request pool could be one the server has just dropped when a
+    # request takes it.
+    async with aiohttp.ClientSession() as probes:
+        up.detected = await detect(up.base_url(), up.backend, session=probes,
+                                   api_key=app[SETTINGS].api_key)
     slots = await probe_slots(up, app[SETTINGS])
     app[SCHEDULER].set_slots(slots)
     log.info("fair queue: %d backend slots", slots)
-    if up.detected is None:  # --slots given: probe anyway, for the context length (the cap
-        await up.detect()  # on max_tokens) and the backend kind, before the first request
 
 
 async def _start_upstream(app: web.Application) -> None:
