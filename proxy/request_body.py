@@ -14,7 +14,8 @@ from .errors import ProxyError, bad_request
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 MAX_DEPTH = 64
-#: Most sequences one request may have generated (``n``, ``best_of``): each is a whole reply.
+#: Most replies one request may have generated (``n``, ``best_of``, times the prompts of a
+#: completions batch): each is a whole generation.
 MAX_CHOICES = 128
 
 
@@ -101,6 +102,10 @@ def check_completion_body(body: dict[str, Any]) -> None:
         raise bad_request("'prompt' is required", param="prompt", code="missing_required")
     if not isinstance(prompt, str | list):
         raise bad_request("'prompt' must be a string or an array", param="prompt")
+    if sequences(body) > MAX_CHOICES:
+        raise bad_request(f"the request asks for {sequences(body)} replies (prompts times "
+                          f"'n'); at most {MAX_CHOICES}", param="prompt",
+                          code="too_many_choices")
 
 
 def _check_common(body: dict[str, Any]) -> None:
@@ -152,9 +157,7 @@ def cap_output_tokens(body: dict[str, Any], key_cap: int | None, context: int | 
     """
     cap = key_cap
     if cap is not None:
-        choices = max((v for name in ("n", "best_of") if isinstance(v := body.get(name), int)
-                       and not isinstance(v, bool)), default=1)
-        cap = max(1, cap // max(1, choices))
+        cap = max(1, cap // sequences(body))
     if context is not None and context > 0 and (cap is None or context < cap):
         cap = context
     if cap is None:
@@ -168,6 +171,17 @@ def cap_output_tokens(body: dict[str, Any], key_cap: int | None, context: int | 
         body["max_tokens"] = cap
         changed = True
     return changed
+
+
+def sequences(body: dict[str, Any]) -> int:
+    """How many replies the request has generated: ``n`` (or ``best_of``, which vLLM generates
+    and then picks from) for each prompt of a legacy completions batch."""
+    choices = max((v for name in ("n", "best_of") if isinstance(v := body.get(name), int)
+                   and not isinstance(v, bool)), default=1)
+    prompt = body.get("prompt")
+    batch = len(prompt) if isinstance(prompt, list) and prompt and \
+        isinstance(prompt[0], str | list) else 1
+    return max(1, choices) * max(1, batch)
 
 
 def _cap_fields(doc: dict[str, Any], cap: int, strict: bool) -> bool:

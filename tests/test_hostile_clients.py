@@ -266,10 +266,17 @@ async def test_keyed_cap_is_shared_by_the_sequences_asked_for(
     body = {"model": "sim-model", "prompt": "hi", "n": 4, "best_of": 8, "max_tokens": 1000}
     assert (await h.post(body, ALPHA_KEY, "/v1/completions"))[0] == 200
     assert h.sim.last()["max_tokens"] == 8  # 64 tokens for the request, over 8 sequences
+    body = {"model": "sim-model", "prompt": ["a", "b", "c", "d"], "n": 2, "max_tokens": 1000}
+    assert (await h.post(body, ALPHA_KEY, "/v1/completions"))[0] == 200
+    assert h.sim.last()["max_tokens"] == 8  # 4 prompts x 2 replies
     status, doc = await h.post({"model": "sim-model", "messages": MSG, "n": 129}, ALPHA_KEY)
     assert status == 400
     assert_openai_error(doc, "too_many_choices", "n")
-    assert len(h.sim.posts) == 1
+    status, doc = await h.post({"model": "sim-model", "prompt": ["x"] * 65, "n": 2},
+                               BRAVO_KEY, "/v1/completions")
+    assert status == 400
+    assert_openai_error(doc, "too_many_choices", "prompt")
+    assert len(h.sim.posts) == 2
 
 
 async def test_body_priority_does_not_reach_the_upstream(make_hstack: Callable[..., Any]
