@@ -366,19 +366,39 @@ CATALOGUE: list[Hostile] = [
 ]
 
 
-async def hostile_worker(ctx: Ctx, stop_at: float, rng: random.Random,
-                         record: Callable[[Hostile, str, float], None],
-                         light_only: bool = False) -> None:
-    """Run the catalogue in random order, over and over, until ``stop_at`` (monotonic)."""
-    entries = [h for h in CATALOGUE if not (light_only and h.heavy)]
+class Rotation:
+    """The catalogue in random order, over and over, shared by the hostile workers: each
+    takes the next entry when it is free, so one pass covers every entry as fast as the
+    workers go. Heavy entries run one at a time (they stand for one attacker's big payloads,
+    not a flood of them)."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+        self.todo: list[Hostile] = []
+        self.heavy = asyncio.Semaphore(1)
+        self.passes = 0
+
+    def next(self) -> Hostile:
+        if not self.todo:
+            self.todo = list(CATALOGUE)
+            self.rng.shuffle(self.todo)
+            self.passes += 1
+        return self.todo.pop()
+
+
+async def hostile_worker(ctx: Ctx, stop_at: float, rotation: Rotation,
+                         record: Callable[[Hostile, str, float], None]) -> None:
+    """Run entries of the shared rotation one after another until ``stop_at`` (monotonic)."""
     while time.monotonic() < stop_at:
-        rng.shuffle(entries)
-        for h in entries:
-            if time.monotonic() >= stop_at:
-                return
-            t0 = time.monotonic()
-            try:
+        h = rotation.next()
+        t0 = time.monotonic()
+        try:
+            if h.heavy:
+                async with rotation.heavy:
+                    t0 = time.monotonic()
+                    outcome = await h.run(ctx)
+            else:
                 outcome = await h.run(ctx)
-            except Exception as e:  # the harness must see it, not die of it
-                outcome = f"harness error {e.__class__.__name__}: {e}"[:120]
-            record(h, outcome, time.monotonic() - t0)
+        except Exception as e:  # the harness must see it, not die of it
+            outcome = f"harness error {e.__class__.__name__}: {e}"[:120]
+        record(h, outcome, time.monotonic() - t0)

@@ -434,9 +434,9 @@ async def run(args: argparse.Namespace, procs: Procs) -> dict[str, Any]:
         if args.soak and args.hostile_workers:
             hctx = hostile.Ctx(session, tm_url, int(tm_url.rsplit(":", 1)[1]),
                                args.hostile_scale, args.header_timeout, SIM_CONTEXT)
-            tasks += [hostile.hostile_worker(hctx, stop_at, random.Random(rng.random()),
-                                             via.record_hostile, light_only=i > 0)
-                      for i in range(args.hostile_workers)]
+            rotation = hostile.Rotation(random.Random(rng.random()))
+            tasks += [hostile.hostile_worker(hctx, stop_at, rotation, via.record_hostile)
+                      for _ in range(args.hostile_workers)]
         await asyncio.gather(*tasks)
         elapsed = time.monotonic() - t0
         cpu_used = cpu_seconds(tm.pid) - cpu_start
@@ -584,9 +584,9 @@ def main() -> None:
     ap.add_argument("--fault-rate", type=float, default=0.05,
                     help="soak: share of requests that hit a fault (plus 40%% as many "
                     "client disconnects)")
-    ap.add_argument("--hostile-workers", type=int, default=2,
-                    help="soak: workers sending issue 14's hostile inputs alongside the load "
-                    "(the first sends them all, the others only the light ones; 0: none)")
+    ap.add_argument("--hostile-workers", type=int, default=3,
+                    help="soak: workers sending issue 14's hostile inputs alongside the load, "
+                    "taking turns through them (heavy ones one at a time; 0: none)")
     ap.add_argument("--hostile-scale", type=float, default=1.0,
                     help="soak: size of the hostile payloads relative to the issue's (8 MB "
                     "schemas, 97 MB events, 100 MB replies at 1.0)")
