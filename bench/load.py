@@ -4,6 +4,7 @@
     python bench/load.py --quick              # the same for 15 s
     python bench/load.py --soak               # 10 minutes with random faults mixed in
     python bench/load.py --soak --duration 60 # a short soak (any length)
+    python bench/load.py --hostile-each       # each hostile input of the soak alone, its cost
     python bench/load.py --quick --write      # also replace "## Load and soak" in BENCHMARKS.md
 
 Three processes: the simulated backend, toolmend, and this load generator (uvloop). Every
@@ -509,6 +510,39 @@ def _expect(item: int, name: str) -> frozenset[str]:
     return frozenset({"banner redacted", "within the context"})
 
 
+async def run_each(args: argparse.Namespace, procs: Procs) -> str:
+    """``--hostile-each``: every hostile input once, alone (no load), with the worst /healthz
+    latency while it ran and toolmend's RSS after it: which input costs what."""
+    procs.banner = read_banner(procs.tm)
+    await wait_http(procs.sim_url + "/v1/models")
+    await wait_http(procs.tm_url + "/healthz")
+    lines = [f"toolmend RSS at start: {rss_mb(procs.tm.pid):.0f} MB; banner "
+             + ("redacted" if hostile.UPSTREAM_SECRET not in procs.banner else
+                "SHOWS THE UPSTREAM CREDENTIALS"), "",
+             "| item | hostile input | outcome | took | /healthz worst | RSS after |",
+             "|---|---|---|---|---|---|"]
+    async with aiohttp.ClientSession() as session:
+        ctx = hostile.Ctx(session, procs.tm_url, int(procs.tm_url.rsplit(":", 1)[1]),
+                          args.hostile_scale, args.header_timeout, SIM_CONTEXT)
+        for h in hostile.CATALOGUE:
+            health = Health()
+            stop = asyncio.Event()
+            prober = asyncio.create_task(sample_health(procs.tm_url, health, stop))
+            t0 = time.monotonic()
+            outcome = await h.run(ctx)
+            took = time.monotonic() - t0
+            stop.set()
+            await prober
+            worst = max(health.healthz or [0.0]) * 1000
+            if health.healthz_failed:
+                worst = float("inf")
+            mark = "" if outcome in h.expect else " **unexpected**"
+            lines.append(f"| {h.item} | {h.name} | {outcome}{mark} | {took:.1f} s | "
+                         f"{worst:,.0f} ms | {rss_mb(procs.tm.pid):.0f} MB |")
+            print(lines[-1], file=sys.stderr, flush=True)  # progress; the table comes last
+    return "\n".join(lines)
+
+
 def report(r: dict[str, Any]) -> str:
     t, m = r["ttft_ms"], r["rss_mb"]
     lines = [
@@ -590,6 +624,8 @@ def main() -> None:
     ap.add_argument("--hostile-scale", type=float, default=1.0,
                     help="soak: size of the hostile payloads relative to the issue's (8 MB "
                     "schemas, 97 MB events, 100 MB replies at 1.0)")
+    ap.add_argument("--hostile-each", action="store_true",
+                    help="run every hostile input once, alone, and report what each costs")
     ap.add_argument("--header-timeout", type=float, default=5.0,
                     help="soak: toolmend's --header-timeout, which the slowloris input meets")
     ap.add_argument("--settle", type=float, default=None,
@@ -611,6 +647,14 @@ def main() -> None:
         uvloop.install()
     except ImportError:
         pass
+    if args.hostile_each:
+        args.soak, args.concurrency = True, 4
+        procs = start(args)
+        try:
+            print(asyncio.run(run_each(args, procs)))
+        finally:
+            procs.stop()
+        return
     procs = start(args)
     try:
         r = asyncio.run(run(args, procs))
