@@ -346,8 +346,10 @@ def openai_to_ollama_chat(body: dict[str, Any], *, keep_alive: str = "",
     options: dict[str, Any] = {}
     for key, target in OPTION_TO_OPENAI.items():
         v = body.get(target)
-        if key == "num_predict":
-            v = body.get("max_completion_tokens", v)
+        if key == "num_predict":  # the newer name wins, as on vLLM; a null one does not
+            mct = body.get("max_completion_tokens")
+            if isinstance(mct, int) and not isinstance(mct, bool):
+                v = mct
         if v is not None:
             options[key] = [v] if key == "stop" and isinstance(v, str) else v
     if isinstance(body.get("top_k"), int):

@@ -11,12 +11,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import aiohttp
 import orjson
 from aiohttp import web
 
 from . import auth, telemetry
 from .config import Settings
 from .context import RequestContext, new_request_id
+from .detect import detect
 from .downstream import Downstream
 from .errors import ProxyError
 from .launcher import LAUNCHED
@@ -26,6 +28,7 @@ from .parsers.stream import StreamPipeline
 from .relay import relay_json, relay_stream
 from .request_body import (
     ask_for_usage,
+    cap_output_tokens,
     check_chat_body,
     check_completion_body,
     check_counts,
@@ -66,23 +69,30 @@ def _agent_id(request: web.Request, body: dict[str, Any] | None) -> str:
     return request.remote or "unknown"
 
 
-async def _read_body(request: web.Request, limit: int) -> bytes:
+async def _read_body(request: web.Request, limit: int, timeout: float = 0.0) -> bytes:
+    """The whole body, within ``limit`` bytes and ``timeout`` seconds (``body_timeout``: a
+    client trickling its body holds a connection and a buffer as long as it likes otherwise)."""
     length = request.content_length
     if length is not None and length > limit:
         raise ProxyError(413, f"request body of {length} bytes is over the limit of {limit} bytes",
                          code="body_too_large")
     try:
-        return await request.read()
+        async with asyncio.timeout(timeout if timeout > 0 else None):
+            return await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise ProxyError(413, f"request body is over the limit of {limit} bytes",
                          code="body_too_large") from None
+    except TimeoutError:
+        raise ProxyError(408, f"the request body did not arrive within {timeout:g} s "
+                         "(body_timeout)", code="body_timeout",
+                         headers={"Connection": "close"}) from None
 
 
 async def _json_request(request: web.Request, *, any_content_type: bool = False
                         ) -> dict[str, Any]:
     """``any_content_type``: Ollama clients (``curl -d``) send JSON under any type."""
     settings = request.app[SETTINGS]
-    raw = await _read_body(request, settings.max_body_bytes)
+    raw = await _read_body(request, settings.max_body_bytes, settings.body_timeout)
     ctype = ("application/json" if any_content_type
              else request.headers.get("Content-Type", "application/json"))
     body = parse_json_body(raw, ctype)
@@ -121,11 +131,19 @@ async def _forward(request: web.Request, body: dict[str, Any], path: str,
     sched = request.app[SCHEDULER]
     ctx: RequestContext = request[CTX]
     ctx.stream = wants_stream(body)
+    # The one place where the output is bounded: after the front's translation, before the
+    # cost estimate, the mender (retries copy the body) and the upstream wire's own translation
+    # (Ollama's native API reads these fields), so no front or wire can bypass it.
+    detected = up.detected
+    cap_output_tokens(body, auth.output_cap(request),
+                      detected.context_length if detected is not None else None)
     request.app[TELEMETRY].prepare(request, ctx, body)
     priority = sched.resolve_priority(ctx.agent_id, request.headers.get(PRIORITY_HEADER))
     deadline = parse_deadline(request.headers.get(DEADLINE_HEADER), sched.clock())
     if settings.vllm_priority:
         body["priority"] = -priority  # vLLM serves lower values first
+    else:  # a client's own "priority" would reach a priority-scheduling server past the
+        body.pop("priority", None)  # policy that X-Priority is held to
     mending = None
     if path == "/v1/chat/completions":
         # without tools only structured calls are checked, and their retry (plain text) is the
@@ -220,6 +238,8 @@ async def context_and_errors(request: web.Request, handler: Any) -> web.StreamRe
     except ProxyError as e:
         ctx.status, ctx.error_code = e.status, e.code
         resp = e.response()
+        if e.status == 408:  # a body that never arrived: the connection is not reusable
+            resp.force_close()
     except web.HTTPException as e:
         ctx.status = e.status
         if e.status == 404:
@@ -268,11 +288,34 @@ def _log_request(request: web.Request, ctx: RequestContext) -> None:
     if ctx.usage:
         line["prompt_tokens"] = ctx.usage.get("prompt_tokens")
         line["completion_tokens"] = ctx.usage.get("completion_tokens")
-    access_log.info(orjson.dumps(line).decode())
+    access_log.info(_json_line(line))
+
+
+def _json_line(doc: dict[str, Any]) -> str:
+    """One JSON log line; a value that is not valid text (a lone surrogate from undecodable
+    bytes that got this far) is escaped rather than losing the line or failing the request."""
+    try:
+        return orjson.dumps(doc).decode()
+    except TypeError:
+        return orjson.dumps({k: _escaped(v) for k, v in doc.items()}).decode()
+
+
+def _escaped(v: Any) -> Any:
+    if isinstance(v, str):
+        return v.encode("utf-8", "backslashreplace").decode("utf-8")
+    return v
 
 
 async def _size_scheduler(app: web.Application) -> None:
-    slots = await probe_slots(app[UPSTREAM], app[SETTINGS])
+    up = app[UPSTREAM]
+    # What is upstream, probed before the first request (also with --slots given: the context
+    # length bounds max_tokens), on connections of its own that close at once: an idle probe
+    # connection left in the request pool could be one the server has just dropped when a
+    # request takes it.
+    async with aiohttp.ClientSession() as probes:
+        up.detected = await detect(up.base_url(), up.backend, session=probes,
+                                   api_key=app[SETTINGS].api_key)
+    slots = await probe_slots(up, app[SETTINGS])
     app[SCHEDULER].set_slots(slots)
     log.info("fair queue: %d backend slots", slots)
 
@@ -317,7 +360,8 @@ async def start_server(app: web.Application, host: str, port: int) -> tuple[web.
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
                            max_line_size=limit, max_field_size=limit)
     await runner.setup()
-    auth.shape_parser_errors(runner)
+    auth.shape_parser_errors(runner, auth.ConnectionGuard.from_settings(settings)
+                             if settings is not None else None)
     site = web.TCPSite(runner, host, port, backlog=2048)
     await site.start()
     bound = port

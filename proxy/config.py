@@ -147,6 +147,20 @@ class Settings:
     max_body_bytes: int = opt(8 * 1024 * 1024, "largest request body accepted", metavar="BYTES")
     max_header_bytes: int = opt(8190, "longest request line or single header accepted (beyond: "
                                 "400 headers_too_large)", metavar="BYTES")
+    header_timeout: float = opt(10.0, "seconds a client may take to send a request's headers, "
+                                "from the connection's first byte (beyond: 408 and the "
+                                "connection is closed; 0: no limit)", metavar="S")
+    body_timeout: float = opt(120.0, "seconds a client may take to send a request body (beyond: "
+                              "408; 0: no limit)", metavar="S")
+    max_client_connections: int = opt(256, "open connections one client address may hold "
+                                      "(beyond: 429 and the connection is closed; 0: no "
+                                      "limit); loopback clients are exempt")
+    limit_loopback_clients: bool = opt(False, "count loopback clients against "
+                                       "max_client_connections too (local agents and the load "
+                                       "benchmark all connect from 127.0.0.1)")
+    client_limit_exempt: list[str] = opt([], "client addresses or networks (CIDR) exempt from "
+                                         "max_client_connections, e.g. a gateway in front of "
+                                         "toolmend", metavar="CIDR")
     max_messages: int = opt(2048, "most messages in one chat request (beyond: 400 "
                             "too_many_messages)")
     max_tools: int = opt(128, "most tools in one request (beyond: 400 too_many_tools)")

@@ -43,8 +43,11 @@ PS_EXPIRY = "2318-01-01T00:00:00Z"
 
 def ollama_error(err: ProxyError) -> web.Response:
     """Ollama's error body: the message alone under ``error``."""
-    return web.Response(status=err.status, body=orjson.dumps({"error": err.message}),
+    resp = web.Response(status=err.status, body=orjson.dumps({"error": err.message}),
                         content_type="application/json", headers=err.headers)
+    if err.status == 408:  # a body that never arrived: the connection is not reusable
+        resp.force_close()
+    return resp
 
 
 def _now_rfc3339() -> str:
@@ -243,9 +246,7 @@ async def root(request: web.Request) -> web.Response:
 
 
 async def _context_length(request: web.Request) -> int | None:
-    d = (await request.app[UPSTREAM].detect()).details
-    n = d.get("n_ctx") or d.get("max_model_len")
-    return n if isinstance(n, int) else None
+    return (await request.app[UPSTREAM].detect()).context_length
 
 
 async def _discover(request: web.Request, fn: Any) -> Any:

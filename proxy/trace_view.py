@@ -30,6 +30,8 @@ SEGMENTS = (("tool", "grey50"), ("queue", "yellow"), ("ttft", "red"), ("gen", "g
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("session", nargs="?", help="session id (default: the most recent sessions)")
+    p.add_argument("--agent", default=None,
+                   help="the agent whose SESSION to show, when several agents use that id")
     p.add_argument("--url", default="http://127.0.0.1:8080", help="toolmend base URL")
     p.add_argument("--jaeger-url", default="http://127.0.0.1:16686", help="Jaeger UI base URL")
     p.add_argument("--phoenix-url", default=None,
@@ -48,14 +50,22 @@ def _get(url: str, key: str | None) -> Any:
         return json.loads(r.read())
 
 
-def fetch(base: str, session: str | None, limit: int, key: str | None) -> list[dict[str, Any]]:
-    """The sessions to show, each with its steps."""
+def fetch(base: str, session: str | None, limit: int, key: str | None,
+          agent: str | None = None) -> list[dict[str, Any]]:
+    """The sessions to show, each with its steps. Sessions belong to agents (two agents may use
+    the same session id), so each is fetched with its agent."""
     api = base.rstrip("/") + "/toolmend/v1/sessions"
+
+    def one(sid: str, agent_id: str | None) -> Any:
+        url = f"{api}/{urllib.parse.quote(sid, safe='')}"
+        if agent_id is not None:
+            url += "?agent_id=" + urllib.parse.quote(agent_id, safe="")
+        return _get(url, key)
+
     if session:
-        return [_get(f"{api}/{urllib.parse.quote(session, safe='')}", key)]
+        return [one(session, agent)]
     listing = _get(f"{api}?limit={limit}", key)
-    return [_get(f"{api}/{urllib.parse.quote(s['id'], safe='')}", key)
-            for s in listing.get("data", [])]
+    return [one(s["id"], s.get("agent_id")) for s in listing.get("data", [])]
 
 
 def _ms(v: float | None) -> str:
@@ -239,7 +249,7 @@ def run(args: argparse.Namespace, console: Console | None = None) -> int:
         console = Console(width=width) if width else Console()
     key = args.admin_key or os.environ.get("TOOLMEND_ADMIN_KEY") or None
     try:
-        sessions = fetch(args.url, args.session, args.limit, key)
+        sessions = fetch(args.url, args.session, args.limit, key, getattr(args, "agent", None))
     except urllib.error.HTTPError as e:
         msg = e.read().decode("utf-8", "replace")
         try:

@@ -105,6 +105,12 @@ def _replica(url: str) -> Replica:
     return Replica(str(parsed).rstrip("/"), auth)
 
 
+def redacted(url: str) -> str:
+    """``url`` as toolmend shows it anywhere (banner, logs, readyz, traces): without
+    ``user:password@``, exactly as its replica's URL."""
+    return _replica(url).url
+
+
 class UpstreamClient:
     """Owns the shared :class:`aiohttp.ClientSession`; closed in the app's ``on_cleanup``."""
 

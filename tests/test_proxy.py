@@ -384,7 +384,7 @@ async def test_stale_keepalive_connection_is_retried_transparently(make_stack: S
                 if on_this_connection > 1:  # the idle close racing the reuse
                     writer.close()
                     return
-                served += 1
+                served += head.startswith(b"POST")  # not the start-up discovery probes
                 body = (b'data: {"id":"c","object":"chat.completion.chunk","model":"m",'
                         b'"choices":[{"index":0,"delta":{"content":"ok"},'
                         b'"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n')
