@@ -19,8 +19,23 @@ _NL = b"\n"
 _CR = b"\r"
 
 
+#: Default bound on one line and on one event's data (its ``data:`` lines together).
+MAX_EVENT_BYTES = 16 * 1024 * 1024
+
+
 class SSEProtocolError(ValueError):
-    """The stream broke a limit (for example, one line larger than ``max_line_bytes``)."""
+    """The stream broke a limit: one line longer than ``max_line_bytes``, or one event whose
+    ``data:`` lines together pass ``max_event_bytes`` (lines without the blank line that ends
+    an event would otherwise pile up for ever).
+
+    ``events`` holds what the same :meth:`SSEDecoder.feed` call had decoded before the limit
+    was hit, so that a caller can still deliver them.
+    """
+
+    def __init__(self, message: str, limit: int) -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.events: list[SSEEvent | SSEComment] = []
 
 
 @dataclass(slots=True)
@@ -53,18 +68,21 @@ class SSEDecoder:
     line, because servers that close right after ``data: [DONE]`` are common.
     """
 
-    __slots__ = ("_data", "_event", "_id", "_max_line", "_parts", "_parts_len", "_pending_cr",
-                 "_retry")
+    __slots__ = ("_data", "_data_len", "_event", "_id", "_max_event", "_max_line", "_parts",
+                 "_parts_len", "_pending_cr", "_retry")
 
-    def __init__(self, max_line_bytes: int = 16 * 1024 * 1024) -> None:
+    def __init__(self, max_line_bytes: int = MAX_EVENT_BYTES,
+                 max_event_bytes: int | None = None) -> None:
         self._parts: list[bytes] = []  # pieces of the current, unterminated line
         self._parts_len = 0
         self._pending_cr = False  # the last byte seen was \r: a following \n belongs to it
         self._data: list[bytes] = []
+        self._data_len = 0  # the current event's data so far, with a newline after each line
         self._event: str | None = None
         self._id: str | None = None
         self._retry: int | None = None
         self._max_line = max_line_bytes
+        self._max_event = max_line_bytes if max_event_bytes is None else max_event_bytes
 
     def feed(self, chunk: bytes) -> list[SSEEvent | SSEComment]:
         if not chunk:
@@ -82,7 +100,9 @@ class SSEDecoder:
             self._parts.append(chunk)
             self._parts_len += len(chunk)
             if self._parts_len > self._max_line:
-                raise SSEProtocolError(f"SSE line longer than {self._max_line} bytes")
+                self._reset()
+                raise SSEProtocolError(f"SSE line longer than {self._max_line} bytes",
+                                       self._max_line)
             return []
         if has_cr:
             if chunk[-1:] == _CR:
@@ -98,20 +118,28 @@ class SSEDecoder:
             self._parts.append(tail)
         self._parts_len = len(tail)
         out: list[SSEEvent | SSEComment] = []
-        for line in lines:
-            self._line(line, out)
+        try:
+            for line in lines:
+                self._line(line, out)
+        except SSEProtocolError as e:
+            e.events = out
+            raise
         return out
 
     def finish(self) -> list[SSEEvent | SSEComment]:
         """End of stream: flush an unterminated line and an undispatched event."""
         out: list[SSEEvent | SSEComment] = []
-        if self._parts:
-            line = b"".join(self._parts)
-            self._parts.clear()
-            self._parts_len = 0
-            self._line(line, out)
-        self._line(b"", out)
         self._pending_cr = False
+        try:
+            if self._parts:
+                line = b"".join(self._parts)
+                self._parts.clear()
+                self._parts_len = 0
+                self._line(line, out)
+            self._line(b"", out)
+        except SSEProtocolError as e:
+            e.events = out
+            raise
         return out
 
     def _line(self, line: bytes, out: list[SSEEvent | SSEComment]) -> None:
@@ -119,6 +147,7 @@ class SSEDecoder:
             if self._data:
                 out.append(SSEEvent(_NL.join(self._data), self._event, self._id, self._retry))
                 self._data = []
+                self._data_len = 0
             self._event = None
             self._retry = None
             return
@@ -129,6 +158,13 @@ class SSEDecoder:
         if sep and value[:1] == b" ":
             value = value[1:]
         if name == b"data":
+            # checked here, per line, so the verdict does not depend on how the bytes were split
+            size = self._data_len + len(value)
+            if size > self._max_event:
+                self._reset()
+                raise SSEProtocolError(f"SSE event longer than {self._max_event} bytes",
+                                       self._max_event)
+            self._data_len = size + 1  # the newline that joins the next line
             self._data.append(value)
         elif name == b"event":
             self._event = value.decode("utf-8", "replace")
@@ -138,6 +174,13 @@ class SSEDecoder:
         elif name == b"retry":
             if value.isdigit():
                 self._retry = int(value)
+
+    def _reset(self) -> None:
+        """Drop what a broken stream had buffered: its memory goes back at once."""
+        self._parts = []
+        self._parts_len = 0
+        self._data = []
+        self._data_len = 0
 
 
 def encode_event(data: bytes, event: str | None = None) -> bytes:
