@@ -886,3 +886,33 @@ async def test_ollama_whole_reply_over_the_limit(make_hstack: Callable[..., Any]
                                              "bytes (max_upstream_reply_bytes)"}
     assert up.stats.broken == [True] and up.stats.written[0] < FLOOD
     await st.assert_baseline()
+
+
+# --- siblings: discovery answers are read whole ------------------------------------------------
+
+async def test_discovery_answer_in_pieces_is_read_whole(make_hstack: Callable[..., Any]) -> None:
+    """A model list that arrives in several pieces is parsed whole (a single ``read(n)`` used
+    to return only the first piece, and the server went unrecognised)."""
+    from toolmend.detect import detect
+
+    st = await make_hstack()
+    up = hostile(st)
+    models = orjson.dumps({"object": "list", "data": [
+        {"id": f"model-{i:05d}", "object": "model", "owned_by": "vllm"} for i in range(2000)]})
+    assert 64 * 1024 < len(models) < 256 * 1024
+
+    async def trickle(request: web.Request, h: Hostile) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        step = len(models) // 4 + 1
+        for i in range(0, len(models), step):
+            await resp.write(models[i:i + step])
+            for _ in range(3):  # let the reader wake up between the pieces
+                await asyncio.sleep(0)
+        await resp.write_eof()
+        return resp
+
+    up.push(trickle)
+    d = await detect(up.urls[0])
+    assert (d.kind, d.model) == ("vllm", "model-00000")
