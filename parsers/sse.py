@@ -12,7 +12,7 @@ whole by the time anyone looks at it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 DONE = b"[DONE]"
 _NL = b"\n"
@@ -40,12 +40,15 @@ class SSEProtocolError(ValueError):
 
 @dataclass(slots=True)
 class SSEEvent:
-    """One dispatched event. ``data`` is the ``data:`` lines joined by ``\\n``."""
+    """One dispatched event. ``data`` is the ``data:`` lines joined by ``\\n``; ``multiline``
+    says there was more than one (so that whoever re-emits ``data`` as one line need not
+    search it for newlines)."""
 
     data: bytes
     event: str | None = None
     id: str | None = None
     retry: int | None = None
+    multiline: bool = field(default=False, compare=False, repr=False)
 
     @property
     def is_done(self) -> bool:
@@ -68,15 +71,19 @@ class SSEDecoder:
     line, because servers that close right after ``data: [DONE]`` are common.
     """
 
-    __slots__ = ("_data", "_data_len", "_event", "_id", "_max_event", "_max_line", "_parts",
-                 "_parts_len", "_pending_cr", "_retry")
+    __slots__ = ("_data", "_data_len", "_event", "_id", "_max_event", "_max_line", "_more",
+                 "_parts", "_parts_len", "_pending_cr", "_retry")
 
     def __init__(self, max_line_bytes: int = MAX_EVENT_BYTES,
                  max_event_bytes: int | None = None) -> None:
         self._parts: list[bytes] = []  # pieces of the current, unterminated line
         self._parts_len = 0
         self._pending_cr = False  # the last byte seen was \r: a following \n belongs to it
-        self._data: list[bytes] = []
+        # The current event's data: its first line as it came (the usual event has one line,
+        # dispatched without a copy), further lines joined into ``_more`` as they come: one
+        # buffer, not a list of small objects that would cost several times their bytes.
+        self._data: bytes | None = None
+        self._more: bytearray | None = None
         self._data_len = 0  # the current event's data so far, with a newline after each line
         self._event: str | None = None
         self._id: str | None = None
@@ -144,9 +151,12 @@ class SSEDecoder:
 
     def _line(self, line: bytes, out: list[SSEEvent | SSEComment]) -> None:
         if not line:
-            if self._data:
-                out.append(SSEEvent(_NL.join(self._data), self._event, self._id, self._retry))
-                self._data = []
+            if self._data is not None:
+                more = self._more
+                out.append(SSEEvent(self._data if more is None else bytes(more), self._event,
+                                    self._id, self._retry, more is not None))
+                self._data = None
+                self._more = None
                 self._data_len = 0
             self._event = None
             self._retry = None
@@ -165,7 +175,14 @@ class SSEDecoder:
                 raise SSEProtocolError(f"SSE event longer than {self._max_event} bytes",
                                        self._max_event)
             self._data_len = size + 1  # the newline that joins the next line
-            self._data.append(value)
+            if self._data is None:
+                self._data = value
+            else:
+                more = self._more
+                if more is None:
+                    more = self._more = bytearray(self._data)
+                more += _NL
+                more += value
         elif name == b"event":
             self._event = value.decode("utf-8", "replace")
         elif name == b"id":
@@ -179,7 +196,8 @@ class SSEDecoder:
         """Drop what a broken stream had buffered: its memory goes back at once."""
         self._parts = []
         self._parts_len = 0
-        self._data = []
+        self._data = None
+        self._more = None
         self._data_len = 0
 
 

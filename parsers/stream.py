@@ -31,7 +31,6 @@ _USAGE_NULL = (b'"usage":null', b'"usage": null')
 _FINISH = b'"finish_reason"'
 _FINISH_NULL = (b'"finish_reason":null', b'"finish_reason": null')
 _ERROR = b'"error"'
-_NL = b"\n"
 #: The repair note sent (once per stream) when upstream output was not valid UTF-8.
 INVALID_UTF8_NOTE = "replaced invalid UTF-8 from the upstream with U+FFFD"
 
@@ -207,7 +206,7 @@ class StreamPipeline:
                 raise UpstreamStreamError(502, _malformed(data))
             if not data.isascii() and not _is_utf8(data):  # ASCII, the usual case, pays one scan
                 data = self._repair_utf8(data, parts)
-            if _NL in data:  # an event sent as several data: lines stays one event
+            if ev.multiline:  # an event sent as several data: lines stays one event
                 parts.append(encode_event(data))
                 continue
             parts.append(b"data: " + data + b"\n\n")

@@ -15,19 +15,23 @@ import aiohttp
 ERROR_BODY_BYTES = 64 * 1024
 
 
-async def read_bounded(content: aiohttp.StreamReader, limit: int) -> tuple[bytes, bool]:
-    """Up to ``limit`` bytes of the body; the flag is True when the body ended within them.
+async def read_bounded(content: aiohttp.StreamReader, limit: int, *,
+                       keep_prefix: bool = False) -> tuple[bytes, bool]:
+    """The body, and True, when it ends within ``limit`` bytes; else what ``keep_prefix``
+    asks for (the first ``limit`` bytes, or nothing) and False.
 
     Reading stops at the bound, so memory never exceeds it by more than one network chunk.
+    The bytes gather in one buffer (not a list of chunks joined at the end), so a reply that
+    is refused costs its bound once and gives the memory back when it is dropped.
     """
-    parts: list[bytes] = []
-    size = 0
+    buf = bytearray()
     while True:
         chunk = await content.readany()
         if not chunk:
-            return b"".join(parts), True
-        size += len(chunk)
-        if size > limit:
-            parts.append(chunk[:len(chunk) - (size - limit)])
-            return b"".join(parts), False
-        parts.append(chunk)
+            return bytes(buf), True
+        if len(buf) + len(chunk) > limit:
+            if not keep_prefix:
+                return b"", False
+            buf += chunk[:limit - len(buf)]
+            return bytes(buf), False
+        buf += chunk

@@ -64,7 +64,7 @@ async def _probe(session: aiohttp.ClientSession, url: str, headers: dict[str, st
         async with asyncio.timeout(timeout):
             async with session.get(url, headers=headers, allow_redirects=False) as r:
                 # the whole answer (read(n) stops at whatever arrived first), up to the bound
-                raw, whole = await read_bounded(r.content, PROBE_BYTES)
+                raw, whole = await read_bounded(r.content, PROBE_BYTES, keep_prefix=True)
                 status = r.status
     except (aiohttp.ClientError, TimeoutError, OSError):
         return Probe()

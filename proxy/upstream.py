@@ -338,7 +338,7 @@ class UpstreamClient:
             async with asyncio.timeout(timeout):
                 async with self.session.get(url, headers=self._headers(None, replica)) as r:
                     if r.status >= 400:
-                        raw, _ = await read_bounded(r.content, ERROR_BODY_BYTES)
+                        raw, _ = await read_bounded(r.content, ERROR_BODY_BYTES, keep_prefix=True)
                         raise normalize_upstream_error(r.status, raw)
                     raw, whole = await read_bounded(r.content, self.max_reply_bytes)
                     if not whole:
@@ -503,7 +503,7 @@ class UpstreamCall:
             owner.mark_up(r)
             self._early_body = None
             if resp.status == 503:
-                raw, _ = await read_bounded(resp.content, ERROR_BODY_BYTES)
+                raw, _ = await read_bounded(resp.content, ERROR_BODY_BYTES, keep_prefix=True)
                 if is_loading(resp.status, raw):
                     if loading is not None:
                         loading.close()
@@ -617,7 +617,7 @@ class UpstreamCall:
         if early is not None:
             return early
         if resp.status >= 400:
-            return (await read_bounded(resp.content, ERROR_BODY_BYTES))[0]
+            return (await read_bounded(resp.content, ERROR_BODY_BYTES, keep_prefix=True))[0]
         limit = self._owner.max_reply_bytes
         length = resp.content_length
         if length is not None and length > limit:  # no need to read it to know
