@@ -792,6 +792,40 @@ async def test_invalid_utf8_in_stream(make_hstack: Callable[..., Any], path: str
     await st.assert_baseline()
 
 
+async def test_invalid_utf8_reported_in_the_trace(make_hstack: Callable[..., Any],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from opentelemetry.proto.trace.v1.trace_pb2 import Span
+
+    from toolmend import telemetry_names as names
+    from toolmend.telemetry import TELEMETRY
+
+    from .test_telemetry import Receiver, attrs
+
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
+    rec = Receiver()
+    rapp = web.Application()
+    rapp.router.add_post("/v1/traces", rec.handle)
+    rrunner = web.AppRunner(rapp)
+    await rrunner.setup()
+    site = web.TCPSite(rrunner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        st = await make_hstack(otlp_endpoint=f"http://127.0.0.1:{port}")
+        hostile(st).push(sse_reply(with_bytes(content("@@"), BAD)))
+        r = await raw_post(st.url, "/v1/chat/completions", chat())
+        assert r.status == 200 and r.body.count(NOTE) == 1
+        assert await st.app[TELEMETRY].flush(5.0)
+        server = [s for s in rec.spans if s.kind == Span.SPAN_KIND_SERVER][-1]
+        assert attrs(server)[names.TM_REPAIR_KINDS] == ["invalid_utf8"]
+        assert [(e.name, attrs(e)) for e in server.events if e.name == names.EV_REPAIRED] == [
+            (names.EV_REPAIRED, {names.EV_ATTR_KIND: "invalid_utf8"})]
+        # (no baseline check here: the exporter's keep-alive connection to the receiver, in
+        # this same loop, is the receiver's task, not toolmend's)
+    finally:
+        await rrunner.cleanup()
+
+
 async def test_invalid_utf8_counted_per_event(make_hstack: Callable[..., Any]) -> None:
     st = await make_hstack()
     up = hostile(st)
