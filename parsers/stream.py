@@ -33,6 +33,7 @@ _FINISH_NULL = (b'"finish_reason":null', b'"finish_reason": null')
 _ERROR = b'"error"'
 #: The repair note sent (once per stream) when upstream output was not valid UTF-8.
 INVALID_UTF8_NOTE = "replaced invalid UTF-8 from the upstream with U+FFFD"
+_CONTENT_KEY = b'"content":'
 
 
 class EventMender(Protocol):
@@ -44,6 +45,10 @@ class EventMender(Protocol):
     """
 
     def wants(self, data: bytes) -> bool: ...
+
+    #: when not None, an event ``wants`` declined has its ``"content":`` key renamed to this
+    #: (the mender is at rest inside reasoning it separates: the text is reasoning as it is)
+    rekey: bytes | None
 
     def feed(self, chunk: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]: ...
 
@@ -187,13 +192,16 @@ class StreamPipeline:
                 raise UpstreamStreamError(500, data)
             if not stats.first_token:
                 stats.first_token = _has_token(data)
-            if mender is not None and mender.wants(data):
-                obj = self._parse(data, True, parts)
-                if obj is not None:
-                    chunks, notes = mender.feed(obj)
-                    self._emit(chunks, notes, parts)
-                    stats.tool_calls = len(mender.tool_names)
-                continue
+            if mender is not None:
+                if mender.wants(data):
+                    obj = self._parse(data, True, parts)
+                    if obj is not None:
+                        chunks, notes = mender.feed(obj)
+                        self._emit(chunks, notes, parts)
+                        stats.tool_calls = len(mender.tool_names)
+                    continue
+                if mender.rekey is not None:
+                    data = data.replace(_CONTENT_KEY, mender.rekey, 1)
             if (_USAGE in data and not _is_null(data, _USAGE_NULL)) or (
                     _FINISH in data and not _is_null(data, _FINISH_NULL)):
                 obj = self._parse(data, False, parts)

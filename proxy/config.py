@@ -71,6 +71,20 @@ class Settings:
     tool_mode: str = opt("buffered", "buffered: emit a call's arguments once complete and checked; "
                          "incremental: stream argument fragments as they arrive",
                          choices=("buffered", "incremental"))
+    reasoning_field: str = opt("reasoning_content", "where reasoning toolmend separates from "
+                               "content goes: reasoning_content, reasoning, drop, or content "
+                               "(inside <think>...</think>); a server's own reasoning field "
+                               "passes through as it is (X-Toolmend-Reasoning overrides it per "
+                               "request)", choices=("reasoning_content", "reasoning", "drop",
+                                                    "content"))
+    reasoning_open_models: list[str] = opt([], "model names (shell patterns, e.g. "
+                                           "'*my-thinker*') whose chat template opens reasoning "
+                                           "in the prompt, so replies start inside it",
+                                           metavar="PATTERN")
+    reasoning_closed_models: list[str] = opt([], "model names (shell patterns) whose replies "
+                                             "never start inside reasoning, whatever the "
+                                             "built-in table or the request says",
+                                             metavar="PATTERN")
     on_invalid: str = opt("repair", "what to do with a schema-invalid tool call", choices=POLICIES)
     max_retries: int = opt(1, "upstream retries for an invalid tool call")
     slots: int = opt(0, "concurrent requests the backend may hold (0: ask it, else a default "
@@ -113,6 +127,9 @@ class Settings:
     admin_key: str = opt("", "bearer key that lets non-loopback clients read /metrics and "
                          "/toolmend/v1/sessions (default: loopback only)", metavar="KEY")
     sessions_max: int = opt(256, "recent agent sessions kept in memory for toolmend trace")
+    trace_session_idle: float = opt(60.0, "seconds without a step after which a session's span "
+                                    "is ended and exported (a later step opens a new one in "
+                                    "the same trace)", metavar="S")
     api_key: str = opt("", "bearer key sent to the upstream (never forwarded to clients)",
                        flag="--upstream-api-key", metavar="KEY")
     connect_timeout: float = opt(5.0, "seconds to connect to the upstream", metavar="S")

@@ -14,12 +14,14 @@ from typing import Any
 from .config import Settings
 from .context import RequestContext
 from .errors import ProxyError
-from .parsers.mender import ChatMender, StreamError, fold_chunks, message_as_delta
+from .parsers.mender import ChatMender, StreamError, feed_whole, fold_chunks
+from .parsers.reasoning import ReasoningSignals, field_for, template_switch
 from .parsers.stream import StreamPipeline, UpstreamStreamError
 from .upstream import UpstreamClient
 from .validating import RequestValidation, schema_limits
 
 TOOL_MODE_HEADER = "X-Toolmend-Tool-Mode"
+REASONING_HEADER = "X-Toolmend-Reasoning"
 REPAIRS_HEADER = "X-Toolmend-Repairs"
 
 
@@ -37,6 +39,15 @@ class ChatMending:
         self.mode = mode
         self.fmt = None if settings.tool_format == "auto" else settings.tool_format
         self.tools = body.get("tools")
+        asked = headers.get(REASONING_HEADER) if headers is not None else None
+        self.reasoning_field = field_for(asked, settings.reasoning_field)
+        self.reasoning_signals = ReasoningSignals(
+            request=template_switch(body.get("chat_template_kwargs")),
+            open_models=tuple(settings.reasoning_open_models),
+            closed_models=tuple(settings.reasoning_closed_models))
+        #: re-split the server's own reasoning field (see ChatMender): for servers whose
+        #: reasoning split is known to be wrong when a call is drafted inside reasoning
+        self.resplit_server_reasoning = False
         self.validation = RequestValidation.prepare(body, headers, settings.on_invalid, backend,
                                                     settings.max_retries, mode, ctx,
                                                     schema_limits(settings))
@@ -53,7 +64,10 @@ class ChatMending:
         m = ChatMender(self.fmt, self.tools, mode=self.mode,
                        checker=v.check_call if v else None,
                        reply_checker=v.check_reply if v else None, model_hint=self.ctx.model,
-                       single_call=self.body.get("parallel_tool_calls") is False)
+                       single_call=self.body.get("parallel_tool_calls") is False,
+                       reasoning_signals=self.reasoning_signals,
+                       reasoning_field=self.reasoning_field,
+                       resplit_server_reasoning=self.resplit_server_reasoning)
         self.ctx.extra["mender"] = m
         return m
 
@@ -89,11 +103,8 @@ class ChatMending:
                     continue
                 mender = self.mender()
                 mender._model_hint = model
-                delta = message_as_delta(msg)
                 try:
-                    chunks, notes = mender.feed({"model": model, "choices": [
-                        {"index": 0, "delta": delta,
-                         "finish_reason": choice.get("finish_reason") or "stop"}]})
+                    chunks, notes = feed_whole(mender, msg, choice.get("finish_reason"), model)
                     if mender.held and self.validation is not None:
                         more, more_notes = await self.validation.run_retries(mender, up, path,
                                                                              self.body)

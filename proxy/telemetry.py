@@ -15,11 +15,25 @@ own thread. A collector that is down or stalls costs dropped spans and a warning
 never request latency.
 
 Trace layout. With no incoming ``traceparent``, every step of an agent session goes into one
-trace whose id is derived from the session id, and each step's SERVER span is a root span of
-that trace (the steps are siblings). The alternative, a synthetic parent span that is never
-exported, makes Jaeger flag every step with "invalid parent span IDs" and skip its clock-skew
-adjustment; sibling roots render as a clean, time-ordered list of steps in one timeline. An
-incoming ``traceparent`` wins: the steps then nest under the agent framework's own spans.
+trace whose id is derived from the session id, under one ``invoke_agent {agent}`` span for the
+session: session span -> step (SERVER) -> upstream call (CLIENT). A span can only be exported once
+it has ended, and a session has no end toolmend can see: the agent simply stops sending. So the
+session span's id is made when the session's first step arrives and each step names it as its
+parent right away, while the session span itself is built and exported only once the session
+has gone idle (``trace_session_idle`` seconds without a step and none in flight), is evicted
+(more than ``sessions_max`` open at once) or toolmend shuts down. A step that comes after that
+opens a new session span in the same trace, so a long pause shows as two parts of one session.
+
+Why this and not the alternatives: sibling root spans (what toolmend did before) give no tree to
+fold and no single span to read a session's length from; a session span exported when the first
+step ends would show the wrong duration forever (an exported span cannot be extended); one span
+per step-group of fixed size would cut sessions at arbitrary points. The cost of the choice is
+that while a session is live, its steps point at a parent that has not arrived yet: Jaeger marks
+them with an "invalid parent span IDs" warning and Phoenix lists them as root spans, until the
+session span lands (at most ``trace_session_idle`` seconds after the last step).
+
+An incoming ``traceparent`` wins: the steps then nest under the agent framework's own spans and
+toolmend adds no session span (the framework's own span is the session).
 """
 
 from __future__ import annotations
@@ -34,6 +48,7 @@ import random
 import re
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -84,6 +99,31 @@ class RequestTrace:
     tracestate: str | None = None
     upstream_start: float | None = None  # loop time; ctx.dispatched_at wins when a queue exists
     input_messages: str | None = None  # only with the content-capture opt-in
+    session_span: SessionSpan | None = None  # the open session span this step is a child of
+
+
+@dataclass(slots=True)
+class SessionSpan:
+    """A session span that is open: its id is handed out to steps, its span not yet built.
+
+    Times are epoch nanoseconds (the span's), ``last_active`` loop time (the idle timer's).
+    """
+
+    session_id: str
+    agent_id: str
+    source: str
+    trace_id: int
+    span_id: int
+    start_ns: int = 0
+    end_ns: int = 0
+    last_active: float = 0.0
+    in_flight: int = 0  # steps prepared and not yet recorded
+    steps: int = 0
+    first_step: int | None = None
+    last_step: int | None = None
+    repairs: int = 0
+    retries: int = 0
+    errors: int = 0
 
 
 def parse_traceparent(value: str | None) -> tuple[int, int, bool] | None:
@@ -291,6 +331,10 @@ class Telemetry:
         })
         self._scope = InstrumentationScope("toolmend", _version())
         self._next_error_log = 0.0
+        # open session spans, least recently active first; bounded like the session tracker
+        self._open: OrderedDict[str, SessionSpan] = OrderedDict()
+        self._open_max = max(1, settings.sessions_max)
+        self._idle_timer: asyncio.TimerHandle | None = None
 
     @property
     def tracing(self) -> bool:
@@ -306,6 +350,8 @@ class Telemetry:
         """
         tr = self._trace_info(request, ctx, body)
         tr.upstream_start = asyncio.get_running_loop().time()
+        if self.tracing and tr.sampled and tr.session_id and tr.parent_span_id is None:
+            tr.session_span = self._session_span(tr, ctx.agent_id, tr.upstream_start)
         if self.capture_content and body is not None:
             msgs = body.get("messages", body.get("prompt"))
             if msgs is not None:
@@ -373,6 +419,10 @@ class Telemetry:
         tr = ctx.extra.get(TRACE_KEY)
         if not isinstance(tr, RequestTrace):
             tr = self._trace_info(request, ctx, None)
+        group = tr.session_span
+        if group is not None:
+            group.in_flight = max(0, group.in_flight - 1)
+            group.last_active = now_loop
         provider = self._provider(ctx)
         status = ctx.status or 0
 
@@ -395,6 +445,7 @@ class Telemetry:
         kinds = [_repair_kind(r) for r in ctx.repairs]
         failures = sum(1 for k in kinds if k.startswith(("validation", "schema")))
         failures += _int(ctx.extra.get("validation_failures"))
+        failures += sum(1 for r in _validation_records(ctx) if r.get("ok") is False)
         validation = _validation_outcome(ctx, kinds, failures)
         started_epoch = (ctx.started * 1e9 + offset_ns) / 1e9
         ended_epoch = (end * 1e9 + offset_ns) / 1e9
@@ -464,8 +515,15 @@ class Telemetry:
         flags = TraceFlags(TraceFlags.SAMPLED)
         state = TraceState.from_header([tr.tracestate]) if tr.tracestate else None
         server_ctx = SpanContext(tr.trace_id, tr.server_span_id, False, flags, state)
-        parent = (SpanContext(tr.trace_id, tr.parent_span_id, True, flags, state)
-                  if tr.parent_span_id is not None else None)
+        if tr.parent_span_id is not None:
+            parent: SpanContext | None = SpanContext(tr.trace_id, tr.parent_span_id, True, flags,
+                                                     state)
+        elif group is not None:
+            parent = SpanContext(tr.trace_id, group.span_id, False, flags, state)
+            self._add_step(group, ns(ctx.started), ns(end), tr.step, len(kinds), ctx.retries,
+                           failed)
+        else:
+            parent = None
         name = f"{operation} {model}"
         spans = [ReadableSpan(name, server_ctx, parent, self._resource, _clean(server_attrs),
                               events, (), SpanKind.SERVER, status=status_obj,
@@ -489,6 +547,102 @@ class Telemetry:
                 end_time=ns(end), instrumentation_scope=self._scope))
         for span in spans:
             self._processor.on_end(span)
+
+    # --- session spans ---------------------------------------------------------------------------
+    def _session_span(self, tr: RequestTrace, agent_id: str, now: float) -> SessionSpan:
+        """The session's open span (opened now if there is none), with one more step in flight."""
+        sid = tr.session_id or ""
+        group = self._open.get(sid)
+        if group is None or group.trace_id != tr.trace_id:
+            if group is not None:
+                self._end_session(group)
+            group = SessionSpan(sid, agent_id, tr.session_source, tr.trace_id, _rand_id(64))
+            self._open[sid] = group
+            while len(self._open) > self._open_max:
+                self._end_session(next(iter(self._open.values())))
+        else:
+            self._open.move_to_end(sid)
+        group.in_flight += 1
+        group.last_active = now
+        return group
+
+    def _add_step(self, group: SessionSpan, start_ns: int, end_ns: int, step: int | None,
+                  repairs: int, retries: int, failed: bool) -> None:
+        group.start_ns = start_ns if not group.steps else min(group.start_ns, start_ns)
+        group.end_ns = max(group.end_ns, end_ns)
+        group.steps += 1
+        if step is not None:
+            group.first_step = step if group.first_step is None else min(group.first_step, step)
+            group.last_step = step if group.last_step is None else max(group.last_step, step)
+        group.repairs += repairs
+        group.retries += retries
+        group.errors += failed
+        if self._open.get(group.session_id) is group:
+            self._arm_idle_timer(group.last_active + self.settings.trace_session_idle)
+
+    def _arm_idle_timer(self, when: float) -> None:
+        """One timer for all open sessions, set for the earliest moment one can go idle."""
+        timer = self._idle_timer
+        if timer is not None and not timer.cancelled() and timer.when() <= when:
+            return
+        if timer is not None:
+            timer.cancel()
+        self._idle_timer = asyncio.get_running_loop().call_at(when, self._end_idle_sessions)
+
+    def _end_idle_sessions(self) -> None:
+        """Export the spans of sessions without a step for ``trace_session_idle`` seconds.
+
+        A session with a step in flight is not idle; it is ended anyway once nothing has been
+        heard of it for ``total_timeout`` (a request can take no longer), so a step whose
+        recording was lost cannot keep its session open for ever.
+        """
+        self._idle_timer = None
+        try:
+            now = asyncio.get_running_loop().time()
+            idle = self.settings.trace_session_idle
+            stale = max(idle, self.settings.total_timeout)
+            nearest: float | None = None
+            for group in list(self._open.values()):
+                due = group.last_active + (idle if group.in_flight == 0 else stale)
+                if now >= due:
+                    self._end_session(group)
+                else:
+                    nearest = due if nearest is None else min(nearest, due)
+            if nearest is not None:
+                self._arm_idle_timer(nearest)
+        except Exception:
+            log.exception("could not end idle session spans")
+
+    def end_sessions(self) -> int:
+        """Export every open session span now (shutdown; tests). Returns how many."""
+        groups = list(self._open.values())
+        for group in groups:
+            self._end_session(group)
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        return len(groups)
+
+    def _end_session(self, group: SessionSpan) -> None:
+        if self._open.get(group.session_id) is group:
+            del self._open[group.session_id]
+        if self._processor is None:
+            return
+        start, end = group.start_ns, group.end_ns
+        if not group.steps:  # ended before its first step was recorded (evicted)
+            start = end = time.time_ns()
+        attrs = _clean({
+            n.GEN_AI_OPERATION_NAME: n.OP_INVOKE_AGENT, n.GEN_AI_CONVERSATION_ID: group.session_id,
+            n.GEN_AI_AGENT_ID: group.agent_id, n.TM_SESSION_SOURCE: group.source,
+            n.TM_SESSION_STEPS: group.steps, n.TM_SESSION_FIRST_STEP: group.first_step,
+            n.TM_SESSION_LAST_STEP: group.last_step, n.TM_REPAIRS: group.repairs or None,
+            n.TM_RETRIES: group.retries or None, n.TM_SESSION_ERRORS: group.errors or None,
+        })
+        ctx = SpanContext(group.trace_id, group.span_id, False, TraceFlags(TraceFlags.SAMPLED))
+        self._processor.on_end(ReadableSpan(
+            f"{n.OP_INVOKE_AGENT} {group.agent_id}", ctx, None, self._resource, attrs, (), (),
+            SpanKind.INTERNAL, status=Status(StatusCode.UNSET), start_time=start, end_time=end,
+            instrumentation_scope=self._scope))
 
     def _provider(self, ctx: RequestContext) -> str:
         """The detected backend kind (``vllm``, ``ollama``...), else the configured one."""
@@ -524,6 +678,7 @@ class Telemetry:
     async def shutdown(self, timeout: float = 3.0) -> None:
         """Flush and stop the exporter thread, waiting at most ``timeout``: cleanup never hangs
         on a collector that does not answer."""
+        self.end_sessions()  # a session span not exported now never will be
         proc, self._processor = self._processor, None
         if proc is not None:
             await _in_daemon_thread(proc.shutdown, timeout)
@@ -590,12 +745,21 @@ def _repair_time(r: Any) -> float | None:
     return t if isinstance(t, float | int) and not isinstance(t, bool) else None
 
 
+def _validation_records(ctx: RequestContext) -> list[dict[str, Any]]:
+    """The validator's verdicts, one per check, in order (``tool``, ``ok``, ``outcome``,
+    ``attempt``, ``pointer``): what the retry events are made of."""
+    recs = ctx.extra.get("validation")
+    return [r for r in recs if isinstance(r, dict)] if isinstance(recs, list) else []
+
+
 def _validation_outcome(ctx: RequestContext, kinds: list[str], failures: int) -> str | None:
     explicit = _ctx_value(ctx, "validation")
     if isinstance(explicit, str):
         return explicit
     if failures:
-        return "failed" if ctx.status >= 400 else "repaired"
+        if ctx.status >= 400 or ctx.error_code:
+            return "failed"
+        return "retried" if ctx.retries else "repaired"
     if kinds:
         return "repaired"
     return "valid" if ctx.tool_names else None
@@ -618,12 +782,28 @@ def _events(ctx: RequestContext, kinds: list[str], end: float,
         t = _repair_time(r) or end
         is_failure = kind.startswith(("validation", "schema"))
         add(t, n.EV_VALIDATION_FAILED if is_failure else n.EV_REPAIRED, {n.EV_ATTR_KIND: kind})
-    retry_times = ctx.extra.get("retry_times")
-    if isinstance(retry_times, list) and retry_times:
-        for t in retry_times:
-            if isinstance(t, float | int):
-                add(float(t), n.EV_RETRIED)
-    elif ctx.retries:
+    # Each failed verdict is a validation_failed event; each one that led to a retry is
+    # followed by a retried event at the moment the retry was sent (the failure was decided
+    # just before it). Both name the tool and the JSON pointer of the problem, never a value.
+    retry_times = [float(t) for t in ctx.extra.get("retry_times") or ()
+                   if isinstance(t, float | int) and not isinstance(t, bool)]
+    retries = 0
+    for r in _validation_records(ctx):
+        if r.get("ok") is not False:
+            continue
+        attrs = _clean({n.GEN_AI_TOOL_NAME: str(r.get("tool") or "")[:64] or None,
+                        n.EV_ATTR_POINTER: str(r["pointer"])[:256] if r.get("pointer")
+                        else None, n.EV_ATTR_OUTCOME: r.get("outcome")})
+        retried = r.get("outcome") == "retry"
+        t = retry_times[retries] if retried and retries < len(retry_times) else end
+        add(t, n.EV_VALIDATION_FAILED, attrs)
+        if retried:
+            retries += 1
+            add(t, n.EV_RETRIED, attrs | {n.EV_ATTR_ATTEMPT: retries})
+    for t in retry_times[retries:]:  # retries the verdicts do not explain
+        retries += 1
+        add(t, n.EV_RETRIED, {n.EV_ATTR_ATTEMPT: retries})
+    if not retry_times and ctx.retries > retries:
         add(end, n.EV_RETRIED, {n.TM_RETRIES: ctx.retries})
     ev.sort(key=lambda p: p[0])
     return [e for _, e in ev]

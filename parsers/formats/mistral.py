@@ -3,7 +3,8 @@ and ``[TOOL_CALLS]name[ARGS]{...}`` (v11+), optionally ``[TOOL_CALLS]name[CALL_I
 
 Several ``[TOOL_CALLS]`` may follow each other. The call id the model wrote is kept
 (ToolCallStart.id). When the special tokens are stripped upstream, ``name{...}`` without
-``[ARGS]`` is accepted too, as vLLM does. Magistral's ``[THINK]...[/THINK]`` is reasoning.
+``[ARGS]`` is accepted too, as vLLM does. Magistral's ``[THINK]...[/THINK]`` is reasoning; a
+``[TOOL_CALLS]`` inside it is a drafted call (see ``_stream.StreamParser``).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class MistralParser(StreamParser):
     name = "mistral"
 
     _IN_TEXT = Markers(TOOL_CALLS, THINK_START)
-    _IN_THINK = Markers(THINK_END)
+    _IN_THINK = Markers(THINK_END, TOOL_CALLS)
     _THINK_START = THINK_START
     _THINK_END = THINK_END
     _BOT = Markers(TOOL_CALLS)
