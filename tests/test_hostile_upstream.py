@@ -23,10 +23,10 @@ import orjson
 import pytest
 from aiohttp import web
 
-from toolmend.app import UPSTREAM, build_app, start_server
+from toolmend.app import SCHEDULER, UPSTREAM, build_app, start_server
 from toolmend.config import Settings
 
-from .test_faults import FStack, error_of
+from .test_faults import FStack, _until, error_of
 
 MSG = [{"role": "user", "content": "hello"}]
 KEEPALIVE = b": keep-alive"
@@ -353,8 +353,8 @@ async def make_hstack() -> AsyncIterator[Callable[..., Awaitable[FStack]]]:
         for _ in range(replicas):  # every replica's pooled connection is in the baseline
             r = await raw_post(st.url, "/v1/chat/completions", chat())
             assert r.status == 200 and b"warm" in r.body
+        await _until(lambda: up.stats.in_flight == 0 and app[SCHEDULER].in_flight == 0)
         up.stats = HostileStats()
-        await asyncio.sleep(0)
         st.mark_baseline()
         return st
 
@@ -378,7 +378,7 @@ STREAM_FAULTS: list[tuple[str, Callable[[bool], list[Act]], dict[str, Any], int,
     ("after headers", lambda g: [headers_then("drop", gate=g)], {}, 502,
      "upstream_disconnected", 1),
     ("after headers, stalls", lambda g: [headers_then("stall", gate=g)],
-     {"first_byte_timeout": 0.5}, 504, "upstream_first_byte_timeout", 1),
+     {"first_byte_timeout": 1.0}, 504, "upstream_first_byte_timeout", 1),
 ]
 
 
@@ -753,8 +753,6 @@ async def _metric(st: FStack, name: str, labels: dict[str, str] | None = None,
                   want: float | None = None) -> float | None:
     """A sample from toolmend's registry, once the request's recording has caught up."""
     from toolmend.telemetry import TELEMETRY
-
-    from .test_faults import _until
 
     reg = st.app[TELEMETRY].metrics.registry
     if want is not None:
