@@ -212,8 +212,11 @@ class StreamPipeline:
                     continue
             elif data[:1] != b"{" or data[-1:] != b"}":
                 raise UpstreamStreamError(502, _malformed(data))
-            if not data.isascii() and not _is_utf8(data):  # ASCII, the usual case, pays one scan
-                data = self._repair_utf8(data, parts)
+            if not data.isascii():  # ASCII, the usual case, pays one scan; the rest a decode
+                try:
+                    data.decode()
+                except UnicodeDecodeError:
+                    data = self._repair_utf8(data, parts)
             if ev.multiline:  # an event sent as several data: lines stays one event
                 parts.append(encode_event(data))
                 continue
