@@ -5,6 +5,12 @@ tested without sockets. The hot path decides from the raw event bytes: most even
 content deltas that need no change and are re-emitted as they came (one concatenation, no JSON
 parse). Only an event that can matter is parsed: one carrying usage, an error, a finish reason,
 or anything the tool-call mender asks to see.
+
+The client's stream is labelled ``charset=utf-8``, so that promise is kept here too: an ASCII
+event (the usual case) costs one ``isascii`` scan, any other one a decode, and only an event
+that really holds invalid UTF-8 is rewritten (U+FFFD, counted in ``stats.invalid_utf8``, said
+once in a comment). What the upstream may send is bounded as well: one line and one event at
+most ``max_event_bytes``, beyond which the stream ends with ``upstream_event_too_large``.
 """
 
 from __future__ import annotations
