@@ -430,6 +430,7 @@ class NDJSONLines:
                 self._parts.append(data)
                 self._size += len(data)
                 if self._size > self._max:
+                    self._parts, self._size = [], 0  # its memory goes back at once
                     raise ValueError(f"NDJSON line longer than {self._max} bytes")
             return []
         lines = data.split(b"\n")
@@ -464,12 +465,12 @@ class NDJSONToSSE:
                  "_started")
 
     def __init__(self, completion_id: str, created: int, model: str = "",
-                 id_prefix: str = "call_") -> None:
+                 id_prefix: str = "call_", max_line_bytes: int = NDJSON_MAX_LINE) -> None:
         self._cid = completion_id
         self._created = created
         self._model = model
         self._id_prefix = id_prefix
-        self._lines = NDJSONLines()
+        self._lines = NDJSONLines(max_line_bytes)
         self._calls = 0
         self._started = False
         self._done = False
@@ -481,8 +482,9 @@ class NDJSONToSSE:
     def feed(self, data: bytes) -> bytes:
         try:
             lines = self._lines.feed(data)
-        except ValueError as e:
-            return self._error(str(e), "upstream_malformed_event")
+        except ValueError as e:  # the line bound: what a stream without newlines runs into
+            return self._error(f"upstream sent an {e} (max_upstream_event_bytes)",
+                               "upstream_event_too_large")
         return b"".join(self._line(ln) for ln in lines)
 
     def finish(self) -> bytes:

@@ -19,7 +19,7 @@ from . import auth, telemetry
 from .config import Settings
 from .context import RequestContext, new_request_id
 from .detect import detect
-from .downstream import Downstream
+from .downstream import DOWNSTREAM, ClientGone, Downstream
 from .errors import ProxyError
 from .launcher import LAUNCHED
 from .mending import ChatMending
@@ -158,7 +158,7 @@ async def _forward(request: web.Request, body: dict[str, Any], path: str,
             return await relay_json(ctx, up, path, raw,
                                     mending.json_transform(up, path) if mending else None)
     mender = mending.mender() if mending else None
-    pipeline = StreamPipeline(client_wants_usage(body), mender)
+    pipeline = StreamPipeline(client_wants_usage(body), mender, settings.max_upstream_event_bytes)
     ask_for_usage(body)
     raw = orjson.dumps(body)
     down = (make_down or Downstream)(request, ctx, settings.keepalive_interval)
@@ -229,19 +229,20 @@ async def readyz(request: web.Request) -> web.Response:
 
 @web.middleware
 async def context_and_errors(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Give every request a context and an id; turn every failure into the OpenAI shape."""
+    """Give every request a context and an id; turn every failure into the OpenAI shape.
+
+    A failure after a stream's headers went out cannot have a status line any more: it ends
+    that stream in the API's own way instead (:func:`_end_started_stream`).
+    """
     loop = asyncio.get_running_loop()
     ctx = RequestContext(new_request_id(), request.path, loop.time(), client=request.remote or "")
     request[CTX] = ctx
+    err: ProxyError | None = None
     try:
         resp = await handler(request)
     except ProxyError as e:
-        ctx.status, ctx.error_code = e.status, e.code
-        resp = e.response()
-        if e.status == 408:  # a body that never arrived: the connection is not reusable
-            resp.force_close()
+        err = e
     except web.HTTPException as e:
-        ctx.status = e.status
         if e.status == 404:
             err = ProxyError(404, f"no route for {request.method} {request.path}",
                              code="not_found")
@@ -252,24 +253,52 @@ async def context_and_errors(request: web.Request, handler: Any) -> web.StreamRe
             err = ProxyError(413, "request body too large", code="body_too_large")
         else:
             err = ProxyError(e.status, e.reason or "error", code="http_error")
-        ctx.error_code = err.code
-        resp = err.response()
     except asyncio.CancelledError:
         ctx.status = 499
         ctx.error_code = ctx.error_code or "client_disconnected"
         _log_request(request, ctx)
         raise
-    except Exception:
+    except ClientGone:  # the client left mid-stream; nothing more can reach it
+        ctx.status, ctx.error_code = 499, "client_disconnected"
+        gone = request.get(DOWNSTREAM)
+        resp = gone.resp if gone is not None else web.Response(status=499)
+    except Exception as e:
         log.exception("unhandled error in %s", request.path)
-        ctx.status, ctx.error_code = 500, "internal_error"
-        resp = ProxyError(500, "internal error in toolmend; see its log",
-                          code="internal_error").response()
+        err = ProxyError(500, f"internal error in toolmend ({e.__class__.__name__}); see its "
+                         "log", code="internal_error")
+    else:
+        down = request.get(DOWNSTREAM)
+        if down is not None and down.started and not down.ended and resp is not down.resp:
+            # a second response after the stream began would corrupt it: end the stream
+            log.error("%s answered anew after its stream had started", request.path)
+            err = ProxyError(500, "internal error in toolmend; see its log",
+                             code="internal_error")
+    if err is not None:
+        ctx.error_code = err.code
+        started = await _end_started_stream(request, err)
+        if started is not None:
+            resp = started
+        else:
+            ctx.status = err.status
+            resp = err.response()
+            if err.status == 408:  # a body that never arrived: the connection is not reusable
+                resp.force_close()
     if not ctx.status:
         ctx.status = resp.status
     if not resp.prepared:
         resp.headers.setdefault("X-Request-Id", ctx.request_id)
     _log_request(request, ctx)
     return resp
+
+
+async def _end_started_stream(request: web.Request,
+                              err: ProxyError) -> web.StreamResponse | None:
+    """The safety net at the stream's edge: when the client already has a 200 and part of a
+    stream, end it with the API's error event (``[DONE]`` after it, or Ollama's error line)."""
+    down = request.get(DOWNSTREAM)
+    if down is None or not down.started:
+        return None
+    return await down.fail(err)
 
 
 def _log_request(request: web.Request, ctx: RequestContext) -> None:

@@ -171,6 +171,14 @@ class Settings:
                                  "on RE2, linear time; backtracking-only syntax is refused)",
                                  metavar="BYTES")
     max_connections: int = opt(1024, "upstream connection pool size")
+    max_upstream_event_bytes: int = opt(16 * 1024 * 1024, "largest upstream SSE event (its "
+                                        "data: lines together), SSE line or Ollama NDJSON line "
+                                        "(beyond: the stream ends with the error "
+                                        "upstream_event_too_large)", metavar="BYTES")
+    max_upstream_reply_bytes: int = opt(32 * 1024 * 1024, "largest upstream reply read whole: "
+                                        "a non-streaming answer, a model list, an Ollama "
+                                        "stream:false answer (beyond: 502 "
+                                        "upstream_reply_too_large)", metavar="BYTES")
     log_level: str = opt("info", "log level", choices=("debug", "info", "warning", "error"))
     log_requests: bool = opt(True, "log one structured line per request")
 

@@ -17,12 +17,16 @@ from typing import Any
 import aiohttp
 import orjson
 
+from .bounded import read_bounded
+
 KINDS = ("vllm", "llamacpp", "ollama", "sglang", "tgi", "llama-cpp-python", "embedded",
          "openai", "unknown")
 
 #: Probed paths; the order does not matter, they run concurrently.
 PROBES = ("/", "/api/version", "/props", "/version", "/get_model_info", "/info", "/v1/models",
           "/health")
+#: Most of a discovery answer that is read; a longer one is cut and its JSON is not parsed.
+PROBE_BYTES = 256 * 1024
 
 
 @dataclass(slots=True)
@@ -70,13 +74,14 @@ async def _probe(session: aiohttp.ClientSession, url: str, headers: dict[str, st
     try:
         async with asyncio.timeout(timeout):
             async with session.get(url, headers=headers, allow_redirects=False) as r:
-                raw = await r.content.read(256 * 1024)
+                # the whole answer (read(n) stops at whatever arrived first), up to the bound
+                raw, whole = await read_bounded(r.content, PROBE_BYTES, keep_prefix=True)
                 status = r.status
     except (aiohttp.ClientError, TimeoutError, OSError):
         return Probe()
     text = raw.decode("utf-8", "replace")
     try:
-        doc = orjson.loads(raw)
+        doc = orjson.loads(raw) if whole else None
     except orjson.JSONDecodeError:
         doc = None
     return Probe(status, doc, text[:2000])

@@ -58,9 +58,12 @@ def _now_rfc3339() -> str:
 class OllamaDownstream(Downstream):
     """The client writer for Ollama requests: NDJSON instead of SSE, no keep-alives (NDJSON
     has no comment line, and Ollama clients parse every line), and for ``stream: false`` one
-    JSON object at the end."""
+    JSON object at the end.
 
-    __slots__ = ("emitter", "whole")
+    ``stream: false`` gathers the whole reply in memory, so what it gathers is bounded like any
+    reply read whole (``max_upstream_reply_bytes``, counted on the stream fed in)."""
+
+    __slots__ = ("_fed", "_limit", "emitter", "whole")
 
     def __init__(self, request: web.Request, ctx: RequestContext, emitter: OllamaEmitter,
                  *, stream: bool) -> None:
@@ -68,8 +71,16 @@ class OllamaDownstream(Downstream):
         self.resp.headers["Content-Type"] = NDJSON
         self.emitter = emitter
         self.whole = not stream
+        self._fed = 0
+        self._limit = request.app[SETTINGS].max_upstream_reply_bytes
 
     async def write(self, data: bytes) -> None:
+        if self.whole:
+            self._fed += len(data)
+            if self._fed > self._limit:
+                raise ProxyError(502, f"upstream sent a reply over the limit of {self._limit} "
+                                 "bytes (max_upstream_reply_bytes)",
+                                 code="upstream_reply_too_large")
         out = self.emitter.feed(data)
         if out:
             await super().write(out)
@@ -80,7 +91,10 @@ class OllamaDownstream(Downstream):
         if not self.resp.prepared:
             self.ctx.status = err.status
             return ollama_error(err)
-        with contextlib.suppress(ClientGone):
+        if self._ended:
+            return self.resp
+        self._ended = True
+        with contextlib.suppress(ClientGone, ConnectionError, RuntimeError):
             await super().write(self.emitter.error_line(err.message))
             await self.resp.write_eof()
         return self.resp

@@ -473,7 +473,8 @@ class Telemetry:
         self.metrics.observe(operation=operation, provider=provider, model=ctx.model,
                              status=status, error_code=ctx.error_code, duration=duration,
                              ttft=ttft, queue_wait=queue, usage=ctx.usage, repair_kinds=kinds,
-                             validation_failures=failures, retries=ctx.retries)
+                             validation_failures=failures, retries=ctx.retries,
+                             invalid_utf8=_int(ctx.extra.get("invalid_utf8")))
         usage = ctx.usage or {}
         if tr.session_id:
             self.sessions.record(tr.session_id, ctx.agent_id, tr.session_source, StepRecord(
