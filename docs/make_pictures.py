@@ -178,6 +178,14 @@ class Browser:
                 raise RuntimeError(f"no {selector} with text {text!r} to click")
             await asyncio.sleep(0.2)
 
+    async def type_into(self, selector: str, text: str) -> None:
+        """Focus the element matching ``selector`` and type ``text`` as a keyboard would."""
+        if not await self.eval(f"(() => {{ const el = document.querySelector("
+                               f"{json.dumps(selector)}); if (!el) return false; el.focus();"
+                               " return true; })()"):
+            raise RuntimeError(f"no {selector} to type into")
+        await self.send("Input.insertText", text=text)
+
     async def screenshot(self, path: Path) -> None:
         await asyncio.sleep(0.5)  # let the last layout and fonts settle
         r = await self.send("Page.captureScreenshot", format="png")
@@ -237,6 +245,12 @@ async def phoenix_pictures(browser: Browser, phoenix_url: str, trace_id: str) ->
     await browser.wait_for_text(step2["context"]["span_id"])  # the span's own pane
     await browser.click_text('[role="tab"]', "Attributes")
     await browser.wait_for_text("toolmend.queue.wait_ms")
+    # toolmend's own attributes first: filter the table the way a person would
+    with contextlib.suppress(RuntimeError):
+        await browser.click_text('button[aria-label="Search JSON keys and values"]', "",
+                                 timeout=5)
+    await browser.type_into('input[placeholder="Search attributes"]', "toolmend.")
+    await browser.wait_for_text("toolmend.agent.tool_time_ms")
     await browser.screenshot(IMAGES / "phoenix-trace.png")
     await browser.click_text('[role="tab"]', "Events")
     await browser.wait_for_text("validation_failed")
