@@ -54,7 +54,9 @@ PROJECT = "toolmend"
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                   "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--hide-scrollbars",
-                  "--mute-audio")
+                  "--mute-audio",
+                  # nothing but this machine: a page that asks for anything else gets nothing
+                  "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1")
 # The session, slowed down to be seen: model and queue in hundreds of milliseconds.
 SIM_TTFT, SIM_TOKEN_DELAY = 0.25, 0.02
 QUEUE_HOLD, TOOL_WORK = 0.6, 0.4
@@ -68,8 +70,7 @@ def ensure_chromium() -> str:
         return found
     print("installing chromium with apt-get ...", flush=True)
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium",
-               "fonts-dejavu-core"]
+    install = ["apt-get", "install", "-y", "-q", "chromium", "fonts-dejavu-core"]
     if subprocess.call(install, env=env) != 0:
         subprocess.check_call(["apt-get", "update", "-q"], env=env)
         subprocess.check_call(install, env=env)
@@ -268,6 +269,8 @@ async def terminal_picture(browser: Browser, session: dict[str, Any]) -> None:
                       color_system="truecolor", file=io.StringIO())
     console.print(render_session(session, "http://127.0.0.1:16686", "http://127.0.0.1:6006"))
     svg = console.export_svg(title="toolmend trace", theme=MONOKAI)
+    # rich's SVG fetches Fira Code from a CDN; the local monospace font is used instead
+    svg = re.sub(r"@font-face\s*\{[^}]*\}", "", svg)
     m = re.search(r'viewBox="0 0 ([\d.]+) ([\d.]+)"', svg)
     width, height = (int(float(v)) + 1 for v in m.groups()) if m else (1600, 800)
     with tempfile.TemporaryDirectory(prefix="toolmend-svg-") as tmp:
