@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # rich is imported when drawing, so ``toolmend --help`` stays
     from rich.text import Text
 
 BAR_WIDTH = 40
+VISIBLE_MS = 1.0  # a segment this long gets at least one cell; shorter ones read as "0 ms"
 # segment: (label, colour); the order they are drawn in, left to right
 SEGMENTS = (("tool", "grey50"), ("queue", "yellow"), ("ttft", "red"), ("gen", "green"))
 
@@ -85,7 +86,7 @@ def _bar(step: dict[str, Any], scale_ms: float, width: int = BAR_WIDTH) -> Text:
     for label, colour in SEGMENTS:
         v = parts.get(label) or 0.0
         cells = round(v / scale_ms * width) if scale_ms > 0 else 0
-        if v > 0 and cells == 0:
+        if v >= VISIBLE_MS and cells == 0:  # short but real: one cell, so it is not lost
             cells = 1
         bar.append("█" * cells, style=colour)
     return bar
@@ -172,7 +173,8 @@ class SessionView:
                               "links)", style="dim"))
         title = f"session {s.get('id')}  agent {s.get('agent_id')}  ({s.get('source')}, " \
                 f"{len(steps)} steps)"
-        yield Panel(Group(*parts), title=title, title_align="left", padding=(0, 1))
+        yield Panel(Group(*parts), title=title, title_align="left", padding=(0, 1),
+                    expand=False)
 
 
 def _cells(st: dict[str, Any]) -> dict[str, Any]:
