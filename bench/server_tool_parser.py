@@ -156,6 +156,27 @@ def proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def children_cpu(pid: int) -> float:
+    """CPU seconds of every live descendant of ``pid`` (vLLM's engine process and its
+    helpers), from /proc."""
+    parent: dict[int, int] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    total, todo = 0.0, [c for c, pp in parent.items() if pp == pid]
+    while todo:
+        c = todo.pop()
+        try:
+            total += proc_cpu(c)
+        except OSError:
+            continue
+        todo += [g for g, pp in parent.items() if pp == c]
+    return total
+
+
 class Toolmend:
     """``toolmend serve`` in its own process, so its CPU can be read from /proc."""
 
@@ -221,10 +242,10 @@ async def part_b(url: str, rounds: int, per: int, vllm_pid: int) -> list[str]:
              "long thinking, then a call": LONG}
     log_dir = Path(tempfile.mkdtemp(prefix="toolmend-bench-stp-"))
     procs = {m: Toolmend(url, m, log_dir) for m in ("trust", "auto")}
-    rows = ["| reply | way | direct vLLM, auto / none (s) | through toolmend, trust / bypass "
-            "(s) | toolmend CPU ms per request, trust / bypass | vLLM API server CPU ms per "
-            "request, trust / bypass | both, trust / bypass |",
-            "|---|---|---:|---:|---:|---:|---:|"]
+    rows = ["| reply | way | wall s, direct vLLM auto / none | wall s, toolmend trust / bypass "
+            "| toolmend CPU ms | vLLM API server CPU ms | toolmend + API server CPU ms | "
+            "vLLM engine CPU s |",
+            "|---|---|---:|---:|---:|---:|---:|---:|"]
     try:
         for p in procs.values():
             await p.ready()
@@ -236,35 +257,38 @@ async def part_b(url: str, rounds: int, per: int, vllm_pid: int) -> list[str]:
                     wall: dict[str, list[float]] = {k: [] for k in
                                                     ("direct-auto", "direct-none", "trust",
                                                      "auto")}
-                    cpu: dict[str, list[float]] = {"trust": [], "auto": []}
-                    vcpu: dict[str, list[float]] = {"trust": [], "auto": []}
+                    # CPU summed over all rounds, then per request (10 ms clock ticks)
+                    cpu = {"trust": 0.0, "auto": 0.0}
+                    vcpu = {"trust": 0.0, "auto": 0.0}
+                    ecpu = {"trust": 0.0, "auto": 0.0}
                     for r in range(rounds):
                         order = ["trust", "auto"] if r % 2 == 0 else ["auto", "trust"]
                         for mode in order:
                             p = procs[mode]
-                            c0, v0 = p.cpu(), proc_cpu(vllm_pid)
+                            c0, v0, e0 = p.cpu(), proc_cpu(vllm_pid), children_cpu(vllm_pid)
                             for _ in range(per):
                                 wall[mode].append(await _one(s, p.url, text, bias, stream, {}))
-                            cpu[mode].append((p.cpu() - c0) / per)
-                            vcpu[mode].append((proc_cpu(vllm_pid) - v0) / per)
+                            cpu[mode] += p.cpu() - c0
+                            vcpu[mode] += proc_cpu(vllm_pid) - v0
+                            ecpu[mode] += children_cpu(vllm_pid) - e0
                         for shape in ("auto", "none"):
                             wall[f"direct-{shape}"].append(await _one(
                                 s, url, text, bias, stream,
                                 {"tool_choice": shape} | ({"skip_special_tokens": False}
                                                           if shape == "none" else {})))
                     med = {k: statistics.median(v) for k, v in wall.items()}
-                    tm = {k: statistics.median(v) * 1e3 for k, v in cpu.items()}
-                    vm = {k: statistics.median(v) * 1e3 for k, v in vcpu.items()}
-                    both = {k: statistics.median(a + b for a, b in zip(cpu[k], vcpu[k],
-                                                                       strict=True)) * 1e3
-                            for k in cpu}
+                    n = rounds * per
+                    tm = {k: v / n * 1e3 for k, v in cpu.items()}
+                    vm = {k: v / n * 1e3 for k, v in vcpu.items()}
+                    em = {k: v / n for k, v in ecpu.items()}
                     rows.append(
                         f"| {label} | {'streamed' if stream else 'whole'} | "
                         f"{med['direct-auto']:.2f} / {med['direct-none']:.2f} | "
                         f"{med['trust']:.2f} / {med['auto']:.2f} | "
-                        f"{tm['trust']:.1f} / {tm['auto']:.1f} | "
-                        f"{vm['trust']:.1f} / {vm['auto']:.1f} | "
-                        f"{both['trust']:.1f} / {both['auto']:.1f} |")
+                        f"{tm['trust']:.0f} / {tm['auto']:.0f} | "
+                        f"{vm['trust']:.0f} / {vm['auto']:.0f} | "
+                        f"{tm['trust'] + vm['trust']:.0f} / {tm['auto'] + vm['auto']:.0f} | "
+                        f"{em['trust']:.2f} / {em['auto']:.2f} |")
                     print(rows[-1], flush=True)
     finally:
         for p in procs.values():
@@ -315,10 +339,11 @@ def main() -> int:
     if b:
         section += [
             f"On the real server (Gemma 3 270M, vLLM 0.32 CPU with `--reasoning-parser qwen3`), "
-            f"medians of {args.rounds} alternating rounds × {args.per} requests; wall time at "
-            "the client; CPU per request from /proc of toolmend's process and of vLLM's API "
-            "server process (where its tool and reasoning parsers run; the model runs in its "
-            "engine process, the same work either way):", "", *b, ""]
+            f"{args.rounds} alternating rounds × {args.per} requests per mode; wall time at the "
+            "client (median); CPU per request (all rounds' total over the requests; trust / "
+            "bypass) from /proc, of toolmend's process, of vLLM's API server process (where its "
+            "tool and reasoning parsers run) and of vLLM's engine processes (the model):", "",
+            *b, ""]
     text = "\n".join(section)
     print(text)
     if args.write:

@@ -27,6 +27,12 @@ reasoning field (``reasoning_content``, ``reasoning``) passes through under its 
 never parsed for calls; reasoning toolmend separates from content goes to the field chosen per
 server or request. A call the model drafts inside reasoning is held by the format parser until
 the reply shows it was meant (``_stream.StreamParser``), in buffered and incremental mode alike.
+
+A request that declared no tools gets a ``structured_only`` mender: its text is never parsed for
+markers (a ``<tool_call>`` there is the model's own business), and until a structured call
+shows up it wants only events that carry one (:func:`carries_call`, a few byte searches), so
+plain chat is forwarded exactly as without a mender. The call itself then goes through the same
+checks as any other, and finds no tool declared.
 """
 
 from __future__ import annotations
@@ -66,6 +72,49 @@ _USAGE_NULL = (b'"usage":null', b'"usage": null')
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 _STRUCTURE = (b'"tool_calls"', b'"function_call"')
 _FINISH_NULL = (b'"finish_reason":null', b'"finish_reason": null')
+_SKIP = b" \t\r\n:"
+_SHARED = b"_call"  # in both _STRUCTURE keys
+
+
+def carries_call(data: bytes) -> bool:
+    """Whether a raw chunk carries a structured call: a ``tool_calls`` or ``function_call`` key
+    whose value is not ``null`` or ``[]`` (SGLang sends ``"tool_calls": null`` in every delta).
+    A key inside a string value cannot match: its quotes would be escaped.
+
+    One search decides a plain chunk (both keys share ``_call``): this runs on every event of a
+    request without tools, so it must cost next to nothing."""
+    if data.find(_SHARED) < 0:
+        return False
+    for key in _STRUCTURE:
+        i = data.find(key)
+        while i >= 0:
+            j = i + len(key)
+            n = len(data)
+            while j < n and data[j] in _SKIP:
+                j += 1
+            head = data[j:j + 1]
+            if head == b"[":
+                k = j + 1
+                while k < n and data[k] in _SKIP:
+                    k += 1
+                if data[k:k + 1] != b"]":
+                    return True
+            elif head not in (b"n", b""):
+                return True
+            i = data.find(key, j)
+    return False
+
+
+class _TextOnly(MarkerParser):
+    """The parser of a ``structured_only`` mender: text is text."""
+
+    name = "none"
+
+    def feed(self, text: str) -> list[Event]:
+        return [Text(text)] if text else []
+
+    def finish(self) -> list[Event]:
+        return []
 
 
 def new_call_id() -> str:
@@ -149,7 +198,9 @@ class ChatMender:
                  reasoning_open: bool | None = None,
                  reasoning_signals: ReasoningSignals | None = None,
                  reasoning_field: str = DEFAULT_FIELD,
-                 resplit_server_reasoning: bool = False) -> None:
+                 resplit_server_reasoning: bool = False,
+
+                 structured_only: bool = False) -> None:
         # The format may be decided late, from the model name the upstream reports in its
         # first chunk: an agent often sends a placeholder model name.
         self._fmt = None if fmt in (None, "", "auto") else fmt
@@ -161,6 +212,7 @@ class ChatMender:
         self.checker = checker
         self.reply_checker = reply_checker
         self.single_call = single_call  # parallel_tool_calls: false, which servers ignore
+        self.structured_only = structured_only  # a request without tools (see the docstring)
         self.held: list[HeldCall] = []  # calls waiting for a retry (buffered mode only)
         self._pending_finish: str | None = None
         self._triggers: tuple[bytes, ...] = DEFAULT_TRIGGERS
@@ -202,6 +254,10 @@ class ChatMender:
         return self._parser
 
     def _choose(self, upstream_model: str | None) -> None:
+        if self.structured_only:
+            self._parser = _TextOnly()
+            self._triggers = ()
+            return
         fmt = self._fmt or format_for_model(upstream_model) or \
             format_for_model(self._model_hint) or "auto"
         self.format = fmt
@@ -226,6 +282,8 @@ class ChatMender:
 
     # hot path ----------------------------------------------------------------------------------
     def wants(self, data: bytes) -> bool:
+        if self.structured_only and not self._calls:
+            return carries_call(data)  # nothing else matters until a call shows up
         if self._idle_reasoning:
             return self._wants_in_reasoning(data)
         if not self._idle:
@@ -369,6 +427,8 @@ class ChatMender:
         """The upstream ended without a finish chunk: flush what is held."""
         out: list[dict[str, Any]] = []
         notes: list[str] = []
+        if self.structured_only and self._envelope is None:
+            return out, notes  # never fed: the stream went by untouched, its end included
         if not self._finished:
             self._finish(None, out, notes)
         return out, notes
@@ -571,6 +631,10 @@ class ChatMender:
                 notes.append(f"repaired finish_reason {reason!r} -> 'tool_calls'")
             final = "tool_calls"
         elif final is None:
+            final = "stop"
+        elif final in ("tool_calls", "function_call") and not emitted:
+            # every call was answered in text instead (a retry asked for it): none is left
+            notes.append(f"repaired finish_reason {reason!r} -> 'stop'")
             final = "stop"
         self.finish_reason = final
         return self._chunk({}, final)

@@ -94,6 +94,11 @@ class Settings:
                                              metavar="PATTERN")
     on_invalid: str = opt("repair", "what to do with a schema-invalid tool call", choices=POLICIES)
     max_retries: int = opt(1, "upstream retries for an invalid tool call")
+    undeclared_calls: str = opt("refuse", "a structured tool call in the reply to a request "
+                                "that declared no tools: refuse (an unknown tool under "
+                                "--on-invalid: asked again for a plain-text answer, then "
+                                "refused) or pass (forwarded unchecked)",
+                                choices=("refuse", "pass"))
     slots: int = opt(0, "concurrent requests the backend may hold (0: ask it, else a default "
                      "per backend)")
     max_queue: int = opt(1024, "requests waiting for a backend slot, all agents together "
@@ -149,6 +154,20 @@ class Settings:
     max_body_bytes: int = opt(8 * 1024 * 1024, "largest request body accepted", metavar="BYTES")
     max_header_bytes: int = opt(8190, "longest request line or single header accepted (beyond: "
                                 "400 headers_too_large)", metavar="BYTES")
+    header_timeout: float = opt(10.0, "seconds a client may take to send a request's headers, "
+                                "from the connection's first byte (beyond: 408 and the "
+                                "connection is closed; 0: no limit)", metavar="S")
+    body_timeout: float = opt(120.0, "seconds a client may take to send a request body (beyond: "
+                              "408; 0: no limit)", metavar="S")
+    max_client_connections: int = opt(256, "open connections one client address may hold "
+                                      "(beyond: 429 and the connection is closed; 0: no "
+                                      "limit); loopback clients are exempt")
+    limit_loopback_clients: bool = opt(False, "count loopback clients against "
+                                       "max_client_connections too (local agents and the load "
+                                       "benchmark all connect from 127.0.0.1)")
+    client_limit_exempt: list[str] = opt([], "client addresses or networks (CIDR) exempt from "
+                                         "max_client_connections, e.g. a gateway in front of "
+                                         "toolmend", metavar="CIDR")
     max_messages: int = opt(2048, "most messages in one chat request (beyond: 400 "
                             "too_many_messages)")
     max_tools: int = opt(128, "most tools in one request (beyond: 400 too_many_tools)")
@@ -159,6 +178,14 @@ class Settings:
                                  "on RE2, linear time; backtracking-only syntax is refused)",
                                  metavar="BYTES")
     max_connections: int = opt(1024, "upstream connection pool size")
+    max_upstream_event_bytes: int = opt(16 * 1024 * 1024, "largest upstream SSE event (its "
+                                        "data: lines together), SSE line or Ollama NDJSON line "
+                                        "(beyond: the stream ends with the error "
+                                        "upstream_event_too_large)", metavar="BYTES")
+    max_upstream_reply_bytes: int = opt(32 * 1024 * 1024, "largest upstream reply read whole: "
+                                        "a non-streaming answer, a model list, an Ollama "
+                                        "stream:false answer (beyond: 502 "
+                                        "upstream_reply_too_large)", metavar="BYTES")
     log_level: str = opt("info", "log level", choices=("debug", "info", "warning", "error"))
     log_requests: bool = opt(True, "log one structured line per request")
 

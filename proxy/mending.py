@@ -1,9 +1,16 @@
 """Glue between a chat request and the sans-I/O mender in ``parsers/mender.py``.
 
-Decides whether a request gets a mender (only when it offers tools: without ``tools`` an agent
-cannot receive a call, and a ``<tool_call>`` in the text is the model's own business), which
-format and mode apply, hooks in schema validation, and copies the mender's findings onto the
-request context for logs, metrics and traces.
+Decides whether a request gets a mender, which format and mode apply, hooks in schema
+validation, and copies the mender's findings onto the request context for logs, metrics and
+traces.
+
+A request with ``tools`` gets the full mender. One without gets a structured-only mender
+(``undeclared_calls = "refuse"``, the default): a ``<tool_call>`` in its text is the model's own
+business and passes untouched, but a structured ``tool_calls``/``function_call`` the server
+sends anyway names a tool the request never declared, and is retried as a plain-text answer,
+then refused, under the request's policy. The mender only sees events that carry such a call
+(a raw-bytes test), so plain chat pays nothing. ``undeclared_calls = "pass"`` forwards them as
+before, without a mender.
 
 It also shapes what is sent upstream when toolmend takes over the server's own tool parser
 (``server_tool_parser``, see :func:`bypasses_server_parser`): vLLM's reasoning parser ends
@@ -23,6 +30,7 @@ from .context import RequestContext
 from .errors import ProxyError
 from .parsers.mender import ChatMender, StreamError, feed_whole, fold_chunks
 from .parsers.reasoning import ReasoningSignals, field_for, template_switch
+from .parsers.schemas import DEFAULT_LIMITS
 from .parsers.stream import StreamPipeline, UpstreamStreamError
 from .upstream import UpstreamClient
 from .validating import RequestValidation, schema_limits
@@ -47,10 +55,15 @@ class ChatMending:
                  headers: Any, backend: str) -> None:
         self.body = body
         self.ctx = ctx
+        # without tools, only structured calls are looked at, and always held (buffered):
+        # a call to a tool nobody declared must not reach the client, even in part
+        self.structured_only = not body.get("tools")
         mode = settings.tool_mode
         asked = (headers.get(TOOL_MODE_HEADER, "") if headers is not None else "").strip().lower()
         if asked in ("buffered", "incremental"):
             mode = asked
+        if self.structured_only:
+            mode = "buffered"
         self.mode = mode
         self.fmt = None if settings.tool_format == "auto" else settings.tool_format
         self.tools = body.get("tools")
@@ -66,15 +79,16 @@ class ChatMending:
         self.resplit_server_reasoning = self.bypass
         if self.bypass:
             ctx.extra["server_tool_parser"] = "bypass"
+        # no schema to compile without tools: the limits are not even built (plain chat's path)
+        limits = DEFAULT_LIMITS if self.structured_only else schema_limits(settings)
         self.validation = RequestValidation.prepare(body, headers, settings.on_invalid, backend,
-                                                    settings.max_retries, mode, ctx,
-                                                    schema_limits(settings))
+                                                    settings.max_retries, mode, ctx, limits)
 
     @classmethod
     def for_request(cls, settings: Settings, body: dict[str, Any], ctx: RequestContext,
                     headers: Any, backend: str) -> ChatMending | None:
-        if not body.get("tools"):
-            return None  # with tools and tool_choice "none", a call in the reply is a violation
+        if not body.get("tools") and settings.undeclared_calls == "pass":
+            return None  # calls to undeclared tools are forwarded unchecked, as they come
         return cls(settings, body, ctx, headers, backend)
 
     @property
@@ -111,7 +125,8 @@ class ChatMending:
                        single_call=self.body.get("parallel_tool_calls") is False,
                        reasoning_signals=self.reasoning_signals,
                        reasoning_field=self.reasoning_field,
-                       resplit_server_reasoning=self.resplit_server_reasoning)
+                       resplit_server_reasoning=self.resplit_server_reasoning,
+                       structured_only=self.structured_only)
         self.ctx.extra["mender"] = m
         return m
 
@@ -145,6 +160,9 @@ class ChatMending:
                 msg = choice.get("message") if isinstance(choice, dict) else None
                 if not isinstance(msg, dict):
                     continue
+                if self.structured_only and not (msg.get("tool_calls")
+                                                 or msg.get("function_call")):
+                    continue  # no tools and no call: the message is left as it came
                 mender = self.mender()
                 mender._model_hint = model
                 try:
@@ -182,8 +200,8 @@ def bypasses_server_parser(setting: str, backend: str, body: dict[str, Any]) -> 
     ``none`` is included because the server's reasoning split still misplaces a call drafted
     inside reasoning, which would then count as a call the request forbade.
     """
-    if setting == "trust" or backend not in BYPASSABLE:
-        return False
+    if setting == "trust" or backend not in BYPASSABLE or not body.get("tools"):
+        return False  # without tools, no tool parser runs on the server
     if body.get("tool_choice") not in (None, "auto", "none"):
         return False
     if body.get("n") not in (None, 1):

@@ -64,11 +64,12 @@ from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, Trace
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import telemetry_names as n
+from .auth import SESSION_HEADER, header_text
 from .config import Settings
 from .context import RequestContext
 from .errors import ProxyError
 from .metrics import Metrics
-from .sessions import SessionTracker, StepRecord
+from .sessions import SessionTracker, StepRecord, dumps
 
 log = logging.getLogger("toolmend.telemetry")
 
@@ -143,9 +144,13 @@ def format_traceparent(trace_id: int, span_id: int, sampled: bool) -> str:
     return f"00-{trace_id:032x}-{span_id:016x}-{'01' if sampled else '00'}"
 
 
-def session_trace_id(session_id: str) -> int:
-    """The trace id of a session without an incoming trace: stable, so all steps share it."""
-    digest = hashlib.sha256(b"toolmend-session\0" + session_id.encode()).digest()
+def session_trace_id(agent_id: str, session_id: str) -> int:
+    """The trace id of a session without an incoming trace: stable, so all steps share it.
+
+    The agent is part of it, as it is of the session's key in the session store: another agent
+    naming the same session id gets a trace of its own, not a place in this one."""
+    digest = hashlib.sha256(b"toolmend-session\0" + agent_id.encode("utf-8", "surrogatepass")
+                            + b"\0" + session_id.encode("utf-8", "surrogatepass")).digest()
     return int.from_bytes(digest[:16], "big") or 1
 
 
@@ -280,7 +285,7 @@ def _build_exporter(settings: Settings) -> tuple[SpanExporter, str] | None:
                              "package; install it or use http/protobuf") from None
         insecure = urlsplit(endpoint).scheme == "http" if endpoint else None
         exp = GrpcExporter(endpoint=endpoint or None, insecure=insecure, timeout=timeout)
-        return exp, endpoint or "the OTEL_EXPORTER_OTLP_* endpoint"
+        return exp, _shown(endpoint) or "the OTEL_EXPORTER_OTLP_* endpoint"
     if protocol not in ("http/protobuf", "http"):
         raise ValueError(f"OTLP protocol {protocol!r} is not supported (http/protobuf, grpc)")
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -290,7 +295,16 @@ def _build_exporter(settings: Settings) -> tuple[SpanExporter, str] | None:
         if parts.path in ("", "/"):
             endpoint = endpoint.rstrip("/") + "/v1/traces"
     exp = OTLPSpanExporter(endpoint=endpoint or None, timeout=timeout)
-    return exp, endpoint or "the OTEL_EXPORTER_OTLP_* endpoint"
+    return exp, _shown(endpoint) or "the OTEL_EXPORTER_OTLP_* endpoint"
+
+
+def _shown(endpoint: str) -> str:
+    """The collector's URL as logged: without ``user:password@``, like the upstream's."""
+    if "@" not in endpoint:
+        return endpoint
+    parts = urlsplit(endpoint)
+    host = parts.netloc.rsplit("@", 1)[1]
+    return parts._replace(netloc=host).geturl()
 
 
 def _quiet_sdk_loggers() -> None:
@@ -374,7 +388,9 @@ class Telemetry:
     def _trace_info(self, request: web.Request, ctx: RequestContext,
                     body: dict[str, Any] | None) -> RequestTrace:
         incoming = parse_traceparent(request.headers.get(n.TRACEPARENT))
-        session = (ctx.session_id or request.headers.get("X-Session-Id") or "").strip()
+        # the header is read through header_text: a request refused at the door for a session
+        # id that is not text is still recorded, without it
+        session = (ctx.session_id or header_text(request, SESSION_HEADER) or "").strip()
         session = session[:SESSION_ID_MAX]
         if session:
             source = "header"
@@ -387,8 +403,10 @@ class Telemetry:
         if incoming is not None:
             trace_id, parent, sampled = incoming
             tracestate = request.headers.get(n.TRACESTATE)
+            if tracestate is not None and not (tracestate.isascii() and tracestate.isprintable()):
+                tracestate = None  # W3C: a tracestate that cannot be parsed is dropped
         else:
-            trace_id = session_trace_id(session) if session else _rand_id(128)
+            trace_id = session_trace_id(ctx.agent_id, session) if session else _rand_id(128)
             parent, sampled, tracestate = None, True, None
         return RequestTrace(session or None, source, loop_step(body) if body is not None
                             else None, trace_id, parent, sampled, _rand_id(64), _rand_id(64),
@@ -449,13 +467,14 @@ class Telemetry:
         validation = _validation_outcome(ctx, kinds, failures)
         started_epoch = (ctx.started * 1e9 + offset_ns) / 1e9
         ended_epoch = (end * 1e9 + offset_ns) / 1e9
-        tool_time = (self.sessions.tool_time_ms(tr.session_id, started_epoch)
+        tool_time = (self.sessions.tool_time_ms(ctx.agent_id, tr.session_id, started_epoch)
                      if tr.session_id else None)
 
         self.metrics.observe(operation=operation, provider=provider, model=ctx.model,
                              status=status, error_code=ctx.error_code, duration=duration,
                              ttft=ttft, queue_wait=queue, usage=ctx.usage, repair_kinds=kinds,
-                             validation_failures=failures, retries=ctx.retries)
+                             validation_failures=failures, retries=ctx.retries,
+                             invalid_utf8=_int(ctx.extra.get("invalid_utf8")))
         usage = ctx.usage or {}
         if tr.session_id:
             self.sessions.record(tr.session_id, ctx.agent_id, tr.session_source, StepRecord(
@@ -843,8 +862,8 @@ def _check_admin(request: web.Request) -> None:
     key = request.app[TELEMETRY].settings.admin_key
     if key:
         auth = request.headers.get("Authorization", "")
-        if auth.startswith("Bearer ") and hmac.compare_digest(auth[7:].strip().encode(),
-                                                              key.encode()):
+        if auth.startswith("Bearer ") and hmac.compare_digest(
+                auth[7:].strip().encode("utf-8", "surrogatepass"), key.encode()):
             return
     try:
         if request.remote and ipaddress.ip_address(request.remote.split("%")[0]).is_loopback:
@@ -870,17 +889,28 @@ async def sessions_handler(request: web.Request) -> web.Response:
                          code="invalid_limit") from None
     tel = request.app[TELEMETRY]
     docs = [s.summary() for s in tel.sessions.recent(limit)]
-    return web.Response(body=orjson.dumps({"object": "list", "data": docs}),
+    return web.Response(body=dumps({"object": "list", "data": docs}),
                         content_type="application/json")
 
 
 async def session_handler(request: web.Request) -> web.Response:
+    """One session; ``?agent_id=`` picks it when several agents use the same session id."""
     _check_admin(request)
     sid = request.match_info["session_id"]
-    s = request.app[TELEMETRY].sessions.get(sid)
+    agent = request.query.get("agent_id")
+    tracker = request.app[TELEMETRY].sessions
+    s = tracker.get(sid, agent)
     if s is None:
-        raise ProxyError(404, f"no recent session {sid!r}", code="session_not_found")
-    return web.Response(body=orjson.dumps(s.detail()), content_type="application/json")
+        found = tracker.matching(sid) if agent is None else []
+        if len(found) > 1:
+            agents = ", ".join(repr(f.agent_id) for f in found[:10])
+            raise ProxyError(409, f"session {sid!r} exists for several agents ({agents}); "
+                             "name one with ?agent_id=", param="agent_id",
+                             code="ambiguous_session")
+        raise ProxyError(404, f"no recent session {sid!r}" +
+                         (f" of agent {agent!r}" if agent is not None else ""),
+                         code="session_not_found")
+    return web.Response(body=dumps(s.detail()), content_type="application/json")
 
 
 async def _shutdown(app: web.Application) -> None:

@@ -90,6 +90,7 @@ M_REPAIRS = "toolmend.repairs"
 M_VALIDATION_FAILURES = "toolmend.validation.failures"
 M_RETRIES = "toolmend.retries"
 M_UPSTREAM_ERRORS = "toolmend.upstream.errors"
+M_INVALID_UTF8 = "toolmend.upstream.invalid_utf8"
 
 # Bucket boundaries the conventions ask for (ExplicitBucketBoundaries).
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,

@@ -24,12 +24,15 @@ if TYPE_CHECKING:  # rich is imported when drawing, so ``toolmend --help`` stays
     from rich.text import Text
 
 BAR_WIDTH = 40
+VISIBLE_MS = 1.0  # a segment this long gets at least one cell; shorter ones read as "0 ms"
 # segment: (label, colour); the order they are drawn in, left to right
 SEGMENTS = (("tool", "grey50"), ("queue", "yellow"), ("ttft", "red"), ("gen", "green"))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("session", nargs="?", help="session id (default: the most recent sessions)")
+    p.add_argument("--agent", default=None,
+                   help="the agent whose SESSION to show, when several agents use that id")
     p.add_argument("--url", default="http://127.0.0.1:8080", help="toolmend base URL")
     p.add_argument("--jaeger-url", default="http://127.0.0.1:16686", help="Jaeger UI base URL")
     p.add_argument("--phoenix-url", default=None,
@@ -48,14 +51,22 @@ def _get(url: str, key: str | None) -> Any:
         return json.loads(r.read())
 
 
-def fetch(base: str, session: str | None, limit: int, key: str | None) -> list[dict[str, Any]]:
-    """The sessions to show, each with its steps."""
+def fetch(base: str, session: str | None, limit: int, key: str | None,
+          agent: str | None = None) -> list[dict[str, Any]]:
+    """The sessions to show, each with its steps. Sessions belong to agents (two agents may use
+    the same session id), so each is fetched with its agent."""
     api = base.rstrip("/") + "/toolmend/v1/sessions"
+
+    def one(sid: str, agent_id: str | None) -> Any:
+        url = f"{api}/{urllib.parse.quote(sid, safe='')}"
+        if agent_id is not None:
+            url += "?agent_id=" + urllib.parse.quote(agent_id, safe="")
+        return _get(url, key)
+
     if session:
-        return [_get(f"{api}/{urllib.parse.quote(session, safe='')}", key)]
+        return [one(session, agent)]
     listing = _get(f"{api}?limit={limit}", key)
-    return [_get(f"{api}/{urllib.parse.quote(s['id'], safe='')}", key)
-            for s in listing.get("data", [])]
+    return [one(s["id"], s.get("agent_id")) for s in listing.get("data", [])]
 
 
 def _ms(v: float | None) -> str:
@@ -75,7 +86,7 @@ def _bar(step: dict[str, Any], scale_ms: float, width: int = BAR_WIDTH) -> Text:
     for label, colour in SEGMENTS:
         v = parts.get(label) or 0.0
         cells = round(v / scale_ms * width) if scale_ms > 0 else 0
-        if v > 0 and cells == 0:
+        if v >= VISIBLE_MS and cells == 0:  # short but real: one cell, so it is not lost
             cells = 1
         bar.append("█" * cells, style=colour)
     return bar
@@ -162,7 +173,8 @@ class SessionView:
                               "links)", style="dim"))
         title = f"session {s.get('id')}  agent {s.get('agent_id')}  ({s.get('source')}, " \
                 f"{len(steps)} steps)"
-        yield Panel(Group(*parts), title=title, title_align="left", padding=(0, 1))
+        yield Panel(Group(*parts), title=title, title_align="left", padding=(0, 1),
+                    expand=False)
 
 
 def _cells(st: dict[str, Any]) -> dict[str, Any]:
@@ -239,7 +251,7 @@ def run(args: argparse.Namespace, console: Console | None = None) -> int:
         console = Console(width=width) if width else Console()
     key = args.admin_key or os.environ.get("TOOLMEND_ADMIN_KEY") or None
     try:
-        sessions = fetch(args.url, args.session, args.limit, key)
+        sessions = fetch(args.url, args.session, args.limit, key, getattr(args, "agent", None))
     except urllib.error.HTTPError as e:
         msg = e.read().decode("utf-8", "replace")
         try:

@@ -23,22 +23,24 @@ _ENVELOPE = ("created", "model", "system_fingerprint")
 _TEXT_FIELDS = ("content", "reasoning", "reasoning_content")
 
 
-def fold_stream(raw: bytes) -> dict[str, Any]:
+def fold_stream(raw: bytes) -> tuple[dict[str, Any], int]:
     """The ``chat.completion`` object that a whole ``chat.completion.chunk`` stream makes: the
     text of every field concatenated as it came, calls assembled by index, the last finish
-    reason, the usage. Raises the upstream's error when the stream carries one."""
+    reason, the usage; and how many events had invalid UTF-8 replaced (as a whole reply's is).
+    Raises the upstream's error when the stream carries one."""
     dec = SSEDecoder()
     envelope: dict[str, Any] = {}
     choices: dict[int, dict[str, Any]] = {}
     usage: Any = None
+    replaced = 0
     for ev in dec.feed(raw) + dec.finish():
         if not isinstance(ev, SSEEvent) or not ev.data or ev.data == b"[DONE]":
             continue
         try:
             chunk = orjson.loads(ev.data)
         except orjson.JSONDecodeError:
-            raise ProxyError(502, "upstream sent a stream event that is not JSON",
-                             code="upstream_bad_response") from None
+            chunk = _loads_replacing(ev.data)
+            replaced += 1
         if not isinstance(chunk, dict):
             continue
         if "error" in chunk:
@@ -56,7 +58,20 @@ def fold_stream(raw: bytes) -> dict[str, Any]:
     out["choices"] = [_choice(i, choices[i]) for i in sorted(choices)]
     if usage is not None:
         out["usage"] = usage
-    return out
+    return out, replaced
+
+
+def _loads_replacing(data: bytes) -> Any:
+    """An event that is not JSON as it came: JSON once invalid UTF-8 is replaced, or refused."""
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        try:
+            return orjson.loads(data.decode("utf-8", "replace"))
+        except orjson.JSONDecodeError:
+            pass
+    raise ProxyError(502, "upstream sent a stream event that is not JSON",
+                     code="upstream_bad_response")
 
 
 def _fold_choice(choices: dict[int, dict[str, Any]], ch: dict[str, Any]) -> None:

@@ -41,24 +41,29 @@ MODEL = "gemma-3-270m"
 
 # --- when toolmend takes over ------------------------------------------------------------------
 
+T = {"tools": TOOLS}
+
+
 @pytest.mark.parametrize(("setting", "backend", "body", "expected"), [
-    ("auto", "vllm", {}, True),
-    ("auto", "vllm", {"tool_choice": "auto"}, True),
-    ("auto", "vllm", {"tool_choice": "none"}, True),
-    ("auto", "vllm", {"tool_choice": "required"}, False),
-    ("auto", "vllm", {"tool_choice": NAMED}, False),
-    ("auto", "vllm", {"n": 2}, False),
-    ("auto", "vllm", {"n": 1}, True),
-    ("trust", "vllm", {}, False),
-    ("bypass", "vllm", {}, True),
-    ("auto", "openai", {}, False),
-    ("bypass", "openai", {}, True),
-    ("bypass", "openai", {"tool_choice": "required"}, False),
-    ("auto", "llamacpp", {}, False),
-    ("bypass", "llamacpp", {}, False),
-    ("bypass", "ollama", {}, False),
-    ("bypass", "sglang", {}, False),
-    ("bypass", "embedded", {}, False),
+    ("auto", "vllm", T, True),
+    ("auto", "vllm", {**T, "tool_choice": "auto"}, True),
+    ("auto", "vllm", {**T, "tool_choice": "none"}, True),
+    ("auto", "vllm", {**T, "tool_choice": "required"}, False),
+    ("auto", "vllm", {**T, "tool_choice": NAMED}, False),
+    ("auto", "vllm", {**T, "n": 2}, False),
+    ("auto", "vllm", {**T, "n": 1}, True),
+    ("auto", "vllm", {}, False),  # no tools: no tool parser runs
+    ("bypass", "vllm", {"tools": []}, False),
+    ("trust", "vllm", T, False),
+    ("bypass", "vllm", T, True),
+    ("auto", "openai", T, False),
+    ("bypass", "openai", T, True),
+    ("bypass", "openai", {**T, "tool_choice": "required"}, False),
+    ("auto", "llamacpp", T, False),
+    ("bypass", "llamacpp", T, False),
+    ("bypass", "ollama", T, False),
+    ("bypass", "sglang", T, False),
+    ("bypass", "embedded", T, False),
 ])
 def test_when_the_server_parser_is_bypassed(setting: str, backend: str, body: dict[str, Any],
                                             expected: bool) -> None:
@@ -329,14 +334,14 @@ def test_fold_stream_keeps_every_field_as_it_came() -> None:
               {"id": "c1", "choices": [{"index": 0, "delta": {"tool_calls": [
                   {"index": 0, "function": {"arguments": "{}"}}]}, "finish_reason": "stop"}]},
               {"id": "c1", "choices": [], "usage": USAGE})
-    assert fold_stream(raw) == {
+    assert fold_stream(raw) == ({
         "id": "c1", "object": "chat.completion", "created": 7, "model": "m",
         "choices": [{"index": 0, "message": {
             "role": "assistant", "content": "<tool_call> ok</think>", "reasoning": "Hm",
             "tool_calls": [{"id": "t1", "type": "function",
                             "function": {"name": "f", "arguments": "{}"}}]},
             "logprobs": None, "finish_reason": "stop"}],
-        "usage": USAGE}
+        "usage": USAGE}, 0)
 
 
 def test_fold_stream_raises_the_upstreams_error() -> None:
@@ -353,11 +358,19 @@ def test_fold_stream_refuses_an_event_that_is_not_json() -> None:
     assert (e.value.status, e.value.code) == (502, "upstream_bad_response")
 
 
+def test_fold_stream_replaces_invalid_utf8_and_counts_it() -> None:
+    raw = b'data: {"choices": [{"index": 0, "delta": {"content": "a\xffb"}}]}\n\n' + \
+        b'data: {"choices": [{"index": 0, "delta": {"content": "c"}}]}\n\n'
+    out, replaced = fold_stream(raw)
+    assert out["choices"][0]["message"]["content"] == "a\ufffdbc"
+    assert replaced == 1
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=400))
 def test_fold_stream_never_crashes_on_any_bytes(raw: bytes) -> None:
     try:
-        out = fold_stream(raw)
+        out, _ = fold_stream(raw)
     except ProxyError as e:
         assert e.status == 502
     else:
@@ -370,7 +383,7 @@ def test_fold_stream_never_crashes_on_any_bytes(raw: bytes) -> None:
                                 st.text(max_size=8), max_size=3), max_size=12))
 def test_fold_stream_concatenates_each_field(deltas: list[dict[str, str]]) -> None:
     raw = sse(*({"choices": [{"index": 0, "delta": d}]} for d in deltas))
-    msg = fold_stream(raw)["choices"][0]["message"] if deltas else None
+    msg = fold_stream(raw)[0]["choices"][0]["message"] if deltas else None
     for key in ("content", "reasoning", "reasoning_content"):
         want = "".join(d.get(key, "") for d in deltas)
         if msg is not None:

@@ -169,6 +169,8 @@ class StreamParser(MarkerParser):
       appear inside reasoning; every marker there but the end marker opens a call. Such a call
       is a *draft* (:class:`_Drafts`): its events and its text are held, never emitted early,
       until the reply shows whether it was the model's final act.
+    * A marker in ``_STRAYS`` is a special token out of place: dropped, in text or reasoning,
+      and it decides nothing about drafts.
     * A format whose ``_IN_TEXT`` lists its reasoning start marker gets its end marker added
       there too: an end marker in text that is not reasoning is dropped (and counted in
       ``stray_closes``), never shown as content.
@@ -182,6 +184,9 @@ class StreamParser(MarkerParser):
     _IN_THINK: ClassVar[Markers] = Markers(THINK_END)
     _THINK_START: ClassVar[str] = THINK_START
     _THINK_END: ClassVar[str] = THINK_END
+    #: special tokens that mean nothing in text or reasoning: dropped wherever they are met,
+    #: never taken for a call opener (a format lists them in ``_IN_TEXT``/``_IN_THINK`` too)
+    _STRAYS: ClassVar[frozenset[str]] = frozenset()
     #: whether the format has reasoning markers at all (its ``_IN_TEXT`` lists the start)
     knows_reasoning: ClassVar[bool] = False
 
@@ -348,7 +353,7 @@ class StreamParser(MarkerParser):
                 if not self.stray_closes:
                     self.calls_before_stray = self._calls
                 self.stray_closes += 1
-        elif thinking:
+        elif thinking and tok not in self._STRAYS:
             # a call opener inside reasoning: a draft until the reply shows it was meant
             self._drafts = _Drafts(tok, self._calls)
 
@@ -411,6 +416,8 @@ class StreamParser(MarkerParser):
         if m is None:
             return end, None
         tok = m.group()
+        if tok in self._STRAYS:
+            return m.end(), tok  # a special token out of place: dropped, decides nothing
         if self._drafts is drafts:
             if thinking:
                 if tok == self._THINK_END:

@@ -30,6 +30,7 @@ class Dialect:
     sends_usage_chunk = True
     #: the field this server puts reasoning in (its own reasoning parser's output)
     reasoning_key = "reasoning_content"
+    context = 4096  # tokens of context one request gets (prompt and reply together)
 
     def __init__(self, model: str) -> None:
         self.model = model
@@ -136,7 +137,7 @@ class VLLM(Dialect):
 
     def models_doc(self) -> dict[str, Any]:
         doc = super().models_doc()
-        doc["data"][0].update({"root": self.model, "parent": None, "max_model_len": 4096,
+        doc["data"][0].update({"root": self.model, "parent": None, "max_model_len": self.context,
                                "permission": []})
         return doc
 
@@ -144,6 +145,7 @@ class VLLM(Dialect):
 class LlamaServer(Dialect):
     name = "llamacpp"
     owned_by = "llamacpp"
+    context = 2048
 
     def completion_id(self) -> str:
         return "chatcmpl-" + _alnum(32)

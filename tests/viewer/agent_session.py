@@ -88,7 +88,8 @@ class SimProcess:
         self.tmp.cleanup()
 
 
-def start_sim(ready_timeout: float = 60.0) -> SimProcess:
+def start_sim(*, ttft: float = SIM_TTFT, token_delay: float = 0.0,
+              ready_timeout: float = 60.0) -> SimProcess:
     """``toolmend sim`` (vLLM dialect) on a free port with the session's scenarios."""
     tmp = tempfile.TemporaryDirectory(prefix="toolmend-viewer-sim-")
     folder = write_scenarios(Path(tmp.name) / "scenarios")
@@ -98,7 +99,8 @@ def start_sim(ready_timeout: float = 60.0) -> SimProcess:
     with logfile.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "toolmend", "sim", "--host", "127.0.0.1", "--port",
-             str(port), "--ttft", str(SIM_TTFT), "--fixtures", str(folder)],
+             str(port), "--ttft", str(ttft), "--token-delay", str(token_delay),
+             "--fixtures", str(folder)],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
     sim = SimProcess(proc, f"http://127.0.0.1:{port}", logfile, tmp)
     deadline = time.monotonic() + ready_timeout
@@ -188,12 +190,14 @@ async def _chat(http: aiohttp.ClientSession, url: str, body: dict[str, Any],
 
 
 async def run_session(url: str, scheduler: Any, *, session_id: str, agent_id: str = "planner",
-                      hold: Callable[[], Awaitable[None]] | None = None) -> Session:
+                      hold: Callable[[], Awaitable[None]] | None = None,
+                      tool_work: Callable[[], Awaitable[None]] | None = None) -> Session:
     """The three steps, with another agent holding toolmend's only slot when step 2 arrives.
 
     ``scheduler`` is toolmend's (``app[SCHEDULER]``): the session waits on its state, never on
-    the clock. ``hold``, if given, is awaited while step 2 waits (the docs script uses it to make
-    the wait long enough to see); the tests give none.
+    the clock. ``hold``, if given, is awaited while step 2 waits, and ``tool_work`` after the
+    agent ran its tools (the docs script uses them to make the wait and the tool time long
+    enough to see); the tests give neither.
     """
     session = Session(session_id, agent_id)
     headers = {"X-Agent-Id": agent_id, "X-Session-Id": session_id}
@@ -222,6 +226,8 @@ async def run_session(url: str, scheduler: Any, *, session_id: str, agent_id: st
                 result = FUNCTIONS[name](**args)
                 msgs.append({"role": "tool", "tool_call_id": cid,
                              "content": f"{result} {SECRETS[2]}"})
+            if tool_work is not None:
+                await tool_work()
     return session
 
 

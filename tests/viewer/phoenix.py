@@ -47,7 +47,11 @@ log = logging.getLogger("toolmend.tests.viewer")
 HERE = Path(__file__).resolve().parent
 REQUIREMENTS = HERE / "phoenix-requirements.txt"
 PHOENIX_VERSION = "20.26.1"  # must match the arize-phoenix pin in REQUIREMENTS
-READY_TIMEOUT = 180.0  # a cold start runs its database migrations: ~15 s idle, ~35 s busy
+#: Measured on the 2-core machines: ``phoenix serve`` is ready 15-35 s after start on a quiet
+#: machine and 50-90 s on a busy one (importing Phoenix takes ~13 s of CPU; its migrations of
+#: the empty SQLite database ~3 s). The venv takes ~140 s of CPU to install (2.5 min quiet,
+#: 7 min busy) and 860 MB on disk.
+READY_TIMEOUT = 180.0
 
 #: Everything Phoenix would do beyond storing and showing traces is off: no usage telemetry,
 #: no external fonts or scripts in the UI, no AI assistant (it would run tools server-side).

@@ -103,6 +103,21 @@ def spans_of(phoenix: Server, project: str, **query: Any) -> list[dict[str, Any]
             return out
 
 
+def filtered(phoenix: Server, project: str, expression: str) -> set[str]:
+    """The span ids the UI's span filter bar shows for ``expression`` (its GraphQL query)."""
+    (pid,) = [p["id"] for p in _get(phoenix, "/v1/projects")["data"] if p["name"] == project]
+    query = ("query($id: ID!, $f: String) { node(id: $id) { ... on Project { "
+             "spans(first: 1000, filterCondition: $f) { edges { node { spanId } } } } } }")
+    req = urllib.request.Request(
+        phoenix.url + "/graphql",
+        json.dumps({"query": query, "variables": {"id": pid, "f": expression}}).encode(),
+        {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        doc = json.loads(r.read())
+    assert not doc.get("errors"), doc["errors"]
+    return {e["node"]["spanId"] for e in doc["data"]["node"]["spans"]["edges"]}
+
+
 async def until_spans(phoenix: Server, project: str, ready: Callable[[list[dict[str, Any]]],
                                                                     bool]) -> list[dict[str, Any]]:
     """Phoenix ingests in the background: poll its API until ``ready`` holds."""
@@ -213,6 +228,25 @@ async def test_agent_session_in_phoenix(make_toolmend: Callable[..., Any],
     assert events(steps[2], "repaired", "validation_failed", "retried") == []
     assert (s1["toolmend.validation.outcome"], s2["toolmend.validation.outcome"]) == \
         ("repaired", "retried")
+
+    # the searches docs/tracing.md gives find it: by session id, by agent, by step
+    by_session = spans_of(phoenix, tm.project, attribute=f"gen_ai.conversation.id:{sid}")
+    assert sorted(s["context"]["span_id"] for s in by_session) == \
+        sorted([root_id, *(s["context"]["span_id"] for s in steps)])
+    by_agent = spans_of(phoenix, tm.project, attribute="gen_ai.agent.id:planner")
+    assert {s["context"]["span_id"] for s in by_agent} == \
+        {root_id, *(s["context"]["span_id"] for s in steps)}
+    # ... and so do the expressions it gives for the filter bar of Phoenix's span table
+    step_ids = [s["context"]["span_id"] for s in steps]
+    for expression, expected in (
+            (f"session.id == '{sid}'", {root_id, *step_ids}),
+            ("gen_ai.agent.id == 'planner'", {root_id, *step_ids}),
+            ("toolmend.loop.step == 2", {step_ids[1]}),
+            ("toolmend.validation.outcome == 'retried'", {step_ids[1]}),
+            (f"toolmend.queue.wait_ms >= {s2['toolmend.queue.wait_ms']!r}", {step_ids[1]}),
+            ("span_kind == 'AGENT' and gen_ai.agent.id == 'planner'", {root_id})):
+        assert await asyncio.to_thread(filtered, phoenix, tm.project, expression) == expected, \
+            expression
 
     # no message content anywhere Phoenix has it: not in attributes, events or names
     everything = json.dumps(spans_of(phoenix, tm.project))
