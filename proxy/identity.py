@@ -170,25 +170,33 @@ def resolve(request: web.Request, body: dict[str, Any] | None) -> Identity:
 
 # --- the fingerprint fallback -------------------------------------------------------------------
 
-def _message_bytes(m: Any) -> bytes:
+def _update(h: Any, m: Any) -> None:
+    """Feed one message to the hash. Plain text content is hashed as its UTF-8 bytes (no JSON
+    encoding of the largest part); anything else as canonical JSON."""
+    if isinstance(m, dict) and isinstance(content := m.get("content"), str):
+        rest = {k: v for k, v in m.items() if k != "content"}
+        h.update(content.encode("utf-8", "surrogatepass"))
+        h.update(b"\x1f")
+        m = rest
     try:
-        return orjson.dumps(m, option=orjson.OPT_SORT_KEYS)
+        h.update(orjson.dumps(m, option=orjson.OPT_SORT_KEYS))
     except TypeError:
-        return repr(m).encode("utf-8", "replace")
+        h.update(repr(m).encode("utf-8", "replace"))
+    h.update(b"\x1e")
 
 
 def history_digests(scope: str, body: dict[str, Any]) -> tuple[list[bytes], list[str]]:
     """Digest of every prefix of the history (``digests[k]``: the first k messages) and the
     roles, in one incremental pass: each message is hashed once, however many prefixes."""
-    h = hashlib.blake2b(scope.encode("utf-8", "replace") + b"\0", digest_size=16)
+    h = hashlib.sha256(scope.encode("utf-8", "replace") + b"\0")
     msgs = body.get("messages")
     if not isinstance(msgs, list):
         msgs = [{"role": "user", "content": body.get("prompt")}]
-    digests = [h.digest()]
+    digests = [h.digest()[:16]]
     roles: list[str] = []
     for m in msgs:
-        h.update(_message_bytes(m) + b"\x1e")
-        digests.append(h.digest())
+        _update(h, m)
+        digests.append(h.digest()[:16])
         role = m.get("role") if isinstance(m, dict) else None
         roles.append(role if isinstance(role, str) else "")
     return digests, roles
