@@ -256,3 +256,26 @@ def test_parsing_random_text_never_raises(text: str) -> None:
     identity._json_str("{" + text)
     history_digests(text, {"messages": [text, {"role": text}, None]})
     history_digests(text, {"prompt": text})
+
+
+async def test_a_step_resent_after_a_dropped_connection_stays_the_same_step(
+        stack: Stack) -> None:
+    """The client drops the connection while step 1 waits on the backend, then resends it."""
+    stack.sim.push({"fault": {"kind": "stall", "seconds": 3600}})
+    port = int(stack.url.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(http_post("/v1/chat/completions",
+                           orjson.dumps({"model": "sim-model", "messages": run_messages(1)})))
+    await writer.drain()
+    while stack.sim.stats.in_flight == 0:  # the request reached the backend
+        await asyncio.sleep(0.01)
+    writer.close()
+    await steps_recorded(stack, 1)  # toolmend saw the client leave
+    await post(stack, {"messages": run_messages(1)})
+    await post(stack, {"messages": run_messages(2)})
+    [rec] = await steps_recorded(stack, 3)
+    async with aiohttp.ClientSession() as s, s.get(
+            stack.url + "/toolmend/v1/sessions/" + rec["id"]) as r:
+        detail = await r.json()
+    assert [(st_["step"], st_["status"]) for st_ in detail["steps"]] == [
+        (1, 499), (1, 200), (2, 200)]
