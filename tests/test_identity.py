@@ -263,11 +263,13 @@ async def test_a_step_resent_after_a_dropped_connection_stays_the_same_step(
     """The client drops the connection while step 1 waits on the backend, then resends it."""
     stack.sim.push({"fault": {"kind": "stall", "seconds": 3600}})
     port = int(stack.url.rsplit(":", 1)[1])
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    _reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(http_post("/v1/chat/completions",
                            orjson.dumps({"model": "sim-model", "messages": run_messages(1)})))
     await writer.drain()
-    while stack.sim.stats.in_flight == 0:  # the request reached the backend
+    while True:  # until the request reached the backend
+        if stack.sim.stats.in_flight:
+            break
         await asyncio.sleep(0.01)
     writer.close()
     await steps_recorded(stack, 1)  # toolmend saw the client leave
