@@ -15,7 +15,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from . import auth, telemetry
+from . import auth, identity, telemetry
 from .config import Settings
 from .context import RequestContext, new_request_id
 from .detect import detect
@@ -57,18 +57,6 @@ SCHEDULER = web.AppKey("scheduler", FairScheduler)
 CTX = web.RequestKey("ctx", RequestContext)
 
 
-def _agent_id(request: web.Request, body: dict[str, Any] | None) -> str:
-    keyed = auth.keyed_agent(request)  # with API keys, the key decides (see auth.py)
-    if keyed is not None:
-        return keyed
-    agent = request.headers.get("X-Agent-Id")
-    if agent:
-        return agent[:128]
-    if body and isinstance(body.get("user"), str) and body["user"]:
-        return body["user"][:128]
-    return request.remote or "unknown"
-
-
 async def _read_body(request: web.Request, limit: int, timeout: float = 0.0) -> bytes:
     """The whole body, within ``limit`` bytes and ``timeout`` seconds (``body_timeout``: a
     client trickling its body holds a connection and a buffer as long as it likes otherwise)."""
@@ -97,9 +85,10 @@ async def _json_request(request: web.Request, *, any_content_type: bool = False
              else request.headers.get("Content-Type", "application/json"))
     body = parse_json_body(raw, ctype)
     ctx: RequestContext = request[CTX]
-    ctx.agent_id = _agent_id(request, body)
+    ident = identity.resolve(request, body)  # the trust table: see identity.py
+    ctx.agent_id, ctx.session_id = ident.agent, ident.session
+    ctx.extra[identity.IDENTITY_KEY] = ident
     auth.check_body(request, body)
-    ctx.session_id = request.headers.get("X-Session-Id")
     model = body.get("model")
     ctx.model = model if isinstance(model, str) else None
     return body

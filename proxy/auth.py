@@ -67,7 +67,10 @@ SESSION_HEADER = "X-Session-Id"
 #: (``traceparent`` is matched against a hex pattern and ``tracestate`` is dropped when it is
 #: not ASCII, as W3C Trace Context says to treat headers that cannot be parsed.)
 IDENTITY_HEADERS = (AGENT_HEADER, SESSION_HEADER, "X-Priority", "X-Toolmend-Deadline-Ms",
-                    "X-Toolmend-On-Invalid", "X-Toolmend-Tool-Mode")
+                    "X-Toolmend-On-Invalid", "X-Toolmend-Tool-Mode",
+                    # known clients' own session headers, read by identity.TRUST_TABLE
+                    "x-session-affinity", "session-id", "thread-id", "x-codex-turn-metadata",
+                    "X-Claude-Code-Session-Id", "baggage")
 _KEY_FIELDS = {"agent", "weight", "models", "max_tokens"}
 
 

@@ -68,6 +68,7 @@ from .auth import SESSION_HEADER, header_text
 from .config import Settings
 from .context import RequestContext
 from .errors import ProxyError
+from .identity import IDENTITY_KEY, Identity, tracker
 from .metrics import Metrics
 from .sessions import SessionTracker, StepRecord, dumps
 
@@ -390,10 +391,11 @@ class Telemetry:
         incoming = parse_traceparent(request.headers.get(n.TRACEPARENT))
         # the header is read through header_text: a request refused at the door for a session
         # id that is not text is still recorded, without it
+        ident = ctx.extra.get(IDENTITY_KEY)
         session = (ctx.session_id or header_text(request, SESSION_HEADER) or "").strip()
         session = session[:SESSION_ID_MAX]
         if session:
-            source = "header"
+            source = ident.session_source if isinstance(ident, Identity) else "header"
         elif incoming is not None:
             session, source = f"{incoming[0]:032x}", "trace"
         elif body is not None:
@@ -443,6 +445,10 @@ class Telemetry:
             group.last_active = now_loop
         provider = self._provider(ctx)
         status = ctx.status or 0
+        ident = ctx.extra.get(IDENTITY_KEY)
+        if isinstance(ident, Identity) and ident.fingerprint is not None:
+            tracker(request.app).finished(ident.fingerprint, 200 <= status < 400
+                                          and ctx.error_code is None)
 
         def sec(t: float | None, since: float | None = None) -> float | None:
             if t is None:
