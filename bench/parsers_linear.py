@@ -1,8 +1,11 @@
-"""Marker parsers do linear work: a 10,000- and a 100,000-character argument stream, fed one
+"""Marker parsers do linear work: a 20,000- and a 200,000-character argument stream, fed one
 character per delta, should differ in time by about 10x (the issue's bound is ~12x).
 
-A parser that re-scans what it has already seen would show ~100x here. Run:
-``python bench/parsers_linear.py [format ...]``; prints one row per format.
+A parser that re-scans what it has already seen would show ~100x here. Times are CPU time of
+this process (``process_time``), so a busy shared machine does not add its waiting to them.
+Run:
+``python bench/parsers_linear.py [format ...] [--sizes 20000,200000]``; prints one row per
+format.
 
 It also measures what reasoning costs (``--reasoning`` for that table alone): a thinking reply
 (``<think>`` reasoning ``</think>`` answer) against a plain reply of the same text, side by side,
@@ -28,9 +31,10 @@ _DS_CALL = "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>"
 
 
 def _value(n: int) -> str:
-    """About n characters of argument text with strings, escapes and nesting."""
+    """About n characters of argument text with strings, escapes and nesting: valid JSON
+    (whole units), so the finish measures the parsers, not a repair of a value cut short."""
     unit = '{"path": "src/a\\"b\\".py", "lines": [1, 2, 3], "text": "x < y </tool_call>"}, '
-    return "[" + (unit * (n // len(unit) + 1))[: n - 2].rstrip(", ") + "]"
+    return "[" + (unit * max(1, (n - 2) // len(unit))).rstrip(", ") + "]"
 
 
 def stream(fmt: str, n: int) -> str:
@@ -83,21 +87,21 @@ WRITE_TOOL = [{"type": "function", "function": {"name": "write", "parameters": {
 
 def feed_time(fmt: str, text: str) -> float:
     parser = make_parser(fmt, WRITE_TOOL)
-    start = time.perf_counter()
+    start = time.process_time()
     for ch in text:
         parser.feed(ch)
     parser.finish()
-    return time.perf_counter() - start
+    return time.process_time() - start
 
 
 def mender_time(text: str) -> float:
     """The whole per-delta path: chunk dict in, mended chunks out (hermes, buffered mode)."""
     mender = ChatMender("hermes", WRITE_TOOL)
-    start = time.perf_counter()
+    start = time.process_time()
     for ch in text:
         mender.feed({"choices": [{"index": 0, "delta": {"content": ch}}]})
     mender.feed({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
-    return time.perf_counter() - start
+    return time.process_time() - start
 
 
 ALL = ["hermes", "qwen3_coder", "llama3_json", "pythonic", "mistral", "deepseek_v3",
@@ -221,30 +225,34 @@ def main(argv: list[str]) -> None:
     if "--reasoning" in argv:
         reasoning_main(write)
         return
+    sizes = next((a.split("=", 1)[1] for a in argv if a.startswith("--sizes=")), "20000,200000")
+    n_small, n_large = (int(x) for x in sizes.split(","))
     formats = [a for a in argv if not a.startswith("--")] or ALL
     rows = []
-    print(f"{'format':<16} {'10k chars (s)':>14} {'100k chars (s)':>15} {'ratio':>7} "
-          f"{'µs/char':>8}")
+    print(f"{'format':<16} {f'{n_small // 1000}k chars (s)':>14} "
+          f"{f'{n_large // 1000}k chars (s)':>15} {'ratio':>7} {'µs/char':>8}")
     for name in [*formats, "mender (hermes)"]:
         if name.startswith("mender"):
-            small = min(mender_time(stream("hermes", 10_000)) for _ in range(3))
-            large = min(mender_time(stream("hermes", 100_000)) for _ in range(3))
+            small = min(mender_time(stream("hermes", n_small)) for _ in range(3))
+            large = min(mender_time(stream("hermes", n_large)) for _ in range(3))
         else:
-            small = min(feed_time(name, stream(name, 10_000)) for _ in range(3))
-            large = min(feed_time(name, stream(name, 100_000)) for _ in range(3))
-        per = large / len(stream("hermes" if name.startswith("mender") else name, 100_000)) * 1e6
+            small = min(feed_time(name, stream(name, n_small)) for _ in range(3))
+            large = min(feed_time(name, stream(name, n_large)) for _ in range(3))
+        per = large / len(stream("hermes" if name.startswith("mender") else name, n_large)) * 1e6
         print(f"{name:<16} {small:>14.4f} {large:>15.4f} {large / small:>7.1f} {per:>8.2f}")
         rows.append(f"| {name} | {small * 1000:.1f} | {large * 1000:.1f} | {large / small:.1f} "
                     f"| {per:.2f} |")
     if write:
         body = ("Measured by `python bench/parsers_linear.py --write`: one tool call whose "
-                "arguments are about 10,000 and 100,000 characters, fed one character per "
-                "delta; best of 3. A parser that re-scanned what it had seen would show a "
+                f"arguments are about {n_small:,} and {n_large:,} characters, fed one character "
+                "per delta; best of 3, in CPU time. A parser that re-scanned what it had seen "
+                "would show a "
                 "ratio near 100; the goal is about 10 (at most ~12). The last row is the whole "
                 "per-delta mender path (chunk dict in, chunks out).\n\n"
                 f"Load average at the start: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores, "
                 f"Python {sys.version.split()[0]}.\n\n"
-                "| format | 10k chars (ms) | 100k chars (ms) | ratio | µs per char |\n"
+                f"| format | {n_small // 1000}k chars (ms) | {n_large // 1000}k chars (ms) | "
+                "ratio | µs per char |\n"
                 "|---|---:|---:|---:|---:|\n" + "\n".join(rows) + "\n")
         replace_section("## Tool-call parsing cost\n\n" + body)
     reasoning_main(write)

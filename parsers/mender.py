@@ -43,14 +43,32 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .arguments import ArgumentText
 from .autodetect import AutoParser
 from .events import Event, Reasoning, Text, ToolCallArgs, ToolCallEnd, ToolCallStart
 from .formats import format_for_model, make_parser
 from .formats.base import MarkerParser
 from .reasoning import DEFAULT_FIELD, FIELDS, SERVER_FIELDS, ReasoningSignals
-from .repair import Repair, clean_name, closing_suffix, repair_arguments
+from .repair import (
+    MAX_ARGUMENT_DEPTH,
+    Repair,
+    clean_name,
+    closing_suffix,
+    depth_message,
+    forget_parsed,
+    repair_arguments,
+    too_deep,
+)
 
 _ALNUM = string.ascii_letters + string.digits
+
+#: Default bound on one call's argument text, in characters. Everything after the stream
+#: (repair, validation, re-encoding) costs time on the event loop in proportion to it; real
+#: calls, even ones writing a whole file, are far smaller.
+MAX_ARGUMENT_CHARS = 1 << 20
+#: How much model text a marker parser may hold (beyond the arguments) before it has let any
+#: out: marker strings, names, whitespace.
+_MARKUP_ALLOWANCE = 64 * 1024
 
 # Bytes that can begin a marker, per format (searched in the raw event after "content").
 # A JSON-escaped character (\uXXXX) always sends the event to the parser.
@@ -127,7 +145,7 @@ class PendingCall:
 
     name: str = ""
     id: str | None = None
-    arguments: str = ""
+    args: ArgumentText = field(default_factory=ArgumentText)  # appended to in linear time
     truncated: bool = False
     complete: bool = False
     source: str = "structured"  # or "markers"
@@ -137,6 +155,14 @@ class PendingCall:
     started_out: bool = False  # incremental mode: the first fragment was sent
     sent_args: int = 0  # incremental mode: characters of arguments already sent
     repairs: list[Repair] = field(default_factory=list)
+
+    @property
+    def arguments(self) -> str:
+        return self.args.text()
+
+    @arguments.setter
+    def arguments(self, text: str) -> None:
+        self.args = ArgumentText(text)
 
 
 @dataclass(slots=True)
@@ -199,8 +225,9 @@ class ChatMender:
                  reasoning_signals: ReasoningSignals | None = None,
                  reasoning_field: str = DEFAULT_FIELD,
                  resplit_server_reasoning: bool = False,
-
-                 structured_only: bool = False) -> None:
+                 structured_only: bool = False,
+                 max_argument_chars: int = MAX_ARGUMENT_CHARS,
+                 max_argument_depth: int = MAX_ARGUMENT_DEPTH) -> None:
         # The format may be decided late, from the model name the upstream reports in its
         # first chunk: an agent often sends a placeholder model name.
         self._fmt = None if fmt in (None, "", "auto") else fmt
@@ -213,6 +240,10 @@ class ChatMender:
         self.reply_checker = reply_checker
         self.single_call = single_call  # parallel_tool_calls: false, which servers ignore
         self.structured_only = structured_only  # a request without tools (see the docstring)
+        self.max_argument_chars = max_argument_chars
+        self.max_argument_depth = max_argument_depth
+        self._unreleased = 0  # content the marker parser has taken without letting any out
+        self._released = False  # the last feed let text out or ended a call
         self.held: list[HeldCall] = []  # calls waiting for a retry (buffered mode only)
         self._pending_finish: str | None = None
         self._triggers: tuple[bytes, ...] = DEFAULT_TRIGGERS
@@ -367,7 +398,9 @@ class ChatMender:
         if isinstance(content, str) and content:
             if not self._content_seen:
                 self._first_content()
+            self._released = False
             self._events(self.parser.feed(content), out, notes, count_idle=len(content))
+            self._bound_held(content)
         elif role and not out:
             out.append(self._chunk({"role": role, "content": ""}))
         tcs = delta.get("tool_calls")
@@ -442,6 +475,26 @@ class ChatMender:
         c["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
         return c
 
+    def _bound_held(self, content: str) -> None:
+        """A marker parser holds a call it has not finished (formats that emit a call whole
+        keep all of its text): bound that by the arguments cap, counting the content fed since
+        the parser last let text out or ended a call (exact to within one delta)."""
+        self._unreleased = 0 if self._released else self._unreleased + len(content)
+        if self._unreleased > self.max_argument_chars + _MARKUP_ALLOWANCE:
+            raise StreamError(invalid_call_error(
+                self._open_marker_name(), f"the tool call is longer than the limit of "
+                f"{self.max_argument_chars} characters of arguments (max_argument_chars)"))
+
+    def _open_marker_name(self) -> str:
+        return next(reversed(self._marker_calls.values())).name if self._marker_calls else ""
+
+    def _add_arguments(self, call: PendingCall, fragment: str) -> None:
+        call.args.add(fragment)
+        if call.args.size > self.max_argument_chars:
+            raise StreamError(invalid_call_error(
+                call.name, f"arguments are longer than the limit of {self.max_argument_chars} "
+                "characters (max_argument_chars)"))
+
     def _events(self, events: list[Event], out: list[dict[str, Any]], notes: list[str],
                 count_idle: int = -1) -> None:
         text_len = 0
@@ -452,11 +505,13 @@ class ChatMender:
             if type(ev) is Text:
                 text_len += len(ev.text)
                 only_reasoning = False
+                self._released = True
                 if self._wrapped:
                     self._close_wrap(out)
                 out.append(self._chunk({"content": ev.text}))
             elif type(ev) is Reasoning:
                 only_text = False
+                self._released = True
                 reasoning_len += len(ev.text)
                 self._reasoning(ev.text, out)
             elif type(ev) is ToolCallStart:
@@ -473,11 +528,12 @@ class ChatMender:
                 only_text = only_reasoning = False
                 call = self._marker_calls.get(ev.index)
                 if call is not None:
-                    call.arguments += ev.fragment
+                    self._add_arguments(call, ev.fragment)
                     if self.mode == "incremental":
                         self._emit_args(call, out)
             elif type(ev) is ToolCallEnd:
                 only_text = only_reasoning = False
+                self._released = True
                 call = self._marker_calls.pop(ev.index, None)
                 if call is not None:
                     call.truncated = ev.truncated
@@ -518,14 +574,7 @@ class ChatMender:
         name = fn.get("name") if isinstance(fn.get("name"), str) else None
         args = fn.get("arguments")
         if args is not None and not isinstance(args, str):
-            import orjson
-
-            try:  # some servers send arguments as an object
-                args = orjson.dumps(args).decode()
-            except TypeError:  # integers beyond 64 bits (a caller's own json.loads)
-                import json
-
-                args = json.dumps(args, ensure_ascii=False, separators=(",", ":"))
+            args = self._object_arguments(args, name)
         cid = tc.get("id") if isinstance(tc.get("id"), str) and tc.get("id") else None
         index = tc.get("index") if isinstance(tc.get("index"), int) else None
         cur = self._current
@@ -536,11 +585,10 @@ class ChatMender:
                 new = True
             elif cid and cur.id and cid != cur.id:
                 new = True  # Ollama: every call at index 0, told apart by id
-            elif name and cur.name and name != cur.name and cur.arguments:
+            elif name and cur.name and name != cur.name and cur.args.size:
                 new = True
-            elif name and cur.name == name and cur.arguments and not cid and \
-                    args is not None and _is_complete_json(cur.arguments) and \
-                    _is_complete_json(args):
+            elif name and cur.name == name and cur.args.size and not cid and \
+                    args is not None and _is_complete_json(args) and cur.args.whole_json():
                 new = True  # a second whole call to the same tool, without id or index
         if new:
             self._close_structured(out, notes)
@@ -556,11 +604,26 @@ class ChatMender:
                 cur.id = cid
         assert cur is not None
         if args:
-            cur.arguments += args
+            self._add_arguments(cur, args)
         if self.mode == "incremental" and cur.name:
             if not cur.started_out:
                 self._emit_start(cur, out)
             self._emit_args(cur, out)
+
+    def _object_arguments(self, args: Any, name: str | None) -> str:
+        """Arguments some servers (Ollama) send as an object, as JSON text."""
+        import orjson
+
+        try:
+            return orjson.dumps(args).decode()
+        except TypeError:  # beyond orjson: integers over 64 bits, or nesting past 255 levels
+            import json
+
+            try:
+                return json.dumps(args, ensure_ascii=False, separators=(",", ":"))
+            except (RecursionError, ValueError, TypeError):
+                raise StreamError(invalid_call_error(
+                    name or "", depth_message(self.max_argument_depth))) from None
 
     def _close_structured(self, out: list[dict[str, Any]], notes: list[str]) -> None:
         cur = self._current
@@ -683,6 +746,9 @@ class ChatMender:
                 "", f"the model wrote a tool call without a function name: "
                 f"{call.arguments[:200]!r}"))
         streamed = call.arguments
+        if too_deep(streamed, self.max_argument_depth):
+            raise StreamError(invalid_call_error(call.name,
+                                                 depth_message(self.max_argument_depth)))
         if self.mode == "incremental" and call.truncated and call.sent_args:
             suffix = closing_suffix(streamed)
             if suffix:  # what was streamed stays true: the repair only appends
@@ -691,14 +757,17 @@ class ChatMender:
                 call.arguments = streamed + suffix
                 call.truncated = False
                 streamed = call.arguments
-        result = repair_arguments(streamed, truncated=call.truncated)
+        result = repair_arguments(streamed, truncated=call.truncated, max_depth=None)
         for r in result.repairs:
             self._record(call, r, notes)
         args = result.text if result.ok else streamed
         if self.checker is None and not result.ok:
             raise StreamError(invalid_call_error(call.name, result.error or "invalid arguments"))
         if self.checker is not None:
-            verdict = self.checker(call.name, args)
+            try:
+                verdict = self.checker(call.name, args)
+            finally:
+                forget_parsed()
             notes.extend(verdict.notes)
             if verdict.error is not None:
                 raise StreamError(verdict.error)
@@ -748,9 +817,9 @@ class ChatMender:
     def _emit_args(self, call: PendingCall, out: list[dict[str, Any]]) -> None:
         if not call.started_out:
             return
-        pending = call.arguments[call.sent_args:]
+        pending = call.args.tail(call.sent_args)
         if pending:
-            call.sent_args = len(call.arguments)
+            call.sent_args = call.args.size
             out.append(self._tool_chunk(call, {"arguments": pending}))
 
     def _tool_chunk(self, call: PendingCall, function: dict[str, Any],
@@ -782,7 +851,9 @@ def _is_complete_json(text: str) -> bool:
 
 def mend_message(message: dict[str, Any], finish_reason: str | None, fmt: str | None,
                  tools: list[dict[str, Any]] | None, checker: CallChecker | None = None,
-                 model: str | None = None, reply_checker: ReplyChecker | None = None,
+                 model: str | None = None, reply_checker: ReplyChecker | None = None, *,
+                 max_argument_chars: int = MAX_ARGUMENT_CHARS,
+                 max_argument_depth: int = MAX_ARGUMENT_DEPTH,
                  **reasoning: Any) -> tuple[dict[str, Any], str | None, ChatMender]:
     """Non-streaming: the same repair applied to a whole ``choices[0].message``.
 
@@ -790,7 +861,8 @@ def mend_message(message: dict[str, Any], finish_reason: str | None, fmt: str | 
     rule, then folds the emitted chunks back into one message.
     """
     m = ChatMender(fmt, tools, checker=checker, reply_checker=reply_checker, model_hint=model,
-                   **reasoning)
+                   max_argument_chars=max_argument_chars,
+                   max_argument_depth=max_argument_depth, **reasoning)
     chunks, _ = feed_whole(m, message, finish_reason, model)
     return fold_chunks(message, chunks), m.finish_reason, m
 

@@ -143,7 +143,50 @@ def _content_with_images(text: Any, images: Any, where: str) -> Any:
 def _arguments_text(args: Any) -> str:
     if isinstance(args, str):
         return args
-    return orjson.dumps(args if args is not None else {}).decode()
+    try:
+        return orjson.dumps(args if args is not None else {}).decode()
+    except TypeError:  # orjson stops at 255 levels of nesting and at integers past 64 bits
+        return _dumps_iteratively(args)
+
+
+def _dumps_iteratively(value: Any) -> str:
+    """JSON text of a decoded value of any depth, without recursion (``json.dumps`` recurses,
+    and arguments an upstream nests 1,000 levels deep would end in ``RecursionError``). The
+    text is faithful; the mender then refuses what nests deeper than its limit."""
+    import json
+
+    out: list[str] = []
+    stack: list[Any] = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, _Token):
+            out.append(item.text)
+        elif isinstance(item, dict):
+            out.append("{")
+            stack.append(_Token("}"))
+            for k, (key, v) in reversed(list(enumerate(item.items()))):
+                stack.append(v)
+                stack.append(_Token(("," if k else "") + json.dumps(str(key),
+                                                                    ensure_ascii=False) + ":"))
+        elif isinstance(item, list | tuple):
+            out.append("[")
+            stack.append(_Token("]"))
+            for k, v in reversed(list(enumerate(item))):
+                stack.append(v)
+                if k:
+                    stack.append(_Token(","))
+        else:
+            out.append(json.dumps(item, ensure_ascii=False))
+    return "".join(out)
+
+
+class _Token:
+    """Literal text on :func:`_dumps_iteratively`'s stack (never a decoded value)."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
 
 
 def messages_to_openai(messages: Any) -> list[dict[str, Any]]:

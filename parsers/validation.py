@@ -36,12 +36,15 @@ import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any, Final
 
 import jsonschema.exceptions
 import orjson
+import re2
 
-from .schemas import Toolset, json_pointer
+from .repair import _NOTHING, MAX_ARGUMENT_DEPTH, depth_message, recall_parsed, too_deep
+from .schemas import BudgetExceeded, Toolset, json_pointer, validation_budget
 
 __all__ = [
     "EMPTY_ARGUMENTS",
@@ -74,9 +77,17 @@ MAX_MESSAGE_CHARS: Final = 240
 _COERCE_DEPTH: Final = 4
 _COERCE_BUDGET: Final = 64
 
+#: Work bound on the Python validator for one call, coercion included, in keyword evaluations
+#: (a few microseconds each: tens of milliseconds in all). Past it the call is refused as
+#: invalid (keyword ``budget``), and nothing is coerced.
+VALIDATION_STEPS: Final = 2_000
+#: Errors collected from the validator for one call; the first MAX_REPORTED_ERRORS, in pointer
+#: order, are reported (a call with thousands of errors is not worth more).
+_MAX_ERRORS: Final = 256
+
 _INTEGER: Final = re.compile(r"-?(?:0|[1-9][0-9]{0,299})")
 _NUMBER: Final = re.compile(r"-?(?:0|[1-9][0-9]{0,299})(?:\.[0-9]{1,300})?(?:[eE][+-]?[0-9]{1,4})?")
-_LONG_DIGITS: Final = re.compile(r"[0-9]{19}")
+_LONG_DIGITS: Final = re2.compile(r"[0-9]{19}")  # RE2: 10x faster than re on long text
 _COERCIBLE: Final = frozenset({"type", "anyOf", "oneOf"})
 
 
@@ -145,7 +156,8 @@ def _loads(text: str) -> Any:
     (slower) stdlib parser, with NaN/Infinity refused as orjson refuses them."""
     if _LONG_DIGITS.search(text):
         return json.loads(text, parse_constant=_reject_constant)
-    return orjson.loads(text)
+    value = recall_parsed(text)  # a large call is parsed once, by the repair step
+    return orjson.loads(text) if value is _NOTHING else value
 
 
 def _dumps(value: Any, *, sort_keys: bool = False) -> str:
@@ -191,12 +203,14 @@ def _issues(errors: list[jsonschema.exceptions.ValidationError]) -> tuple[Issue,
 
 
 def validate_call(name: str, arguments_text: str, toolset: Toolset, *,
-                  coerce: bool = False) -> Verdict:
+                  coerce: bool = False, max_depth: int | None = MAX_ARGUMENT_DEPTH) -> Verdict:
     """Check one complete tool call: is ``name`` callable here, and are ``arguments_text`` a JSON
     object valid against its schema? With ``coerce`` (policy ``repair``), an invalid call that
     has exactly one lossless valid reading comes back ``ok`` with that reading and its repairs.
 
     Never raises on any ``name`` or ``arguments_text``: the model's output is untrusted input.
+    Arguments nesting deeper than ``max_depth`` are refused (``depth``) before being parsed,
+    since both the parsers and the validator recurse (``None``: the caller has checked).
     """
     if toolset.choice == "none":
         return _invalid(name, arguments_text, Issue(
@@ -211,6 +225,8 @@ def validate_call(name: str, arguments_text: str, toolset: Toolset, *,
         return _invalid(name, arguments_text, Issue(
             "", "name", _cut(f"unknown tool {name!r}; the request's tools are: {known}")))
 
+    if max_depth is not None and too_deep(arguments_text, max_depth):
+        return _invalid(name, arguments_text, Issue("", "depth", depth_message(max_depth)))
     try:
         value = _loads(arguments_text)
     except (ValueError, TypeError, RecursionError) as exc:
@@ -227,24 +243,41 @@ def validate_call(name: str, arguments_text: str, toolset: Toolset, *,
                 return Verdict(True, name, arguments_text)
         except Exception:  # e.g. a value the Rust side cannot convert: ask the Python validator
             pass
-    try:
-        errors = list(tool.validator.iter_errors(value))
-    except RecursionError:
-        return _invalid(name, arguments_text, Issue(
-            "", "depth", "arguments are nested too deeply to validate"))
     not_object = () if isinstance(value, dict) else (Issue(
         "", "type", f"arguments must be a JSON object, not {_type_name(value)}"),)
-    if not errors and not not_object:
-        return Verdict(True, name, arguments_text)
+    with validation_budget(VALIDATION_STEPS):
+        try:
+            errors = list(islice(tool.validator.iter_errors(value), _MAX_ERRORS))
+        except BudgetExceeded:
+            return _invalid(name, arguments_text, *(not_object or (_over_budget(),)))
+        except RecursionError:
+            return _invalid(name, arguments_text, Issue(
+                "", "depth", "arguments are nested too deeply to validate"))
+        except Exception as exc:  # e.g. a ref the schema checks could not foresee
+            return _invalid(name, arguments_text, Issue(
+                "", "schema", _cut(f"the tool's schema could not be evaluated: {exc}")))
+        if not errors and not not_object:
+            return Verdict(True, name, arguments_text)
 
-    if coerce:
-        coerced = _Coercer(tool.validator, gate).fit_arguments(
-            value, errors if isinstance(value, dict) else None)
-        if coerced is not None:
-            fixed, more = coerced
-            return Verdict(True, name, _dumps(fixed), (), tuple(more))
+        if coerce and len(errors) < _MAX_ERRORS:
+            try:
+                coerced = _Coercer(tool.validator, gate, max_depth).fit_arguments(
+                    value, errors if isinstance(value, dict) else None)
+            except BudgetExceeded:
+                coerced = None  # too much to try: the call stays as it is, with its errors
+            if coerced is not None:
+                fixed, more = coerced
+                return Verdict(True, name, _dumps(fixed), (), tuple(more))
     # Not an object: that is the problem to name; what the schema says about it adds nothing.
     return Verdict(False, name, arguments_text, not_object or _issues(errors))
+
+
+def _over_budget() -> Issue:
+    """The verdict on a call too costly to explain in Python. The Rust gate's own error
+    listing is no way out: it collects the errors of every ``anyOf`` branch at every level,
+    which for the schemas that exhaust the budget is exponential in memory as well."""
+    return Issue("", "budget", f"the arguments are too large or too complex to check against "
+                               f"the tool's schema within {VALIDATION_STEPS} steps")
 
 
 def validate_reply(call_names: Sequence[str], toolset: Toolset) -> Verdict:
@@ -266,8 +299,10 @@ def validate_reply(call_names: Sequence[str], toolset: Toolset) -> Verdict:
 # Coercion
 
 
-def _reinterpretations(value: Any) -> Iterator[tuple[Any, str]]:
-    """The lossless readings of ``value`` that a schema might have meant."""
+def _reinterpretations(value: Any, max_depth: int = MAX_ARGUMENT_DEPTH
+                       ) -> Iterator[tuple[Any, str]]:
+    """The lossless readings of ``value`` that a schema might have meant (a JSON string only
+    when it nests within ``max_depth``, like the arguments themselves)."""
     if value is not None and not isinstance(value, list):
         yield [value], WRAP_IN_ARRAY
     if isinstance(value, str):
@@ -279,7 +314,7 @@ def _reinterpretations(value: Any) -> Iterator[tuple[Any, str]]:
                 yield number, STRING_TO_NUMBER
         elif value in ("true", "false"):
             yield value == "true", STRING_TO_BOOLEAN
-        elif value.strip()[:1] in ("{", "["):
+        elif value.strip()[:1] in ("{", "[") and not too_deep(value, max_depth):
             try:
                 parsed = _loads(value)
             except (ValueError, TypeError, RecursionError):
@@ -309,16 +344,20 @@ class _Coercer:
     """One coercion attempt over one call: a validator to evolve onto subschemas, and a budget
     so a hostile schema/argument pair cannot make us try readings for long."""
 
-    def __init__(self, validator: Any, gate: Any = None) -> None:
+    def __init__(self, validator: Any, gate: Any = None,
+                 max_depth: int = MAX_ARGUMENT_DEPTH) -> None:
         self.validator = validator
         self.gate = gate  # answers the whole-call revalidation fast when it can
         self.budget = _COERCE_BUDGET
+        self.max_depth = max_depth
 
     def fit_arguments(self, value: Any, errors: list[Any] | None = None,
                       ) -> tuple[Any, list[Repair]] | None:
         """Coerce the whole call; ``errors`` are the root validator's, if already known."""
         repairs: list[Repair] = []
         if isinstance(value, str):  # the whole object double-encoded as a JSON string
+            if too_deep(value, self.max_depth):
+                return None
             try:
                 value = _loads(value)
             except (ValueError, TypeError, RecursionError):
@@ -342,7 +381,7 @@ class _Coercer:
         if errors is None:
             try:
                 errors = list(validator.iter_errors(value))
-            except RecursionError:
+            except Exception:  # RecursionError, an unresolvable ref: no reading to offer
                 return None
         if not errors:
             return value, []
@@ -351,9 +390,8 @@ class _Coercer:
         groups: dict[tuple[Any, ...], list[Any]] = {}
         for error in errors:
             groups.setdefault(tuple(error.path), []).append(error)
-        paths = sorted(groups, key=len)
-        for i, outer in enumerate(paths):  # fixes at nested paths would fight: don't guess
-            if any(inner[: len(outer)] == outer for inner in paths[i + 1:]):
+        for path in groups:  # fixes at nested paths would fight: don't guess
+            if any(path[:k] in groups for k in range(len(path))):
                 return None
         fixed, repairs = value, []
         # in pointer order, so the report reads the same whatever order errors come in
@@ -380,7 +418,7 @@ class _Coercer:
                 pass
         try:
             return bool(validator.is_valid(value))
-        except RecursionError:
+        except Exception:  # as in fit()
             return False
 
     def _alternatives(self, node: Any, schema: Any, lead: Any, pointer: str,
@@ -388,7 +426,7 @@ class _Coercer:
         """The single coerced ``node`` valid under ``schema``, or ``None`` if there are none or
         several distinct ones."""
         found: dict[str, tuple[Any, list[Repair]]] = {}
-        for candidate, kind in _reinterpretations(node):
+        for candidate, kind in _reinterpretations(node, self.max_depth):
             fitted = self.fit(candidate, schema, pointer, depth + 1)
             if fitted is not None:
                 found.setdefault(_dumps(fitted[0], sort_keys=True),
@@ -399,7 +437,7 @@ class _Coercer:
             whole = self.validator.evolve(schema=schema)
             for branch in lead.validator_value:
                 fitted = self.fit(node, branch, pointer, depth + 1)
-                if fitted is not None and fitted[1] and whole.is_valid(fitted[0]):
+                if fitted is not None and fitted[1] and self._valid(whole, fitted[0], False):
                     found.setdefault(_dumps(fitted[0], sort_keys=True), fitted)
         if len(found) != 1:
             return None

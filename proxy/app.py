@@ -15,7 +15,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from . import auth, identity, telemetry
+from . import auth, identity, memory, telemetry
 from .config import Settings
 from .context import RequestContext, new_request_id
 from .detect import detect
@@ -27,13 +27,16 @@ from .mending import record as record_mending
 from .parsers.stream import StreamPipeline
 from .relay import relay_json, relay_stream
 from .request_body import (
+    LARGE_BODIES,
+    LargeBodies,
     ask_for_usage,
     cap_output_tokens,
     check_chat_body,
     check_completion_body,
     check_counts,
     client_wants_usage,
-    parse_json_body,
+    read_json_body,
+    release_large_bodies,
     wants_stream,
 )
 from .scheduler import (
@@ -47,6 +50,7 @@ from .scheduler import (
 )
 from .telemetry import TELEMETRY
 from .upstream import UpstreamClient
+from .validating import install_schema_compiler, request_toolset
 
 log = logging.getLogger("toolmend")
 access_log = logging.getLogger("toolmend.access")
@@ -83,7 +87,9 @@ async def _json_request(request: web.Request, *, any_content_type: bool = False
     raw = await _read_body(request, settings.max_body_bytes, settings.body_timeout)
     ctype = ("application/json" if any_content_type
              else request.headers.get("Content-Type", "application/json"))
-    body = parse_json_body(raw, ctype)
+    body = await read_json_body(raw, ctype,
+                                admit=lambda size: request.app[LARGE_BODIES].admit(request,
+                                                                                    size))
     ctx: RequestContext = request[CTX]
     ident = identity.resolve(request, body)  # the trust table: see identity.py
     ctx.agent_id, ctx.session_id = ident.agent, ident.session
@@ -139,7 +145,8 @@ async def _forward(request: web.Request, body: dict[str, Any], path: str,
         # same on every backend: no need to know which one it is
         backend = settings.backend if settings.backend != "auto" or not body.get("tools") \
             else (await up.detect()).kind
-        mending = ChatMending.for_request(settings, body, ctx, request.headers, backend)
+        toolset = await request_toolset(request.app, body, settings)  # off the loop if large
+        mending = ChatMending.for_request(settings, body, ctx, request.headers, backend, toolset)
     if not ctx.stream:
         raw = orjson.dumps(mending.upstream_body() if mending else body)
         async with sched.slot(ctx, estimate_cost(body, raw), priority=priority,
@@ -350,11 +357,12 @@ async def _close_upstream(app: web.Application) -> None:
 def build_app(settings: Settings, upstream_urls: list[str] | None = None) -> web.Application:
     urls = upstream_urls if upstream_urls is not None else settings.upstream
     app = web.Application(client_max_size=settings.max_body_bytes,
-                          middlewares=[telemetry.middleware(CTX), context_and_errors,
-                                       auth.require_key])
+                          middlewares=[telemetry.middleware(CTX), release_large_bodies,
+                                       context_and_errors, auth.require_key])
     app[SETTINGS] = settings
     app[UPSTREAM] = UpstreamClient(urls, settings)
     app[SCHEDULER] = scheduler_from_settings(settings)
+    app[LARGE_BODIES] = LargeBodies(settings.large_body_bytes, settings.max_large_bodies)
     app[auth.KEYRING] = auth.load_keys(settings.config_path)
     auth.apply_weights(app[SCHEDULER].policies, app[auth.KEYRING])
     app.on_startup.append(_size_scheduler)
@@ -368,6 +376,8 @@ def build_app(settings: Settings, upstream_urls: list[str] | None = None) -> web
 
     add_ollama_routes(app)
     telemetry.setup(app, settings)
+    install_schema_compiler(app, settings)
+    memory.install(app)  # large schemas and bodies: their freed pages go back to the system
     app.on_cleanup.append(_close_upstream)
     return app
 

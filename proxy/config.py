@@ -177,6 +177,30 @@ class Settings:
     max_pattern_bytes: int = opt(4096, "longest regex 'pattern' in a tool schema (patterns run "
                                  "on RE2, linear time; backtracking-only syntax is refused)",
                                  metavar="BYTES")
+    max_tool_schemas_bytes: int = opt(1024 * 1024, "largest JSON Schema of all the tools of one "
+                                      "request together (beyond: 413 tool_schemas_too_large)",
+                                      metavar="BYTES")
+    schema_cache_bytes: int = opt(64 * 1024 * 1024, "memory the cache of compiled tool schemas "
+                                  "may hold, estimated from their size; a larger schema is "
+                                  "re-built per request instead", metavar="BYTES")
+    schema_workers: int = opt(1, "worker processes that check large new tool schemas away from "
+                              "the event loop; started on demand, stopped when idle (0: check "
+                              "in-process)")
+    schema_inline_bytes: int = opt(32 * 1024, "new tool schemas of one request up to this size "
+                                   "together are checked in-process (a few ms); larger ones go "
+                                   "to a worker", metavar="BYTES")
+    schema_check_timeout: float = opt(10.0, "seconds a worker may spend checking one request's "
+                                      "tool schemas (beyond: it is killed, 413 "
+                                      "tool_schemas_too_complex)", metavar="S")
+    max_argument_chars: int = opt(1024 * 1024, "longest arguments of one tool call, in "
+                                  "characters (beyond: invalid_tool_call error)", metavar="CHARS")
+    max_argument_depth: int = opt(64, "deepest nesting of one tool call's arguments (beyond: "
+                                  "invalid_tool_call error)")
+    large_body_bytes: int = opt(16 * 1024 * 1024, "a request body whose parsed form is "
+                                "estimated larger than this counts as large (JSON with many "
+                                "small values grows ~10x when parsed)", metavar="BYTES")
+    max_large_bodies: int = opt(2, "large request bodies held at once (beyond: 503 "
+                                "too_many_large_bodies with Retry-After)")
     max_connections: int = opt(1024, "upstream connection pool size")
     max_upstream_event_bytes: int = opt(16 * 1024 * 1024, "largest upstream SSE event (its "
                                         "data: lines together), SSE line or Ollama NDJSON line "

@@ -22,6 +22,7 @@ text instead, and the mender parses the calls and re-splits the reasoning itself
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -30,7 +31,7 @@ from .context import RequestContext
 from .errors import ProxyError
 from .parsers.mender import ChatMender, StreamError, feed_whole, fold_chunks
 from .parsers.reasoning import ReasoningSignals, field_for, template_switch
-from .parsers.schemas import DEFAULT_LIMITS
+from .parsers.schemas import DEFAULT_LIMITS, Toolset
 from .parsers.stream import StreamPipeline, UpstreamStreamError
 from .upstream import UpstreamClient
 from .validating import RequestValidation, schema_limits
@@ -52,7 +53,7 @@ class ChatMending:
     """Everything tool-call related for one chat request."""
 
     def __init__(self, settings: Settings, body: dict[str, Any], ctx: RequestContext,
-                 headers: Any, backend: str) -> None:
+                 headers: Any, backend: str, toolset: Toolset | None = None) -> None:
         self.body = body
         self.ctx = ctx
         # without tools, only structured calls are looked at, and always held (buffered):
@@ -81,15 +82,22 @@ class ChatMending:
             ctx.extra["server_tool_parser"] = "bypass"
         # no schema to compile without tools: the limits are not even built (plain chat's path)
         limits = DEFAULT_LIMITS if self.structured_only else schema_limits(settings)
+        self._mender: ChatMender | None = None
+        self.max_argument_chars = settings.max_argument_chars
+        self.max_argument_depth = settings.max_argument_depth
         self.validation = RequestValidation.prepare(body, headers, settings.on_invalid, backend,
-                                                    settings.max_retries, mode, ctx, limits)
+                                                    settings.max_retries, mode, ctx, limits,
+                                                    toolset, settings.max_argument_depth,
+                                                    settings.max_argument_chars)
 
     @classmethod
     def for_request(cls, settings: Settings, body: dict[str, Any], ctx: RequestContext,
-                    headers: Any, backend: str) -> ChatMending | None:
+                    headers: Any, backend: str, toolset: Toolset | None = None
+                    ) -> ChatMending | None:
+        """``toolset``: the tools already compiled (``validating.request_toolset``)."""
         if not body.get("tools") and settings.undeclared_calls == "pass":
             return None  # calls to undeclared tools are forwarded unchecked, as they come
-        return cls(settings, body, ctx, headers, backend)
+        return cls(settings, body, ctx, headers, backend, toolset)
 
     @property
     def whole_as_stream(self) -> bool:
@@ -126,8 +134,13 @@ class ChatMending:
                        reasoning_signals=self.reasoning_signals,
                        reasoning_field=self.reasoning_field,
                        resplit_server_reasoning=self.resplit_server_reasoning,
-                       structured_only=self.structured_only)
-        self.ctx.extra["mender"] = m
+                       structured_only=self.structured_only,
+                       max_argument_chars=self.max_argument_chars,
+                       max_argument_depth=self.max_argument_depth)
+        # kept here, not in ctx.extra: the mender holds the validation, which holds the ctx, and
+        # that cycle kept each request's compiled schemas (megabytes of Rust validators for a
+        # large one) alive until a full garbage collection
+        self._mender = m
         return m
 
     def finisher(self, up: UpstreamClient, path: str
@@ -135,7 +148,8 @@ class ChatMending:
         """Streaming: after the upstream's reply, resolve held calls by retrying."""
 
         async def finish(pipeline: StreamPipeline) -> bytes:
-            mender = self.ctx.extra["mender"]
+            mender = self._mender
+            assert mender is not None
             assert self.validation is not None
             try:
                 chunks, notes = await self.validation.run_retries(mender, up, path, self.body)
@@ -210,9 +224,14 @@ def bypasses_server_parser(setting: str, backend: str, body: dict[str, Any]) -> 
 
 
 def record(ctx: RequestContext, mender: ChatMender | None) -> None:
-    if mender is None or ctx.extra.get("_recorded") is mender:
+    if mender is None:
         return
-    ctx.extra["_recorded"] = mender
+    recorded = ctx.extra.get("_recorded")
+    if recorded is not None and recorded() is mender:
+        return
+    # a weak reference: aiohttp keeps a keep-alive connection's last request (and so its ctx)
+    # alive until the next one, and the mender holds the request's compiled schemas
+    ctx.extra["_recorded"] = weakref.ref(mender)
     ctx.repairs.extend(mender.repairs)
     ctx.tool_names.extend(mender.tool_names)
     ctx.extra["tool_format"] = mender.format

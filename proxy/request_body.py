@@ -6,20 +6,120 @@ framework's log, and "bad request" alone costs someone an afternoon.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable, Generator
+from itertools import compress
 from typing import Any
 
 import orjson
+from aiohttp import web
 
 from .errors import ProxyError, bad_request
+from .memory import note_large_work
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 MAX_DEPTH = 64
 #: Most replies one request may have generated (``n``, ``best_of``, times the prompts of a
 #: completions batch): each is a whole generation.
 MAX_CHOICES = 128
+#: Memory one parsed JSON value takes beyond its text, on average, in bytes: a dict slot and a
+#: key object, or a list slot (measured by bench/hostile_bodies.py; see BENCHMARKS.md). An
+#: 8 MB body of 690,000 small keys parses to about 80 MB.
+BYTES_PER_VALUE = 100
 
 
-def parse_json_body(raw: bytes, content_type: str) -> dict[str, Any]:
+class LargeBodies:
+    """At most ``permits`` large request bodies held at once.
+
+    A body's parsed form can be ten times its size (many small values), and it lives as long
+    as its request (the upstream call, retries); eight 8 MB bodies of small keys took the
+    process from 114 to 775 MB. Each body's parsed size is estimated twice: before parsing,
+    from its text at C speed, as an upper bound (every ``,`` and ``:`` a value, even inside
+    strings), and after, exactly (text plus :data:`BYTES_PER_VALUE` per value). One over
+    ``large_bytes`` needs a permit until its request ends; with none free it is refused
+    before it is parsed (503, ``Retry-After``), so a burst of them costs their bytes, not
+    their parsed forms. A permit taken on the upper bound is given back once the exact size
+    turns out small. Ordinary requests never come near the threshold.
+    """
+
+    def __init__(self, large_bytes: int, permits: int) -> None:
+        self.large_bytes = large_bytes
+        self.permits = permits
+        self.held = 0
+
+    def admit(self, request: web.Request, size: int) -> None:
+        """Called with the upper bound before parsing, then with the exact estimate."""
+        if size > self.large_bytes // 8:
+            note_large_work()  # freed when the request ends: give the pages back then
+        if size <= self.large_bytes:
+            self.release(request)  # the upper bound was pessimistic: not large after all
+            return
+        if request.get(_PERMIT) is not None:
+            return
+        if self.held >= self.permits:
+            raise ProxyError(503, f"too many large request bodies at once: this one parses to "
+                             f"about {size >> 20} MB and {self.held} such bodies are being "
+                             f"served (max_large_bodies={self.permits}, large_body_bytes="
+                             f"{self.large_bytes}); retry shortly", code="too_many_large_bodies",
+                             headers={"Retry-After": "1"})
+        self.held += 1
+        request[_PERMIT] = self
+
+    def release(self, request: web.Request) -> None:
+        if request.get(_PERMIT) is self:
+            del request[_PERMIT]
+            self.held -= 1
+
+
+LARGE_BODIES = web.AppKey("large_bodies", LargeBodies)
+_PERMIT = web.RequestKey("large_body_permit", LargeBodies)
+
+
+@web.middleware
+async def release_large_bodies(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Give back a large body's permit when its request is over, however it ends."""
+    try:
+        return await handler(request)  # type: ignore[no-any-return]
+    finally:
+        gate = request.app.get(LARGE_BODIES)
+        if gate is not None:
+            gate.release(request)
+
+
+def parse_json_body(raw: bytes, content_type: str,
+                    admit: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """The body as a JSON object, checked for depth. ``admit`` is told the body's estimated
+    parsed size in bytes and may refuse it (see :class:`LargeBodies`)."""
+    body = _decode(raw, content_type)
+    steps = _measure(body)
+    try:
+        while True:
+            next(steps)
+    except StopIteration as done:
+        _bound(raw, done.value, admit)
+    return body
+
+
+async def read_json_body(raw: bytes, content_type: str,
+                         admit: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """:func:`parse_json_body` for the event loop: the walk over a large body's values lets
+    other requests run every few thousand containers (an 8 MB body of 350,000 values took
+    80 ms of walking; only the parse itself, in C, is one piece). ``admit`` is first told an
+    upper bound of the parsed size, before parsing, so a body it refuses is never parsed."""
+    if admit is not None:
+        admit(len(raw) + (raw.count(b",") + raw.count(b":") + 1) * BYTES_PER_VALUE)
+    body = _decode(raw, content_type)
+    steps = _measure(body)
+    try:
+        while True:
+            next(steps)
+            await asyncio.sleep(0)
+    except StopIteration as done:
+        _bound(raw, done.value, admit)
+    return body
+
+
+def _decode(raw: bytes, content_type: str) -> dict[str, Any]:
     ctype = content_type.split(";", 1)[0].strip().lower()
     if ctype not in ("application/json", "", "text/json") and not ctype.endswith("+json"):
         raise ProxyError(415, f"unsupported content type {ctype!r}; send application/json",
@@ -33,10 +133,16 @@ def parse_json_body(raw: bytes, content_type: str) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise bad_request(f"request body must be a JSON object, not {_kind(body)}",
                           code="invalid_json")
-    if _depth(body) > MAX_DEPTH:
+    return body
+
+
+def _bound(raw: bytes, measured: tuple[int, int], admit: Callable[[int], None] | None) -> None:
+    depth, values = measured
+    if depth > MAX_DEPTH:
         raise bad_request(f"request body nests deeper than {MAX_DEPTH} levels",
                           code="nesting_too_deep")
-    return body
+    if admit is not None:
+        admit(len(raw) + values * BYTES_PER_VALUE)
 
 
 def check_chat_body(body: dict[str, Any]) -> None:
@@ -221,18 +327,34 @@ def _kind(v: Any) -> str:
             bool: "a boolean", type(None): "null", dict: "an object"}.get(type(v), type(v).__name__)
 
 
-def _depth(v: Any) -> int:
-    """Nesting depth, iteratively: a hostile 100k-deep body must not blow the C stack."""
-    deepest = 0
-    stack: list[tuple[Any, int]] = [(v, 1)]
-    while stack:
-        node, d = stack.pop()
-        if d > deepest:
-            deepest = d
-            if deepest > MAX_DEPTH:
-                return deepest
-        if isinstance(node, dict):
-            stack.extend((c, d + 1) for c in node.values() if isinstance(c, dict | list))
-        elif isinstance(node, list):
-            stack.extend((c, d + 1) for c in node if isinstance(c, dict | list))
-    return deepest
+_IS_CONTAINER = frozenset({dict, list}).__contains__
+
+
+#: containers walked between two yields of :func:`_measure`
+_SLICE = 4096
+
+
+def _measure(v: Any) -> Generator[None, None, tuple[int, int]]:
+    """Nesting depth and number of values inside containers, returned when the generator
+    ends; it yields every :data:`_SLICE` containers so a caller on the event loop can let
+    others run. Level by level, iteratively (a hostile deep body cannot blow the C stack),
+    and at C speed per value (``compress`` over ``map(type, ...)``): a Python loop over every
+    value took 250-570 ms for an 8 MB body of 350,000. Stops once deeper than the limit."""
+    values = 0
+    depth = 0
+    level = [v]
+    walked = 0
+    while level:
+        depth += 1
+        if depth > MAX_DEPTH:
+            return depth, values
+        below: list[Any] = []
+        for node in level:
+            values += len(node)
+            children = node.values() if type(node) is dict else node
+            below.extend(compress(children, map(_IS_CONTAINER, map(type, children))))
+            walked += 1
+            if walked % _SLICE == 0:
+                yield
+        level = below
+    return depth, values

@@ -18,18 +18,30 @@ import asyncio
 from typing import Any
 
 import orjson
+from aiohttp import web
 
 from .context import RequestContext
 from .errors import ProxyError
-from .parsers.mender import CheckResult, HeldCall, StreamError
+from .parsers.mender import MAX_ARGUMENT_CHARS, CheckResult, HeldCall, StreamError
 from .parsers.policy import READ_ARGUMENTS, READ_TEXT, Outcome, Policy, decide, parse_policy
-from .parsers.schemas import DEFAULT_LIMITS, SchemaError, SchemaLimits, Toolset, compile_tools
+from .parsers.repair import MAX_ARGUMENT_DEPTH
+from .parsers.schemas import (
+    DEFAULT_LIMITS,
+    SchemaError,
+    SchemaLimits,
+    Toolset,
+    ValidatorCache,
+    compile_tools,
+    schema_cache,
+)
 from .parsers.validation import Issue, Verdict, validate_call, validate_reply
+from .schema_worker import CheckerBusy, SchemaCompiler
 from .upstream import UpstreamClient
 
 ON_INVALID_HEADER = "X-Toolmend-On-Invalid"
 #: what a request that declared no tools may call: nothing
 NO_TOOLS = Toolset({})
+SCHEMAS = web.AppKey("schemas", SchemaCompiler)
 
 
 def _records(ctx: RequestContext) -> list[dict[str, Any]]:
@@ -40,20 +52,29 @@ class RequestValidation:
     """The request's tools, compiled once, and its policy; checkers for the mender."""
 
     def __init__(self, toolset: Toolset, policy: Policy, backend: str, max_retries: int,
-                 mode: str, ctx: RequestContext) -> None:
+                 mode: str, ctx: RequestContext, max_depth: int = MAX_ARGUMENT_DEPTH,
+                 max_argument_chars: int = MAX_ARGUMENT_CHARS) -> None:
         self.toolset = toolset
         self.policy = policy
         self.backend = backend
         self.max_retries = max_retries if mode == "buffered" else 0
         self.ctx = ctx
+        self.max_depth = max_depth
+        self.max_argument_chars = max_argument_chars
 
     @classmethod
     def prepare(cls, body: dict[str, Any], headers: Any, default_policy: str, backend: str,
                 max_retries: int, mode: str, ctx: RequestContext,
-                limits: SchemaLimits = DEFAULT_LIMITS) -> RequestValidation:
+                limits: SchemaLimits = DEFAULT_LIMITS, toolset: Toolset | None = None,
+                max_depth: int = MAX_ARGUMENT_DEPTH,
+                max_argument_chars: int = MAX_ARGUMENT_CHARS) -> RequestValidation:
         """Compile the tools when the request arrives: a bad schema is the client's 400.
         Without tools there is nothing to compile (nor a ``tool_choice`` to judge): the request
-        gets :data:`NO_TOOLS`."""
+        gets :data:`NO_TOOLS`.
+
+        ``toolset``: the tools already compiled (the proxy does that off the event loop with
+        :func:`request_toolset`); without it they are compiled here, in the calling thread.
+        """
         tools = body.get("tools")
         try:
             policy = parse_policy(headers.get(ON_INVALID_HEADER) if headers is not None else None,
@@ -61,17 +82,21 @@ class RequestValidation:
         except ValueError as e:
             raise ProxyError(400, str(e), param=ON_INVALID_HEADER, code="invalid_header") from None
         if not tools:
-            return cls(NO_TOOLS, policy, backend, max_retries, mode, ctx)
-        try:
-            toolset = compile_tools(tools, body.get("tool_choice"), limits=limits)
-        except SchemaError as e:
-            raise ProxyError(400, f"invalid tool schema: {e}", param=getattr(e, "pointer", None),
-                             code="invalid_tool_schema") from None
-        return cls(toolset, policy, backend, max_retries, mode, ctx)
+            return cls(NO_TOOLS, policy, backend, max_retries, mode, ctx, max_depth,
+                       max_argument_chars)
+        if toolset is None:
+            try:
+                toolset = compile_tools(tools, body.get("tool_choice"), limits=limits)
+            except SchemaError as e:
+                raise schema_error(e) from None
+        return cls(toolset, policy, backend, max_retries, mode, ctx, max_depth,
+                   max_argument_chars)
 
     # mender callbacks -------------------------------------------------------------------------
     def check_call(self, name: str, arguments: str) -> CheckResult:
-        verdict = validate_call(name, arguments, self.toolset, coerce=self.policy.coerces)
+        # max_depth None: the mender refused arguments nested too deeply before asking
+        verdict = validate_call(name, arguments, self.toolset, coerce=self.policy.coerces,
+                                max_depth=None)
         return self._result(verdict, attempt=0)
 
     def check_reply(self, names: list[str]) -> CheckResult:
@@ -135,7 +160,7 @@ class RequestValidation:
                         "", "retry", "the retried reply has no tool call"),))
             else:
                 verdict = validate_call(name, arguments or "", self.toolset,
-                                        coerce=self.policy.coerces)
+                                        coerce=self.policy.coerces, max_depth=self.max_depth)
             decision = decide(verdict, self.policy, self.toolset, backend=self.backend,
                               attempt=attempt, max_retries=self.max_retries)
             _records(self.ctx).append({"tool": verdict.name, "outcome": decision.outcome.value,
@@ -166,7 +191,9 @@ class RequestValidation:
             return None, None, None
         tools = retry_body.get("tools") or body_tools(self.toolset)
         try:
-            mended, _, _ = mend_message(msg, "stop", None, tools, model=doc.get("model"))
+            mended, _, _ = mend_message(msg, "stop", None, tools, model=doc.get("model"),
+                                        max_argument_chars=self.max_argument_chars,
+                                        max_argument_depth=self.max_depth)
         except StreamError:
             mended = msg
         tcs = mended.get("tool_calls") or []
@@ -182,7 +209,51 @@ def schema_limits(settings: Any) -> SchemaLimits:
     """The configured bounds on what a request may ask us to compile (see config.py)."""
     return SchemaLimits(max_tools=settings.max_tools, max_schema_bytes=settings.max_schema_bytes,
                         max_depth=settings.max_schema_depth,
-                        max_pattern_bytes=settings.max_pattern_bytes)
+                        max_pattern_bytes=settings.max_pattern_bytes,
+                        max_total_bytes=settings.max_tool_schemas_bytes)
+
+
+def schema_error(e: SchemaError) -> ProxyError:
+    """A refused schema as the client's error: 400, or 413 for the per-request bounds."""
+    return ProxyError(413 if e.too_large else 400, f"invalid tool schema: {e}",
+                      param=e.pointer or None, code=e.code)
+
+
+def install_schema_compiler(app: web.Application, settings: Any) -> None:
+    """Give the app its :class:`SchemaCompiler` (worker processes stop with the app)."""
+    cache = schema_cache
+    if settings.schema_cache_bytes != cache.max_bytes:
+        cache = ValidatorCache(max_bytes=settings.schema_cache_bytes)
+    compiler = SchemaCompiler(workers=settings.schema_workers,
+                              timeout=settings.schema_check_timeout,
+                              inline_bytes=settings.schema_inline_bytes, cache=cache)
+    app[SCHEMAS] = compiler
+
+    async def close(_app: web.Application) -> None:
+        await compiler.close()
+
+    app.on_cleanup.append(close)
+
+
+async def request_toolset(app: web.Application, body: dict[str, Any], settings: Any
+                          ) -> Toolset | None:
+    """The request's tools compiled, without holding the event loop for long (large new
+    schemas are checked in a worker process); ``None`` without tools."""
+    tools = body.get("tools")
+    if not tools:
+        return None
+    compiler = app.get(SCHEMAS)
+    if compiler is None:  # an app built without one (some tests): compile here
+        compiler = SchemaCompiler(workers=0)
+    try:
+        return await compiler.compile_tools(tools, body.get("tool_choice"),
+                                            schema_limits(settings))
+    except SchemaError as e:
+        raise schema_error(e) from None
+    except CheckerBusy as e:
+        raise ProxyError(503, f"toolmend is busy checking other large tool schemas ({e}); "
+                         "retry shortly", code="schema_checker_busy",
+                         headers={"Retry-After": "1"}) from None
 
 
 def body_tools(toolset: Toolset) -> list[dict[str, Any]]:

@@ -135,14 +135,15 @@ class GenericJsonParser(MarkerParser):
         rest = self._tail.lstrip(_WS)
         if self._fenced:
             if not rest or (len(rest) < len(FENCE) and FENCE.startswith(rest)):
+                self._tail = rest  # the whitespace is dropped anyway: keep the tail short
                 return len(text)
             if rest.startswith(FENCE):
                 rest = rest[len(FENCE):]
                 self._fenced = False
                 self._tail = rest
                 rest = rest.lstrip(_WS)
+        self._tail = ""  # whitespace alone is dropped: nothing to keep (and re-strip)
         if rest:
-            self._tail = ""
             self._state = _PASS
             text_event(rest, out)
         return len(text)
