@@ -37,6 +37,18 @@ than a synchronized burst every request.
 Run ``python bench/relay.py`` (five to seven minutes) or ``--quick`` (one to two); it prints
 markdown tables and replaces the ``## Relay overhead`` section of BENCHMARKS.md. The processes'
 logs are kept in a temporary folder (printed) only when something failed.
+
+``--undeclared`` measures something narrower, side by side: tool-less chat (the requests offer
+no tools) through two ``toolmend serve`` processes that differ in one setting, the check of
+calls on such requests off (``--undeclared-calls pass``: no mender, as before the check
+existed) and on (``refuse``, the default: a mender that looks at events carrying a structured
+call, and at nothing else). Same sim, same load, rounds alternating; per round the relay's CPU
+per chunk, so that the rounds of one path show the noise the difference between the paths has
+to stand out from. Loopback numbers on a shared machine are noisy, so the same comparison is
+also made in-process, without sockets or other processes: the per-request work of one
+streamed tool-less reply (choosing the mending, the stream pipeline over every event,
+recording), check off and on, alternating, in CPU time. It replaces the ``## Tool-less chat:
+the undeclared-call check`` section.
 """
 
 from __future__ import annotations
@@ -62,6 +74,8 @@ from aiohttp import web
 
 SELF = Path(__file__).resolve()
 SECTION = "## Relay overhead"
+UNDECLARED_SECTION = "## Tool-less chat: the undeclared-call check"
+UNDECLARED_MODES = ("off", "on")  # --undeclared-calls pass / refuse
 LEVELS = (1, 16, 64, 256)
 MODES = ("direct", "toolmend", "bare")
 DATA = b"data: "
@@ -543,6 +557,207 @@ async def run(cfg: argparse.Namespace) -> list[LevelResult]:
             shutil.rmtree(log_dir, ignore_errors=True)
 
 
+# --- tool-less chat: the undeclared-call check off and on ---------------------------------------
+
+async def run_undeclared(cfg: argparse.Namespace) -> dict[int, dict[str, list[Round]]]:
+    """Both toolmend processes in front of one sim, requests without tools, rounds alternating
+    between them; returns the rounds per level and path."""
+    started = time.strftime("%Y-%m-%d %H:%M %Z")
+    load_before = load_average()
+    log_dir = Path(tempfile.mkdtemp(prefix="toolmend-bench-"))
+    py = sys.executable
+    procs: list[Proc] = []
+    client: Client | None = None
+    keep_logs = True
+    try:
+        sim = Proc("sim", [py, "-c", "from toolmend.cli import main; main()", "sim",
+                           "--dialect", "vllm", "--port", "0", "--slots", str(cfg.slots),
+                           "--ttft", str(cfg.ttft), "--token-delay", str(cfg.token_delay),
+                           "--tokens", str(cfg.tokens)], log_dir)
+        procs.append(sim)
+        relays: dict[str, Proc] = {}
+        for mode, value in zip(UNDECLARED_MODES, ("pass", "refuse"), strict=True):
+            relays[mode] = Proc(f"toolmend-{mode}", [
+                py, "-c", "from toolmend.cli import main; main()", "serve", "--upstream",
+                sim.url, "--backend", "vllm", "--slots", str(cfg.slots), "--host", "127.0.0.1",
+                "--port", "0", "--undeclared-calls", value], log_dir)
+            procs.append(relays[mode])
+        urls = {k: p.url + "/v1/chat/completions" for k, p in relays.items()}
+        client = Client(cfg.tokens, cfg.ttft + cfg.tokens * cfg.token_delay, tools=False)
+        results: dict[int, dict[str, list[Round]]] = {}
+        for streams in cfg.levels:
+            results[streams] = {k: [] for k in UNDECLARED_MODES}
+            for k in UNDECLARED_MODES:
+                await client.warm_up(k, urls[k], streams)
+            window = cfg.window * (3 if streams == 1 else 1)
+            for i in range(cfg.rounds):
+                order = UNDECLARED_MODES if i % 2 == 0 else UNDECLARED_MODES[::-1]
+                for k in order:
+                    r = await client.run_round(k, urls[k], streams, window, relays[k], sim)
+                    results[streams][k].append(r)
+                    print(f"# {streams:>3} streams round {i + 1} check {k:<3} "
+                          f"n={len(r.samples):<5} µs/chunk={_per_chunk([r]):.1f}",
+                          file=sys.stderr, flush=True)
+        table = render_undeclared(results, cfg, started, load_before)
+        cost = pipeline_cost(cfg.tokens, 300 if cfg.quick else 1000, 6 if cfg.quick else 10)
+        table += "\n" + render_pipeline_cost(cost, cfg.tokens, 300 if cfg.quick else 1000)
+        busiest = max(results)
+        relay_off = percentile([_per_chunk([r]) for r in results[busiest]["off"]], 0.5)
+        extra = (min(cost["on"]) - min(cost["off"])) / (cfg.tokens + 3)
+        table += (f"\nSet against the whole relay's CPU per chunk with the check off at "
+                  f"{busiest} streams ({relay_off:.1f} µs, median round), that in-process "
+                  f"difference is {extra / relay_off * 100:+.1f}%.\n")
+        print(table)
+        if not cfg.no_write:
+            replace_section(f"{UNDECLARED_SECTION}\n\n{table}", BENCHMARKS,
+                            new_file=f"# Benchmarks\n\nMachine: {machine_line()}\n")
+            print(f"# wrote the {UNDECLARED_SECTION!r} section of {BENCHMARKS}",
+                  file=sys.stderr)
+        keep_logs = any(s.error for lv in results.values() for rs in lv.values()
+                        for r in rs for s in r.samples)
+        return results
+    finally:
+        if client is not None:
+            await client.close()
+        for p in reversed(procs):
+            p.stop()
+        if not keep_logs:
+            shutil.rmtree(log_dir, ignore_errors=True)
+
+
+def pipeline_cost(tokens: int, requests: int, repeats: int) -> dict[str, list[float]]:
+    """CPU µs per request of the in-process work one streamed tool-less reply costs, check off
+    (``undeclared_calls = "pass"``) and on, in ``repeats`` alternating runs of ``requests``."""
+    import orjson
+
+    from toolmend.config import Settings
+    from toolmend.context import RequestContext
+    from toolmend.mending import ChatMending, record
+    from toolmend.parsers.stream import StreamPipeline
+
+    def event(delta: dict[str, object], finish: str | None = None) -> bytes:
+        return b"data: " + orjson.dumps({
+            "id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 1,
+            "model": "sim-model", "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                               "finish_reason": finish}]}) + b"\n\n"
+
+    events = [event({"role": "assistant", "content": ""})]
+    events += [event({"content": f"tok{i} "}) for i in range(tokens)]
+    events += [event({}, "stop"), b"data: " + orjson.dumps({
+        "id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 1,
+        "model": "sim-model", "choices": [], "usage": {"prompt_tokens": 9,
+                                                       "completion_tokens": tokens}}) + b"\n\n",
+        b"data: [DONE]\n\n"]
+    body = {"model": "sim-model", "stream": True,
+            "messages": [{"role": "user", "content": "Say something."}]}
+    settings = {"off": Settings(undeclared_calls="pass"), "on": Settings()}
+
+    def serve(mode: str) -> None:
+        ctx = RequestContext("req", "/v1/chat/completions", 0.0)
+        mending = ChatMending.for_request(settings[mode], body, ctx, None, "vllm")
+        mender = mending.mender() if mending else None
+        pipeline = StreamPipeline(False, mender)
+        for ev in events:
+            pipeline.feed(ev)
+        pipeline.finish()
+        record(ctx, mender)
+
+    out: dict[str, list[float]] = {k: [] for k in UNDECLARED_MODES}
+    for k in UNDECLARED_MODES:  # warm-up
+        for _ in range(requests // 10):
+            serve(k)
+    for i in range(repeats):
+        for k in UNDECLARED_MODES if i % 2 == 0 else UNDECLARED_MODES[::-1]:
+            t0 = time.process_time()
+            for _ in range(requests):
+                serve(k)
+            out[k].append((time.process_time() - t0) / requests * 1e6)
+    return out
+
+
+def render_pipeline_cost(cost: dict[str, list[float]], tokens: int, requests: int) -> str:
+    chunks = tokens + 3
+    best = {k: min(v) for k, v in cost.items()}
+    spread = max(max(v) / min(v) - 1 for v in cost.values())
+    ratio = best["on"] / best["off"]
+    return (
+        "In-process, without sockets: the per-request work of one streamed tool-less reply of "
+        f"{tokens} tokens ({chunks} events: mending chosen, stream pipeline over every event, "
+        f"finish, recording), {requests} requests per run, runs alternating; CPU time "
+        "(time.process_time), µs per request, best run and all runs.\n\n"
+        "| check | best µs/request | µs/chunk | all runs (µs/request) |\n"
+        "|---|---:|---:|---|\n"
+        + "".join(f"| {k} (`--undeclared-calls {v}`) | {best[k]:.1f} | {best[k] / chunks:.3f} "
+                  f"| {', '.join(f'{x:.1f}' for x in cost[k])} |\n"
+                  for k, v in zip(UNDECLARED_MODES, ("pass", "refuse"), strict=True))
+        + f"\nOn ÷ off (best runs): {ratio:.3f}×, {best['on'] - best['off']:+.1f} µs per "
+        f"request ({(best['on'] - best['off']) / chunks:+.3f} µs per chunk); runs of one "
+        f"path spread {spread * 100:.1f}%: "
+        f"{'within noise' if abs(ratio - 1) <= spread else 'beyond noise'}.\n")
+
+
+def _per_chunk(rounds: list[Round]) -> float:
+    """Relay CPU per client-received chunk, in µs, over the given rounds together."""
+    events = sum(r.events for r in rounds)
+    return sum(r.relay_cpu for r in rounds) / events * 1e6 if events else float("nan")
+
+
+def _ttft(rounds: list[Round], q: float) -> float:
+    return percentile([s.ttft for r in rounds for s in r.samples
+                       if s.ttft is not None and not s.error], q) * 1000
+
+
+def render_undeclared(results: dict[int, dict[str, list[Round]]], cfg: argparse.Namespace,
+                      started: str, load_before: str) -> str:
+    out = [
+        f"Measured {started} by `python bench/relay.py --undeclared"
+        f"{' --quick' if cfg.quick else ''}`: {machine_line()} `toolmend sim --dialect vllm "
+        f"--slots {cfg.slots} --ttft {cfg.ttft} --token-delay {cfg.token_delay} --tokens "
+        f"{cfg.tokens}`; two `toolmend serve --backend vllm --slots {cfg.slots}` in front of "
+        "it, one with `--undeclared-calls pass` (check off: no mender on tool-less requests, "
+        "as before the check) and one with the default `refuse` (check on); requests without "
+        f"tools, {cfg.tokens} plain-text tokens back; {cfg.rounds} round(s) per level and "
+        f"path with a {cfg.window:g} s window ({cfg.window * 3:g} s at 1 stream), the two "
+        f"paths alternating. Load average before the run: {load_before}. The machine was "
+        "shared with other work.",
+        "",
+        "| streams | n (off / on) | TTFT p50 off / on (ms) | TTFT p99 off / on (ms) "
+        "| median µs CPU/chunk off | median µs CPU/chunk on | on ÷ off (medians) "
+        "| per-round µs/chunk off | per-round µs/chunk on | errors (off / on) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|---|---:|",
+    ]
+    verdicts: list[str] = []
+    for streams, by in results.items():
+        off, on = by["off"], by["on"]
+        per_round = {k: [_per_chunk([r]) for r in by[k]] for k in UNDECLARED_MODES}
+        # medians of the rounds: one round starved by the neighbours does not decide
+        ratio = percentile(per_round["on"], 0.5) / percentile(per_round["off"], 0.5)
+        errors = {k: sum(1 for r in by[k] for s in r.samples if s.error)
+                  for k in UNDECLARED_MODES}
+        n = {k: sum(1 for r in by[k] for s in r.samples if not s.error)
+             for k in UNDECLARED_MODES}
+        out.append(
+            f"| {streams} | {n['off']} / {n['on']} | {_f(_ttft(off, 0.5))} / "
+            f"{_f(_ttft(on, 0.5))} | {_f(_ttft(off, 0.99))} / {_f(_ttft(on, 0.99))} "
+            f"| {_f(percentile(per_round['off'], 0.5), 1)} "
+            f"| {_f(percentile(per_round['on'], 0.5), 1)} | {_f(ratio)}× "
+            f"| {', '.join(_f(x, 1) for x in per_round['off'])} "
+            f"| {', '.join(_f(x, 1) for x in per_round['on'])} "
+            f"| {errors['off']} / {errors['on']} |")
+        # noise: how far apart the rounds of one path are; the check is within noise when
+        # the two paths are no further apart than that
+        spread = max((max(v) / min(v) - 1) for v in per_round.values() if v and min(v) > 0)
+        within = abs(ratio - 1) <= spread
+        verdicts.append(f"{streams} streams: on ÷ off = {_f(ratio)}×, rounds of one path "
+                        f"{spread * 100:.0f}% apart: "
+                        f"{'within noise' if within else 'beyond noise'}")
+    out.append("")
+    out.append("Within noise means the check's cost (on ÷ off − 1) is no larger than the spread "
+               "between rounds of the same path (largest ÷ smallest − 1): " +
+               "; ".join(verdicts) + ".")
+    return "\n".join(out) + "\n"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--quick", action="store_true", help="short run (about a minute)")
@@ -556,8 +771,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--token-delay", type=float, default=0.005)
     ap.add_argument("--tokens", type=int, default=200)
     ap.add_argument("--no-tools", action="store_true",
-                    help="send requests without tools (toolmend's mender stays off)")
+                    help="send requests without tools (toolmend then only watches for "
+                         "structured calls, see --undeclared)")
     ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md")
+    ap.add_argument("--undeclared", action="store_true",
+                    help="tool-less chat through toolmend with the undeclared-call check off "
+                         "and on, side by side")
     ap.add_argument("--bare-relay", metavar="UPSTREAM", help=argparse.SUPPRESS)
     cfg = ap.parse_args(argv)
     if cfg.rounds is None:
@@ -575,6 +794,9 @@ def main(argv: list[str] | None = None) -> None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     if cfg.bare_relay:
         asyncio.run(_bare_relay(cfg.bare_relay.rstrip("/")))
+        return
+    if cfg.undeclared:
+        asyncio.run(run_undeclared(cfg))
         return
     asyncio.run(run(cfg))
 

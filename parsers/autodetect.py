@@ -12,12 +12,14 @@ from typing import Any
 
 from .events import Event
 from .formats import make_parser
-from .formats.base import MarkerParser, holdback, text_event
+from .formats._stream import THINK_END, THINK_START, WS_LIMIT, Markers, emit_plain, skip_ws
+from .formats.base import MarkerParser
 
 SHARED_TOOL_CALL = "<tool_call>"
 START_MARKERS: dict[str, str] = {
     SHARED_TOOL_CALL: "",  # decided by what follows
     "[TOOL_CALLS]": "mistral",
+    "[THINK]": "mistral",  # Magistral's reasoning
     "<|python_tag|>": "llama3_json",
     "<|python_start|>": "pythonic",
     "<｜tool▁calls▁begin｜>": "deepseek_v31",
@@ -29,50 +31,139 @@ START_MARKERS: dict[str, str] = {
     "<|channel|>": "gpt_oss",
 }
 _MARKERS = tuple(START_MARKERS)
+#: formats that do not follow ``<think>`` reasoning: their start marker inside reasoning is
+#: reasoning text, so a call written there can never fire
+_NOT_IN_REASONING = frozenset({"llama3_json", "pythonic", "gpt_oss"})
+# Until a format is chosen, ``<think>`` reasoning is followed here; a start marker met inside it
+# hands the rest to the chosen format still inside reasoning, where the call is a draft.
+_IN_TEXT = Markers(*_MARKERS, THINK_START, THINK_END)
+_IN_THINK = Markers(*_MARKERS, THINK_END)
 _DECIDE_LIMIT = 64  # characters after <tool_call> to wait for a decision
 
 
 class AutoParser(MarkerParser):
     name = "auto"
+    knows_reasoning = True
 
     def __init__(self, tools: list[dict[str, Any]] | None = None) -> None:
         super().__init__(tools)
         self._buf = ""  # held text: a possible marker prefix, or <tool_call> awaiting decision
         self._inner: MarkerParser | None = None
         self._deciding = False
+        self._thinking = False
+        self._lead = False  # opened: a <think> at the very start is redundant
+        self._boundary = False  # the server's reasoning field ended: decide what follows
 
     @property
     def chosen(self) -> str | None:
         return self._inner.name if self._inner is not None else None
 
+    # reasoning -------------------------------------------------------------------------------
+    def open_reasoning(self, lead: bool = True) -> None:
+        super().open_reasoning(lead)
+        if self._inner is not None:
+            self._inner.open_reasoning(lead)
+            return
+        self._thinking = True
+        self._lead = lead
+
+    def end_server_reasoning(self) -> None:
+        if self._inner is not None:
+            self._inner.end_server_reasoning()
+        elif self._thinking:
+            self._boundary = True
+
+    @property
+    def in_reasoning(self) -> bool:
+        return self._inner.in_reasoning if self._inner is not None else self._thinking
+
+    @property
+    def at_rest(self) -> bool:
+        if self._inner is not None:
+            return self._inner.at_rest
+        return not self._buf and not self._deciding and not self._lead and not self._boundary
+
+    def closes_unopened(self, text: str) -> bool:
+        i = text.find(THINK_END)
+        return i >= 0 and text.find(THINK_START, 0, i) < 0
+
+    @property  # type: ignore[override]
+    def stray_closes(self) -> int:
+        return self._strays + (self._inner.stray_closes if self._inner is not None else 0)
+
+    @stray_closes.setter
+    def stray_closes(self, value: int) -> None:
+        self._strays = value
+
+    # the loop --------------------------------------------------------------------------------
     def feed(self, text: str) -> list[Event]:
         if self._inner is not None:
             return self._inner.feed(text)
         out: list[Event] = []
         buf = self._buf + text
+        self._buf = ""
         if self._deciding:
             return self._decide(buf, out, final=False)
-        best = -1
-        best_marker = ""
-        for m in _MARKERS:
-            i = buf.find(m)
-            if i >= 0 and (best < 0 or i < best):
-                best, best_marker = i, m
-        if best < 0:
-            keep = holdback(buf, _MARKERS)
-            text_event(buf[:len(buf) - keep], out)
-            self._buf = buf[len(buf) - keep:]
-            return out
-        text_event(buf[:best], out)
-        rest = buf[best:]
-        fmt = START_MARKERS[best_marker]
-        if fmt:
-            self._switch(fmt)
-            out.extend(self._inner.feed(rest))  # type: ignore[union-attr]
-            self._buf = ""
-            return out
-        self._deciding = True
-        return self._decide(rest, out, final=False)
+        return self._scan(buf, out, final=False)
+
+    def _scan(self, buf: str, out: list[Event], final: bool) -> list[Event]:
+        pos = 0
+        n = len(buf)
+        while True:
+            if self._lead or self._boundary:
+                j = skip_ws(buf, pos)
+                if j >= n and not final and j - pos < WS_LIMIT:
+                    self._buf = buf[pos:]
+                    return out
+                if self._lead:
+                    self._lead = False
+                    if buf.startswith(THINK_START, j):
+                        emit_plain(out, buf[pos:j], True)
+                        pos = j + len(THINK_START)
+                        continue
+                    if not final and j < n and THINK_START.startswith(buf[j:]):
+                        self._lead = True
+                        self._buf = buf[pos:]
+                        return out
+                if self._boundary:
+                    # where the content starts, not after its whitespace (see _stream.py)
+                    hit = _IN_THINK.at(buf, pos, final) if pos < n else None
+                    if hit is True:
+                        self._buf = buf[pos:]
+                        return out
+                    self._boundary = False
+                    if hit is None:
+                        self._thinking = False
+            thinking = self._thinking
+            end, m = (_IN_THINK if thinking else _IN_TEXT).scan(buf, pos, final)
+            emit_plain(out, buf[pos:end], thinking)
+            if m is None:
+                self._buf = buf[end:]
+                return out
+            tok = m.group()
+            if tok == THINK_START:
+                self._thinking = True
+                pos = m.end()
+                continue
+            if tok == THINK_END:
+                if thinking:
+                    self._thinking = False
+                else:
+                    self.stray_closes += 1  # a close without an open: dropped from content
+                pos = m.end()
+                continue
+            fmt = START_MARKERS[tok]
+            if thinking and fmt in _NOT_IN_REASONING:
+                emit_plain(out, tok, True)
+                pos = m.end()
+                continue
+            rest = buf[m.start():]
+            if fmt:
+                self._switch(fmt)
+                out.extend(self._inner.feed(rest))  # type: ignore[union-attr]
+                return out
+            self._deciding = True
+            return self._decide(rest, out, final)
 
     def _decide(self, buf: str, out: list[Event], final: bool) -> list[Event]:
         after = buf[len(SHARED_TOOL_CALL):].lstrip()
@@ -96,14 +187,21 @@ class AutoParser(MarkerParser):
 
     def _switch(self, fmt: str) -> None:
         self._inner = make_parser(fmt, self.tools)
+        self._inner.cut_off = self.cut_off
+        if self._thinking:  # the marker came inside reasoning: the chosen format goes on there
+            self._inner.open_reasoning(lead=False)
 
     def finish(self) -> list[Event]:
         out: list[Event] = []
+        if self._inner is None and not self._deciding:
+            buf, self._buf = self._buf, ""
+            self._scan(buf, out, final=True)
         if self._inner is None and self._deciding:
             self._decide(self._buf, out, final=True)
         if self._inner is not None:
+            self._inner.cut_off = self.cut_off
             out.extend(self._inner.finish())
             return out
-        text_event(self._buf, out)
+        emit_plain(out, self._buf, self._thinking)
         self._buf = ""
         return out

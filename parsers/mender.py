@@ -18,7 +18,21 @@ at the end.
 
 The hot-path contract with ``stream.py``: :meth:`wants` looks at the raw event bytes and says
 whether the event can matter. A plain content delta with no character that could start a
-marker, while the parser is idle in text, is forwarded untouched without being parsed.
+marker, while the parser is idle in text, is forwarded untouched without being parsed; while
+it is idle inside reasoning, the same delta is forwarded with its ``"content"`` key renamed
+(:attr:`ChatMender.rekey`), so a thinking reply costs about what a plain one does.
+
+Reasoning (see ``parsers/reasoning.py`` and the README's decision table): a server's own
+reasoning field (``reasoning_content``, ``reasoning``) passes through under its own name and is
+never parsed for calls; reasoning toolmend separates from content goes to the field chosen per
+server or request. A call the model drafts inside reasoning is held by the format parser until
+the reply shows it was meant (``_stream.StreamParser``), in buffered and incremental mode alike.
+
+A request that declared no tools gets a ``structured_only`` mender: its text is never parsed for
+markers (a ``<tool_call>`` there is the model's own business), and until a structured call
+shows up it wants only events that carry one (:func:`carries_call`, a few byte searches), so
+plain chat is forwarded exactly as without a mender. The call itself then goes through the same
+checks as any other, and finds no tool declared.
 """
 
 from __future__ import annotations
@@ -34,6 +48,7 @@ from .autodetect import AutoParser
 from .events import Event, Reasoning, Text, ToolCallArgs, ToolCallEnd, ToolCallStart
 from .formats import format_for_model, make_parser
 from .formats.base import MarkerParser
+from .reasoning import DEFAULT_FIELD, FIELDS, SERVER_FIELDS, ReasoningSignals
 from .repair import (
     MAX_ARGUMENT_DEPTH,
     Repair,
@@ -68,8 +83,56 @@ TRIGGERS: dict[str, tuple[bytes, ...]] = {
 DEFAULT_TRIGGERS = (b"<",)
 _ESCAPE = b"\\u"
 _CONTENT = b'"content":'
+_REASONING_KEY = b'"reasoning'  # "reasoning" and "reasoning_content"
+_USAGE = b'"usage"'
+_USAGE_NULL = (b'"usage":null', b'"usage": null')
+#: how reasoning toolmend separated is written back into content (reasoning_field "content")
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 _STRUCTURE = (b'"tool_calls"', b'"function_call"')
 _FINISH_NULL = (b'"finish_reason":null', b'"finish_reason": null')
+_SKIP = b" \t\r\n:"
+_SHARED = b"_call"  # in both _STRUCTURE keys
+
+
+def carries_call(data: bytes) -> bool:
+    """Whether a raw chunk carries a structured call: a ``tool_calls`` or ``function_call`` key
+    whose value is not ``null`` or ``[]`` (SGLang sends ``"tool_calls": null`` in every delta).
+    A key inside a string value cannot match: its quotes would be escaped.
+
+    One search decides a plain chunk (both keys share ``_call``): this runs on every event of a
+    request without tools, so it must cost next to nothing."""
+    if data.find(_SHARED) < 0:
+        return False
+    for key in _STRUCTURE:
+        i = data.find(key)
+        while i >= 0:
+            j = i + len(key)
+            n = len(data)
+            while j < n and data[j] in _SKIP:
+                j += 1
+            head = data[j:j + 1]
+            if head == b"[":
+                k = j + 1
+                while k < n and data[k] in _SKIP:
+                    k += 1
+                if data[k:k + 1] != b"]":
+                    return True
+            elif head not in (b"n", b""):
+                return True
+            i = data.find(key, j)
+    return False
+
+
+class _TextOnly(MarkerParser):
+    """The parser of a ``structured_only`` mender: text is text."""
+
+    name = "none"
+
+    def feed(self, text: str) -> list[Event]:
+        return [Text(text)] if text else []
+
+    def finish(self) -> list[Event]:
+        return []
 
 
 def new_call_id() -> str:
@@ -134,12 +197,35 @@ class StreamError(Exception):
 
 
 class ChatMender:
-    """Per-request mender for ``chat.completion.chunk`` streams (choice 0)."""
+    """Per-request mender for ``chat.completion.chunk`` streams (choice 0).
+
+    Reasoning options:
+
+    * ``reasoning_open``: the reply starts inside reasoning (the chat template opened it), or
+      not; None decides it from ``reasoning_signals`` and the model name the upstream reports
+      (see ``parsers/reasoning.py``). Not applied once the server sent its own reasoning field
+      before any content: the server split the reply itself.
+    * ``reasoning_field``: where reasoning toolmend separates goes: ``reasoning_content``,
+      ``reasoning``, ``drop`` or ``content`` (wrapped in ``<think>``...``</think>``).
+    * ``resplit_server_reasoning``: the text of the upstream's ``reasoning``/``reasoning_content``
+      deltas is not passed through but taken as raw reply text that starts inside reasoning,
+      followed by the content deltas, and re-split here with the format's parser and the
+      decision table. For servers whose own split is wrong: vLLM's qwen3 reasoning parser ends
+      reasoning at a ``<tool_call>`` drafted inside ``<think>``. Where the server's reasoning
+      field ends, its reasoning is taken to have ended too (the server dropped the end
+      marker), unless the content goes on with one of the format's call markers: then the
+      server ended reasoning at a call the model drafted, and the text is still reasoning.
+    """
 
     def __init__(self, fmt: str | None, tools: list[dict[str, Any]] | None = None, *,
                  mode: str = "buffered", checker: CallChecker | None = None,
                  reply_checker: ReplyChecker | None = None,
                  model_hint: str | None = None, single_call: bool = False,
+                 reasoning_open: bool | None = None,
+                 reasoning_signals: ReasoningSignals | None = None,
+                 reasoning_field: str = DEFAULT_FIELD,
+                 resplit_server_reasoning: bool = False,
+                 structured_only: bool = False,
                  max_argument_chars: int = MAX_ARGUMENT_CHARS,
                  max_argument_depth: int = MAX_ARGUMENT_DEPTH) -> None:
         # The format may be decided late, from the model name the upstream reports in its
@@ -153,6 +239,7 @@ class ChatMender:
         self.checker = checker
         self.reply_checker = reply_checker
         self.single_call = single_call  # parallel_tool_calls: false, which servers ignore
+        self.structured_only = structured_only  # a request without tools (see the docstring)
         self.max_argument_chars = max_argument_chars
         self.max_argument_depth = max_argument_depth
         self._unreleased = 0  # content the marker parser has taken without letting any out
@@ -170,6 +257,25 @@ class ChatMender:
         self.repairs: list[dict[str, Any]] = []  # for the trace: kind, call, before, after
         self.tool_names: list[str] = []
         self.finish_reason: str | None = None
+        # reasoning
+        self._reasoning_open = reasoning_open
+        self._signals = reasoning_signals or ReasoningSignals()
+        if reasoning_field not in FIELDS:
+            raise ValueError(f"reasoning_field must be one of {FIELDS}, got {reasoning_field!r}")
+        self.reasoning_field = reasoning_field
+        self.resplit = resplit_server_reasoning
+        self._server_key: str | None = None  # the server's reasoning field, when re-split
+        self._server_key_bytes: bytes | None = None  # its JSON key, for the fast path
+        self.opens_reasoning = False  # the decision, once the model is known
+        self.open_signal = ""  # what decided it
+        self._content_seen = False
+        self._server_reasoning = False  # the upstream sent its own reasoning field
+        self._wrapped = False  # reasoning_field "content": a <think> was written, not closed
+        self._idle_reasoning = False  # parser at rest inside reasoning (see wants)
+        self._think_triggers: tuple[bytes, ...] = (b"<", b"[")
+        #: for :meth:`wants`' callers: the key a declined event's ``"content":`` becomes (the
+        #: parser is at rest inside reasoning), or None to forward the event as it is
+        self.rekey: bytes | None = None
 
     @property
     def parser(self) -> MarkerParser:
@@ -179,16 +285,42 @@ class ChatMender:
         return self._parser
 
     def _choose(self, upstream_model: str | None) -> None:
+        if self.structured_only:
+            self._parser = _TextOnly()
+            self._triggers = ()
+            return
         fmt = self._fmt or format_for_model(upstream_model) or \
             format_for_model(self._model_hint) or "auto"
         self.format = fmt
         self._parser = AutoParser(self._tools) if fmt == "auto" else make_parser(fmt, self._tools)
         self._triggers = TRIGGERS.get(fmt, DEFAULT_TRIGGERS)
+        think = getattr(type(self._parser), "_IN_THINK", None)
+        if think is not None:
+            self._think_triggers = tuple(sorted(c.encode() for c in think.firsts))
+        if self._reasoning_open is not None:
+            self.opens_reasoning = self._reasoning_open
+            self.open_signal = "reasoning_open"
+        else:
+            self.opens_reasoning, self.open_signal = self._signals.decide(
+                upstream_model, self._model_hint)
+
+    def start_inside_reasoning(self) -> None:
+        """Take the reply to start inside reasoning (before any content is fed): for a whole
+        reply that closes reasoning it never opened (see :func:`mend_message`)."""
+        self._reasoning_open = True
+        self.opens_reasoning = True
+        self.open_signal = "an end marker without a start"
 
     # hot path ----------------------------------------------------------------------------------
     def wants(self, data: bytes) -> bool:
+        if self.structured_only and not self._calls:
+            return carries_call(data)  # nothing else matters until a call shows up
+        if self._idle_reasoning:
+            return self._wants_in_reasoning(data)
         if not self._idle:
             return True
+        if self.resplit and _REASONING_KEY in data:
+            return True  # the server's reasoning is raw reply text here
         for s in _STRUCTURE:
             if s in data:
                 return True
@@ -202,6 +334,42 @@ class ChatMender:
         if data.find(_ESCAPE, i) >= 0:
             return True
         for t in self._triggers:  # bounded finds: no copy of the tail per event
+            if data.find(t, i) >= 0:
+                return True
+        return False
+
+    def _wants_in_reasoning(self, data: bytes) -> bool:
+        """:meth:`wants` while the parser is at rest inside reasoning it separated: a content
+        delta with no character of a reasoning marker is reasoning as it stands, and is
+        forwarded with its key renamed (:attr:`rekey`) instead of being parsed; so is, when
+        re-splitting, a delta of the server's own reasoning field (its key unchanged)."""
+        for s in _STRUCTURE:
+            if s in data:
+                return True
+        if b'"finish_reason"' in data and _FINISH_NULL[0] not in data and \
+                _FINISH_NULL[1] not in data:
+            return True
+        if _USAGE in data and _USAGE_NULL[0] not in data and _USAGE_NULL[1] not in data:
+            return True  # the pipeline may re-encode it: the key must be renamed in feed
+        i = data.find(_CONTENT)
+        if i >= 0:
+            if data.find(_CONTENT, i + 10) >= 0 or data.find(_REASONING_KEY) >= 0:
+                return True  # another "content" key (logprobs) or reasoning beside it
+            if self._server_reasoning and not self._content_seen and \
+                    not data.startswith(b'""', i + 10):
+                return True  # the server's reasoning field ended here: decided in feed
+            i += 10
+        else:
+            key = self._server_key_bytes
+            j = data.find(key) if key is not None else -1
+            if j < 0 or data.count(_REASONING_KEY) != 1:
+                return _REASONING_KEY in data  # the server's own reasoning: decided in feed
+            # re-split: the server's reasoning field alone, bound for that same field while the
+            # parser rests inside reasoning, is forwarded as it came unless it may hold a marker
+            i = j + len(key)
+        if data.find(_ESCAPE, i) >= 0:
+            return True
+        for t in self._think_triggers:
             if data.find(t, i) >= 0:
                 return True
         return False
@@ -224,11 +392,12 @@ class ChatMender:
         if not isinstance(delta, dict):
             delta = {}
         role = delta.get("role")
-        reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-        if reasoning:
-            out.append(self._chunk({"reasoning_content": reasoning}))
+        if "reasoning" in delta or "reasoning_content" in delta:
+            self._server_field(delta, out, notes)
         content = delta.get("content")
         if isinstance(content, str) and content:
+            if not self._content_seen:
+                self._first_content()
             self._released = False
             self._events(self.parser.feed(content), out, notes, count_idle=len(content))
             self._bound_held(content)
@@ -253,10 +422,46 @@ class ChatMender:
             out.append({**self._base(), "choices": [], **extra})
         return out, notes
 
+    def _server_field(self, delta: dict[str, Any], out: list[dict[str, Any]],
+                      notes: list[str]) -> None:
+        """The upstream's own reasoning field: passed through under its own name, never parsed
+        for calls; or, with ``resplit_server_reasoning``, fed to the parser as raw text."""
+        fields = {k: delta[k] for k in SERVER_FIELDS if isinstance(delta.get(k), str)
+                  and delta[k]}
+        if not fields:
+            return
+        if self.resplit:
+            # both names at once carry the same text (servers in transition send both)
+            text = fields.get("reasoning") or fields["reasoning_content"]
+            if self._server_key is None:  # re-split reasoning stays in the server's field
+                self._server_key = "reasoning" if "reasoning" in fields else "reasoning_content"
+                if len(fields) == 1:  # see _wants_in_reasoning
+                    self._server_key_bytes = b'"' + self._server_key.encode() + b'":'
+            if not self._server_reasoning and not self._content_seen:
+                self.parser.open_reasoning()
+                self.open_signal = "the server's reasoning field"
+            self._server_reasoning = True
+            self._events(self.parser.feed(text), out, notes, count_idle=len(text))
+            return
+        self._server_reasoning = True
+        self._close_wrap(out)
+        out.append(self._chunk(fields))
+
+    def _first_content(self) -> None:
+        self._content_seen = True
+        if self._server_reasoning:
+            if self.resplit:
+                self.parser.end_server_reasoning()
+            return  # the server split the reply itself: its content is the answer
+        if self.opens_reasoning:
+            self.parser.open_reasoning()
+
     def finish(self) -> tuple[list[dict[str, Any]], list[str]]:
         """The upstream ended without a finish chunk: flush what is held."""
         out: list[dict[str, Any]] = []
         notes: list[str] = []
+        if self.structured_only and self._envelope is None:
+            return out, notes  # never fed: the stream went by untouched, its end included
         if not self._finished:
             self._finish(None, out, notes)
         return out, notes
@@ -293,18 +498,25 @@ class ChatMender:
     def _events(self, events: list[Event], out: list[dict[str, Any]], notes: list[str],
                 count_idle: int = -1) -> None:
         text_len = 0
+        reasoning_len = 0
         only_text = True
+        only_reasoning = True
         for ev in events:
             if type(ev) is Text:
                 text_len += len(ev.text)
+                only_reasoning = False
                 self._released = True
+                if self._wrapped:
+                    self._close_wrap(out)
                 out.append(self._chunk({"content": ev.text}))
             elif type(ev) is Reasoning:
                 only_text = False
                 self._released = True
-                out.append(self._chunk({"reasoning_content": ev.text}))
+                reasoning_len += len(ev.text)
+                self._reasoning(ev.text, out)
             elif type(ev) is ToolCallStart:
-                only_text = False
+                only_text = only_reasoning = False
+                self._close_wrap(out)
                 self._close_structured(out, notes)
                 call = PendingCall(name=ev.name, id=ev.id, source="markers",
                                    dropped=self.single_call and bool(self._calls))
@@ -313,14 +525,14 @@ class ChatMender:
                 if self.mode == "incremental":
                     self._emit_start(call, out)
             elif type(ev) is ToolCallArgs:
-                only_text = False
+                only_text = only_reasoning = False
                 call = self._marker_calls.get(ev.index)
                 if call is not None:
                     self._add_arguments(call, ev.fragment)
                     if self.mode == "incremental":
                         self._emit_args(call, out)
             elif type(ev) is ToolCallEnd:
-                only_text = False
+                only_text = only_reasoning = False
                 self._released = True
                 call = self._marker_calls.pop(ev.index, None)
                 if call is not None:
@@ -328,6 +540,33 @@ class ChatMender:
                     self._complete(call, out, notes)
         if count_idle >= 0:
             self._idle = only_text and text_len == count_idle
+            field = self._server_key or self.reasoning_field
+            idle_reasoning = only_reasoning and reasoning_len == count_idle and \
+                field != "drop" and self.parser.at_rest and self.parser.in_reasoning
+            self._idle_reasoning = idle_reasoning
+            if idle_reasoning and field != "content":
+                self.rekey = b'"' + field.encode() + b'":'
+            else:
+                self.rekey = None
+
+    def _reasoning(self, text: str, out: list[dict[str, Any]]) -> None:
+        """Reasoning toolmend separated, to the field chosen for it (re-split reasoning of a
+        server's own field: to that field, as the server's reasoning always goes)."""
+        field = self._server_key or self.reasoning_field
+        if field == "drop":
+            return
+        if field == "content":
+            if not self._wrapped:
+                self._wrapped = True
+                text = THINK_OPEN + text
+            out.append(self._chunk({"content": text}))
+            return
+        out.append(self._chunk({field: text}))
+
+    def _close_wrap(self, out: list[dict[str, Any]]) -> None:
+        if self._wrapped:
+            self._wrapped = False
+            out.append(self._chunk({"content": THINK_CLOSE}))
 
     def _structured(self, tc: dict[str, Any], out: list[dict[str, Any]],
                     notes: list[str]) -> None:
@@ -394,7 +633,11 @@ class ChatMender:
 
     def _finish(self, reason: str | None, out: list[dict[str, Any]], notes: list[str]) -> None:
         self._finished = True
-        self._events(self.parser.finish(), out, notes)
+        parser = self.parser
+        parser.cut_off = reason == "length"
+        self._events(parser.finish(), out, notes)
+        self._close_wrap(out)
+        self._reasoning_notes(parser, notes)
         for call in list(self._marker_calls.values()):
             call.truncated = True
             self._complete(call, out, notes)
@@ -415,6 +658,34 @@ class ChatMender:
             return
         out.append(self._finish_chunk(reason, notes))
 
+    def _reasoning_notes(self, parser: MarkerParser, notes: list[str]) -> None:
+        """What the client should know about how the reply's reasoning was split."""
+        inner = getattr(parser, "_inner", None) or parser
+        rejected = getattr(inner, "drafts_rejected", 0)
+        fired = getattr(inner, "drafts_fired", 0)
+        if rejected:
+            notes.append(f"kept {rejected} tool call(s) drafted inside reasoning as reasoning: "
+                         "the model went on after them")
+            self.repairs.append({"kind": "drafted_call_kept_as_reasoning", "call": -1,
+                                 "before": rejected, "after": 0})
+        if fired:
+            notes.append(f"emitted {fired} tool call(s) written inside reasoning: they were "
+                         "the model's final act")
+        if parser.in_reasoning:
+            why = f" (taken to start there: {self.open_signal})" if parser.reasoning_opened \
+                and self.open_signal else ""
+            notes.append(f"the reply ended inside reasoning{why}; it never closed it, so all "
+                         "of its text after the start went to reasoning")
+        if parser.stray_closes:
+            sent = inner.calls_before_stray
+            calls = f", and {sent} tool call(s) written before it were already emitted" \
+                if sent else ""
+            notes.append(f"dropped {parser.stray_closes} reasoning end marker(s) that closed no "
+                         f"reasoning; the text before was already sent as content{calls} (the "
+                         "chat template probably opened reasoning: see reasoning_open_models)")
+            self.repairs.append({"kind": "reasoning_end_without_start", "call": -1,
+                                 "before": parser.stray_closes, "after": 0})
+
     def _finish_chunk(self, reason: str | None, notes: list[str]) -> dict[str, Any]:
         emitted = any(c.out_index >= 0 for c in self._calls)
         final = reason
@@ -423,6 +694,10 @@ class ChatMender:
                 notes.append(f"repaired finish_reason {reason!r} -> 'tool_calls'")
             final = "tool_calls"
         elif final is None:
+            final = "stop"
+        elif final in ("tool_calls", "function_call") and not emitted:
+            # every call was answered in text instead (a retry asked for it): none is left
+            notes.append(f"repaired finish_reason {reason!r} -> 'stop'")
             final = "stop"
         self.finish_reason = final
         return self._chunk({}, final)
@@ -578,8 +853,8 @@ def mend_message(message: dict[str, Any], finish_reason: str | None, fmt: str | 
                  tools: list[dict[str, Any]] | None, checker: CallChecker | None = None,
                  model: str | None = None, reply_checker: ReplyChecker | None = None, *,
                  max_argument_chars: int = MAX_ARGUMENT_CHARS,
-                 max_argument_depth: int = MAX_ARGUMENT_DEPTH
-                 ) -> tuple[dict[str, Any], str | None, ChatMender]:
+                 max_argument_depth: int = MAX_ARGUMENT_DEPTH,
+                 **reasoning: Any) -> tuple[dict[str, Any], str | None, ChatMender]:
     """Non-streaming: the same repair applied to a whole ``choices[0].message``.
 
     Runs the message through the streaming mender as one chunk, so both paths share every
@@ -587,10 +862,36 @@ def mend_message(message: dict[str, Any], finish_reason: str | None, fmt: str | 
     """
     m = ChatMender(fmt, tools, checker=checker, reply_checker=reply_checker, model_hint=model,
                    max_argument_chars=max_argument_chars,
-                   max_argument_depth=max_argument_depth)
-    chunks, _ = m.feed({"choices": [{"index": 0, "delta": message_as_delta(message),
-                                     "finish_reason": finish_reason or "stop"}]})
+                   max_argument_depth=max_argument_depth, **reasoning)
+    chunks, _ = feed_whole(m, message, finish_reason, model)
     return fold_chunks(message, chunks), m.finish_reason, m
+
+
+def feed_whole(mender: ChatMender, message: dict[str, Any], finish_reason: str | None,
+               model: str | None = None) -> tuple[list[dict[str, Any]], list[str]]:
+    """Feed a whole (non-streamed) ``message`` as one chunk.
+
+    With the whole reply at hand, a reasoning end marker that closes reasoning the reply never
+    opened is seen before anything is emitted: the reply started inside reasoning the chat
+    template opened, so it is read that way from its start (streamed, that text has already
+    gone out as content by the time the marker arrives).
+    """
+    chunk: dict[str, Any] = {"choices": [{"index": 0, "delta": message_as_delta(message),
+                                          "finish_reason": finish_reason or "stop"}]}
+    if model is not None:
+        chunk["model"] = model
+    content = message.get("content")
+    if isinstance(content, str) and content:
+        if mender._parser is None:
+            mender._choose(model)
+        if not mender.opens_reasoning and not _server_reasoning(message) and \
+                mender.parser.closes_unopened(content):
+            mender.start_inside_reasoning()
+    return mender.feed(chunk)
+
+
+def _server_reasoning(message: dict[str, Any]) -> bool:
+    return any(isinstance(message.get(k), str) and message[k] for k in SERVER_FIELDS)
 
 
 def message_as_delta(message: dict[str, Any]) -> dict[str, Any]:
@@ -609,15 +910,16 @@ def message_as_delta(message: dict[str, Any]) -> dict[str, Any]:
 def fold_chunks(message: dict[str, Any], chunks: list[dict[str, Any]]) -> dict[str, Any]:
     """Fold emitted chunks back into one assistant message (the non-streaming shape)."""
     content: list[str] = []
-    reasoning: list[str] = []
+    reasoning: dict[str, list[str]] = {}
     calls: dict[int, dict[str, Any]] = {}
     for c in chunks:
         for ch in c.get("choices") or ():
             d = ch.get("delta") or {}
             if d.get("content"):
                 content.append(d["content"])
-            if d.get("reasoning_content"):
-                reasoning.append(d["reasoning_content"])
+            for key in SERVER_FIELDS:
+                if d.get(key):
+                    reasoning.setdefault(key, []).append(d[key])
             for tc in d.get("tool_calls") or ():
                 slot = calls.setdefault(tc["index"], {"id": tc.get("id"), "type": "function",
                                                       "function": {"name": "",
@@ -627,11 +929,11 @@ def fold_chunks(message: dict[str, Any], chunks: list[dict[str, Any]]) -> dict[s
                     slot["function"]["name"] = fn["name"]
                 slot["function"]["arguments"] += fn.get("arguments") or ""
     out = {k: v for k, v in message.items() if k not in ("function_call", "tool_calls",
-                                                          "reasoning")}
+                                                          *SERVER_FIELDS)}
     out["role"] = "assistant"
     out["content"] = "".join(content) or None
-    if reasoning:
-        out["reasoning_content"] = "".join(reasoning)
+    for key, parts in reasoning.items():
+        out[key] = "".join(parts)
     if calls:
         out["tool_calls"] = [calls[i] for i in sorted(calls)]
     return out

@@ -389,8 +389,10 @@ def openai_to_ollama_chat(body: dict[str, Any], *, keep_alive: str = "",
     options: dict[str, Any] = {}
     for key, target in OPTION_TO_OPENAI.items():
         v = body.get(target)
-        if key == "num_predict":
-            v = body.get("max_completion_tokens", v)
+        if key == "num_predict":  # the newer name wins, as on vLLM; a null one does not
+            mct = body.get("max_completion_tokens")
+            if isinstance(mct, int) and not isinstance(mct, bool):
+                v = mct
         if v is not None:
             options[key] = [v] if key == "stop" and isinstance(v, str) else v
     if isinstance(body.get("top_k"), int):
@@ -471,6 +473,7 @@ class NDJSONLines:
                 self._parts.append(data)
                 self._size += len(data)
                 if self._size > self._max:
+                    self._parts, self._size = [], 0  # its memory goes back at once
                     raise ValueError(f"NDJSON line longer than {self._max} bytes")
             return []
         lines = data.split(b"\n")
@@ -505,12 +508,12 @@ class NDJSONToSSE:
                  "_started")
 
     def __init__(self, completion_id: str, created: int, model: str = "",
-                 id_prefix: str = "call_") -> None:
+                 id_prefix: str = "call_", max_line_bytes: int = NDJSON_MAX_LINE) -> None:
         self._cid = completion_id
         self._created = created
         self._model = model
         self._id_prefix = id_prefix
-        self._lines = NDJSONLines()
+        self._lines = NDJSONLines(max_line_bytes)
         self._calls = 0
         self._started = False
         self._done = False
@@ -522,8 +525,9 @@ class NDJSONToSSE:
     def feed(self, data: bytes) -> bytes:
         try:
             lines = self._lines.feed(data)
-        except ValueError as e:
-            return self._error(str(e), "upstream_malformed_event")
+        except ValueError as e:  # the line bound: what a stream without newlines runs into
+            return self._error(f"upstream sent an {e} (max_upstream_event_bytes)",
+                               "upstream_event_too_large")
         return b"".join(self._line(ln) for ln in lines)
 
     def finish(self) -> bytes:

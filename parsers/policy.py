@@ -21,6 +21,10 @@ At the end of a reply, :func:`~toolmend.parsers.validation.validate_reply` gives
 ``tool_choice`` rules ("required" with no call, "none" with one) that goes through the same
 :func:`decide`.
 
+A request that declared no tools is checked against an empty toolset: every call in its reply
+names an unknown tool, and is retried the way a call under ``tool_choice: "none"`` is (asked
+again for a plain-text answer, the tools removed), then refused.
+
 | verdict                | repair            | retry             | error  | pass             |
 |------------------------|-------------------|-------------------|--------|------------------|
 | valid                  | forward           | forward           | forward| forward          |
@@ -62,6 +66,7 @@ __all__ = [
     "error_body",
     "parse_policy",
     "retry_plan",
+    "text_only",
 ]
 
 DEFAULT_MAX_RETRIES: Final = 1
@@ -164,11 +169,12 @@ class RetryPlan:
     def read(self, name: str | None, arguments: str | None,
              content: str | None) -> tuple[str | None, str | None]:
         """The (name, arguments) of the replacement call from the retried reply's first tool
-        call (``name``, ``arguments``) and its ``content``; ``(None, None)`` for no call."""
+        call (``name``, ``arguments``) and its ``content``; ``(None, None)`` for no call.
+
+        Under ``READ_TEXT`` the answer wanted is text, so a call is not a replacement: it is
+        returned all the same, for the caller to judge (and refuse) as the violation it is."""
         if self.read_as == READ_ARGUMENTS:
             return self.tool, (content or "").strip()
-        if self.read_as == READ_TEXT:
-            return None, None
         return name, arguments
 
 
@@ -201,12 +207,24 @@ def _target(verdict: Verdict, toolset: Toolset) -> str | None:
     return only.name if only is not None else None
 
 
+def text_only(verdict: Verdict, toolset: Toolset) -> bool:
+    """Whether the reply may hold no tool call at all, and this verdict is about one: under
+    ``tool_choice: "none"``, or on a request that declared no tools (its calls name unknown
+    tools). The retry then asks for a plain-text answer."""
+    issue = verdict.error
+    if issue is None:
+        return False
+    if issue.keyword == "tool_choice" and toolset.choice == "none":
+        return True
+    return not toolset.tools and issue.keyword == "name"
+
+
 def correction_message(verdict: Verdict, toolset: Toolset, *, read_as: str = READ_TOOL_CALL,
                        tool: str | None = None) -> str:
     """The short text appended as a user message to a retry, naming what was wrong."""
     issue = verdict.error
     tool = tool or verdict.name
-    if issue is not None and issue.keyword == "tool_choice" and toolset.choice == "none":
+    if text_only(verdict, toolset):
         return "Tools are not available for this reply. Answer in text without calling a tool."
     if issue is not None and issue.keyword in ("tool_choice", "name"):
         if toolset.forced is not None:
@@ -243,11 +261,11 @@ def retry_plan(verdict: Verdict, toolset: Toolset, backend: str = Backend.OPENAI
 
     Without a single target tool (an unknown name among several tools, or ``"required"`` with
     none), servers that support it get ``tool_choice: "required"``; with ``"none"`` violated,
-    tools are removed and the reply is read as text.
+    or a call on a request that declared no tools, tools are removed and the reply is read as
+    text.
     """
     kind = _backend(backend)
-    issue = verdict.error
-    if issue is not None and issue.keyword == "tool_choice" and toolset.choice == "none":
+    if text_only(verdict, toolset):
         return RetryPlan(None, correction_message(verdict, toolset, read_as=READ_TEXT),
                          remove=("tools", "tool_choice", "parallel_tool_calls"), read_as=READ_TEXT)
     tool = _target(verdict, toolset)

@@ -12,25 +12,43 @@ whole by the time anyone looks at it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 DONE = b"[DONE]"
 _NL = b"\n"
 _CR = b"\r"
 
 
+#: Default bound on one line and on one event's data (its ``data:`` lines together).
+MAX_EVENT_BYTES = 16 * 1024 * 1024
+
+
 class SSEProtocolError(ValueError):
-    """The stream broke a limit (for example, one line larger than ``max_line_bytes``)."""
+    """The stream broke a limit: one line longer than ``max_line_bytes``, or one event whose
+    ``data:`` lines together pass ``max_event_bytes`` (lines without the blank line that ends
+    an event would otherwise pile up for ever).
+
+    ``events`` holds what the same :meth:`SSEDecoder.feed` call had decoded before the limit
+    was hit, so that a caller can still deliver them.
+    """
+
+    def __init__(self, message: str, limit: int) -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.events: list[SSEEvent | SSEComment] = []
 
 
 @dataclass(slots=True)
 class SSEEvent:
-    """One dispatched event. ``data`` is the ``data:`` lines joined by ``\\n``."""
+    """One dispatched event. ``data`` is the ``data:`` lines joined by ``\\n``; ``multiline``
+    says there was more than one (so that whoever re-emits ``data`` as one line need not
+    search it for newlines)."""
 
     data: bytes
     event: str | None = None
     id: str | None = None
     retry: int | None = None
+    multiline: bool = field(default=False, compare=False, repr=False)
 
     @property
     def is_done(self) -> bool:
@@ -53,18 +71,25 @@ class SSEDecoder:
     line, because servers that close right after ``data: [DONE]`` are common.
     """
 
-    __slots__ = ("_data", "_event", "_id", "_max_line", "_parts", "_parts_len", "_pending_cr",
-                 "_retry")
+    __slots__ = ("_data", "_data_len", "_event", "_id", "_max_event", "_max_line", "_more",
+                 "_parts", "_parts_len", "_pending_cr", "_retry")
 
-    def __init__(self, max_line_bytes: int = 16 * 1024 * 1024) -> None:
+    def __init__(self, max_line_bytes: int = MAX_EVENT_BYTES,
+                 max_event_bytes: int | None = None) -> None:
         self._parts: list[bytes] = []  # pieces of the current, unterminated line
         self._parts_len = 0
         self._pending_cr = False  # the last byte seen was \r: a following \n belongs to it
-        self._data: list[bytes] = []
+        # The current event's data: its first line as it came (the usual event has one line,
+        # dispatched without a copy), further lines joined into ``_more`` as they come: one
+        # buffer, not a list of small objects that would cost several times their bytes.
+        self._data: bytes | None = None
+        self._more: bytearray | None = None
+        self._data_len = 0  # the current event's data so far, with a newline after each line
         self._event: str | None = None
         self._id: str | None = None
         self._retry: int | None = None
         self._max_line = max_line_bytes
+        self._max_event = max_line_bytes if max_event_bytes is None else max_event_bytes
 
     def feed(self, chunk: bytes) -> list[SSEEvent | SSEComment]:
         if not chunk:
@@ -82,7 +107,9 @@ class SSEDecoder:
             self._parts.append(chunk)
             self._parts_len += len(chunk)
             if self._parts_len > self._max_line:
-                raise SSEProtocolError(f"SSE line longer than {self._max_line} bytes")
+                self._reset()
+                raise SSEProtocolError(f"SSE line longer than {self._max_line} bytes",
+                                       self._max_line)
             return []
         if has_cr:
             if chunk[-1:] == _CR:
@@ -98,27 +125,39 @@ class SSEDecoder:
             self._parts.append(tail)
         self._parts_len = len(tail)
         out: list[SSEEvent | SSEComment] = []
-        for line in lines:
-            self._line(line, out)
+        try:
+            for line in lines:
+                self._line(line, out)
+        except SSEProtocolError as e:
+            e.events = out
+            raise
         return out
 
     def finish(self) -> list[SSEEvent | SSEComment]:
         """End of stream: flush an unterminated line and an undispatched event."""
         out: list[SSEEvent | SSEComment] = []
-        if self._parts:
-            line = b"".join(self._parts)
-            self._parts.clear()
-            self._parts_len = 0
-            self._line(line, out)
-        self._line(b"", out)
         self._pending_cr = False
+        try:
+            if self._parts:
+                line = b"".join(self._parts)
+                self._parts.clear()
+                self._parts_len = 0
+                self._line(line, out)
+            self._line(b"", out)
+        except SSEProtocolError as e:
+            e.events = out
+            raise
         return out
 
     def _line(self, line: bytes, out: list[SSEEvent | SSEComment]) -> None:
         if not line:
-            if self._data:
-                out.append(SSEEvent(_NL.join(self._data), self._event, self._id, self._retry))
-                self._data = []
+            if self._data is not None:
+                more = self._more
+                out.append(SSEEvent(self._data if more is None else bytes(more), self._event,
+                                    self._id, self._retry, more is not None))
+                self._data = None
+                self._more = None
+                self._data_len = 0
             self._event = None
             self._retry = None
             return
@@ -129,7 +168,21 @@ class SSEDecoder:
         if sep and value[:1] == b" ":
             value = value[1:]
         if name == b"data":
-            self._data.append(value)
+            # checked here, per line, so the verdict does not depend on how the bytes were split
+            size = self._data_len + len(value)
+            if size > self._max_event:
+                self._reset()
+                raise SSEProtocolError(f"SSE event longer than {self._max_event} bytes",
+                                       self._max_event)
+            self._data_len = size + 1  # the newline that joins the next line
+            if self._data is None:
+                self._data = value
+            else:
+                more = self._more
+                if more is None:
+                    more = self._more = bytearray(self._data)
+                more += _NL
+                more += value
         elif name == b"event":
             self._event = value.decode("utf-8", "replace")
         elif name == b"id":
@@ -138,6 +191,14 @@ class SSEDecoder:
         elif name == b"retry":
             if value.isdigit():
                 self._retry = int(value)
+
+    def _reset(self) -> None:
+        """Drop what a broken stream had buffered: its memory goes back at once."""
+        self._parts = []
+        self._parts_len = 0
+        self._data = None
+        self._more = None
+        self._data_len = 0
 
 
 def encode_event(data: bytes, event: str | None = None) -> bytes:

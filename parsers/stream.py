@@ -5,6 +5,12 @@ tested without sockets. The hot path decides from the raw event bytes: most even
 content deltas that need no change and are re-emitted as they came (one concatenation, no JSON
 parse). Only an event that can matter is parsed: one carrying usage, an error, a finish reason,
 or anything the tool-call mender asks to see.
+
+The client's stream is labelled ``charset=utf-8``, so that promise is kept here too: an ASCII
+event (the usual case) costs one ``isascii`` scan, any other one a decode, and only an event
+that really holds invalid UTF-8 is rewritten (U+FFFD, counted in ``stats.invalid_utf8``, said
+once in a comment). What the upstream may send is bounded as well: one line and one event at
+most ``max_event_bytes``, beyond which the stream ends with ``upstream_event_too_large``.
 """
 
 from __future__ import annotations
@@ -15,13 +21,25 @@ from typing import Any, Protocol
 import orjson
 
 from .mender import StreamError
-from .sse import DONE, DONE_EVENT, SSEComment, SSEDecoder, encode_comment, encode_event
+from .sse import (
+    DONE,
+    DONE_EVENT,
+    MAX_EVENT_BYTES,
+    SSEComment,
+    SSEDecoder,
+    SSEProtocolError,
+    encode_comment,
+    encode_event,
+)
 
 _USAGE = b'"usage"'
 _USAGE_NULL = (b'"usage":null', b'"usage": null')
 _FINISH = b'"finish_reason"'
 _FINISH_NULL = (b'"finish_reason":null', b'"finish_reason": null')
 _ERROR = b'"error"'
+#: The repair note sent (once per stream) when upstream output was not valid UTF-8.
+INVALID_UTF8_NOTE = "replaced invalid UTF-8 from the upstream with U+FFFD"
+_CONTENT_KEY = b'"content":'
 
 
 class EventMender(Protocol):
@@ -33,6 +51,10 @@ class EventMender(Protocol):
     """
 
     def wants(self, data: bytes) -> bool: ...
+
+    #: when not None, an event ``wants`` declined has its ``"content":`` key renamed to this
+    #: (the mender is at rest inside reasoning it separates: the text is reasoning as it is)
+    rekey: bytes | None
 
     def feed(self, chunk: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]: ...
 
@@ -59,6 +81,7 @@ class StreamStats:
     saw_done: bool = False
     tool_calls: int = 0  # tool calls emitted to the client so far
     model: str | None = None
+    invalid_utf8: int = 0  # upstream events whose invalid UTF-8 was replaced with U+FFFD
 
 
 class StreamPipeline:
@@ -66,12 +89,16 @@ class StreamPipeline:
 
     ``include_usage`` is whether the *client* asked for the usage chunk; toolmend always asks
     the upstream for it, reads it, and drops it here when the client did not want it.
+    ``max_event_bytes`` bounds one upstream line and one event (``max_upstream_event_bytes``).
     """
 
-    __slots__ = ("_decoder", "_include_usage", "_mender", "_stopped", "awaiting_retry", "stats")
+    __slots__ = ("_decoder", "_include_usage", "_max_event", "_mender", "_stopped",
+                 "awaiting_retry", "stats")
 
-    def __init__(self, include_usage: bool, mender: EventMender | None = None) -> None:
-        self._decoder = SSEDecoder()
+    def __init__(self, include_usage: bool, mender: EventMender | None = None,
+                 max_event_bytes: int = MAX_EVENT_BYTES) -> None:
+        self._decoder = SSEDecoder(max_event_bytes, max_event_bytes)
+        self._max_event = max_event_bytes
         self._include_usage = include_usage
         self._mender = mender
         self._stopped = False
@@ -80,11 +107,23 @@ class StreamPipeline:
 
     def feed(self, chunk: bytes) -> bytes:
         """Bytes to write to the client for this upstream chunk (may be empty)."""
-        return self._events(self._decoder.feed(chunk))
+        if self._stopped:
+            return b""
+        try:
+            events = self._decoder.feed(chunk)
+        except SSEProtocolError as e:
+            raise self._too_large(e) from None
+        return self._events(events)
 
     def finish(self) -> bytes:
         """End of the upstream body: flush the decoder and the mender, end with ``[DONE]``."""
-        out = self._events(self._decoder.finish())
+        if self._stopped:
+            return b""
+        try:
+            events = self._decoder.finish()
+        except SSEProtocolError as e:
+            raise self._too_large(e) from None
+        out = self._events(events)
         if self._stopped:
             return out
         parts = [out] if out else []
@@ -103,6 +142,19 @@ class StreamPipeline:
         parts.append(DONE_EVENT)
         self._stopped = True
         return b"".join(parts)
+
+    def _too_large(self, e: SSEProtocolError) -> UpstreamStreamError:
+        """An upstream line or event over the bound: the client gets what came before it,
+        then a clear upstream error (never a crash of the request)."""
+        pending = self._events(e.events)  # may raise its own UpstreamStreamError first
+        self._stopped = True
+        err = UpstreamStreamError(502, orjson.dumps({"error": {
+            "message": f"upstream sent an SSE event or line over the limit of {e.limit} bytes "
+                       "(max_upstream_event_bytes)",
+            "type": "upstream_error", "param": None, "code": "upstream_event_too_large"}}),
+            final=True)
+        err.pending = pending
+        return err
 
     def emit(self, chunks: list[dict[str, Any]], notes: list[str], done: bool = False) -> bytes:
         """Encode chunks produced outside the upstream stream (a retry's replacement call)."""
@@ -146,16 +198,19 @@ class StreamPipeline:
                 raise UpstreamStreamError(500, data)
             if not stats.first_token:
                 stats.first_token = _has_token(data)
-            if mender is not None and mender.wants(data):
-                obj = self._parse(data, want_obj=True)
-                if obj is not None:
-                    chunks, notes = mender.feed(obj)
-                    self._emit(chunks, notes, parts)
-                    stats.tool_calls = len(mender.tool_names)
-                continue
+            if mender is not None:
+                if mender.wants(data):
+                    obj = self._parse(data, True, parts)
+                    if obj is not None:
+                        chunks, notes = mender.feed(obj)
+                        self._emit(chunks, notes, parts)
+                        stats.tool_calls = len(mender.tool_names)
+                    continue
+                if mender.rekey is not None:
+                    data = data.replace(_CONTENT_KEY, mender.rekey, 1)
             if (_USAGE in data and not _is_null(data, _USAGE_NULL)) or (
                     _FINISH in data and not _is_null(data, _FINISH_NULL)):
-                obj = self._parse(data, want_obj=False)
+                obj = self._parse(data, False, parts)
                 if obj is None:
                     continue
                 if obj is not _UNCHANGED:
@@ -163,6 +218,14 @@ class StreamPipeline:
                     continue
             elif data[:1] != b"{" or data[-1:] != b"}":
                 raise UpstreamStreamError(502, _malformed(data))
+            if not data.isascii():  # ASCII, the usual case, pays one scan; the rest a decode
+                try:
+                    data.decode()
+                except UnicodeDecodeError:
+                    data = self._repair_utf8(data, parts)
+            if ev.multiline:  # an event sent as several data: lines stays one event
+                parts.append(encode_event(data))
+                continue
             parts.append(b"data: " + data + b"\n\n")
 
     def _emit(self, chunks: list[dict[str, Any]], notes: list[str], parts: list[bytes]) -> None:
@@ -181,16 +244,24 @@ class StreamPipeline:
             if isinstance(choice, dict) and choice.get("finish_reason"):
                 self.stats.finish_reasons.append(choice["finish_reason"])
 
-    def _parse(self, data: bytes, want_obj: bool) -> Any:
+    def _parse(self, data: bytes, want_obj: bool, parts: list[bytes]) -> Any:
         """Parse one event and apply the usage rule.
 
         Returns None to drop the event (the usage-only chunk the client did not ask for),
-        ``_UNCHANGED`` to forward the raw bytes, or the modified object to re-encode.
+        ``_UNCHANGED`` to forward the raw bytes, or the modified object to re-encode. An event
+        that only parses once its invalid UTF-8 is replaced is always re-encoded.
         """
         try:
             obj = orjson.loads(data)
+            fixed = False
         except orjson.JSONDecodeError:
-            raise UpstreamStreamError(502, _malformed(data)) from None
+            if _is_utf8(data):
+                raise UpstreamStreamError(502, _malformed(data)) from None
+            try:
+                obj = orjson.loads(self._repair_utf8(data, parts))
+            except orjson.JSONDecodeError:
+                raise UpstreamStreamError(502, _malformed(data)) from None
+            fixed = True
         if not isinstance(obj, dict):
             raise UpstreamStreamError(502, _malformed(data))
         choices = obj.get("choices")
@@ -200,11 +271,32 @@ class StreamPipeline:
             raise UpstreamStreamError(502, _malformed(data))
         self._observe(obj)
         if self._include_usage or not obj.get("usage"):
-            return obj if want_obj else _UNCHANGED
+            return obj if want_obj or fixed else _UNCHANGED
         if obj.get("choices"):
             obj.pop("usage", None)  # usage riding on a content chunk: strip just the field
             return obj
         return None
+
+    def _repair_utf8(self, data: bytes, parts: list[bytes]) -> bytes:
+        """Replace each invalid UTF-8 sequence with U+FFFD, count it, and say so once.
+
+        The stream is labelled ``charset=utf-8``; passing the bytes through would hand the
+        client's decoder something it may reject or mangle. Only JSON's ASCII punctuation
+        structures an event, so the replacement never changes the event's shape.
+        """
+        if not self.stats.invalid_utf8:
+            parts.append(encode_comment("toolmend " + INVALID_UTF8_NOTE))
+        self.stats.invalid_utf8 += 1
+        return data.decode("utf-8", "replace").encode()
+
+
+def _is_utf8(data: bytes) -> bool:
+    """Valid UTF-8? (The C decoder is the fastest check the standard library has.)"""
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _is_null(data: bytes, needles: tuple[bytes, bytes]) -> bool:

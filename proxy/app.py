@@ -11,13 +11,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import aiohttp
 import orjson
 from aiohttp import web
 
-from . import auth, memory, telemetry
+from . import auth, identity, memory, telemetry
 from .config import Settings
 from .context import RequestContext, new_request_id
-from .downstream import Downstream
+from .detect import detect
+from .downstream import DOWNSTREAM, ClientGone, Downstream
 from .errors import ProxyError
 from .launcher import LAUNCHED
 from .mending import ChatMending
@@ -28,6 +30,7 @@ from .request_body import (
     LARGE_BODIES,
     LargeBodies,
     ask_for_usage,
+    cap_output_tokens,
     check_chat_body,
     check_completion_body,
     check_counts,
@@ -58,44 +61,40 @@ SCHEDULER = web.AppKey("scheduler", FairScheduler)
 CTX = web.RequestKey("ctx", RequestContext)
 
 
-def _agent_id(request: web.Request, body: dict[str, Any] | None) -> str:
-    keyed = auth.keyed_agent(request)  # with API keys, the key decides (see auth.py)
-    if keyed is not None:
-        return keyed
-    agent = request.headers.get("X-Agent-Id")
-    if agent:
-        return agent[:128]
-    if body and isinstance(body.get("user"), str) and body["user"]:
-        return body["user"][:128]
-    return request.remote or "unknown"
-
-
-async def _read_body(request: web.Request, limit: int) -> bytes:
+async def _read_body(request: web.Request, limit: int, timeout: float = 0.0) -> bytes:
+    """The whole body, within ``limit`` bytes and ``timeout`` seconds (``body_timeout``: a
+    client trickling its body holds a connection and a buffer as long as it likes otherwise)."""
     length = request.content_length
     if length is not None and length > limit:
         raise ProxyError(413, f"request body of {length} bytes is over the limit of {limit} bytes",
                          code="body_too_large")
     try:
-        return await request.read()
+        async with asyncio.timeout(timeout if timeout > 0 else None):
+            return await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise ProxyError(413, f"request body is over the limit of {limit} bytes",
                          code="body_too_large") from None
+    except TimeoutError:
+        raise ProxyError(408, f"the request body did not arrive within {timeout:g} s "
+                         "(body_timeout)", code="body_timeout",
+                         headers={"Connection": "close"}) from None
 
 
 async def _json_request(request: web.Request, *, any_content_type: bool = False
                         ) -> dict[str, Any]:
     """``any_content_type``: Ollama clients (``curl -d``) send JSON under any type."""
     settings = request.app[SETTINGS]
-    raw = await _read_body(request, settings.max_body_bytes)
+    raw = await _read_body(request, settings.max_body_bytes, settings.body_timeout)
     ctype = ("application/json" if any_content_type
              else request.headers.get("Content-Type", "application/json"))
     body = await read_json_body(raw, ctype,
                                 admit=lambda size: request.app[LARGE_BODIES].admit(request,
                                                                                     size))
     ctx: RequestContext = request[CTX]
-    ctx.agent_id = _agent_id(request, body)
+    ident = identity.resolve(request, body)  # the trust table: see identity.py
+    ctx.agent_id, ctx.session_id = ident.agent, ident.session
+    ctx.extra[identity.IDENTITY_KEY] = ident
     auth.check_body(request, body)
-    ctx.session_id = request.headers.get("X-Session-Id")
     model = body.get("model")
     ctx.model = model if isinstance(model, str) else None
     return body
@@ -127,26 +126,38 @@ async def _forward(request: web.Request, body: dict[str, Any], path: str,
     sched = request.app[SCHEDULER]
     ctx: RequestContext = request[CTX]
     ctx.stream = wants_stream(body)
+    # The one place where the output is bounded: after the front's translation, before the
+    # cost estimate, the mender (retries copy the body) and the upstream wire's own translation
+    # (Ollama's native API reads these fields), so no front or wire can bypass it.
+    detected = up.detected
+    cap_output_tokens(body, auth.output_cap(request),
+                      detected.context_length if detected is not None else None)
     request.app[TELEMETRY].prepare(request, ctx, body)
     priority = sched.resolve_priority(ctx.agent_id, request.headers.get(PRIORITY_HEADER))
     deadline = parse_deadline(request.headers.get(DEADLINE_HEADER), sched.clock())
     if settings.vllm_priority:
         body["priority"] = -priority  # vLLM serves lower values first
+    else:  # a client's own "priority" would reach a priority-scheduling server past the
+        body.pop("priority", None)  # policy that X-Priority is held to
     mending = None
-    if path == "/v1/chat/completions" and body.get("tools"):
-        backend = settings.backend if settings.backend != "auto" else (await up.detect()).kind
+    if path == "/v1/chat/completions":
+        # without tools only structured calls are checked, and their retry (plain text) is the
+        # same on every backend: no need to know which one it is
+        backend = settings.backend if settings.backend != "auto" or not body.get("tools") \
+            else (await up.detect()).kind
         toolset = await request_toolset(request.app, body, settings)  # off the loop if large
         mending = ChatMending.for_request(settings, body, ctx, request.headers, backend, toolset)
     if not ctx.stream:
-        raw = orjson.dumps(body)
+        raw = orjson.dumps(mending.upstream_body() if mending else body)
         async with sched.slot(ctx, estimate_cost(body, raw), priority=priority,
                               deadline=deadline):
             return await relay_json(ctx, up, path, raw,
-                                    mending.json_transform(up, path) if mending else None)
+                                    mending.json_transform(up, path) if mending else None,
+                                    as_stream=mending is not None and mending.whole_as_stream)
     mender = mending.mender() if mending else None
-    pipeline = StreamPipeline(client_wants_usage(body), mender)
+    pipeline = StreamPipeline(client_wants_usage(body), mender, settings.max_upstream_event_bytes)
     ask_for_usage(body)
-    raw = orjson.dumps(body)
+    raw = orjson.dumps(mending.upstream_body() if mending else body)
     down = (make_down or Downstream)(request, ctx, settings.keepalive_interval)
     down.start_keepalive()  # keep-alives flow while the request waits for a slot
     try:
@@ -215,17 +226,20 @@ async def readyz(request: web.Request) -> web.Response:
 
 @web.middleware
 async def context_and_errors(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Give every request a context and an id; turn every failure into the OpenAI shape."""
+    """Give every request a context and an id; turn every failure into the OpenAI shape.
+
+    A failure after a stream's headers went out cannot have a status line any more: it ends
+    that stream in the API's own way instead (:func:`_end_started_stream`).
+    """
     loop = asyncio.get_running_loop()
     ctx = RequestContext(new_request_id(), request.path, loop.time(), client=request.remote or "")
     request[CTX] = ctx
+    err: ProxyError | None = None
     try:
         resp = await handler(request)
     except ProxyError as e:
-        ctx.status, ctx.error_code = e.status, e.code
-        resp = e.response()
+        err = e
     except web.HTTPException as e:
-        ctx.status = e.status
         if e.status == 404:
             err = ProxyError(404, f"no route for {request.method} {request.path}",
                              code="not_found")
@@ -236,24 +250,52 @@ async def context_and_errors(request: web.Request, handler: Any) -> web.StreamRe
             err = ProxyError(413, "request body too large", code="body_too_large")
         else:
             err = ProxyError(e.status, e.reason or "error", code="http_error")
-        ctx.error_code = err.code
-        resp = err.response()
     except asyncio.CancelledError:
         ctx.status = 499
         ctx.error_code = ctx.error_code or "client_disconnected"
         _log_request(request, ctx)
         raise
-    except Exception:
+    except ClientGone:  # the client left mid-stream; nothing more can reach it
+        ctx.status, ctx.error_code = 499, "client_disconnected"
+        gone = request.get(DOWNSTREAM)
+        resp = gone.resp if gone is not None else web.Response(status=499)
+    except Exception as e:
         log.exception("unhandled error in %s", request.path)
-        ctx.status, ctx.error_code = 500, "internal_error"
-        resp = ProxyError(500, "internal error in toolmend; see its log",
-                          code="internal_error").response()
+        err = ProxyError(500, f"internal error in toolmend ({e.__class__.__name__}); see its "
+                         "log", code="internal_error")
+    else:
+        down = request.get(DOWNSTREAM)
+        if down is not None and down.started and not down.ended and resp is not down.resp:
+            # a second response after the stream began would corrupt it: end the stream
+            log.error("%s answered anew after its stream had started", request.path)
+            err = ProxyError(500, "internal error in toolmend; see its log",
+                             code="internal_error")
+    if err is not None:
+        ctx.error_code = err.code
+        started = await _end_started_stream(request, err)
+        if started is not None:
+            resp = started
+        else:
+            ctx.status = err.status
+            resp = err.response()
+            if err.status == 408:  # a body that never arrived: the connection is not reusable
+                resp.force_close()
     if not ctx.status:
         ctx.status = resp.status
     if not resp.prepared:
         resp.headers.setdefault("X-Request-Id", ctx.request_id)
     _log_request(request, ctx)
     return resp
+
+
+async def _end_started_stream(request: web.Request,
+                              err: ProxyError) -> web.StreamResponse | None:
+    """The safety net at the stream's edge: when the client already has a 200 and part of a
+    stream, end it with the API's error event (``[DONE]`` after it, or Ollama's error line)."""
+    down = request.get(DOWNSTREAM)
+    if down is None or not down.started:
+        return None
+    return await down.fail(err)
 
 
 def _log_request(request: web.Request, ctx: RequestContext) -> None:
@@ -272,11 +314,34 @@ def _log_request(request: web.Request, ctx: RequestContext) -> None:
     if ctx.usage:
         line["prompt_tokens"] = ctx.usage.get("prompt_tokens")
         line["completion_tokens"] = ctx.usage.get("completion_tokens")
-    access_log.info(orjson.dumps(line).decode())
+    access_log.info(_json_line(line))
+
+
+def _json_line(doc: dict[str, Any]) -> str:
+    """One JSON log line; a value that is not valid text (a lone surrogate from undecodable
+    bytes that got this far) is escaped rather than losing the line or failing the request."""
+    try:
+        return orjson.dumps(doc).decode()
+    except TypeError:
+        return orjson.dumps({k: _escaped(v) for k, v in doc.items()}).decode()
+
+
+def _escaped(v: Any) -> Any:
+    if isinstance(v, str):
+        return v.encode("utf-8", "backslashreplace").decode("utf-8")
+    return v
 
 
 async def _size_scheduler(app: web.Application) -> None:
-    slots = await probe_slots(app[UPSTREAM], app[SETTINGS])
+    up = app[UPSTREAM]
+    # What is upstream, probed before the first request (also with --slots given: the context
+    # length bounds max_tokens), on connections of its own that close at once: an idle probe
+    # connection left in the request pool could be one the server has just dropped when a
+    # request takes it.
+    async with aiohttp.ClientSession() as probes:
+        up.detected = await detect(up.base_url(), up.backend, session=probes,
+                                   api_key=app[SETTINGS].api_key)
+    slots = await probe_slots(up, app[SETTINGS])
     app[SCHEDULER].set_slots(slots)
     log.info("fair queue: %d backend slots", slots)
 
@@ -324,7 +389,8 @@ async def start_server(app: web.Application, host: str, port: int) -> tuple[web.
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
                            max_line_size=limit, max_field_size=limit)
     await runner.setup()
-    auth.shape_parser_errors(runner)
+    auth.shape_parser_errors(runner, auth.ConnectionGuard.from_settings(settings)
+                             if settings is not None else None)
     site = web.TCPSite(runner, host, port, backlog=2048)
     await site.start()
     bound = port

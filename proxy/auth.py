@@ -10,7 +10,7 @@ observability endpoints needs ``Authorization: Bearer <key>``, and the key decid
     agent = "planner"          # the scheduler's identity for every request with this key
     weight = 2.0               # optional: fair-queue share (as [agents.NAME] weight)
     models = ["qwen3-8b"]      # optional: models this key may ask for (default: any)
-    max_tokens = 4096          # optional: cap on max_tokens / max_completion_tokens
+    max_tokens = 4096          # optional: cap on the tokens one request may generate
 
 Only hashes are stored, so a leaked config file leaks no key. A presented key is hashed and
 compared with *every* configured hash with :func:`hmac.compare_digest`, so the time taken says
@@ -24,13 +24,22 @@ field is never used as the identity of a keyed client.
 ``max_tokens`` is clamped, not refused: agent frameworks often send a fixed large value they do
 not control, and a reply cut at the cap ends with ``finish_reason: "length"``, which every
 client understands. A request without ``max_tokens`` gets the cap, so no keyed request can
-generate without bound.
+generate without bound. The clamp is applied to the internal request every front produces, just
+before it is sent (``request_body.cap_output_tokens``), not here on the client's body: a front's
+translation (Ollama's ``options.num_predict``) would otherwise override it.
+
+Identity headers (``X-Agent-Id``, ``X-Session-Id``, ...) are checked at the door
+(:func:`check_identity_headers`): they end up in logs, session records and span attributes, all
+JSON, so bytes that are not UTF-8 text are refused with a 400 naming the header instead of
+failing later, for everyone, where they are written.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+import ipaddress
 import logging
 import tomllib
 from dataclasses import dataclass, replace
@@ -52,6 +61,16 @@ log = logging.getLogger("toolmend.auth")
 #: endpoints, which have their own gate (admin key or loopback, see telemetry.py).
 OPEN_PATHS = ("/healthz", "/readyz", "/metrics", "/toolmend/")
 AGENT_HEADER = "X-Agent-Id"
+SESSION_HEADER = "X-Session-Id"
+#: Request headers whose values toolmend reads and may write into logs, session records, span
+#: attributes or error messages: each must be text (see :func:`check_identity_headers`).
+#: (``traceparent`` is matched against a hex pattern and ``tracestate`` is dropped when it is
+#: not ASCII, as W3C Trace Context says to treat headers that cannot be parsed.)
+IDENTITY_HEADERS = (AGENT_HEADER, SESSION_HEADER, "X-Priority", "X-Toolmend-Deadline-Ms",
+                    "X-Toolmend-On-Invalid", "X-Toolmend-Tool-Mode",
+                    # known clients' own session headers, read by identity.TRUST_TABLE
+                    "x-session-affinity", "session-id", "thread-id", "x-codex-turn-metadata",
+                    "X-Claude-Code-Session-Id", "baggage")
 _KEY_FIELDS = {"agent", "weight", "models", "max_tokens"}
 
 
@@ -159,12 +178,15 @@ def _unauthorized(message: str) -> ProxyError:
 
 @web.middleware
 async def require_key(request: web.Request, handler: Any) -> web.StreamResponse:
-    """With keys configured, every API path needs a valid key; it is kept on the request.
+    """With keys configured, every API path needs a valid key; it is kept on the request. Then
+    the identity headers are checked (:func:`check_identity_headers`).
 
     Sits inside the error middleware, so its refusals get the OpenAI shape and are logged.
     """
+    if request.path.startswith(OPEN_PATHS):
+        return await handler(request)
     ring = request.app.get(KEYRING)
-    if ring and not request.path.startswith(OPEN_PATHS):
+    if ring:
         auth = request.headers.get("Authorization", "")
         scheme, _, token = auth.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
@@ -173,7 +195,40 @@ async def require_key(request: web.Request, handler: Any) -> web.StreamResponse:
         if key is None:
             raise _unauthorized("the API key is not valid")
         request[CLIENT_KEY] = key
+    check_identity_headers(request)
     return await handler(request)
+
+
+def is_text(value: str) -> bool:
+    """Whether a header value is printable text: valid UTF-8 (aiohttp hands undecodable bytes
+    over as lone surrogates, which no JSON encoder accepts) and no control characters."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return value.isprintable()
+
+
+def header_text(request: web.Request, name: str) -> str | None:
+    """The header's value when it is text (:func:`is_text`), else None."""
+    value = request.headers.get(name)
+    return value if value is not None and is_text(value) else None
+
+
+def check_identity_headers(request: web.Request) -> None:
+    """Refuse, with a 400 naming it, an identity header that is not text.
+
+    Checked at the door, before anything reads them: an agent or session id that is not UTF-8
+    would otherwise be written into the request log, the session store and span attributes,
+    where it fails late (the reply already generated) or for every later reader of
+    ``/toolmend/v1/sessions``.
+    """
+    headers = request.headers
+    for name in IDENTITY_HEADERS:
+        value = headers.get(name)
+        if value is not None and not is_text(value):
+            raise ProxyError(400, f"the {name} header must be UTF-8 text without control "
+                             "characters", param=name, code="invalid_header")
 
 
 def keyed_agent(request: web.Request) -> str | None:
@@ -189,7 +244,8 @@ def keyed_agent(request: web.Request) -> str | None:
 
 
 def check_body(request: web.Request, body: dict[str, Any]) -> None:
-    """The key's model allow-list and ``max_tokens`` cap, once the body is parsed."""
+    """The key's model allow-list, once the body is parsed. (Its ``max_tokens`` cap is applied
+    later, to the translated request: see :func:`output_cap`.)"""
     key = request.get(CLIENT_KEY)
     if key is None:
         return
@@ -199,28 +255,12 @@ def check_body(request: web.Request, body: dict[str, Any]) -> None:
             raise ProxyError(403, f"this API key may not use model {str(model)[:128]!r}; "
                              f"allowed: {sorted(key.models)}", param="model",
                              code="model_not_allowed")
-    if key.max_tokens is not None:
-        clamp_max_tokens(body, key.max_tokens)
 
 
-def clamp_max_tokens(body: dict[str, Any], cap: int) -> bool:
-    """Lower ``max_tokens`` / ``max_completion_tokens`` to ``cap`` (set it when absent).
-
-    Returns whether the body changed. Values the body checks will refuse are left for them.
-    """
-    changed = False
-    present = False
-    for name in ("max_tokens", "max_completion_tokens"):
-        v = body.get(name)
-        if isinstance(v, int) and not isinstance(v, bool):
-            present = True
-            if v > cap:
-                body[name] = cap
-                changed = True
-    if not present and "max_tokens" not in body and "max_completion_tokens" not in body:
-        body["max_tokens"] = cap
-        changed = True
-    return changed
+def output_cap(request: web.Request) -> int | None:
+    """The ``max_tokens`` cap of the request's key (None: no key, or a key without a cap)."""
+    key = request.get(CLIENT_KEY)
+    return key.max_tokens if key is not None else None
 
 
 # --- header limits: OpenAI-shaped refusals from the HTTP parser -------------------------------
@@ -251,13 +291,192 @@ class _OpenAIErrorHandler(RequestHandler):
         return resp
 
 
+# --- slow and greedy clients: header timeout, connections per client address ----------------
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(values: list[str], option: str = "client_limit_exempt") -> list[Network]:
+    """Addresses or CIDR networks from the configuration; errors name the option."""
+    out: list[Network] = []
+    for v in values:
+        try:
+            out.append(ipaddress.ip_network(v.strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"{option}: {v!r} is not an IP address or network") from None
+    return out
+
+
+class ConnectionGuard:
+    """The server's defence against clients that hold connections without using them.
+
+    ``header_timeout``: seconds from a connection's opening, or from the first byte of a next
+    request on a kept-alive one, to the end of that request's headers. A client that trickles
+    header lines (slowloris) gets 408 and the connection is closed; aiohttp alone waits for
+    ever, one header line at a time. ``max_per_client``: open connections one client address
+    may hold; beyond it a new connection gets 429 and is closed at once. Loopback addresses
+    (local agents, the load benchmark) and ``exempt`` networks are not counted unless
+    ``limit_loopback``.
+    """
+
+    def __init__(self, header_timeout: float = 0.0, max_per_client: int = 0, *,
+                 limit_loopback: bool = False, exempt: list[Network] | None = None) -> None:
+        self.header_timeout = header_timeout
+        self.max_per_client = max_per_client
+        self.limit_loopback = limit_loopback
+        self.exempt = list(exempt or ())
+        self.open: dict[str, int] = {}  # counted client address -> open connections
+        self.refused = 0
+        self.timed_out = 0
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> ConnectionGuard:
+        return cls(settings.header_timeout, settings.max_client_connections,
+                   limit_loopback=settings.limit_loopback_clients,
+                   exempt=parse_networks(settings.client_limit_exempt))
+
+    def counted(self, host: str | None) -> bool:
+        """Whether connections from ``host`` count against ``max_per_client``."""
+        if self.max_per_client <= 0 or not host:
+            return False
+        try:
+            addr = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            return False  # a unix socket or the like: not a network client
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        if addr.is_loopback and not self.limit_loopback:
+            return False
+        return not any(addr in net for net in self.exempt)
+
+    def admit(self, host: str) -> bool:
+        n = self.open.get(host, 0)
+        if n >= self.max_per_client:
+            self.refused += 1
+            return False
+        self.open[host] = n + 1
+        return True
+
+    def release(self, host: str) -> None:
+        n = self.open.get(host, 0) - 1
+        if n > 0:
+            self.open[host] = n
+        else:
+            self.open.pop(host, None)
+
+
+def _raw_error(status: int, reason: str, message: str, code: str) -> bytes:
+    """A whole HTTP/1.1 error response, written straight to a connection that has no request
+    object yet (refused on arrival, or its headers never completed)."""
+    body = orjson.dumps(ProxyError(status, message, code=code).body())
+    return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
+
+
+class _GuardedHandler(_OpenAIErrorHandler):
+    """The connection handler with :class:`ConnectionGuard` applied (see there for why).
+
+    Reads two things of aiohttp's ``RequestHandler`` beyond its public methods: ``_messages``
+    (requests whose headers were parsed and not yet handled) and ``_waiter`` (pending while the
+    connection waits for its next request)."""
+
+    _tm_guard: ConnectionGuard | None = None
+    _tm_host: str | None = None  # set while this connection counts against its address
+    _tm_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        guard = getattr(self._manager, "tm_guard", None)
+        if guard is None:
+            return
+        self._tm_guard = guard
+        peer = transport.get_extra_info("peername")
+        host = peer[0] if isinstance(peer, tuple | list) and peer else None
+        if guard.counted(host):
+            assert host is not None
+            if not guard.admit(host):
+                log.debug("refused a connection: %s already holds %d (max_client_connections)",
+                          host, guard.max_per_client)
+                self._close_with(_raw_error(
+                    429, "Too Many Requests", f"this client address already holds "
+                    f"{guard.max_per_client} open connections (max_client_connections)",
+                    "too_many_connections"))
+                return
+            self._tm_host = host
+        self._start_header_timer()
+
+    def data_received(self, data: bytes) -> None:
+        guard = self._tm_guard
+        if guard is None or guard.header_timeout <= 0:
+            super().data_received(data)
+            return
+        parsed = len(self._messages)
+        super().data_received(data)
+        if len(self._messages) > parsed:  # a request's headers are complete
+            self._stop_header_timer()
+        elif self._tm_timer is None and data and self._idle():
+            self._start_header_timer()  # the first bytes of a next request on a kept-alive one
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._stop_header_timer()
+        self._release()
+        super().connection_lost(exc)
+
+    def _idle(self) -> bool:
+        waiter = self._waiter
+        return waiter is not None and not waiter.done() and not self._messages
+
+    def _start_header_timer(self) -> None:
+        guard = self._tm_guard
+        if guard is not None and guard.header_timeout > 0:
+            self._tm_timer = self._loop.call_later(guard.header_timeout, self._headers_too_slow)
+
+    def _stop_header_timer(self) -> None:
+        timer, self._tm_timer = self._tm_timer, None
+        if timer is not None:
+            timer.cancel()
+
+    def _headers_too_slow(self) -> None:
+        self._tm_timer = None
+        if self._messages or self.transport is None:
+            return
+        guard = self._tm_guard
+        assert guard is not None
+        guard.timed_out += 1
+        log.debug("closed a connection whose request headers took over %g s (header_timeout)",
+                  guard.header_timeout)
+        self._close_with(_raw_error(
+            408, "Request Timeout", f"the request headers did not arrive within "
+            f"{guard.header_timeout:g} s (header_timeout)", "header_timeout"))
+
+    def _close_with(self, response: bytes) -> None:
+        # released before the close, so a client that sees the connection end can count on
+        # its address having a place again
+        self._release()
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(response)
+        self.force_close()  # close() flushes what was written first
+
+    def _release(self) -> None:
+        host, self._tm_host = self._tm_host, None
+        if host is not None and self._tm_guard is not None:
+            self._tm_guard.release(host)
+
+
 class _OpenAIErrorServer(web.Server):
+    tm_guard: ConnectionGuard | None = None
+
     def __call__(self) -> RequestHandler:
-        return _OpenAIErrorHandler(self, loop=self._loop, **self._kwargs)
+        cls = _GuardedHandler if self.tm_guard is not None else _OpenAIErrorHandler
+        return cls(self, loop=self._loop, **self._kwargs)
 
 
-def shape_parser_errors(runner: web.AppRunner) -> None:
-    """Make the runner's low-level server use :class:`_OpenAIErrorHandler` (after setup)."""
+def shape_parser_errors(runner: web.AppRunner, guard: ConnectionGuard | None = None) -> None:
+    """Make the runner's low-level server use :class:`_OpenAIErrorHandler` (after setup), and
+    :class:`_GuardedHandler` when a ``guard`` is given."""
     server = runner.server
     if server is not None and type(server) is web.Server:
         server.__class__ = _OpenAIErrorServer
+    if guard is not None and isinstance(server, _OpenAIErrorServer):
+        server.tm_guard = guard

@@ -88,7 +88,8 @@ async def _serve(settings: Settings) -> int:
         log.info("%s", describe(up.base_url(), await up.detect()))
     base = f"http://{settings.host}:{port}"
     via = f" (launched {settings.launch}, starting)" if launched is not None else ""
-    print(f"toolmend listening on {base}/v1 -> {', '.join(upstreams)}{via}", flush=True)
+    # the replicas' URLs: credentials in a configured URL never reach stdout (or its logs)
+    print(f"toolmend listening on {base}/v1 -> {', '.join(up.urls)}{via}", flush=True)
     print(f"  try: curl {base}/v1/chat/completions -H 'Content-Type: application/json' "
           "-d '{\"messages\":[{\"role\":\"user\",\"content\":\"Hello\"}]}'", flush=True)
     rc = 0
@@ -114,7 +115,7 @@ async def _sim(args: argparse.Namespace) -> int:
 
     sim = SimBackend(args.dialect, args.model, slots=args.slots, ttft=args.ttft,
                      token_delay=args.token_delay, prefill_per_token=args.prefill_per_token,
-                     default_tokens=args.tokens)
+                     default_tokens=args.tokens, context=args.context)
     fixtures = Path(args.fixtures) if args.fixtures else Path(str(files("toolmend.fixtures")))
     if fixtures.is_dir():
         sim.load_fixtures(fixtures)
@@ -150,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--prefill-per-token", type=float, default=0.0,
                      help="extra seconds to first token per prompt token")
     sim.add_argument("--tokens", type=int, default=16, help="tokens in the default reply")
+    sim.add_argument("--context", type=int, default=None,
+                     help="context length in tokens: no reply is longer than it leaves room "
+                     "for (default: 4096; 2048 for llamacpp)")
     sim.add_argument("--fixtures", help="folder of scenario JSON files (default: bundled)")
     trace = sub.add_parser("trace", help="show recent agent sessions as step timelines",
                            description="Per-step timelines (queue, time to first token, "
@@ -198,6 +202,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "serve":
         try:
             settings = Settings.load(args, args.config)
+            from .auth import parse_networks
+
+            parse_networks(settings.client_limit_exempt)  # refused here, not at start-up
         except (ValueError, OSError) as e:
             print(f"toolmend: configuration error: {e}", file=sys.stderr)
             raise SystemExit(2) from None

@@ -26,6 +26,7 @@ def opt(default: Any, help: str, *, flag: str | None = None, metavar: str | None
 
 BACKENDS = ("auto", "vllm", "llamacpp", "ollama", "sglang", "tgi", "openai", "embedded")
 POLICIES = ("repair", "retry", "error", "pass")
+SERVER_TOOL_PARSER = ("auto", "bypass", "trust")
 
 
 @dataclass
@@ -68,11 +69,36 @@ class Settings:
                                  "there are several --upstream URLs", metavar="S")
     tool_format: str = opt("auto", "tool-call marker format of the model (auto: from its name)",
                            metavar="FORMAT")
+    server_tool_parser: str = opt("auto", "bypass: ask a vLLM upstream for the reply as raw "
+                                  "text (tool_choice 'none', special tokens kept) and parse "
+                                  "calls and re-split its reasoning here; trust: take its "
+                                  "parsed tool_calls and reasoning as they come; auto: bypass "
+                                  "on vLLM, whose parsers fire calls drafted inside reasoning",
+                                  choices=SERVER_TOOL_PARSER)
     tool_mode: str = opt("buffered", "buffered: emit a call's arguments once complete and checked; "
                          "incremental: stream argument fragments as they arrive",
                          choices=("buffered", "incremental"))
+    reasoning_field: str = opt("reasoning_content", "where reasoning toolmend separates from "
+                               "content goes: reasoning_content, reasoning, drop, or content "
+                               "(inside <think>...</think>); a server's own reasoning field "
+                               "passes through as it is (X-Toolmend-Reasoning overrides it per "
+                               "request)", choices=("reasoning_content", "reasoning", "drop",
+                                                    "content"))
+    reasoning_open_models: list[str] = opt([], "model names (shell patterns, e.g. "
+                                           "'*my-thinker*') whose chat template opens reasoning "
+                                           "in the prompt, so replies start inside it",
+                                           metavar="PATTERN")
+    reasoning_closed_models: list[str] = opt([], "model names (shell patterns) whose replies "
+                                             "never start inside reasoning, whatever the "
+                                             "built-in table or the request says",
+                                             metavar="PATTERN")
     on_invalid: str = opt("repair", "what to do with a schema-invalid tool call", choices=POLICIES)
     max_retries: int = opt(1, "upstream retries for an invalid tool call")
+    undeclared_calls: str = opt("refuse", "a structured tool call in the reply to a request "
+                                "that declared no tools: refuse (an unknown tool under "
+                                "--on-invalid: asked again for a plain-text answer, then "
+                                "refused) or pass (forwarded unchecked)",
+                                choices=("refuse", "pass"))
     slots: int = opt(0, "concurrent requests the backend may hold (0: ask it, else a default "
                      "per backend)")
     max_queue: int = opt(1024, "requests waiting for a backend slot, all agents together "
@@ -113,6 +139,9 @@ class Settings:
     admin_key: str = opt("", "bearer key that lets non-loopback clients read /metrics and "
                          "/toolmend/v1/sessions (default: loopback only)", metavar="KEY")
     sessions_max: int = opt(256, "recent agent sessions kept in memory for toolmend trace")
+    trace_session_idle: float = opt(60.0, "seconds without a step after which a session's span "
+                                    "is ended and exported (a later step opens a new one in "
+                                    "the same trace)", metavar="S")
     api_key: str = opt("", "bearer key sent to the upstream (never forwarded to clients)",
                        flag="--upstream-api-key", metavar="KEY")
     connect_timeout: float = opt(5.0, "seconds to connect to the upstream", metavar="S")
@@ -125,6 +154,20 @@ class Settings:
     max_body_bytes: int = opt(8 * 1024 * 1024, "largest request body accepted", metavar="BYTES")
     max_header_bytes: int = opt(8190, "longest request line or single header accepted (beyond: "
                                 "400 headers_too_large)", metavar="BYTES")
+    header_timeout: float = opt(10.0, "seconds a client may take to send a request's headers, "
+                                "from the connection's first byte (beyond: 408 and the "
+                                "connection is closed; 0: no limit)", metavar="S")
+    body_timeout: float = opt(120.0, "seconds a client may take to send a request body (beyond: "
+                              "408; 0: no limit)", metavar="S")
+    max_client_connections: int = opt(256, "open connections one client address may hold "
+                                      "(beyond: 429 and the connection is closed; 0: no "
+                                      "limit); loopback clients are exempt")
+    limit_loopback_clients: bool = opt(False, "count loopback clients against "
+                                       "max_client_connections too (local agents and the load "
+                                       "benchmark all connect from 127.0.0.1)")
+    client_limit_exempt: list[str] = opt([], "client addresses or networks (CIDR) exempt from "
+                                         "max_client_connections, e.g. a gateway in front of "
+                                         "toolmend", metavar="CIDR")
     max_messages: int = opt(2048, "most messages in one chat request (beyond: 400 "
                             "too_many_messages)")
     max_tools: int = opt(128, "most tools in one request (beyond: 400 too_many_tools)")
@@ -159,6 +202,14 @@ class Settings:
     max_large_bodies: int = opt(2, "large request bodies held at once (beyond: 503 "
                                 "too_many_large_bodies with Retry-After)")
     max_connections: int = opt(1024, "upstream connection pool size")
+    max_upstream_event_bytes: int = opt(16 * 1024 * 1024, "largest upstream SSE event (its "
+                                        "data: lines together), SSE line or Ollama NDJSON line "
+                                        "(beyond: the stream ends with the error "
+                                        "upstream_event_too_large)", metavar="BYTES")
+    max_upstream_reply_bytes: int = opt(32 * 1024 * 1024, "largest upstream reply read whole: "
+                                        "a non-streaming answer, a model list, an Ollama "
+                                        "stream:false answer (beyond: 502 "
+                                        "upstream_reply_too_large)", metavar="BYTES")
     log_level: str = opt("info", "log level", choices=("debug", "info", "warning", "error"))
     log_requests: bool = opt(True, "log one structured line per request")
 

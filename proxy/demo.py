@@ -197,7 +197,9 @@ async def run_demo(upstream: str | None = None, *, model: str = "sim-model",
         doc = await session_doc(url, sid)
     finally:
         await runner.cleanup()
-    return DemoResult(steps, answer, doc, upstream)
+    from .upstream import redacted
+
+    return DemoResult(steps, answer, doc, redacted(upstream))
 
 
 def render(result: DemoResult, console: Console) -> None:

@@ -17,12 +17,16 @@ from typing import Any
 import aiohttp
 import orjson
 
+from .bounded import read_bounded
+
 KINDS = ("vllm", "llamacpp", "ollama", "sglang", "tgi", "llama-cpp-python", "embedded",
          "openai", "unknown")
 
 #: Probed paths; the order does not matter, they run concurrently.
 PROBES = ("/", "/api/version", "/props", "/version", "/get_model_info", "/info", "/v1/models",
           "/health")
+#: Most of a discovery answer that is read; a longer one is cut and its JSON is not parsed.
+PROBE_BYTES = 256 * 1024
 
 
 @dataclass(slots=True)
@@ -53,19 +57,31 @@ class Detected:
     def loading(self) -> bool:
         return bool(self.details.get("loading"))
 
+    @property
+    def context_length(self) -> int | None:
+        """Tokens of context one request gets, where the server says (llama-server's per-slot
+        ``n_ctx``, vLLM's ``max_model_len``, TGI's ``max_total_tokens``, the embedded
+        backend's ``n_ctx``): no reply can be longer."""
+        for name in ("n_ctx", "max_model_len", "max_total_tokens"):
+            v = self.details.get(name)
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                return v
+        return None
+
 
 async def _probe(session: aiohttp.ClientSession, url: str, headers: dict[str, str],
                  timeout: float) -> Probe:
     try:
         async with asyncio.timeout(timeout):
             async with session.get(url, headers=headers, allow_redirects=False) as r:
-                raw = await r.content.read(256 * 1024)
+                # the whole answer (read(n) stops at whatever arrived first), up to the bound
+                raw, whole = await read_bounded(r.content, PROBE_BYTES, keep_prefix=True)
                 status = r.status
     except (aiohttp.ClientError, TimeoutError, OSError):
         return Probe()
     text = raw.decode("utf-8", "replace")
     try:
-        doc = orjson.loads(raw)
+        doc = orjson.loads(raw) if whole else None
     except orjson.JSONDecodeError:
         doc = None
     return Probe(status, doc, text[:2000])
@@ -138,6 +154,9 @@ def classify(probes: dict[str, Probe], override: str = "auto") -> Detected:
         model = model or info.doc.get("model_id")
         n = info.doc.get("max_concurrent_requests")
         slots = n if isinstance(n, int) and n > 0 else None
+        total = info.doc.get("max_total_tokens")
+        if isinstance(total, int) and not isinstance(total, bool):
+            d["max_total_tokens"] = total
         if info.doc.get("version"):
             d["version"] = info.doc["version"]
     elif "vllm" in owned or (version.ok and isinstance(version.doc, dict)
@@ -150,6 +169,9 @@ def classify(probes: dict[str, Probe], override: str = "auto") -> Detected:
             d["max_model_len"] = mml
     elif "toolmend" in owned:
         kind, slots = "embedded", 1
+        meta = models[0].get("meta") if models else None
+        if isinstance(meta, dict) and isinstance(meta.get("n_ctx"), int):
+            d["n_ctx"] = meta["n_ctx"]
     elif "me" in owned:
         kind, slots = "llama-cpp-python", 1  # its server runs one generation at a time
     elif models:

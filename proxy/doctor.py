@@ -439,7 +439,11 @@ def format_report(hw: Hardware, agents: int, upstreams: list[tuple[str, Detected
 async def run_doctor(agents: int, upstreams: list[str], model: str | None = None,
                      as_json: bool = False) -> str:
     hw = await asyncio.to_thread(probe_hardware)
-    found = await probe_upstreams(upstreams or list(DEFAULT_PROBES))
+    from .upstream import redacted
+
+    # shown without user:password@ (the probes themselves used the URLs as given)
+    found = [(redacted(u), d) for u, d in await probe_upstreams(upstreams
+                                                                or list(DEFAULT_PROBES))]
     shown = found if upstreams else [(u, d) for u, d in found if d.kind != "unknown"]
     rec = recommend(hw, agents, found, model)
     if as_json:

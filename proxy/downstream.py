@@ -4,6 +4,10 @@ The response is started (status 200 and headers sent) as late as possible, so th
 error that arrives before any output can still be given its real HTTP status. Only a keep-alive
 comment or the first output forces the start; after that, errors travel in the stream as
 ``data: {"error": ...}`` followed by ``data: [DONE]``.
+
+Each writer registers itself on its request (:data:`DOWNSTREAM`), so that the app's error
+middleware, the last line of defence, can end a stream that an unforeseen exception left open
+in the API's own way instead of appending a second HTTP response to a started one.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ class ClientGone(Exception):
 
 
 class Downstream:
-    __slots__ = ("_ka_task", "_lock", "ctx", "interval", "request", "resp")
+    __slots__ = ("_ended", "_ka_task", "_lock", "ctx", "interval", "request", "resp")
 
     def __init__(self, request: web.Request, ctx: RequestContext, keepalive_interval: float):
         self.request = request
@@ -41,6 +45,12 @@ class Downstream:
         self.resp = web.StreamResponse(status=200, headers=headers)
         self._lock = asyncio.Lock()
         self._ka_task: asyncio.Task[None] | None = None
+        self._ended = False  # the stream's end (done or error) was written
+        request[DOWNSTREAM] = self
+
+    @property
+    def ended(self) -> bool:
+        return self._ended
 
     @property
     def started(self) -> bool:
@@ -92,7 +102,10 @@ class Downstream:
         if not self.resp.prepared:
             self.ctx.status = err.status
             return err.response()
-        with contextlib.suppress(ClientGone):
+        if self._ended:
+            return self.resp
+        self._ended = True
+        with contextlib.suppress(ClientGone, ConnectionError, RuntimeError):
             await self.write(err.sse())
             await self.resp.write_eof()
         return self.resp
@@ -101,6 +114,11 @@ class Downstream:
         await self.stop_keepalive()
         if not self.resp.prepared:
             await self.start()
+        self._ended = True
         with contextlib.suppress(ConnectionError, RuntimeError):
             await self.resp.write_eof()
         return self.resp
+
+
+#: The request's client writer, for the error middleware (see the module's docstring).
+DOWNSTREAM = web.RequestKey("toolmend_downstream", Downstream)

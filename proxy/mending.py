@@ -1,9 +1,23 @@
 """Glue between a chat request and the sans-I/O mender in ``parsers/mender.py``.
 
-Decides whether a request gets a mender (only when it offers tools: without ``tools`` an agent
-cannot receive a call, and a ``<tool_call>`` in the text is the model's own business), which
-format and mode apply, hooks in schema validation, and copies the mender's findings onto the
-request context for logs, metrics and traces.
+Decides whether a request gets a mender, which format and mode apply, hooks in schema
+validation, and copies the mender's findings onto the request context for logs, metrics and
+traces.
+
+A request with ``tools`` gets the full mender. One without gets a structured-only mender
+(``undeclared_calls = "refuse"``, the default): a ``<tool_call>`` in its text is the model's own
+business and passes untouched, but a structured ``tool_calls``/``function_call`` the server
+sends anyway names a tool the request never declared, and is retried as a plain-text answer,
+then refused, under the request's policy. The mender only sees events that carry such a call
+(a raw-bytes test), so plain chat pays nothing. ``undeclared_calls = "pass"`` forwards them as
+before, without a mender.
+
+It also shapes what is sent upstream when toolmend takes over the server's own tool parser
+(``server_tool_parser``, see :func:`bypasses_server_parser`): vLLM's reasoning parser ends
+reasoning at a call the model only drafts inside ``<think>``, and its tool parser then emits
+that draft as a real call and drops the text after it, so the structured reply no longer holds
+what is needed to judge which call the model meant. In bypass mode the request asks for raw
+text instead, and the mender parses the calls and re-splits the reasoning itself.
 """
 
 from __future__ import annotations
@@ -15,13 +29,23 @@ from typing import Any
 from .config import Settings
 from .context import RequestContext
 from .errors import ProxyError
-from .parsers.mender import ChatMender, StreamError, fold_chunks, message_as_delta
-from .parsers.schemas import Toolset
+from .parsers.mender import ChatMender, StreamError, feed_whole, fold_chunks
+from .parsers.reasoning import ReasoningSignals, field_for, template_switch
+from .parsers.schemas import DEFAULT_LIMITS, Toolset
 from .parsers.stream import StreamPipeline, UpstreamStreamError
 from .upstream import UpstreamClient
 from .validating import RequestValidation, schema_limits
 
+#: servers whose tool parser toolmend bypasses by default: vLLM (0.32, checked on the real
+#: server) ends reasoning at a call drafted inside it and fires the draft
+BYPASS_BY_DEFAULT = frozenset({"vllm"})
+#: servers where ``tool_choice: "none"`` turns the tool parser off while the chat template still
+#: receives the tools: vLLM (unless started with --exclude-tools-when-tool-choice-none), and any
+#: other OpenAI-compatible server the operator vouches for with ``server_tool_parser = "bypass"``
+BYPASSABLE = frozenset({"vllm", "openai"})
+
 TOOL_MODE_HEADER = "X-Toolmend-Tool-Mode"
+REASONING_HEADER = "X-Toolmend-Reasoning"
 REPAIRS_HEADER = "X-Toolmend-Repairs"
 
 
@@ -32,20 +56,38 @@ class ChatMending:
                  headers: Any, backend: str, toolset: Toolset | None = None) -> None:
         self.body = body
         self.ctx = ctx
+        # without tools, only structured calls are looked at, and always held (buffered):
+        # a call to a tool nobody declared must not reach the client, even in part
+        self.structured_only = not body.get("tools")
         mode = settings.tool_mode
         asked = (headers.get(TOOL_MODE_HEADER, "") if headers is not None else "").strip().lower()
         if asked in ("buffered", "incremental"):
             mode = asked
+        if self.structured_only:
+            mode = "buffered"
         self.mode = mode
         self.fmt = None if settings.tool_format == "auto" else settings.tool_format
         self.tools = body.get("tools")
+        asked = headers.get(REASONING_HEADER) if headers is not None else None
+        self.reasoning_field = field_for(asked, settings.reasoning_field)
+        self.reasoning_signals = ReasoningSignals(
+            request=template_switch(body.get("chat_template_kwargs")),
+            open_models=tuple(settings.reasoning_open_models),
+            closed_models=tuple(settings.reasoning_closed_models))
+        #: the server's tool parser is bypassed: the request asks for raw text, and the
+        #: server's own reasoning field is re-split here (see ChatMender)
+        self.bypass = bypasses_server_parser(settings.server_tool_parser, backend, body)
+        self.resplit_server_reasoning = self.bypass
+        if self.bypass:
+            ctx.extra["server_tool_parser"] = "bypass"
+        # no schema to compile without tools: the limits are not even built (plain chat's path)
+        limits = DEFAULT_LIMITS if self.structured_only else schema_limits(settings)
         self._mender: ChatMender | None = None
         self.max_argument_chars = settings.max_argument_chars
         self.max_argument_depth = settings.max_argument_depth
         self.validation = RequestValidation.prepare(body, headers, settings.on_invalid, backend,
-                                                    settings.max_retries, mode, ctx,
-                                                    schema_limits(settings), toolset,
-                                                    settings.max_argument_depth,
+                                                    settings.max_retries, mode, ctx, limits,
+                                                    toolset, settings.max_argument_depth,
                                                     settings.max_argument_chars)
 
     @classmethod
@@ -53,9 +95,35 @@ class ChatMending:
                     headers: Any, backend: str, toolset: Toolset | None = None
                     ) -> ChatMending | None:
         """``toolset``: the tools already compiled (``validating.request_toolset``)."""
-        if not body.get("tools"):
-            return None  # with tools and tool_choice "none", a call in the reply is a violation
+        if not body.get("tools") and settings.undeclared_calls == "pass":
+            return None  # calls to undeclared tools are forwarded unchecked, as they come
         return cls(settings, body, ctx, headers, backend, toolset)
+
+    @property
+    def whole_as_stream(self) -> bool:
+        """A non-streaming request whose reply toolmend re-splits: it is asked upstream as a
+        stream and folded back into one reply before it is mended (see ``whole_reply.py``:
+        vLLM's non-streaming path drops a ``</think>`` that toolmend needs)."""
+        return self.bypass and self.body.get("stream") is not True
+
+    def upstream_body(self) -> dict[str, Any]:
+        """The body to send upstream: the client's own, or, when the server's tool parser is
+        bypassed, a copy that asks for the reply as raw text.
+
+        ``tool_choice: "none"`` takes vLLM's tool parser out of play (the chat template still
+        gets the tools); special tokens are kept, as vLLM's own tool parsers ask for, because a
+        format's markers may be special tokens. Validation and retries keep reading the
+        client's body: its ``tool_choice`` is still the rule the reply must follow.
+        """
+        if not self.bypass:
+            return self.body
+        shaped = dict(self.body)
+        shaped["tool_choice"] = "none"
+        shaped.setdefault("skip_special_tokens", False)
+        if self.whole_as_stream:
+            shaped["stream"] = True
+            shaped["stream_options"] = {"include_usage": True}
+        return shaped
 
     def mender(self) -> ChatMender:
         v = self.validation
@@ -63,6 +131,10 @@ class ChatMending:
                        checker=v.check_call if v else None,
                        reply_checker=v.check_reply if v else None, model_hint=self.ctx.model,
                        single_call=self.body.get("parallel_tool_calls") is False,
+                       reasoning_signals=self.reasoning_signals,
+                       reasoning_field=self.reasoning_field,
+                       resplit_server_reasoning=self.resplit_server_reasoning,
+                       structured_only=self.structured_only,
                        max_argument_chars=self.max_argument_chars,
                        max_argument_depth=self.max_argument_depth)
         # kept here, not in ctx.extra: the mender holds the validation, which holds the ctx, and
@@ -102,13 +174,13 @@ class ChatMending:
                 msg = choice.get("message") if isinstance(choice, dict) else None
                 if not isinstance(msg, dict):
                     continue
+                if self.structured_only and not (msg.get("tool_calls")
+                                                 or msg.get("function_call")):
+                    continue  # no tools and no call: the message is left as it came
                 mender = self.mender()
                 mender._model_hint = model
-                delta = message_as_delta(msg)
                 try:
-                    chunks, notes = mender.feed({"model": model, "choices": [
-                        {"index": 0, "delta": delta,
-                         "finish_reason": choice.get("finish_reason") or "stop"}]})
+                    chunks, notes = feed_whole(mender, msg, choice.get("finish_reason"), model)
                     if mender.held and self.validation is not None:
                         more, more_notes = await self.validation.run_retries(mender, up, path,
                                                                              self.body)
@@ -131,6 +203,24 @@ class ChatMending:
             return obj
 
         return transform
+
+
+def bypasses_server_parser(setting: str, backend: str, body: dict[str, Any]) -> bool:
+    """Whether toolmend parses this request's reply itself instead of trusting the server's
+    tool parser (``server_tool_parser``: ``auto``, ``bypass`` or ``trust``).
+
+    Only for ``tool_choice`` ``auto`` (or absent) and ``none``: a named or ``required`` choice is
+    served by vLLM with structured outputs, not by its tool parser, and is left as it is.
+    ``none`` is included because the server's reasoning split still misplaces a call drafted
+    inside reasoning, which would then count as a call the request forbade.
+    """
+    if setting == "trust" or backend not in BYPASSABLE or not body.get("tools"):
+        return False  # without tools, no tool parser runs on the server
+    if body.get("tool_choice") not in (None, "auto", "none"):
+        return False
+    if body.get("n") not in (None, 1):
+        return False  # the mender reads choice 0 of a stream: several are left to the server
+    return setting == "bypass" or backend in BYPASS_BY_DEFAULT
 
 
 def record(ctx: RequestContext, mender: ChatMender | None) -> None:

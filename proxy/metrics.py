@@ -85,12 +85,15 @@ class Metrics:
                                registry=r)
         self.upstream_errors = Counter(pn(n.M_UPSTREAM_ERRORS), "Upstream failures by code",
                                        ("code",), registry=r)
+        self.invalid_utf8 = Counter(pn(n.M_INVALID_UTF8), "Upstream events (or whole replies) "
+                                    "whose invalid UTF-8 was replaced with U+FFFD", registry=r)
         r.register(_QueueDepth(queue_depth or (lambda: 0)))
 
     def observe(self, *, operation: str, provider: str, model: str | None, status: int,
                 error_code: str | None, duration: float, ttft: float | None,
                 queue_wait: float | None, usage: dict[str, Any] | None,
-                repair_kinds: list[str], validation_failures: int, retries: int) -> None:
+                repair_kinds: list[str], validation_failures: int, retries: int,
+                invalid_utf8: int = 0) -> None:
         m = self.models(model)
         err = self.codes(error_code) if error_code else ""
         self.duration.labels(operation, provider, m, err).observe(duration)
@@ -111,5 +114,7 @@ class Metrics:
             self.validation_failures.inc(validation_failures)
         if retries:
             self.retries.inc(retries)
+        if invalid_utf8:
+            self.invalid_utf8.inc(invalid_utf8)
         if error_code and error_code.startswith("upstream"):
             self.upstream_errors.labels(err).inc()

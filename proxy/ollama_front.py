@@ -43,8 +43,11 @@ PS_EXPIRY = "2318-01-01T00:00:00Z"
 
 def ollama_error(err: ProxyError) -> web.Response:
     """Ollama's error body: the message alone under ``error``."""
-    return web.Response(status=err.status, body=orjson.dumps({"error": err.message}),
+    resp = web.Response(status=err.status, body=orjson.dumps({"error": err.message}),
                         content_type="application/json", headers=err.headers)
+    if err.status == 408:  # a body that never arrived: the connection is not reusable
+        resp.force_close()
+    return resp
 
 
 def _now_rfc3339() -> str:
@@ -55,9 +58,12 @@ def _now_rfc3339() -> str:
 class OllamaDownstream(Downstream):
     """The client writer for Ollama requests: NDJSON instead of SSE, no keep-alives (NDJSON
     has no comment line, and Ollama clients parse every line), and for ``stream: false`` one
-    JSON object at the end."""
+    JSON object at the end.
 
-    __slots__ = ("emitter", "whole")
+    ``stream: false`` gathers the whole reply in memory, so what it gathers is bounded like any
+    reply read whole (``max_upstream_reply_bytes``, counted on the stream fed in)."""
+
+    __slots__ = ("_fed", "_limit", "emitter", "whole")
 
     def __init__(self, request: web.Request, ctx: RequestContext, emitter: OllamaEmitter,
                  *, stream: bool) -> None:
@@ -65,8 +71,16 @@ class OllamaDownstream(Downstream):
         self.resp.headers["Content-Type"] = NDJSON
         self.emitter = emitter
         self.whole = not stream
+        self._fed = 0
+        self._limit = request.app[SETTINGS].max_upstream_reply_bytes
 
     async def write(self, data: bytes) -> None:
+        if self.whole:
+            self._fed += len(data)
+            if self._fed > self._limit:
+                raise ProxyError(502, f"upstream sent a reply over the limit of {self._limit} "
+                                 "bytes (max_upstream_reply_bytes)",
+                                 code="upstream_reply_too_large")
         out = self.emitter.feed(data)
         if out:
             await super().write(out)
@@ -77,7 +91,10 @@ class OllamaDownstream(Downstream):
         if not self.resp.prepared:
             self.ctx.status = err.status
             return ollama_error(err)
-        with contextlib.suppress(ClientGone):
+        if self._ended:
+            return self.resp
+        self._ended = True
+        with contextlib.suppress(ClientGone, ConnectionError, RuntimeError):
             await super().write(self.emitter.error_line(err.message))
             await self.resp.write_eof()
         return self.resp
@@ -243,9 +260,7 @@ async def root(request: web.Request) -> web.Response:
 
 
 async def _context_length(request: web.Request) -> int | None:
-    d = (await request.app[UPSTREAM].detect()).details
-    n = d.get("n_ctx") or d.get("max_model_len")
-    return n if isinstance(n, int) else None
+    return (await request.app[UPSTREAM].detect()).context_length
 
 
 async def _discover(request: web.Request, fn: Any) -> Any:

@@ -5,6 +5,10 @@ is I/O discipline: never buffer a stream (each upstream read is written as soon 
 processed, and ``write`` waits for the client to drain, so a slow reader stalls the upstream
 read instead of growing memory), close the upstream the moment the client leaves, and turn every
 failure into an OpenAI-shaped error at the right place (status line or in-stream event).
+
+That includes failures nobody foresaw: once the client has a 200 and part of a stream, an
+exception that escaped would leave it with a cut chunked body and no ``[DONE]``, so the stream's
+edge catches everything, logs it, and ends the stream with an ``internal_error`` event.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -21,10 +26,15 @@ from aiohttp import web
 from .context import RequestContext
 from .downstream import ClientGone, Downstream
 from .errors import ProxyError, normalize_upstream_error
-from .parsers.stream import StreamPipeline, UpstreamStreamError
+from .parsers.stream import INVALID_UTF8_NOTE, StreamPipeline, UpstreamStreamError
 from .upstream import UpstreamClient
+from .whole_reply import fold_stream
 
 JsonTransform = Callable[[dict[str, Any]], Any]  # may return an awaitable
+
+log = logging.getLogger("toolmend.relay")
+#: Repair kind recorded when upstream output held invalid UTF-8 (replaced with U+FFFD).
+INVALID_UTF8 = "invalid_utf8"
 
 
 async def relay_stream(request: web.Request, ctx: RequestContext, up: UpstreamClient, path: str,
@@ -80,12 +90,19 @@ async def relay_stream(request: web.Request, ctx: RequestContext, up: UpstreamCl
         ctx.error_code = "client_disconnected"
         await down.stop_keepalive()
         return down.resp
+    except Exception as e:  # the safety net: a bug must not cut the client's stream
+        _record(ctx, pipeline)
+        log.exception("request %s failed while relaying %s", ctx.request_id, path)
+        return await down.fail(internal_error(e))
     finally:
         ctx.finished_at = loop.time()
 
 
 async def relay_json(ctx: RequestContext, up: UpstreamClient, path: str, body: bytes,
-                     transform: JsonTransform | None = None) -> web.Response:
+                     transform: JsonTransform | None = None, *,
+                     as_stream: bool = False) -> web.Response:
+    """A non-streaming reply; ``as_stream``: the request asked the upstream for a stream, which
+    is folded into the reply object first (see ``whole_reply.py``)."""
     loop = asyncio.get_running_loop()
     try:
         async with up.call(path, body, headers=ctx.extra.get("upstream_headers")) as call:
@@ -95,7 +112,11 @@ async def relay_json(ctx: RequestContext, up: UpstreamClient, path: str, body: b
         if status >= 400:
             raise normalize_upstream_error(status, raw)
         try:
-            obj = orjson.loads(raw)
+            if as_stream:
+                obj, replaced = fold_stream(raw)
+                note_invalid_utf8(ctx, replaced)
+            else:
+                obj = _loads_reply(ctx, raw)
         except orjson.JSONDecodeError:
             raise ProxyError(502, "upstream sent a response that is not JSON",
                              code="upstream_bad_response") from None
@@ -113,7 +134,9 @@ async def relay_json(ctx: RequestContext, up: UpstreamClient, path: str, body: b
                 ctx.finish_reasons.append(c["finish_reason"])
         ctx.status = 200
         headers = {"X-Request-Id": ctx.request_id}
-        notes = ctx.extra.get("repair_notes")
+        notes = ctx.extra.get("repair_notes") or []
+        if ctx.extra.get(INVALID_UTF8):
+            notes = [INVALID_UTF8_NOTE, *notes]
         if notes:
             headers["X-Toolmend-Repairs"] = "; ".join(notes)[:4000].replace("\n", " ")
         return web.Response(body=orjson.dumps(obj), content_type="application/json",
@@ -126,12 +149,43 @@ async def relay_json(ctx: RequestContext, up: UpstreamClient, path: str, body: b
         ctx.finished_at = loop.time()
 
 
+def internal_error(e: BaseException) -> ProxyError:
+    """What the client is told about a failure toolmend did not foresee (the log has more)."""
+    return ProxyError(500, f"internal error in toolmend ({e.__class__.__name__}); see its log",
+                      code="internal_error")
+
+
+def _loads_reply(ctx: RequestContext, raw: bytes) -> Any:
+    """Parse a whole upstream reply; invalid UTF-8 in it is replaced, counted and reported
+    (the reply is re-encoded anyway, so only a reply that needs it pays)."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        try:
+            raw.decode()
+        except UnicodeDecodeError:
+            obj = orjson.loads(raw.decode("utf-8", "replace"))
+            note_invalid_utf8(ctx, 1)
+            return obj
+        raise
+
+
+def note_invalid_utf8(ctx: RequestContext, events: int) -> None:
+    """Record replaced invalid UTF-8: a count for the metric, one repair for the trace."""
+    if not events:
+        return
+    if not ctx.extra.get(INVALID_UTF8):
+        ctx.repairs.append({"kind": INVALID_UTF8, "events": events})
+    ctx.extra[INVALID_UTF8] = events
+
+
 def _record(ctx: RequestContext, pipeline: StreamPipeline) -> None:
     st = pipeline.stats
     ctx.usage = st.usage
     ctx.finish_reasons = st.finish_reasons
     if st.model and not ctx.extra.get("response_model"):
         ctx.extra["response_model"] = st.model
+    note_invalid_utf8(ctx, st.invalid_utf8)
 
 
 def _stream_error(e: UpstreamStreamError) -> ProxyError:

@@ -19,6 +19,9 @@ from .memory import note_large_work
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 MAX_DEPTH = 64
+#: Most replies one request may have generated (``n``, ``best_of``, times the prompts of a
+#: completions batch): each is a whole generation.
+MAX_CHOICES = 128
 #: Memory one parsed JSON value takes beyond its text, on average, in bytes: a dict slot and a
 #: key object, or a list slot (measured by bench/hostile_bodies.py; see BENCHMARKS.md). An
 #: 8 MB body of 690,000 small keys parses to about 80 MB.
@@ -205,6 +208,10 @@ def check_completion_body(body: dict[str, Any]) -> None:
         raise bad_request("'prompt' is required", param="prompt", code="missing_required")
     if not isinstance(prompt, str | list):
         raise bad_request("'prompt' must be a string or an array", param="prompt")
+    if sequences(body) > MAX_CHOICES:
+        raise bad_request(f"the request asks for {sequences(body)} replies (prompts times "
+                          f"'n'); at most {MAX_CHOICES}", param="prompt",
+                          code="too_many_choices")
 
 
 def _check_common(body: dict[str, Any]) -> None:
@@ -218,10 +225,84 @@ def _check_common(body: dict[str, Any]) -> None:
         v = body.get(name)
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
             raise bad_request(f"'{name}' must be a positive integer", param=name)
+    for name in ("n", "best_of"):
+        v = body.get(name)
+        if isinstance(v, int | float) and not isinstance(v, bool) and v > MAX_CHOICES:
+            raise bad_request(f"'{name}' must be at most {MAX_CHOICES}", param=name,
+                              code="too_many_choices")
     for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
         v = body.get(name)
         if v is not None and (not isinstance(v, int | float) or isinstance(v, bool)):
             raise bad_request(f"'{name}' must be a number", param=name)
+
+
+#: Request fields that some backend reads as "generate at most this many tokens": OpenAI's two
+#: names (vLLM, SGLang, every OpenAI-compatible server), llama-server's ``n_predict`` (it wins
+#: over ``max_tokens`` there), TGI's ``max_new_tokens`` and Ollama's ``num_predict`` (top level
+#: or in ``options``). A cap that misses one of them is no cap.
+OUTPUT_LIMIT_FIELDS = ("max_tokens", "max_completion_tokens", "n_predict", "max_new_tokens",
+                       "num_predict")
+
+
+def cap_output_tokens(body: dict[str, Any], key_cap: int | None, context: int | None) -> bool:
+    """Bound how many tokens the request may generate; returns whether the body changed.
+
+    Called once, on the internal request a front produced, right before it is queued and sent
+    (``app._forward``): every front (chat, completions, Ollama ``/api/*``, and any front added
+    later) and every upstream wire (the Ollama-native translation reads these fields) gets the
+    same bound by construction, and retries copy the bounded body.
+
+    ``key_cap``, the client key's ``max_tokens``, is strict: every output field present ends as
+    an integer from 0 to the cap, whatever it was (``null`` and ``-1`` mean "no limit" to the
+    servers, a float or a string may be read leniently), and a body without either OpenAI field
+    gets ``max_tokens`` set. The key's cap is on the request, so a request asking for several
+    sequences (``n``, ``best_of``) gets it shared among them. ``context``, the backend's
+    context length when toolmend knows it, only lowers numbers above it (``max_tokens:
+    10**12``); values a server reads as its own default (absent, ``null``, ``-1``) are
+    bounded by that context already.
+    """
+    cap = key_cap
+    if cap is not None:
+        cap = max(1, cap // sequences(body))
+    if context is not None and context > 0 and (cap is None or context < cap):
+        cap = context
+    if cap is None:
+        return False
+    strict = key_cap is not None
+    changed = _cap_fields(body, cap, strict)
+    options = body.get("options")
+    if isinstance(options, dict):
+        changed = _cap_fields(options, cap, strict) or changed
+    if strict and "max_tokens" not in body and "max_completion_tokens" not in body:
+        body["max_tokens"] = cap
+        changed = True
+    return changed
+
+
+def sequences(body: dict[str, Any]) -> int:
+    """How many replies the request has generated: ``n`` (or ``best_of``, which vLLM generates
+    and then picks from) for each prompt of a legacy completions batch."""
+    choices = max((v for name in ("n", "best_of") if isinstance(v := body.get(name), int)
+                   and not isinstance(v, bool)), default=1)
+    prompt = body.get("prompt")
+    batch = len(prompt) if isinstance(prompt, list) and prompt and \
+        isinstance(prompt[0], str | list) else 1
+    return max(1, choices) * max(1, batch)
+
+
+def _cap_fields(doc: dict[str, Any], cap: int, strict: bool) -> bool:
+    changed = False
+    for name in OUTPUT_LIMIT_FIELDS:
+        if name not in doc:
+            continue
+        v = doc[name]
+        if isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= cap:
+            continue
+        number = isinstance(v, int | float) and not isinstance(v, bool)
+        if strict or (number and v > cap):
+            doc[name] = cap
+            changed = True
+    return changed
 
 
 def wants_stream(body: dict[str, Any]) -> bool:

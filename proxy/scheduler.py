@@ -155,7 +155,7 @@ class Cost:
     max_tokens: int | None = None
 
 
-@dataclass(eq=False, slots=True)
+@dataclass(eq=False, slots=True, weakref_slot=True)
 class Ticket:
     """One request's place in the scheduler; once dispatched it is the grant of a slot.
 
@@ -279,6 +279,10 @@ class FairScheduler:
         self._agents: dict[str, _Agent] = {}
         self._backlogged: dict[str, _Agent] = {}  # insertion order is irrelevant; keys matter
         self._running: set[Ticket] = set()
+        # Expiry times of queued tickets. A ticket that leaves the queue (dispatched, cancelled,
+        # expired) leaves its entry behind, and entries hold tickets: _unqueue clears the heap
+        # whenever the queue empties and rebuilds it once stale entries outnumber live ones,
+        # so a finished ticket is not kept alive for queue_ttl (amortized O(1) per request).
         self._expiry: list[tuple[float, int, Ticket]] = []
         self._last_left = 0.0  # counter of the agent that last left the backlog
         self._seq = 0
@@ -426,17 +430,13 @@ class FairScheduler:
         """Drop every queued request whose time-to-live or deadline has passed."""
         now = self.clock() if now is None else now
         out: list[Ticket] = []
-        heap = self._expiry
-        while heap and heap[0][0] <= now:
-            _, _, t = heapq.heappop(heap)
+        while self._expiry and self._expiry[0][0] <= now:  # re-read: _unqueue may rebuild it
+            _, _, t = heapq.heappop(self._expiry)
             if t.state is TicketState.QUEUED:
                 self._expire_one(t)
                 if t.future is not None and not t.future.done():
                     t.future.set_exception(self._expired_error(t))
                 out.append(t)
-        if len(heap) > 2 * self.queued + 64:  # drop entries of requests no longer queued
-            self._expiry = [e for e in heap if e[2].state is TicketState.QUEUED]
-            heapq.heapify(self._expiry)
         return out
 
     def _expire_one(self, t: Ticket) -> None:
@@ -588,6 +588,16 @@ class FairScheduler:
         if a.queued == 0:
             self._backlogged.pop(a.name, None)
         t.state = state
+        self._prune_expiry()
+
+    def _prune_expiry(self) -> None:
+        """Drop the expiry entries of tickets no longer queued (see ``_expiry``)."""
+        heap = self._expiry
+        if self.queued == 0:
+            heap.clear()
+        elif len(heap) > 2 * self.queued + 64:
+            self._expiry = [e for e in heap if e[2].state is TicketState.QUEUED]
+            heapq.heapify(self._expiry)
 
     def _forget_idle(self) -> None:
         if len(self._agents) <= MAX_IDLE_AGENTS:

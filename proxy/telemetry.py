@@ -15,11 +15,25 @@ own thread. A collector that is down or stalls costs dropped spans and a warning
 never request latency.
 
 Trace layout. With no incoming ``traceparent``, every step of an agent session goes into one
-trace whose id is derived from the session id, and each step's SERVER span is a root span of
-that trace (the steps are siblings). The alternative, a synthetic parent span that is never
-exported, makes Jaeger flag every step with "invalid parent span IDs" and skip its clock-skew
-adjustment; sibling roots render as a clean, time-ordered list of steps in one timeline. An
-incoming ``traceparent`` wins: the steps then nest under the agent framework's own spans.
+trace whose id is derived from the session id, under one ``invoke_agent {agent}`` span for the
+session: session span -> step (SERVER) -> upstream call (CLIENT). A span can only be exported once
+it has ended, and a session has no end toolmend can see: the agent simply stops sending. So the
+session span's id is made when the session's first step arrives and each step names it as its
+parent right away, while the session span itself is built and exported only once the session
+has gone idle (``trace_session_idle`` seconds without a step and none in flight), is evicted
+(more than ``sessions_max`` open at once) or toolmend shuts down. A step that comes after that
+opens a new session span in the same trace, so a long pause shows as two parts of one session.
+
+Why this and not the alternatives: sibling root spans (what toolmend did before) give no tree to
+fold and no single span to read a session's length from; a session span exported when the first
+step ends would show the wrong duration forever (an exported span cannot be extended); one span
+per step-group of fixed size would cut sessions at arbitrary points. The cost of the choice is
+that while a session is live, its steps point at a parent that has not arrived yet: Jaeger marks
+them with an "invalid parent span IDs" warning and Phoenix lists them as root spans, until the
+session span lands (at most ``trace_session_idle`` seconds after the last step).
+
+An incoming ``traceparent`` wins: the steps then nest under the agent framework's own spans and
+toolmend adds no session span (the framework's own span is the session).
 """
 
 from __future__ import annotations
@@ -34,6 +48,7 @@ import random
 import re
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -49,11 +64,13 @@ from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, Trace
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import telemetry_names as n
+from .auth import SESSION_HEADER, header_text
 from .config import Settings
 from .context import RequestContext
 from .errors import ProxyError
+from .identity import IDENTITY_KEY, Identity, tracker
 from .metrics import Metrics
-from .sessions import SessionTracker, StepRecord
+from .sessions import SessionTracker, StepRecord, dumps
 
 log = logging.getLogger("toolmend.telemetry")
 
@@ -84,6 +101,31 @@ class RequestTrace:
     tracestate: str | None = None
     upstream_start: float | None = None  # loop time; ctx.dispatched_at wins when a queue exists
     input_messages: str | None = None  # only with the content-capture opt-in
+    session_span: SessionSpan | None = None  # the open session span this step is a child of
+
+
+@dataclass(slots=True)
+class SessionSpan:
+    """A session span that is open: its id is handed out to steps, its span not yet built.
+
+    Times are epoch nanoseconds (the span's), ``last_active`` loop time (the idle timer's).
+    """
+
+    session_id: str
+    agent_id: str
+    source: str
+    trace_id: int
+    span_id: int
+    start_ns: int = 0
+    end_ns: int = 0
+    last_active: float = 0.0
+    in_flight: int = 0  # steps prepared and not yet recorded
+    steps: int = 0
+    first_step: int | None = None
+    last_step: int | None = None
+    repairs: int = 0
+    retries: int = 0
+    errors: int = 0
 
 
 def parse_traceparent(value: str | None) -> tuple[int, int, bool] | None:
@@ -103,9 +145,13 @@ def format_traceparent(trace_id: int, span_id: int, sampled: bool) -> str:
     return f"00-{trace_id:032x}-{span_id:016x}-{'01' if sampled else '00'}"
 
 
-def session_trace_id(session_id: str) -> int:
-    """The trace id of a session without an incoming trace: stable, so all steps share it."""
-    digest = hashlib.sha256(b"toolmend-session\0" + session_id.encode()).digest()
+def session_trace_id(agent_id: str, session_id: str) -> int:
+    """The trace id of a session without an incoming trace: stable, so all steps share it.
+
+    The agent is part of it, as it is of the session's key in the session store: another agent
+    naming the same session id gets a trace of its own, not a place in this one."""
+    digest = hashlib.sha256(b"toolmend-session\0" + agent_id.encode("utf-8", "surrogatepass")
+                            + b"\0" + session_id.encode("utf-8", "surrogatepass")).digest()
     return int.from_bytes(digest[:16], "big") or 1
 
 
@@ -240,7 +286,7 @@ def _build_exporter(settings: Settings) -> tuple[SpanExporter, str] | None:
                              "package; install it or use http/protobuf") from None
         insecure = urlsplit(endpoint).scheme == "http" if endpoint else None
         exp = GrpcExporter(endpoint=endpoint or None, insecure=insecure, timeout=timeout)
-        return exp, endpoint or "the OTEL_EXPORTER_OTLP_* endpoint"
+        return exp, _shown(endpoint) or "the OTEL_EXPORTER_OTLP_* endpoint"
     if protocol not in ("http/protobuf", "http"):
         raise ValueError(f"OTLP protocol {protocol!r} is not supported (http/protobuf, grpc)")
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -250,7 +296,16 @@ def _build_exporter(settings: Settings) -> tuple[SpanExporter, str] | None:
         if parts.path in ("", "/"):
             endpoint = endpoint.rstrip("/") + "/v1/traces"
     exp = OTLPSpanExporter(endpoint=endpoint or None, timeout=timeout)
-    return exp, endpoint or "the OTEL_EXPORTER_OTLP_* endpoint"
+    return exp, _shown(endpoint) or "the OTEL_EXPORTER_OTLP_* endpoint"
+
+
+def _shown(endpoint: str) -> str:
+    """The collector's URL as logged: without ``user:password@``, like the upstream's."""
+    if "@" not in endpoint:
+        return endpoint
+    parts = urlsplit(endpoint)
+    host = parts.netloc.rsplit("@", 1)[1]
+    return parts._replace(netloc=host).geturl()
 
 
 def _quiet_sdk_loggers() -> None:
@@ -291,6 +346,10 @@ class Telemetry:
         })
         self._scope = InstrumentationScope("toolmend", _version())
         self._next_error_log = 0.0
+        # open session spans, least recently active first; bounded like the session tracker
+        self._open: OrderedDict[str, SessionSpan] = OrderedDict()
+        self._open_max = max(1, settings.sessions_max)
+        self._idle_timer: asyncio.TimerHandle | None = None
 
     @property
     def tracing(self) -> bool:
@@ -306,6 +365,8 @@ class Telemetry:
         """
         tr = self._trace_info(request, ctx, body)
         tr.upstream_start = asyncio.get_running_loop().time()
+        if self.tracing and tr.sampled and tr.session_id and tr.parent_span_id is None:
+            tr.session_span = self._session_span(tr, ctx.agent_id, tr.upstream_start)
         if self.capture_content and body is not None:
             msgs = body.get("messages", body.get("prompt"))
             if msgs is not None:
@@ -328,10 +389,13 @@ class Telemetry:
     def _trace_info(self, request: web.Request, ctx: RequestContext,
                     body: dict[str, Any] | None) -> RequestTrace:
         incoming = parse_traceparent(request.headers.get(n.TRACEPARENT))
-        session = (ctx.session_id or request.headers.get("X-Session-Id") or "").strip()
+        # the header is read through header_text: a request refused at the door for a session
+        # id that is not text is still recorded, without it
+        ident = ctx.extra.get(IDENTITY_KEY)
+        session = (ctx.session_id or header_text(request, SESSION_HEADER) or "").strip()
         session = session[:SESSION_ID_MAX]
         if session:
-            source = "header"
+            source = ident.session_source if isinstance(ident, Identity) else "header"
         elif incoming is not None:
             session, source = f"{incoming[0]:032x}", "trace"
         elif body is not None:
@@ -341,8 +405,10 @@ class Telemetry:
         if incoming is not None:
             trace_id, parent, sampled = incoming
             tracestate = request.headers.get(n.TRACESTATE)
+            if tracestate is not None and not (tracestate.isascii() and tracestate.isprintable()):
+                tracestate = None  # W3C: a tracestate that cannot be parsed is dropped
         else:
-            trace_id = session_trace_id(session) if session else _rand_id(128)
+            trace_id = session_trace_id(ctx.agent_id, session) if session else _rand_id(128)
             parent, sampled, tracestate = None, True, None
         return RequestTrace(session or None, source, loop_step(body) if body is not None
                             else None, trace_id, parent, sampled, _rand_id(64), _rand_id(64),
@@ -373,8 +439,16 @@ class Telemetry:
         tr = ctx.extra.get(TRACE_KEY)
         if not isinstance(tr, RequestTrace):
             tr = self._trace_info(request, ctx, None)
+        group = tr.session_span
+        if group is not None:
+            group.in_flight = max(0, group.in_flight - 1)
+            group.last_active = now_loop
         provider = self._provider(ctx)
         status = ctx.status or 0
+        ident = ctx.extra.get(IDENTITY_KEY)
+        if isinstance(ident, Identity) and ident.fingerprint is not None:
+            tracker(request.app).finished(ident.fingerprint, 200 <= status < 400
+                                          and ctx.error_code is None)
 
         def sec(t: float | None, since: float | None = None) -> float | None:
             if t is None:
@@ -395,16 +469,18 @@ class Telemetry:
         kinds = [_repair_kind(r) for r in ctx.repairs]
         failures = sum(1 for k in kinds if k.startswith(("validation", "schema")))
         failures += _int(ctx.extra.get("validation_failures"))
+        failures += sum(1 for r in _validation_records(ctx) if r.get("ok") is False)
         validation = _validation_outcome(ctx, kinds, failures)
         started_epoch = (ctx.started * 1e9 + offset_ns) / 1e9
         ended_epoch = (end * 1e9 + offset_ns) / 1e9
-        tool_time = (self.sessions.tool_time_ms(tr.session_id, started_epoch)
+        tool_time = (self.sessions.tool_time_ms(ctx.agent_id, tr.session_id, started_epoch)
                      if tr.session_id else None)
 
         self.metrics.observe(operation=operation, provider=provider, model=ctx.model,
                              status=status, error_code=ctx.error_code, duration=duration,
                              ttft=ttft, queue_wait=queue, usage=ctx.usage, repair_kinds=kinds,
-                             validation_failures=failures, retries=ctx.retries)
+                             validation_failures=failures, retries=ctx.retries,
+                             invalid_utf8=_int(ctx.extra.get("invalid_utf8")))
         usage = ctx.usage or {}
         if tr.session_id:
             self.sessions.record(tr.session_id, ctx.agent_id, tr.session_source, StepRecord(
@@ -463,8 +539,15 @@ class Telemetry:
         flags = TraceFlags(TraceFlags.SAMPLED)
         state = TraceState.from_header([tr.tracestate]) if tr.tracestate else None
         server_ctx = SpanContext(tr.trace_id, tr.server_span_id, False, flags, state)
-        parent = (SpanContext(tr.trace_id, tr.parent_span_id, True, flags, state)
-                  if tr.parent_span_id is not None else None)
+        if tr.parent_span_id is not None:
+            parent: SpanContext | None = SpanContext(tr.trace_id, tr.parent_span_id, True, flags,
+                                                     state)
+        elif group is not None:
+            parent = SpanContext(tr.trace_id, group.span_id, False, flags, state)
+            self._add_step(group, ns(ctx.started), ns(end), tr.step, len(kinds), ctx.retries,
+                           failed)
+        else:
+            parent = None
         name = f"{operation} {model}"
         spans = [ReadableSpan(name, server_ctx, parent, self._resource, _clean(server_attrs),
                               events, (), SpanKind.SERVER, status=status_obj,
@@ -488,6 +571,102 @@ class Telemetry:
                 end_time=ns(end), instrumentation_scope=self._scope))
         for span in spans:
             self._processor.on_end(span)
+
+    # --- session spans ---------------------------------------------------------------------------
+    def _session_span(self, tr: RequestTrace, agent_id: str, now: float) -> SessionSpan:
+        """The session's open span (opened now if there is none), with one more step in flight."""
+        sid = tr.session_id or ""
+        group = self._open.get(sid)
+        if group is None or group.trace_id != tr.trace_id:
+            if group is not None:
+                self._end_session(group)
+            group = SessionSpan(sid, agent_id, tr.session_source, tr.trace_id, _rand_id(64))
+            self._open[sid] = group
+            while len(self._open) > self._open_max:
+                self._end_session(next(iter(self._open.values())))
+        else:
+            self._open.move_to_end(sid)
+        group.in_flight += 1
+        group.last_active = now
+        return group
+
+    def _add_step(self, group: SessionSpan, start_ns: int, end_ns: int, step: int | None,
+                  repairs: int, retries: int, failed: bool) -> None:
+        group.start_ns = start_ns if not group.steps else min(group.start_ns, start_ns)
+        group.end_ns = max(group.end_ns, end_ns)
+        group.steps += 1
+        if step is not None:
+            group.first_step = step if group.first_step is None else min(group.first_step, step)
+            group.last_step = step if group.last_step is None else max(group.last_step, step)
+        group.repairs += repairs
+        group.retries += retries
+        group.errors += failed
+        if self._open.get(group.session_id) is group:
+            self._arm_idle_timer(group.last_active + self.settings.trace_session_idle)
+
+    def _arm_idle_timer(self, when: float) -> None:
+        """One timer for all open sessions, set for the earliest moment one can go idle."""
+        timer = self._idle_timer
+        if timer is not None and not timer.cancelled() and timer.when() <= when:
+            return
+        if timer is not None:
+            timer.cancel()
+        self._idle_timer = asyncio.get_running_loop().call_at(when, self._end_idle_sessions)
+
+    def _end_idle_sessions(self) -> None:
+        """Export the spans of sessions without a step for ``trace_session_idle`` seconds.
+
+        A session with a step in flight is not idle; it is ended anyway once nothing has been
+        heard of it for ``total_timeout`` (a request can take no longer), so a step whose
+        recording was lost cannot keep its session open for ever.
+        """
+        self._idle_timer = None
+        try:
+            now = asyncio.get_running_loop().time()
+            idle = self.settings.trace_session_idle
+            stale = max(idle, self.settings.total_timeout)
+            nearest: float | None = None
+            for group in list(self._open.values()):
+                due = group.last_active + (idle if group.in_flight == 0 else stale)
+                if now >= due:
+                    self._end_session(group)
+                else:
+                    nearest = due if nearest is None else min(nearest, due)
+            if nearest is not None:
+                self._arm_idle_timer(nearest)
+        except Exception:
+            log.exception("could not end idle session spans")
+
+    def end_sessions(self) -> int:
+        """Export every open session span now (shutdown; tests). Returns how many."""
+        groups = list(self._open.values())
+        for group in groups:
+            self._end_session(group)
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        return len(groups)
+
+    def _end_session(self, group: SessionSpan) -> None:
+        if self._open.get(group.session_id) is group:
+            del self._open[group.session_id]
+        if self._processor is None:
+            return
+        start, end = group.start_ns, group.end_ns
+        if not group.steps:  # ended before its first step was recorded (evicted)
+            start = end = time.time_ns()
+        attrs = _clean({
+            n.GEN_AI_OPERATION_NAME: n.OP_INVOKE_AGENT, n.GEN_AI_CONVERSATION_ID: group.session_id,
+            n.GEN_AI_AGENT_ID: group.agent_id, n.TM_SESSION_SOURCE: group.source,
+            n.TM_SESSION_STEPS: group.steps, n.TM_SESSION_FIRST_STEP: group.first_step,
+            n.TM_SESSION_LAST_STEP: group.last_step, n.TM_REPAIRS: group.repairs or None,
+            n.TM_RETRIES: group.retries or None, n.TM_SESSION_ERRORS: group.errors or None,
+        })
+        ctx = SpanContext(group.trace_id, group.span_id, False, TraceFlags(TraceFlags.SAMPLED))
+        self._processor.on_end(ReadableSpan(
+            f"{n.OP_INVOKE_AGENT} {group.agent_id}", ctx, None, self._resource, attrs, (), (),
+            SpanKind.INTERNAL, status=Status(StatusCode.UNSET), start_time=start, end_time=end,
+            instrumentation_scope=self._scope))
 
     def _provider(self, ctx: RequestContext) -> str:
         """The detected backend kind (``vllm``, ``ollama``...), else the configured one."""
@@ -523,6 +702,7 @@ class Telemetry:
     async def shutdown(self, timeout: float = 3.0) -> None:
         """Flush and stop the exporter thread, waiting at most ``timeout``: cleanup never hangs
         on a collector that does not answer."""
+        self.end_sessions()  # a session span not exported now never will be
         proc, self._processor = self._processor, None
         if proc is not None:
             await _in_daemon_thread(proc.shutdown, timeout)
@@ -589,12 +769,21 @@ def _repair_time(r: Any) -> float | None:
     return t if isinstance(t, float | int) and not isinstance(t, bool) else None
 
 
+def _validation_records(ctx: RequestContext) -> list[dict[str, Any]]:
+    """The validator's verdicts, one per check, in order (``tool``, ``ok``, ``outcome``,
+    ``attempt``, ``pointer``): what the retry events are made of."""
+    recs = ctx.extra.get("validation")
+    return [r for r in recs if isinstance(r, dict)] if isinstance(recs, list) else []
+
+
 def _validation_outcome(ctx: RequestContext, kinds: list[str], failures: int) -> str | None:
     explicit = _ctx_value(ctx, "validation")
     if isinstance(explicit, str):
         return explicit
     if failures:
-        return "failed" if ctx.status >= 400 else "repaired"
+        if ctx.status >= 400 or ctx.error_code:
+            return "failed"
+        return "retried" if ctx.retries else "repaired"
     if kinds:
         return "repaired"
     return "valid" if ctx.tool_names else None
@@ -617,12 +806,28 @@ def _events(ctx: RequestContext, kinds: list[str], end: float,
         t = _repair_time(r) or end
         is_failure = kind.startswith(("validation", "schema"))
         add(t, n.EV_VALIDATION_FAILED if is_failure else n.EV_REPAIRED, {n.EV_ATTR_KIND: kind})
-    retry_times = ctx.extra.get("retry_times")
-    if isinstance(retry_times, list) and retry_times:
-        for t in retry_times:
-            if isinstance(t, float | int):
-                add(float(t), n.EV_RETRIED)
-    elif ctx.retries:
+    # Each failed verdict is a validation_failed event; each one that led to a retry is
+    # followed by a retried event at the moment the retry was sent (the failure was decided
+    # just before it). Both name the tool and the JSON pointer of the problem, never a value.
+    retry_times = [float(t) for t in ctx.extra.get("retry_times") or ()
+                   if isinstance(t, float | int) and not isinstance(t, bool)]
+    retries = 0
+    for r in _validation_records(ctx):
+        if r.get("ok") is not False:
+            continue
+        attrs = _clean({n.GEN_AI_TOOL_NAME: str(r.get("tool") or "")[:64] or None,
+                        n.EV_ATTR_POINTER: str(r["pointer"])[:256] if r.get("pointer")
+                        else None, n.EV_ATTR_OUTCOME: r.get("outcome")})
+        retried = r.get("outcome") == "retry"
+        t = retry_times[retries] if retried and retries < len(retry_times) else end
+        add(t, n.EV_VALIDATION_FAILED, attrs)
+        if retried:
+            retries += 1
+            add(t, n.EV_RETRIED, attrs | {n.EV_ATTR_ATTEMPT: retries})
+    for t in retry_times[retries:]:  # retries the verdicts do not explain
+        retries += 1
+        add(t, n.EV_RETRIED, {n.EV_ATTR_ATTEMPT: retries})
+    if not retry_times and ctx.retries > retries:
         add(end, n.EV_RETRIED, {n.TM_RETRIES: ctx.retries})
     ev.sort(key=lambda p: p[0])
     return [e for _, e in ev]
@@ -663,8 +868,8 @@ def _check_admin(request: web.Request) -> None:
     key = request.app[TELEMETRY].settings.admin_key
     if key:
         auth = request.headers.get("Authorization", "")
-        if auth.startswith("Bearer ") and hmac.compare_digest(auth[7:].strip().encode(),
-                                                              key.encode()):
+        if auth.startswith("Bearer ") and hmac.compare_digest(
+                auth[7:].strip().encode("utf-8", "surrogatepass"), key.encode()):
             return
     try:
         if request.remote and ipaddress.ip_address(request.remote.split("%")[0]).is_loopback:
@@ -690,17 +895,28 @@ async def sessions_handler(request: web.Request) -> web.Response:
                          code="invalid_limit") from None
     tel = request.app[TELEMETRY]
     docs = [s.summary() for s in tel.sessions.recent(limit)]
-    return web.Response(body=orjson.dumps({"object": "list", "data": docs}),
+    return web.Response(body=dumps({"object": "list", "data": docs}),
                         content_type="application/json")
 
 
 async def session_handler(request: web.Request) -> web.Response:
+    """One session; ``?agent_id=`` picks it when several agents use the same session id."""
     _check_admin(request)
     sid = request.match_info["session_id"]
-    s = request.app[TELEMETRY].sessions.get(sid)
+    agent = request.query.get("agent_id")
+    tracker = request.app[TELEMETRY].sessions
+    s = tracker.get(sid, agent)
     if s is None:
-        raise ProxyError(404, f"no recent session {sid!r}", code="session_not_found")
-    return web.Response(body=orjson.dumps(s.detail()), content_type="application/json")
+        found = tracker.matching(sid) if agent is None else []
+        if len(found) > 1:
+            agents = ", ".join(repr(f.agent_id) for f in found[:10])
+            raise ProxyError(409, f"session {sid!r} exists for several agents ({agents}); "
+                             "name one with ?agent_id=", param="agent_id",
+                             code="ambiguous_session")
+        raise ProxyError(404, f"no recent session {sid!r}" +
+                         (f" of agent {agent!r}" if agent is not None else ""),
+                         code="session_not_found")
+    return web.Response(body=dumps(s.detail()), content_type="application/json")
 
 
 async def _shutdown(app: web.Application) -> None:

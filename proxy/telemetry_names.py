@@ -20,12 +20,14 @@ GEN_AI_USAGE_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
 GEN_AI_CONVERSATION_ID = "gen_ai.conversation.id"
 GEN_AI_AGENT_ID = "gen_ai.agent.id"
 GEN_AI_TOKEN_TYPE = "gen_ai.token.type"
+GEN_AI_TOOL_NAME = "gen_ai.tool.name"  # on the validation and retry events
 # recorded only with the content-capture opt-in
 GEN_AI_INPUT_MESSAGES = "gen_ai.input.messages"
 
 # well-known values
 OP_CHAT = "chat"
 OP_TEXT_COMPLETION = "text_completion"
+OP_INVOKE_AGENT = "invoke_agent"  # the session span: one agent's run, its steps as children
 TOKEN_INPUT = "input"
 TOKEN_OUTPUT = "output"
 
@@ -42,6 +44,11 @@ SERVICE_VERSION = "service.version"
 TM_REQUEST_ID = "toolmend.request_id"
 TM_STEP = "toolmend.loop.step"
 TM_SESSION_SOURCE = "toolmend.session.source"  # header | trace | fingerprint
+# on the session span: steps under it, their step numbers, and how many failed
+TM_SESSION_STEPS = "toolmend.session.steps"
+TM_SESSION_FIRST_STEP = "toolmend.session.first_step"
+TM_SESSION_LAST_STEP = "toolmend.session.last_step"
+TM_SESSION_ERRORS = "toolmend.session.errors"
 TM_QUEUE_WAIT_MS = "toolmend.queue.wait_ms"
 TM_TTFT_MS = "toolmend.ttft_ms"  # as the client saw it, from request arrival
 TM_UPSTREAM_TTFT_MS = "toolmend.upstream.ttft_ms"  # from the upstream call's start
@@ -52,7 +59,7 @@ TM_TOOL_NAMES = "toolmend.tool_calls.names"
 TM_TOOL_CALLS = "toolmend.tool_calls.count"
 TM_REPAIRS = "toolmend.repairs.count"
 TM_REPAIR_KINDS = "toolmend.repairs.kinds"
-TM_VALIDATION = "toolmend.validation.outcome"  # valid | repaired | failed
+TM_VALIDATION = "toolmend.validation.outcome"  # valid | repaired | retried | failed
 TM_RETRIES = "toolmend.retries"
 TM_PRIORITY = "toolmend.priority"
 TM_SLOT = "toolmend.slot"
@@ -67,6 +74,9 @@ EV_REPAIRED = "repaired"
 EV_VALIDATION_FAILED = "validation_failed"
 EV_RETRIED = "retried"
 EV_ATTR_KIND = "toolmend.repair.kind"
+EV_ATTR_POINTER = "toolmend.validation.pointer"  # JSON pointer into the arguments, e.g. /city
+EV_ATTR_OUTCOME = "toolmend.validation.decision"  # retry | error | forward | repaired
+EV_ATTR_ATTEMPT = "toolmend.retry.attempt"  # 1 for the first retry
 
 # --- metrics (OTel names; Prometheus names are derived by ``prometheus_name``) ------------------
 M_TTFT = "gen_ai.server.time_to_first_token"
@@ -80,6 +90,7 @@ M_REPAIRS = "toolmend.repairs"
 M_VALIDATION_FAILURES = "toolmend.validation.failures"
 M_RETRIES = "toolmend.retries"
 M_UPSTREAM_ERRORS = "toolmend.upstream.errors"
+M_INVALID_UTF8 = "toolmend.upstream.invalid_utf8"
 
 # Bucket boundaries the conventions ask for (ExplicitBucketBoundaries).
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,

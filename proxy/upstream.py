@@ -33,6 +33,7 @@ import aiohttp
 import orjson
 from yarl import URL
 
+from .bounded import ERROR_BODY_BYTES, read_bounded
 from .config import Settings
 from .detect import Detected, detect
 from .errors import ProxyError, normalize_upstream_error
@@ -48,6 +49,8 @@ LOADING_BACKOFF = (0.25, 2.0, 5.0)
 #: (Timeouts are not among them: a slow prefill is not a dead server.)
 FAILOVER_ERRORS = (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError,
                    aiohttp.ClientOSError)
+#: After the headers, before any body byte was used: the same, or the body broke off.
+FAILOVER_BODY_ERRORS = (*FAILOVER_ERRORS, aiohttp.ClientPayloadError)
 #: get_json failures after which another replica is asked.
 FAILOVER_CODES = frozenset({"upstream_unreachable", "upstream_timeout", "upstream_disconnected"})
 CHAT_PATH = "/v1/chat/completions"
@@ -105,6 +108,12 @@ def _replica(url: str) -> Replica:
     return Replica(str(parsed).rstrip("/"), auth)
 
 
+def redacted(url: str) -> str:
+    """``url`` as toolmend shows it anywhere (banner, logs, readyz, traces): without
+    ``user:password@``, exactly as its replica's URL."""
+    return _replica(url).url
+
+
 class UpstreamClient:
     """Owns the shared :class:`aiohttp.ClientSession`; closed in the app's ``on_cleanup``."""
 
@@ -122,6 +131,8 @@ class UpstreamClient:
         self.ollama_native = settings.ollama_native
         self.keep_alive = settings.keep_alive
         self.health_interval = settings.health_interval
+        self.max_reply_bytes = settings.max_upstream_reply_bytes
+        self.max_event_bytes = settings.max_upstream_event_bytes
         self.detected: Detected | None = None
         self._detect_lock = asyncio.Lock()
         self._turn = 0  # rotates ties between equally loaded replicas
@@ -174,7 +185,7 @@ class UpstreamClient:
                     async with self.session.get(r.url + HEALTH_PATH,
                                                 headers=self._headers(None, r)) as resp:
                         status = resp.status
-                        await resp.read()
+                        await read_bounded(resp.content, ERROR_BODY_BYTES)  # only the status counts
             except (aiohttp.ClientError, TimeoutError, OSError) as e:
                 self.mark_down(r, f"health check: {e.__class__.__name__} {e}".strip())
             else:
@@ -332,9 +343,12 @@ class UpstreamClient:
         try:
             async with asyncio.timeout(timeout):
                 async with self.session.get(url, headers=self._headers(None, replica)) as r:
-                    raw = await r.read()
                     if r.status >= 400:
+                        raw, _ = await read_bounded(r.content, ERROR_BODY_BYTES, keep_prefix=True)
                         raise normalize_upstream_error(r.status, raw)
+                    raw, whole = await read_bounded(r.content, self.max_reply_bytes)
+                    if not whole:
+                        raise reply_too_large(url, self.max_reply_bytes)
                     return orjson.loads(raw)
         except ProxyError:
             raise
@@ -356,9 +370,9 @@ class UpstreamCall:
     see its socket close at once so the backend stops spending a slot on it.
     """
 
-    __slots__ = ("_adapter", "_body", "_cm", "_deadline", "_fixed", "_headers", "_loop",
-                 "_method", "_native", "_next_move", "_owner", "_path", "_phase", "_replica",
-                 "_resp", "_started", "_translate_ok", "_tried", "url")
+    __slots__ = ("_adapter", "_body", "_cm", "_deadline", "_early_body", "_fixed", "_headers",
+                 "_loop", "_method", "_native", "_next_move", "_owner", "_path", "_phase",
+                 "_replica", "_resp", "_started", "_translate_ok", "_tried", "url")
 
     def __init__(self, owner: UpstreamClient, method: str, path: str, body: bytes,
                  headers: dict[str, str], *, replica: Replica | None = None,
@@ -370,6 +384,7 @@ class UpstreamCall:
         self._body = body
         self._headers = headers
         self._resp: aiohttp.ClientResponse | None = None
+        self._early_body: bytes | None = None  # a 503's body, read while deciding to wait
         self._cm: asyncio.Timeout | None = None
         self._phase = "first_byte"
         self._loop = asyncio.get_running_loop()
@@ -423,7 +438,7 @@ class UpstreamCall:
         self._path = OLLAMA_CHAT_PATH
         self._native = True
         if native["stream"]:
-            self._adapter = _adapter()
+            self._adapter = _adapter(owner.max_event_bytes)
 
     def _attach(self, r: Replica) -> None:
         self._replica = r
@@ -448,6 +463,7 @@ class UpstreamCall:
         give_up = self._loop.time() + owner.loading_timeout
         delay, growth, ceiling = LOADING_BACKOFF
         loading: aiohttp.ClientResponse | None = None
+        loading_body = b""
         failed: BaseException | None = None
         stale: dict[int, int] = {}  # id(replica) -> resends after a dropped connection
         resend: Replica | None = None  # the replica to send to again, on a fresh connection
@@ -458,7 +474,8 @@ class UpstreamCall:
                     assert failed is not None
                     raise failed
                 if owner.loading_timeout <= 0 or self._loop.time() + delay > give_up:
-                    return loading  # read already: error() can read it again
+                    self._early_body = loading_body  # read already: error() returns it
+                    return loading
                 loading.close()
                 loading = None
                 log.info("upstream %s is loading its model; retrying in %.2f s", self.url, delay)
@@ -490,14 +507,16 @@ class UpstreamCall:
                 failed = e
                 continue
             owner.mark_up(r)
+            self._early_body = None
             if resp.status == 503:
-                raw = await resp.read()  # cached on the response: error() can read it again
+                raw, _ = await read_bounded(resp.content, ERROR_BODY_BYTES, keep_prefix=True)
                 if is_loading(resp.status, raw):
                     if loading is not None:
                         loading.close()
-                    loading = resp
+                    loading, loading_body = resp, raw
                     self._detach()
                     continue
+                self._early_body = raw  # read already: error() returns it
             if loading is not None:
                 loading.close()
             return resp
@@ -571,11 +590,16 @@ class UpstreamCall:
             cm.reschedule(min(now + idle, self._deadline))
 
     async def read_all(self) -> bytes:
-        """The whole body; a replica that drops it is failed over (nothing was used yet)."""
+        """The whole body; a replica that drops it is failed over (nothing was used yet).
+
+        Bounded: a reply over ``max_upstream_reply_bytes`` is a 502 ``upstream_reply_too_large``
+        (and its connection is closed, so the backend stops sending); an error body is cut at
+        :data:`ERROR_BODY_BYTES`, since only its status and first words reach the client.
+        """
         while True:
             assert self._resp is not None
             try:
-                raw = await self._resp.read()
+                raw = await self._read_body(self._resp)
                 break
             except BaseException as e:
                 if await self._fail_over(e):
@@ -592,6 +616,21 @@ class UpstreamCall:
             if isinstance(doc, dict):
                 raw = orjson.dumps(ollama_reply_to_openai(doc, _completion_id(),
                                                           int(time.time())))
+        return raw
+
+    async def _read_body(self, resp: aiohttp.ClientResponse) -> bytes:
+        early, self._early_body = self._early_body, None
+        if early is not None:
+            return early
+        if resp.status >= 400:
+            return (await read_bounded(resp.content, ERROR_BODY_BYTES, keep_prefix=True))[0]
+        limit = self._owner.max_reply_bytes
+        length = resp.content_length
+        if length is not None and length > limit:  # no need to read it to know
+            raise reply_too_large(self.url, limit)
+        raw, whole = await read_bounded(resp.content, limit)
+        if not whole:
+            raise reply_too_large(self.url, limit)
         return raw
 
     async def error(self) -> ProxyError:
@@ -635,7 +674,7 @@ class UpstreamCall:
 
     async def _fail_over(self, e: BaseException) -> bool:
         """After a drop before the first body byte: resend to another replica, if any."""
-        if not isinstance(e, FAILOVER_ERRORS | aiohttp.ClientPayloadError) or self._fixed:
+        if not isinstance(e, FAILOVER_BODY_ERRORS) or self._fixed:
             return False
         owner = self._owner
         if owner.pick(self._tried) is None:
@@ -658,10 +697,15 @@ class UpstreamCall:
         return True  # the NDJSON adapter has seen nothing yet: it carries over as it is
 
 
+def reply_too_large(url: str, limit: int) -> ProxyError:
+    return ProxyError(502, f"upstream {url} sent a reply over the limit of {limit} bytes "
+                      "(max_upstream_reply_bytes)", code="upstream_reply_too_large")
+
+
 def _completion_id() -> str:
     return "chatcmpl-" + secrets.token_hex(12)
 
 
-def _adapter() -> NDJSONToSSE:
+def _adapter(max_line_bytes: int) -> NDJSONToSSE:
     return NDJSONToSSE(_completion_id(), int(time.time()), id_prefix="call_"
-                       + secrets.token_hex(4) + "_")
+                       + secrets.token_hex(4) + "_", max_line_bytes=max_line_bytes)

@@ -6,6 +6,10 @@ decision table needs: asking the upstream again. A retry happens after the upstr
 reply has ended and while the request still holds its backend slot; text already streamed to
 the client is never repeated, only the held call is replaced (buffered mode; in incremental
 mode the call's text is already out, so an invalid call can only be refused).
+
+A request without tools is checked against :data:`NO_TOOLS`: any call in its reply names a tool
+the request did not declare, an unknown tool under the policy (retried as a plain-text answer,
+then refused).
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ from .schema_worker import CheckerBusy, SchemaCompiler
 from .upstream import UpstreamClient
 
 ON_INVALID_HEADER = "X-Toolmend-On-Invalid"
+#: what a request that declared no tools may call: nothing
+NO_TOOLS = Toolset({})
 SCHEMAS = web.AppKey("schemas", SchemaCompiler)
 
 
@@ -61,20 +67,23 @@ class RequestValidation:
                 max_retries: int, mode: str, ctx: RequestContext,
                 limits: SchemaLimits = DEFAULT_LIMITS, toolset: Toolset | None = None,
                 max_depth: int = MAX_ARGUMENT_DEPTH,
-                max_argument_chars: int = MAX_ARGUMENT_CHARS) -> RequestValidation | None:
+                max_argument_chars: int = MAX_ARGUMENT_CHARS) -> RequestValidation:
         """Compile the tools when the request arrives: a bad schema is the client's 400.
+        Without tools there is nothing to compile (nor a ``tool_choice`` to judge): the request
+        gets :data:`NO_TOOLS`.
 
         ``toolset``: the tools already compiled (the proxy does that off the event loop with
         :func:`request_toolset`); without it they are compiled here, in the calling thread.
         """
         tools = body.get("tools")
-        if not tools:
-            return None
         try:
             policy = parse_policy(headers.get(ON_INVALID_HEADER) if headers is not None else None,
                                   default=Policy(default_policy))
         except ValueError as e:
             raise ProxyError(400, str(e), param=ON_INVALID_HEADER, code="invalid_header") from None
+        if not tools:
+            return cls(NO_TOOLS, policy, backend, max_retries, mode, ctx, max_depth,
+                       max_argument_chars)
         if toolset is None:
             try:
                 toolset = compile_tools(tools, body.get("tool_choice"), limits=limits)

@@ -4,7 +4,9 @@ Fixture files live in ``fixtures/formats/<format>.json``: a list of cases
 ``{"name", "output", "tools"?, "expected": {"content", "reasoning"?, "tool_calls": [
 {"name", "arguments", "id"?, "truncated"?}]}}``. ``arguments`` is the JSON value the
 concatenated fragments must parse to; when the model's text is not valid JSON (malformed or
-truncated cases), ``arguments_raw`` gives the exact expected text instead.
+truncated cases), ``arguments_raw`` gives the exact expected text instead. Two optional keys
+say how the reply was produced: ``"reasoning_open": true`` (the chat template opened reasoning,
+so the reply starts inside it) and ``"finish_reason"`` (``"length"``: the reply was cut off).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from toolmend.parsers.autodetect import AutoParser
 from toolmend.parsers.events import Reasoning, Text, ToolCallArgs, ToolCallEnd, ToolCallStart
 from toolmend.parsers.formats import make_parser
 
@@ -44,13 +47,24 @@ class Result:
                       for c in self.calls))
 
 
-def run(fmt: str, pieces: list[str], tools: list[dict[str, Any]] | None = None) -> Result:
-    """Feed the pieces, finish, and fold the events into a Result, checking event order."""
-    parser = make_parser(fmt, tools)
+def options(case: dict[str, Any]) -> dict[str, Any]:
+    """How a fixture case's reply was produced, as keyword arguments for :func:`run`."""
+    return {"reasoning_open": bool(case.get("reasoning_open")),
+            "finish_reason": case.get("finish_reason")}
+
+
+def run(fmt: str, pieces: list[str], tools: list[dict[str, Any]] | None = None, *,
+        reasoning_open: bool = False, finish_reason: str | None = None) -> Result:
+    """Feed the pieces, finish, and fold the events into a Result, checking event order
+    (``fmt`` "auto": the marker-triggered detection in front of the formats)."""
+    parser = AutoParser(tools) if fmt == "auto" else make_parser(fmt, tools)
+    if reasoning_open:
+        parser.open_reasoning()
     res = Result()
     events = []
     for p in pieces:
         events.extend(parser.feed(p))
+    parser.cut_off = finish_reason == "length"
     events.extend(parser.finish())
     open_calls: dict[int, Call] = {}
     for ev in events:
@@ -117,10 +131,10 @@ def splits(text: str, rng: random.Random, n_random: int = 500) -> list[list[str]
 
 
 def check_split_invariance(fmt: str, output: str, tools: list[dict[str, Any]] | None = None,
-                           seed: int = 0, n_random: int = 500) -> Result:
-    whole = run(fmt, [output], tools)
+                           seed: int = 0, n_random: int = 500, **how: Any) -> Result:
+    whole = run(fmt, [output], tools, **how)
     rng = random.Random(seed)
     for pieces in splits(output, rng, n_random):
-        got = run(fmt, pieces, tools)
+        got = run(fmt, pieces, tools, **how)
         assert got.key() == whole.key(), f"split {pieces!r} differs: {got} vs {whole}"
     return whole

@@ -1,5 +1,7 @@
 """deploy/: the compose files, the Kubernetes pod and the systemd unit stay consistent with
-toolmend's own defaults (port 8080, OTLP/HTTP 4318, Jaeger UI 16686) and its settings."""
+toolmend's own defaults (port 8080, OTLP/HTTP 4318, Jaeger UI 16686) and its settings; every
+compose file is valid by the Compose Specification's schema, and the trace viewers (Jaeger,
+Phoenix, a collector feeding both) receive toolmend's spans where the files say."""
 
 from __future__ import annotations
 
@@ -143,3 +145,143 @@ def test_dockerfile_exposes_the_default_port() -> None:
     assert f"EXPOSE {DEFAULT_PORT}" in text
     assert f"TOOLMEND_PORT={DEFAULT_PORT}" in text
     assert 'ENTRYPOINT ["toolmend"]' in text
+
+
+# --- tracing: Jaeger, Phoenix, and a collector that feeds both ---------------------------------
+SCHEMAS = Path(__file__).resolve().parent / "schemas"
+TRACING_COMPOSE = ("docker-compose.jaeger.yml", "docker-compose.phoenix.yml",
+                   "docker-compose.collector.yml")
+#: Exporter types of the collector's core distribution (the otel/opentelemetry-collector image),
+#: with the names of v0.144.0 and later.
+CORE_EXPORTERS = {"otlp_grpc", "otlp_http", "debug", "nop"}
+
+
+def _compose_validator() -> Any:
+    """The Compose Specification's own JSON Schema (vendored, see tests/schemas/README.md)."""
+    import json
+
+    import jsonschema
+
+    schema = json.loads((SCHEMAS / "compose-spec.json").read_text())
+    jsonschema.Draft7Validator.check_schema(schema)
+    return jsonschema.Draft7Validator(schema)
+
+
+def _compose_files() -> list[str]:
+    return sorted(p.name for p in DEPLOY.glob("*.y*ml") if "compose" in p.name)
+
+
+def test_every_compose_file_is_listed_and_valid_compose() -> None:
+    """Every compose file in deploy/ is a valid Compose file, by the specification's schema."""
+    assert set(_compose_files()) == set(COMPOSE) | set(TRACING_COMPOSE)
+    validator = _compose_validator()
+    for name in _compose_files():
+        errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
+                  for e in validator.iter_errors(_load(name))]
+        assert not errors, f"{name}: {errors}"
+
+
+def test_the_compose_schema_catches_mistakes() -> None:
+    """The vendored schema really checks: a misspelt key, a wrong type, an unknown condition."""
+    validator = _compose_validator()
+    good = _load("docker-compose.phoenix.yml")
+    assert not list(validator.iter_errors(good))
+    for path, value in ((("services", "phoenix", "portz"), ["6006:6006"]),
+                        (("services", "phoenix", "ports"), "6006:6006"),
+                        (("services", "toolmend", "depends_on", "phoenix", "condition"),
+                         "service_ready")):
+        bad = _load("docker-compose.phoenix.yml")
+        node = bad
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+        assert list(validator.iter_errors(bad)), f"{path} = {value!r} passed the schema"
+
+
+def _toolmend_otlp(doc: dict[str, Any]) -> tuple[str | None, int | None]:
+    settings = _settings_from_env(_env(doc["services"]["toolmend"]["environment"]))
+    u = urlparse(settings.otlp_endpoint)
+    return u.hostname, u.port
+
+
+def test_jaeger_compose_sends_to_jaeger() -> None:
+    doc = _load("docker-compose.jaeger.yml")
+    assert _toolmend_otlp(doc) == ("jaeger", 4318)
+    assert {(16686, 16686), (4318, 4318)} <= _published(doc["services"]["jaeger"])
+
+
+def test_phoenix_compose_sends_to_phoenix() -> None:
+    from tests.viewer.phoenix import PHOENIX_VERSION
+
+    doc = _load("docker-compose.phoenix.yml")
+    services = doc["services"]
+    # Phoenix takes OTLP/HTTP on its UI port; toolmend adds /v1/traces to the base URL
+    assert _toolmend_otlp(doc) == ("phoenix", 6006)
+    phoenix = services["phoenix"]
+    assert (6006, 6006) in _published(phoenix)
+    # the release the viewer test tier checks toolmend's traces against
+    assert phoenix["image"] == f"arizephoenix/phoenix:version-{PHOENIX_VERSION}"
+    env = _env(services["toolmend"]["environment"])
+    assert env["OTEL_RESOURCE_ATTRIBUTES"] == "openinference.project.name=toolmend"
+    data = _env(phoenix["environment"])["PHOENIX_WORKING_DIR"]
+    assert any(str(v).endswith(":" + data) for v in phoenix["volumes"])
+    assert set(services["toolmend"]["depends_on"]) == {"phoenix", "sim"}
+
+
+def _collector_config() -> dict[str, Any]:
+    return _load("otel-collector.yaml")
+
+
+def test_collector_config_fans_out_to_jaeger_and_phoenix() -> None:
+    """The collector's config is complete (every component a pipeline names is defined, every
+    defined one is used, all are core components) and sends traces to both viewers at the
+    addresses the collector compose gives them."""
+    cfg = _collector_config()
+    assert set(cfg) <= {"receivers", "processors", "exporters", "extensions", "connectors",
+                        "service"}
+    pipelines = cfg["service"]["pipelines"]
+    assert set(pipelines) == {"traces"}
+    traces = pipelines["traces"]
+    assert traces["receivers"] == ["otlp"]
+    assert set(traces["exporters"]) == set(cfg["exporters"])
+    assert set(traces.get("processors") or ()) == set(cfg.get("processors") or ())
+    for name in cfg["exporters"]:
+        assert name.split("/", 1)[0] in CORE_EXPORTERS, name
+    protocols = cfg["receivers"]["otlp"]["protocols"]
+    assert protocols["http"]["endpoint"] == "0.0.0.0:4318"
+    assert protocols["grpc"]["endpoint"] == "0.0.0.0:4317"
+
+    services = _load("docker-compose.collector.yml")["services"]
+    targets = {}
+    for name, exp in cfg["exporters"].items():
+        endpoint = exp["endpoint"]
+        u = urlparse(endpoint if "://" in endpoint else "grpc://" + endpoint)
+        assert u.hostname in services, f"{name} sends to {u.hostname}, not a compose service"
+        targets[u.hostname] = (name.split("/", 1)[0], u.port)
+    # Jaeger takes OTLP/gRPC on 4317 (insecure inside the compose network), Phoenix OTLP/HTTP
+    # on its UI port
+    assert targets == {"jaeger": ("otlp_grpc", 4317), "phoenix": ("otlp_http", 6006)}
+    assert cfg["exporters"]["otlp_grpc/jaeger"]["tls"]["insecure"] is True
+    assert cfg["exporters"]["otlp_http/phoenix"]["headers"]["x-project-name"] == "toolmend"
+
+
+def test_collector_compose_wires_toolmend_through_the_collector() -> None:
+    doc = _load("docker-compose.collector.yml")
+    services = doc["services"]
+    assert {"otel-collector", "jaeger", "phoenix", "toolmend", "sim"} == set(services)
+    assert _toolmend_otlp(doc) == ("otel-collector", 4318)
+    collector = services["otel-collector"]
+    assert collector["image"].startswith("otel/opentelemetry-collector:")
+    # the config file is the one tested above, mounted where the image reads it
+    (mount,) = collector["volumes"]
+    source, target, *_ = mount.split(":")
+    assert (DEPLOY / source).resolve() == (DEPLOY / "otel-collector.yaml").resolve()
+    assert target == "/etc/otelcol/config.yaml"
+    assert {(4317, 4317), (4318, 4318)} <= _published(collector)
+    # only the collector takes OTLP from outside: the viewers publish their UIs alone
+    assert _published(services["jaeger"]) == {(16686, 16686)}
+    assert _published(services["phoenix"]) == {(6006, 6006)}
+    assert set(collector["depends_on"]) == {"jaeger", "phoenix"}
+    from tests.viewer.phoenix import PHOENIX_VERSION
+
+    assert services["phoenix"]["image"] == f"arizephoenix/phoenix:version-{PHOENIX_VERSION}"

@@ -41,6 +41,8 @@ def tools_for(case: dict[str, Any]) -> Any:
         return case["tools"] or openai.omit
     calls = case["expected"].get("tool_calls", [])
     names = {c["name"] for c in calls if c["name"]} or ({"get_weather"} if calls else set())
+    if not names and case["expected"].get("reasoning"):
+        names = {"get_weather", "get_time"}  # an agent's request: the mender splits reasoning
     if not names:
         return openai.omit  # a reply without calls, to a request without tools
     return [{"type": "function", "function": {"name": n, "parameters": {"type": "object"}}}
@@ -71,7 +73,14 @@ async def accumulate(stream: Any) -> dict[str, Any]:
 async def test_fixture_through_toolmend(make_stack: StackFactory, dialect: str, fmt: str,
                                         case: dict[str, Any]) -> None:
     stack = await make_stack(dialect, tool_format=fmt)
-    stack.sim.push({"content": case["output"], "wire_split_seed": 3})
+    push: dict[str, Any] = {"content": case["output"], "wire_split_seed": 3}
+    if case.get("finish_reason"):
+        push["finish_reason"] = case["finish_reason"]
+    stack.sim.push(push)
+    # a reply that starts inside reasoning: the request turned thinking on for a template
+    # that opens it
+    extra = {"chat_template_kwargs": {"enable_thinking": True}} if case.get("reasoning_open") \
+        else None
     c = openai.AsyncOpenAI(base_url=stack.v1, api_key="x", max_retries=0, timeout=20)
     expected = case["expected"]
     exp_calls = expected.get("tool_calls", [])
@@ -90,7 +99,7 @@ async def test_fixture_through_toolmend(make_stack: StackFactory, dialect: str, 
                 unrepairable.append(e)
     request = c.chat.completions.create(
         model="sim-model", messages=[{"role": "user", "content": "go"}], tools=tools,
-        stream=True)
+        stream=True, extra_body=extra)
     if unrepairable:
         with pytest.raises(openai.APIError) as ei:
             await accumulate(await request)

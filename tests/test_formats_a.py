@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from toolmend.parsers.events import Text, ToolCallArgs, ToolCallEnd, ToolCallStart
 from toolmend.parsers.formats import deepseek, hermes, make_parser, mistral, qwen3_coder
 
-from .format_harness import check_expected, check_split_invariance, load_cases, run
+from .format_harness import check_expected, check_split_invariance, load_cases, options, run
 
 FORMATS = ["hermes", "qwen3_coder", "llama3_json", "pythonic", "mistral", "deepseek_v3",
            "deepseek_v31"]
@@ -66,14 +66,16 @@ def test_fixture_file_covers_the_required_cases(fmt: str) -> None:
 
 @pytest.mark.parametrize(("fmt", "case"), CASES, ids=CASE_IDS)
 def test_fixture_expected(fmt: str, case: dict[str, Any]) -> None:
-    check_expected(run(fmt, [case["output"]], case.get("tools")), case["expected"])
+    check_expected(run(fmt, [case["output"]], case.get("tools"), **options(case)),
+                   case["expected"])
 
 
 @pytest.mark.parametrize(("fmt", "case"), CASES, ids=CASE_IDS)
 def test_fixture_split_invariance(fmt: str, case: dict[str, Any]) -> None:
     # 1-char pieces, every 2-way split (and 3-way for short outputs), 150 random splits of long
     # ones: with ~100 cases this keeps the file well under 20 s on a shared 2-core machine
-    whole = check_split_invariance(fmt, case["output"], case.get("tools"), n_random=150)
+    whole = check_split_invariance(fmt, case["output"], case.get("tools"), n_random=150,
+                                   **options(case))
     check_expected(whole, case["expected"])
 
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from toolmend.parsers.formats import make_parser
 
-from .format_harness import check_expected, check_split_invariance, load_cases, run
+from .format_harness import check_expected, check_split_invariance, load_cases, options, run
 
 FORMATS = ["granite", "glm45", "kimi_k2", "gpt_oss", "functiongemma", "phi4_mini", "minimax_m2",
            "generic_json"]
@@ -56,10 +56,10 @@ def test_every_format_has_ten_cases() -> None:
 @pytest.mark.parametrize(("fmt", "case"), CASES, ids=[f"{f}-{c['name']}" for f, c in CASES])
 def test_fixture(fmt: str, case: dict[str, Any]) -> None:
     tools = case.get("tools")
-    check_expected(run(fmt, [case["output"]], tools), case["expected"])
+    check_expected(run(fmt, [case["output"]], tools, **options(case)), case["expected"])
     n_random = 500 if len(case["output"]) <= 150 else 100
     res = check_split_invariance(fmt, case["output"], tools, seed=len(case["output"]),
-                                 n_random=n_random)
+                                 n_random=n_random, **options(case))
     check_expected(res, case["expected"])
 
 

@@ -58,8 +58,11 @@ async def test_streaming_chat_strips_usage_unless_asked(make_stack: StackFactory
 
 async def test_structured_tool_call_passes_through(stack: Stack) -> None:
     stack.sim.push({"tool_calls": [{"name": "get_weather", "arguments": {"city": "Oslo"}}]})
+    # declared: a call to a tool the request did not declare is refused (test_undeclared_calls)
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}]
     chunks = [ch async for ch in await client(stack).chat.completions.create(
-        model="sim-model", messages=MSG, stream=True)]
+        model="sim-model", messages=MSG, stream=True, tools=tools)]  # type: ignore[arg-type]
     args = "".join(tc.function.arguments or "" for ch in chunks if ch.choices
                    for tc in ch.choices[0].delta.tool_calls or [])
     assert orjson.loads(args) == {"city": "Oslo"}
@@ -381,7 +384,7 @@ async def test_stale_keepalive_connection_is_retried_transparently(make_stack: S
                 if on_this_connection > 1:  # the idle close racing the reuse
                     writer.close()
                     return
-                served += 1
+                served += head.startswith(b"POST")  # not the start-up discovery probes
                 body = (b'data: {"id":"c","object":"chat.completion.chunk","model":"m",'
                         b'"choices":[{"index":0,"delta":{"content":"ok"},'
                         b'"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n')

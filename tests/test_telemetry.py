@@ -18,6 +18,7 @@ from typing import Any
 
 import aiohttp
 import openai
+import orjson
 import pytest
 from aiohttp import web
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
@@ -110,7 +111,11 @@ class TStack:
         self.clients.append(c)
         return c
 
-    async def flush(self) -> None:
+    async def flush(self, *, end_sessions: bool = True) -> None:
+        """Export everything now; with ``end_sessions``, the open session spans too (they would
+        otherwise wait for the session to go idle)."""
+        if end_sessions:
+            self.app[TELEMETRY].end_sessions()
         assert await self.app[TELEMETRY].flush(5.0)
 
 
@@ -232,13 +237,28 @@ async def test_agent_loop_traces(make_tstack: Factory, receiver: Receiver) -> No
 
     servers = [s for s in receiver.spans if s.kind == Span.SPAN_KIND_SERVER]
     clients = [s for s in receiver.spans if s.kind == Span.SPAN_KIND_CLIENT]
-    assert len(servers) == 6 and len(clients) == 6
+    roots = [s for s in receiver.spans if s.kind == Span.SPAN_KIND_INTERNAL]
+    assert len(servers) == 6 and len(clients) == 6 and len(roots) == 2
     by_trace: dict[bytes, list[Span]] = defaultdict(list)
     for s in servers:
         by_trace[s.trace_id].append(s)
     assert len(by_trace) == 2, "one trace per session"
+    assert {r.trace_id for r in roots} == set(by_trace)
     sessions = set()
-    for spans in by_trace.values():
+    for trace_id, spans in by_trace.items():
+        # the session is the trace's one root span; its steps are its children, in order
+        (root,) = [r for r in roots if r.trace_id == trace_id]
+        assert not root.parent_span_id
+        ra = attrs(root)
+        assert ra[names.GEN_AI_OPERATION_NAME] == "invoke_agent"
+        assert root.name == f"invoke_agent {ra[names.GEN_AI_AGENT_ID]}"
+        assert ra[names.GEN_AI_AGENT_ID] in ("agent-a", "agent-b")
+        assert ra[names.TM_SESSION_STEPS] == 3
+        assert (ra[names.TM_SESSION_FIRST_STEP], ra[names.TM_SESSION_LAST_STEP]) == (1, 3)
+        assert all(s.parent_span_id == root.span_id for s in spans)
+        assert root.start_time_unix_nano == min(s.start_time_unix_nano for s in spans)
+        assert root.end_time_unix_nano == max(s.end_time_unix_nano for s in spans)
+        assert ra[names.GEN_AI_CONVERSATION_ID] == attrs(spans[0])[names.GEN_AI_CONVERSATION_ID]
         a = [attrs(s) for s in sorted(spans, key=lambda s: s.start_time_unix_nano)]
         assert [x[names.TM_STEP] for x in a] == [1, 2, 3]
         assert len({x[names.GEN_AI_CONVERSATION_ID] for x in a}) == 1
@@ -256,7 +276,6 @@ async def test_agent_loop_traces(make_tstack: Factory, receiver: Receiver) -> No
                 assert TOOL_TIME * 1000 * 0.9 <= x[names.TM_AGENT_TOOL_TIME_MS] <= 1500
         for s in spans:
             assert s.name == "chat sim-model"
-            assert not s.parent_span_id  # steps are sibling roots of the session's trace
             assert s.end_time_unix_nano - s.start_time_unix_nano >= SIM_TTFT * 1e9
             assert {e.name for e in s.events} >= {"queued", "dispatched", "first_token"}
     assert "sess-B" in sessions
@@ -291,6 +310,129 @@ async def test_incoming_traceparent_is_honoured(make_tstack: Factory, receiver: 
     assert attrs(server)[names.GEN_AI_REQUEST_STREAM] is False
     upstream = parse_traceparent(stack.sim.traceparents[-1])
     assert upstream is not None and upstream[0] == trace_id
+    # the agent framework's span is the session: toolmend adds no session span of its own
+    assert not [s for s in receiver.spans if s.kind == Span.SPAN_KIND_INTERNAL]
+
+
+# --- session spans ----------------------------------------------------------------------------
+async def until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait for a condition (an exporter thread or a timer makes it true)."""
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError("condition not reached")
+        await asyncio.sleep(0.01)
+
+
+def session_spans(receiver: Receiver) -> list[Span]:
+    return sorted((s for s in receiver.spans if s.kind == Span.SPAN_KIND_INTERNAL),
+                  key=lambda s: s.start_time_unix_nano)
+
+
+def step_spans(receiver: Receiver) -> list[Span]:
+    return sorted((s for s in receiver.spans if s.kind == Span.SPAN_KIND_SERVER),
+                  key=lambda s: s.start_time_unix_nano)
+
+
+async def one_step(stack: TStack, session: str, text: str = "hi") -> None:
+    await stack.client(**{"X-Session-Id": session}).chat.completions.create(
+        model="sim-model", messages=[{"role": "user", "content": text}])
+
+
+async def test_idle_session_span_is_exported_and_a_later_step_opens_another(
+        make_tstack: Factory, receiver: Receiver) -> None:
+    stack = await make_tstack(otlp_endpoint=receiver.url, trace_session_idle=0.2)
+    stack.sim.push({"content": "one"}, {"content": "two"})
+    await one_step(stack, "sess-idle")
+    # nobody ends the session: it goes idle and its span is exported by itself
+    await until(lambda: len(session_spans(receiver)) == 1)
+    (first,) = session_spans(receiver)
+    assert attrs(first)[names.TM_SESSION_STEPS] == 1
+    assert attrs(first)[names.GEN_AI_CONVERSATION_ID] == "sess-idle"
+    await one_step(stack, "sess-idle")
+    await until(lambda: len(session_spans(receiver)) == 2)
+    first, second = session_spans(receiver)
+    assert second.trace_id == first.trace_id  # still one trace per session
+    assert second.span_id != first.span_id
+    assert first.end_time_unix_nano <= second.start_time_unix_nano
+    await until(lambda: len(step_spans(receiver)) == 2)
+    s1, s2 = step_spans(receiver)
+    assert (s1.parent_span_id, s2.parent_span_id) == (first.span_id, second.span_id)
+
+
+async def test_a_step_in_flight_keeps_its_session_open(make_tstack: Factory,
+                                                       receiver: Receiver) -> None:
+    """Step A ends and the idle time passes while step B of the same session still runs:
+    the session is not idle, so both steps end up under one session span."""
+    stack = await make_tstack(otlp_endpoint=receiver.url, trace_session_idle=0.2)
+    stack.sim.push({"content": "a", "ttft": 0.5}, {"content": "b", "ttft": 1.0})
+    a = asyncio.ensure_future(one_step(stack, "sess-busy", "a"))
+    await until(lambda: stack.sim.stats.in_flight == 1)
+    b = asyncio.ensure_future(one_step(stack, "sess-busy", "b"))
+    await until(lambda: stack.sim.stats.in_flight == 2)
+    await asyncio.gather(a, b)
+    await until(lambda: len(session_spans(receiver)) == 1)
+    await stack.flush(end_sessions=False)
+    (root,) = session_spans(receiver)
+    steps = step_spans(receiver)
+    assert attrs(root)[names.TM_SESSION_STEPS] == 2
+    assert [s.parent_span_id for s in steps] == [root.span_id, root.span_id]
+    assert root.end_time_unix_nano == max(s.end_time_unix_nano for s in steps)
+
+
+async def test_open_session_spans_are_bounded(make_tstack: Factory, receiver: Receiver) -> None:
+    """More open sessions than sessions_max: the least recently active one is ended (and
+    exported) to make room, long before it would go idle."""
+    stack = await make_tstack(otlp_endpoint=receiver.url, sessions_max=2,
+                              trace_session_idle=3600)
+    for sid in ("sess-1", "sess-2", "sess-3"):
+        stack.sim.push({"content": sid})
+        await one_step(stack, sid)
+    await until(lambda: len(session_spans(receiver)) == 1)
+    assert attrs(session_spans(receiver)[0])[names.GEN_AI_CONVERSATION_ID] == "sess-1"
+    await stack.flush()
+    assert sorted(attrs(s)[names.GEN_AI_CONVERSATION_ID] for s in session_spans(receiver)) \
+        == ["sess-1", "sess-2", "sess-3"]
+
+
+WEATHER = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+    "required": ["city"], "additionalProperties": False}}}]
+
+
+async def test_repair_and_retry_are_span_events(make_tstack: Factory, receiver: Receiver) -> None:
+    stack = await make_tstack(otlp_endpoint=receiver.url)
+    # step 1: "days" as a string, repaired in place; step 2: "city" missing, retried
+    stack.sim.push(
+        {"tool_calls": [{"name": "get_weather", "arguments": {"city": "Oslo", "days": "3"}}]},
+        {"tool_calls": [{"name": "get_weather", "arguments": {"days": 3}}]},
+        {"tool_calls": [{"name": "get_weather", "arguments": {"city": "Oslo", "days": 3}}]})
+    c = stack.client(**{"X-Session-Id": "sess-events"})
+    msgs: list[dict[str, Any]] = [{"role": "user", "content": "weather?"}]
+    for _ in range(2):
+        r = await c.chat.completions.create(model="sim-model", messages=msgs, tools=WEATHER)
+        call = r.choices[0].message.tool_calls[0]
+        assert orjson.loads(call.function.arguments) == {"city": "Oslo", "days": 3}
+        msgs += [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                 {"role": "tool", "tool_call_id": call.id, "content": "sunny"}]
+    await stack.flush()
+    s1, s2 = step_spans(receiver)
+
+    def events(span: Span) -> list[tuple[str, dict[str, Any]]]:
+        return [(e.name, {kv.key: getattr(kv.value, kv.value.WhichOneof("value"))
+                          for kv in e.attributes}) for e in span.events]
+
+    assert events(s1) == [("queued", {}), ("dispatched", {}), ("first_token", {}),
+                          ("repaired", {"toolmend.repair.kind": "coerce_string_to_integer"})]
+    assert attrs(s1)[names.TM_VALIDATION] == "repaired"
+    why = {"gen_ai.tool.name": "get_weather", "toolmend.validation.decision": "retry"}
+    assert events(s2) == [("queued", {}), ("dispatched", {}), ("first_token", {}),
+                          ("validation_failed", why),
+                          ("retried", why | {"toolmend.retry.attempt": 1})]
+    assert attrs(s2)[names.TM_VALIDATION] == "retried"
+    assert attrs(s2)[names.TM_RETRIES] == 1
+    (root,) = session_spans(receiver)
+    assert attrs(root)[names.TM_REPAIRS] == 1 and attrs(root)[names.TM_RETRIES] == 1
 
 
 async def test_content_only_with_opt_in(make_tstack: Factory, receiver: Receiver) -> None:

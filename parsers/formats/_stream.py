@@ -111,6 +111,45 @@ STOP = 2  # a stop marker begins at the position (not consumed): the call ends t
 NOT_A_CALL = 3
 
 
+class _Drafts:
+    """Calls the model wrote inside its reasoning, held until the reply shows whether it meant
+    them (the README's decision table, "A call counts when the model meant it").
+
+    They count only as the model's final act: nothing but whitespace after them, up to the
+    reasoning's end marker (or none) and the end of a reply that was not cut off. Anything
+    else the model writes afterwards (more reasoning, an answer, another call after the
+    reasoning closed) rejects them, and their text goes to reasoning exactly as written.
+    """
+
+    __slots__ = ("after", "closed", "events", "first_index", "in_call", "raw", "space")
+
+    def __init__(self, opener: str, first_index: int) -> None:
+        self.first_index = first_index  # the parser's call count when the drafting began
+        self.raw = [opener]  # everything since the first drafted call's marker, as written
+        self.space: list[str] = []  # reasoning whitespace between and after the calls
+        self.events: list[Event] = []  # the drafted calls' events, not yet let out
+        self.in_call = True  # a drafted call is being read (its text goes to ``raw``)
+        self.closed = False  # the reasoning ended after the calls
+        self.after: list[str] = []  # whitespace after the reasoning ended: content
+
+    def calls(self) -> int:
+        return sum(1 for ev in self.events if type(ev) is ToolCallStart)
+
+    def complete(self) -> bool:
+        """At least one call, and every call ended without being cut off."""
+        open_calls: set[int] = set()
+        started = False
+        for ev in self.events:
+            if type(ev) is ToolCallStart:
+                open_calls.add(ev.index)
+                started = True
+            elif type(ev) is ToolCallEnd:
+                if ev.truncated:
+                    return False
+                open_calls.discard(ev.index)
+        return started and not open_calls
+
+
 class StreamParser(MarkerParser):
     """The feed/finish loop shared by the formats: a state machine over ``buffer + text``.
 
@@ -121,15 +160,45 @@ class StreamParser(MarkerParser):
 
     Plain text is read by :meth:`_plain`, which also follows the reasoning block: whether the
     parser is inside it is a flag rather than a state, so a call written inside reasoning
-    returns to reasoning without each format having to remember where it came from.
+    returns to reasoning without each format having to remember where it came from. Formats
+    call :meth:`_plain` from their text state only.
+
+    Reasoning, for every format at once:
+
+    * ``_IN_THINK`` lists the reasoning's end marker and the format's call openers that may
+      appear inside reasoning; every marker there but the end marker opens a call. Such a call
+      is a *draft* (:class:`_Drafts`): its events and its text are held, never emitted early,
+      until the reply shows whether it was the model's final act.
+    * A marker in ``_STRAYS`` is a special token out of place: dropped, in text or reasoning,
+      and it decides nothing about drafts.
+    * A format whose ``_IN_TEXT`` lists its reasoning start marker gets its end marker added
+      there too: an end marker in text that is not reasoning is dropped (and counted in
+      ``stray_closes``), never shown as content.
+    * :meth:`open_reasoning` starts the reply inside reasoning (the chat template opened it);
+      :meth:`end_server_reasoning` marks where a server's own reasoning field ended.
     """
 
     #: markers that end a run of plain text (the format's call openers, ``<think>``, strays)
     _IN_TEXT: ClassVar[Markers]
-    #: markers that end a run of reasoning
+    #: markers that end a run of reasoning: its end marker, and call openers (drafts)
     _IN_THINK: ClassVar[Markers] = Markers(THINK_END)
     _THINK_START: ClassVar[str] = THINK_START
     _THINK_END: ClassVar[str] = THINK_END
+    #: special tokens that mean nothing in text or reasoning: dropped wherever they are met,
+    #: never taken for a call opener (a format lists them in ``_IN_TEXT``/``_IN_THINK`` too)
+    _STRAYS: ClassVar[frozenset[str]] = frozenset()
+    #: whether the format has reasoning markers at all (its ``_IN_TEXT`` lists the start)
+    knows_reasoning: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        text = cls.__dict__.get("_IN_TEXT")
+        if isinstance(text, Markers) and cls._THINK_START in text.markers:
+            if cls._THINK_END not in text.markers:
+                cls._IN_TEXT = Markers(*text.markers, cls._THINK_END)
+        in_text = getattr(cls, "_IN_TEXT", None)
+        cls.knows_reasoning = isinstance(in_text, Markers) and \
+            cls._THINK_START in in_text.markers
 
     def __init__(self, tools: list[dict[str, Any]] | None = None) -> None:
         super().__init__(tools)
@@ -138,7 +207,45 @@ class StreamParser(MarkerParser):
         self._state = 0
         self._thinking = False
         self._reader: CallReader | None = None  # the JSON call being read, if any
+        self._drafts: _Drafts | None = None  # calls drafted inside reasoning, held
+        self._lead = False  # opened: a start marker at the very beginning is redundant
+        self._boundary = False  # the server's reasoning field ended: decide what follows
+        self._out: list[Event] = []  # the events of the current feed (drafts bypass ``out``)
+        self._plain_ran = False
+        #: drafted calls let out as the model's final act, and kept as reasoning
+        self.drafts_fired = 0
+        self.drafts_rejected = 0
 
+    # reasoning -------------------------------------------------------------------------------
+    def open_reasoning(self, lead: bool = True) -> None:
+        super().open_reasoning(lead)
+        self._thinking = True
+        self._lead = lead
+
+    def end_server_reasoning(self) -> None:
+        if self._thinking:
+            self._boundary = True
+
+    @property
+    def in_reasoning(self) -> bool:
+        # an opened reply whose start was never read as text (a format that reads no plain
+        # text, or no text at all) never entered its reasoning
+        return self._thinking and not self._lead
+
+    def closes_unopened(self, text: str) -> bool:
+        if not self.knows_reasoning:
+            return False
+        i = text.find(self._THINK_END)
+        return i >= 0 and text.find(self._THINK_START, 0, i) < 0
+
+    @property
+    def at_rest(self) -> bool:
+        """Nothing held: every character fed so far has been emitted (the mender's fast path
+        may then skip feeding a delta that holds no marker character)."""
+        return not self._buf and self._drafts is None and not self._lead and \
+            not self._boundary
+
+    # the loop --------------------------------------------------------------------------------
     def feed(self, text: str) -> list[Event]:
         if self._finished or not text:
             return []
@@ -148,7 +255,15 @@ class StreamParser(MarkerParser):
         if self._finished:
             return []
         out = self._run("", final=True)
-        self._close(out)
+        drafts = self._drafts
+        self._close(drafts.events if drafts is not None and drafts.in_call else out)
+        if drafts is not None and self._drafts is drafts:
+            # the reply ended with drafted calls and only whitespace after them: they were the
+            # model's final act, unless the reply was cut off or a call was
+            if not self.cut_off and drafts.complete():
+                self._fire(out)
+            else:
+                self._reject(out)
         self._buf = ""
         self._finished = True
         return out
@@ -156,10 +271,20 @@ class StreamParser(MarkerParser):
     def _run(self, text: str, final: bool) -> list[Event]:
         data = self._buf + text if self._buf else text
         out: list[Event] = []
+        self._out = out
         pos = 0
         last = (-1, -1)
         while True:
-            pos, more = self._step(data, pos, final, out)
+            drafts = self._drafts
+            if drafts is not None and drafts.in_call:
+                # inside a drafted call: its events are held, its text kept as written
+                start = pos
+                self._plain_ran = False
+                pos, more = self._step(data, pos, final, drafts.events)
+                if not self._plain_ran and pos > start:
+                    drafts.raw.append(data[start:pos])
+            else:
+                pos, more = self._step(data, pos, final, out)
             if more:
                 break
             # A handler that neither consumed nor changed state would spin; treat it as
@@ -193,20 +318,144 @@ class StreamParser(MarkerParser):
         soon as it cannot be the start of one.
 
         Returns the position after the marker and the marker, or ``(end, None)`` when more text
-        is needed. The reasoning delimiters are acted on here; the format acts on the others
-        (a stray closer it lists is simply dropped).
+        is needed. The reasoning delimiters are acted on here and never returned (a format's
+        text state only ever sees its own markers); the format acts on the others (a stray
+        closer it lists is simply dropped).
         """
-        thinking = self._thinking
-        end, m = (self._IN_THINK if thinking else self._IN_TEXT).scan(data, pos, final)
-        emit_plain(out, data[pos:end], thinking)
-        if m is None:
-            return end, None
-        tok = m.group()
+        # the feed's own list: when a drafted call has just ended, ``out`` is still its list
+        out = self._out
+        think_start, think_end = self._THINK_START, self._THINK_END
+        while True:
+            if self._lead or self._boundary or self._drafts is not None:
+                pos, tok = self._plain_reasoning(data, pos, final)
+                if tok is None:
+                    return pos, None
+            else:
+                thinking = self._thinking
+                end, m = (self._IN_THINK if thinking else self._IN_TEXT).scan(data, pos, final)
+                emit_plain(out, data[pos:end], thinking)
+                if m is None:
+                    return end, None
+                tok = m.group()
+                self._marker(tok, thinking)
+                pos = m.end()
+            if tok and tok != think_start and tok != think_end:
+                return pos, tok
+
+    def _marker(self, tok: str, thinking: bool) -> None:
+        """Act on a marker met in text or reasoning (no drafts pending)."""
         if tok == self._THINK_START:
             self._thinking = True
         elif tok == self._THINK_END:
-            self._thinking = False
+            if thinking:
+                self._thinking = False
+            else:
+                if not self.stray_closes:
+                    self.calls_before_stray = self._calls
+                self.stray_closes += 1
+        elif thinking and tok not in self._STRAYS:
+            # a call opener inside reasoning: a draft until the reply shows it was meant
+            self._drafts = _Drafts(tok, self._calls)
+
+    def _plain_reasoning(self, data: str, pos: int, final: bool) -> tuple[int, str | None]:
+        """:meth:`_plain` while something about reasoning is undecided: the start of a reply
+        opened inside reasoning, the end of a server's reasoning field, or drafted calls.
+
+        Emits to the feed's own list (a drafted call's ``out`` holds only its events). Returns
+        like :meth:`_plain`, or ``""`` for the marker when it consumed up to ``pos`` and
+        :meth:`_plain` should read on."""
+        out = self._out
+        self._plain_ran = True
+        n = len(data)
+        if self._lead or self._boundary:
+            j = skip_ws(data, pos)
+            if j >= n and not final and j - pos < WS_LIMIT:
+                return pos, None  # only whitespace so far: wait for what follows it
+            if self._lead:
+                if data.startswith(self._THINK_START, j):
+                    self._lead = False
+                    emit_plain(out, data[pos:j], True)
+                    return j + len(self._THINK_START), self._THINK_START
+                if not final and j < n and n - j < len(self._THINK_START) and \
+                        self._THINK_START.startswith(data[j:]):
+                    return pos, None
+                self._lead = False
+            if self._boundary:
+                # checked where the content starts, not after its whitespace: vLLM's qwen3
+                # parser starts it exactly at the call opener it ended the reasoning at (the
+                # space before the opener stays reasoning), while after a dropped end marker
+                # the content is what the model wrote next (Qwen3 writes "</think>\n\n")
+                hit = self._IN_THINK.at(data, pos, final) if pos < n else None
+                if hit is True:
+                    return pos, None
+                self._boundary = False
+                if hit is None:
+                    # the server ended its reasoning field where the model wrote the end
+                    # marker (which it dropped): the text after it is content
+                    self._thinking = False
+                    if self._drafts is not None:
+                        self._drafts.closed = True
+                # at a call opener, the server ended its reasoning at a call the model wrote
+                # inside it (vLLM's qwen3 reasoning parser does): still reasoning
+        drafts = self._drafts
+        if drafts is None:
+            return pos, ""  # decided: read on as usual
+        drafts.in_call = False  # back in text or reasoning: the drafted call has ended
+        thinking = self._thinking
+        end, m = (self._IN_THINK if thinking else self._IN_TEXT).scan(data, pos, final)
+        text = data[pos:end]
+        if text:
+            if text.strip(_WS_CHARS):  # the model went on: the drafts were not its final act
+                self._reject(out)
+                emit_plain(out, text, thinking)
+            elif thinking:
+                drafts.raw.append(text)
+                drafts.space.append(text)
+            else:
+                drafts.after.append(text)
+        if m is None:
+            return end, None
+        tok = m.group()
+        if tok in self._STRAYS:
+            return m.end(), tok  # a special token out of place: dropped, decides nothing
+        if self._drafts is drafts:
+            if thinking:
+                if tok == self._THINK_END:
+                    self._thinking = False
+                    drafts.closed = True
+                else:  # another call right after: drafted along with the first
+                    drafts.in_call = True
+                    drafts.raw.append(tok)
+                return m.end(), tok
+            if tok == self._THINK_END:  # a second end marker: dropped, decides nothing
+                self.stray_closes += 1
+                return m.end(), tok
+            self._reject(out)  # a call (or anything else marked) after the reasoning ended
+        self._marker(tok, thinking)
         return m.end(), tok
+
+    def _reject(self, out: list[Event]) -> None:
+        """The drafted calls were not meant: their text goes to reasoning, as written."""
+        drafts = self._drafts
+        assert drafts is not None
+        self._drafts = None
+        self.drafts_rejected += max(1, drafts.calls())
+        self._calls = drafts.first_index  # the calls that count are numbered without them
+        emit_plain(out, "".join(drafts.raw), True)
+        emit_plain(out, "".join(drafts.after), False)
+
+    def _fire(self, out: list[Event]) -> None:
+        """The drafted calls were the model's final act: let them out."""
+        drafts = self._drafts
+        assert drafts is not None
+        self._drafts = None
+        self.drafts_fired += drafts.calls()
+        emit_plain(out, "".join(drafts.space), True)
+        for ev in drafts.events:
+            # text a drafted call's reader gave back (an object that named no tool) was
+            # written inside reasoning
+            out.append(Reasoning(ev.text) if type(ev) is Text else ev)
+        emit_plain(out, "".join(drafts.after), False)
 
     def _call_ended(self, out: list[Event], status: int) -> int:
         """The open :class:`CallReader` returned DONE or STOP: close it. Returns the status,

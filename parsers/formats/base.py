@@ -9,6 +9,11 @@ Split invariance is the contract: for any way of cutting the same output into pi
 concatenated Text, the tool calls (name, id, concatenated argument fragments) and the
 Reasoning text are identical. Text is released as soon as it cannot be the start of a marker
 (see :func:`holdback`).
+
+Reasoning is part of the contract too (see ``_stream.StreamParser``): a parser knows where its
+format's reasoning starts and ends, can be told that the reply starts inside reasoning
+(:meth:`MarkerParser.open_reasoning`: the chat template opened it), and never lets a call the
+model drafted inside its reasoning out as a call unless the reply shows it was meant.
 """
 
 from __future__ import annotations
@@ -32,6 +37,15 @@ class MarkerParser(ABC):
         self.tool_names = {t.get("function", {}).get("name") for t in self.tools
                            if isinstance(t, dict)}
         self._calls = 0  # tool calls started so far; the next ToolCallStart's index
+        #: set before :meth:`finish` when the reply was cut off (finish ``length``): a call the
+        #: model drafted inside reasoning can then never count as its final act
+        self.cut_off = False
+        #: reasoning end markers seen in text that was not reasoning (dropped from the text),
+        #: and the calls the reply had started before the first of them
+        self.stray_closes = 0
+        self.calls_before_stray = 0
+        #: :meth:`open_reasoning` was called: the reply was taken to start inside reasoning
+        self.reasoning_opened = False
 
     @abstractmethod
     def feed(self, text: str) -> list[Event]:
@@ -40,6 +54,33 @@ class MarkerParser(ABC):
     @abstractmethod
     def finish(self) -> list[Event]:
         """End of output: release held text; an open call ends with ``truncated=True``."""
+
+    def open_reasoning(self, lead: bool = True) -> None:
+        """The reply starts inside reasoning: the chat template wrote the opening marker into
+        the prompt, so the output only closes it. With ``lead``, an opening marker the model
+        writes anyway at the very start is taken as redundant. Formats without reasoning
+        ignore this."""
+        self.reasoning_opened = True
+
+    def end_server_reasoning(self) -> None:
+        """The server's own reasoning field ended here (the text fed so far came from it, the
+        text fed next from its content field). Formats without reasoning ignore this."""
+        return None
+
+    @property
+    def in_reasoning(self) -> bool:
+        """Whether the output so far ends inside reasoning."""
+        return False
+
+    @property
+    def at_rest(self) -> bool:
+        """Nothing held: every character fed so far has been emitted. Conservative default."""
+        return False
+
+    def closes_unopened(self, text: str) -> bool:
+        """Whether ``text``, a whole reply, closes reasoning it never opened: the mark of a
+        reply that started inside reasoning the chat template opened."""
+        return False
 
     def next_index(self) -> int:
         i = self._calls

@@ -13,6 +13,10 @@ V3.1::
 
 The bars are U+FF5C and the spaces U+2581, exactly as in the tokenizer; an ASCII look-alike is
 not a marker. R1 reasons in ``<think>...</think>`` before answering.
+
+These are special tokens, and so are the rest of the family's (``<｜end▁of▁sentence｜>``, which
+a server that keeps special tokens in the text passes on, the turn and tool-output markers): one
+out of place, in the content or in the reasoning, is dropped, never shown to the client.
 """
 
 from __future__ import annotations
@@ -40,6 +44,12 @@ TOOL_SEP = "<｜tool▁sep｜>"
 FENCE = "```"
 NEWLINE = "\n"
 ARGS_OPEN = "{"  # arguments right after the name, without the fence
+#: the family's other special tokens: they mean nothing in text, so they are dropped there
+STRAY_TOKENS = (
+    TOOL_SEP, "<｜end▁of▁sentence｜>", "<｜begin▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>",
+    "<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>", "<｜tool▁output▁begin｜>",
+    "<｜tool▁output▁end｜>",
+)
 
 _MAX_LANG = 16  # "```json\n": the language tag is short; only so much of it is read
 _FENCE_LANG = re.compile(rf"[A-Za-z0-9_-]{{0,{_MAX_LANG}}}")
@@ -56,8 +66,9 @@ class DeepSeekV3Parser(StreamParser):
     _typed = True
 
     # stray section/call closers in text are markers too, dropped
-    _IN_TEXT = Markers(CALLS_BEGIN, CALL_BEGIN, CALLS_END, CALL_END, THINK_START)
-    _IN_THINK = Markers(THINK_END, CALLS_BEGIN, CALL_BEGIN)
+    _IN_TEXT = Markers(CALLS_BEGIN, CALL_BEGIN, CALLS_END, CALL_END, THINK_START, *STRAY_TOKENS)
+    _IN_THINK = Markers(THINK_END, CALLS_BEGIN, CALL_BEGIN, CALLS_END, CALL_END, *STRAY_TOKENS)
+    _STRAYS = frozenset((CALLS_END, CALL_END, *STRAY_TOKENS))
     _SECTION_NEXT = Markers(CALL_BEGIN, CALLS_END)
     _TYPE_END = Markers(TOOL_SEP, CALL_END)
     _NAME_END_V3 = Markers(NEWLINE, FENCE, ARGS_OPEN, CALL_END)

@@ -4,16 +4,35 @@ GLM-4.5/4.6 put a newline after the name and between the tags; GLM-4.7 writes th
 back. Values are raw text: the chat template writes strings as-is and everything else as
 JSON, so a value is typed by the tool's JSON schema (strings kept raw, other types parsed as
 JSON, then as a Python literal, else kept as a string), as vLLM's ``glm45`` parser does
-(:data:`~._stream.PARSED`). The arguments JSON is built here, one member per complete value.
-``<think>...</think>`` is reasoning.
+(:data:`~._stream.PARSED`), with two corrections (:data:`GLM_VALUES`, shared by MiniMax-M2):
+
+* a parameter whose schema allows only arrays or objects (and null) gets the array or object
+  its value spells as JSON text, also when the model escaped the quotes (``[{\\"a\\": 1}]``,
+  as GLM-4.6/4.7 write now and then) or wrapped it in a JSON string; such a value must never
+  stay a string, which schema repair would then wrap into a one-element list: valid, and
+  silently wrong;
+* a literal ``null`` for a parameter that may be null is null, not the string ``"null"``.
+
+The arguments JSON is built here, one member per complete value. ``<think>...</think>`` is
+reasoning.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from ..events import Event
-from ._stream import PARSED, THINK_START, Collector, Markers, StreamParser, XmlArgs
+from ._stream import (
+    THINK_START,
+    Collector,
+    Markers,
+    ParsedValues,
+    StreamParser,
+    XmlArgs,
+    literal_eval_quiet,
+    schema_types,
+)
 
 CALL_START = "<tool_call>"
 CALL_END = "</tool_call>"
@@ -25,6 +44,56 @@ NAME_END = "\n"
 
 # states (reasoning is a flag, see StreamParser)
 _TEXT, _NAME, _ARGS, _KEY, _VALUE = range(5)
+
+_CONTAINERS: dict[str, type] = {"array": list, "object": dict}
+
+
+def container_from_text(text: str, types: set[str]) -> list[Any] | dict[str, Any] | None:
+    """The array or object that ``text`` spells, when ``types`` (the parameter's schema types)
+    admit one: plain JSON, JSON with its quotes backslash-escaped, JSON inside a JSON string,
+    or a Python literal. None when it spells none of them."""
+    wanted = tuple(_CONTAINERS[t] for t in types if t in _CONTAINERS)
+    readings = [text]
+    try:  # the escaped form: the text is the inside of a JSON string
+        readings.append(json.loads('"' + text + '"', strict=False))
+    except ValueError:
+        pass
+    for reading in readings:
+        for parse in (json.loads, literal_eval_quiet):
+            try:
+                value = parse(reading)
+            except Exception:  # any failure: not this reading
+                continue
+            if isinstance(value, str):  # JSON text inside a JSON string
+                try:
+                    value = json.loads(value)
+                except ValueError:
+                    continue
+            if isinstance(value, tuple):
+                value = list(value)
+            if isinstance(value, wanted):
+                return value
+    return None
+
+
+class JsonTextValues(ParsedValues):
+    """The glm45 typing rule, with arrays and objects read from their JSON text however it was
+    written, and null read as null where the schema allows it (see the module docstring)."""
+
+    def complete(self, raw: str, prop: Any) -> str:
+        types = schema_types(prop)
+        text = raw.strip()
+        if text == "null" and "null" in types:
+            return "null"
+        if types & _CONTAINERS.keys() and "string" not in types:
+            value = container_from_text(text, types)
+            if value is not None:
+                return json.dumps(value, ensure_ascii=False, allow_nan=False)
+        return super().complete(raw, prop)
+
+
+#: how GLM and MiniMax-M2 values are typed
+GLM_VALUES = JsonTextValues()
 
 
 class Glm45Parser(StreamParser):
@@ -67,7 +136,7 @@ class Glm45Parser(StreamParser):
             name = text.strip()
             if tok == NAME_END and not name:
                 return m.end(), False  # a newline before the name
-            self._call = XmlArgs(self, name, PARSED, out)
+            self._call = XmlArgs(self, name, GLM_VALUES, out)
             if tok == KEY_START:
                 self._read(_KEY, self._KEY_END)
             elif tok == CALL_END:
@@ -107,7 +176,7 @@ class Glm45Parser(StreamParser):
         if st == _NAME:
             name = text.strip()
             if name:
-                self._call = XmlArgs(self, name, PARSED, out)
+                self._call = XmlArgs(self, name, GLM_VALUES, out)
         if self._call is not None:
             in_value = st == _VALUE
             self._call.truncate(self._key if in_value else None, text if in_value else None,

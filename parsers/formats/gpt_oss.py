@@ -13,6 +13,10 @@ may sit before or after ``<|channel|>``. ``analysis`` is reasoning; ``final`` an
 body is the raw JSON arguments, closed by ``<|call|>``. Servers usually treat ``<|call|>``
 and ``<|return|>`` as stop tokens and drop them, so a body ends at the stream's end too.
 Text outside any message passes through as content.
+
+Reasoning is the analysis channel. A call is its own message, addressed to a recipient, so it
+is never drafted inside reasoning; a reply opened inside reasoning (:meth:`open_reasoning`)
+starts in an analysis message body.
 """
 
 from __future__ import annotations
@@ -56,6 +60,21 @@ class GptOssParser(StreamParser):
         self._state = _TEXT
         self._header: list[str] = []
         self._args: JsonArgs | None = None
+
+    def open_reasoning(self, lead: bool = True) -> None:
+        super().open_reasoning(lead)
+        self._thinking = False  # harmony marks reasoning by channel, not by <think>
+        self._lead = False
+        if self._state == _TEXT:
+            self._state = _REASONING
+
+    @property
+    def in_reasoning(self) -> bool:
+        return self._state == _REASONING
+
+    def end_server_reasoning(self) -> None:
+        if self._state == _REASONING:
+            self._state = _TEXT
 
     def _open(self, header: str, out: list[Event]) -> None:
         """A header is complete: decide what the message body is."""

@@ -10,7 +10,15 @@ The ``functions.NAME:IDX`` string is the call id the model refers back to in lat
 so it is kept whole as ``ToolCallStart.id``; NAME (which may itself contain dots) is the
 name. Arguments are raw JSON, streamed as they arrive. Some checkpoints spell the section
 markers in the singular (``<|tool_call_section_begin|>``, as vLLM accepts); a call outside
-any section is accepted too. Kimi K2 Thinking wraps reasoning in ``<think>...</think>``.
+any section is accepted too. Kimi K2 Thinking wraps reasoning in ``<think>...</think>``, and
+often starts its call section without closing the reasoning first (vLLM's ``kimi_k2`` reasoning
+parser ends the reasoning there). The section is read as calls inside reasoning too, so that
+``<think>...<|tool_calls_section_begin|>...`` that never writes ``</think>`` still calls: the
+model's final act. Whether a call written inside reasoning counts is not this parser's
+decision but the reasoning rule's (a call the model drafted and reasoned past never fires).
+
+These markers are special tokens: a stray one (a section or call closer with nothing open, an
+argument marker out of place) is dropped, never left in the content.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ import re
 from typing import Any
 
 from ..events import Event, ToolCallArgs, ToolCallEnd, ToolCallStart
-from ._stream import THINK_START, Collector, JsonArgs, Markers, StreamParser
+from ._stream import THINK_END, THINK_START, Collector, JsonArgs, Markers, StreamParser
 
 SECTION_BEGIN = "<|tool_calls_section_begin|>"
 SECTION_BEGIN_ALT = "<|tool_call_section_begin|>"
@@ -30,6 +38,8 @@ ARG_BEGIN = "<|tool_call_argument_begin|>"
 CALL_END = "<|tool_call_end|>"
 
 _ARG_ENDS = (CALL_END, SECTION_END, SECTION_END_ALT)
+#: special tokens with no meaning in text: dropped
+_STRAY_TOKENS = (SECTION_END, SECTION_END_ALT, CALL_END, ARG_BEGIN)
 _CALL_ID = re.compile(r"^(?:functions\.)?(.+?)(?::\d+)?$", re.S)
 
 # states (reasoning is a flag, see StreamParser)
@@ -47,7 +57,10 @@ class KimiK2Parser(StreamParser):
 
     name = "kimi_k2"
 
-    _IN_TEXT = Markers(THINK_START, SECTION_BEGIN, SECTION_BEGIN_ALT, CALL_BEGIN)
+    _IN_TEXT = Markers(THINK_START, SECTION_BEGIN, SECTION_BEGIN_ALT, CALL_BEGIN, *_STRAY_TOKENS)
+    # a section opened inside reasoning is read as calls there too (see the module docstring)
+    _IN_THINK = Markers(THINK_END, SECTION_BEGIN, SECTION_BEGIN_ALT, CALL_BEGIN, *_STRAY_TOKENS)
+    _STRAYS = frozenset(_STRAY_TOKENS)
     _IN_SECTION = Markers(CALL_BEGIN, SECTION_END, SECTION_END_ALT)
     _ID_END = Markers(ARG_BEGIN, CALL_END)
 

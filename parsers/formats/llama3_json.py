@@ -1,8 +1,11 @@
 """Llama 3.x JSON tool calls: ``{"name": ..., "parameters"|"arguments": {...}}``.
 
-The reply is a call only when it starts (after whitespace) with ``{`` or ``<|python_tag|>``;
-anything else is the model answering in prose and passes through untouched. Several calls are
-separated by ``;`` (vLLM's llama3_json convention); a newline between objects is accepted too.
+The reply is a call when it starts (after whitespace) with ``{`` or ``<|python_tag|>``, and
+calls follow prose once ``<|python_tag|>`` appears (``Let me check.<|python_tag|>{...}``, as
+vLLM and SGLang read it); a ``{`` after prose without the tag is the model answering in prose
+and passes through untouched. Several calls are separated by ``;`` (vLLM's llama3_json
+convention); a newline between objects is accepted too. The tag itself, a special token, never
+reaches the content.
 An object with no ``"name"`` was not a call after all and is released as content, so a model
 that answers with a plain JSON document is not turned into a nameless tool call.
 """
@@ -17,7 +20,6 @@ from ._stream import (
     CallReader,
     Markers,
     StreamParser,
-    emit_plain,
     skip_ws,
 )
 
@@ -34,6 +36,7 @@ class Llama3JsonParser(StreamParser):
     name = "llama3_json"
 
     _TAG = Markers(PYTHON_TAG)
+    _IN_TEXT = _TAG
 
     def __init__(self, tools: list[dict] | None = None) -> None:
         super().__init__(tools)
@@ -46,9 +49,11 @@ class Llama3JsonParser(StreamParser):
     def _step(self, data: str, pos: int, final: bool, out: list[Event]) -> tuple[int, bool]:
         st = self._state
         n = len(data)
-        if st == _TEXT:
-            emit_plain(out, data[pos:], False)
-            return n, True
+        if st == _TEXT:  # prose: calls may follow only after the tag
+            pos, tok = self._plain(data, pos, final, out)
+            if tok == PYTHON_TAG:
+                self._state = _NEXT
+            return pos, tok is None
         if st == _CALL:
             assert self._reader is not None
             i, status = self._reader.feed(data, pos, final, out)

@@ -9,8 +9,11 @@
     </minimax:tool_call>
 
 Several ``<invoke>`` blocks in one section are parallel calls. Parameter values are raw text
-typed by the tool's schema exactly like GLM's (:data:`~._stream.PARSED`); ``<think>...</think>``
-is reasoning.
+typed by the tool's schema exactly like GLM's (:data:`~.glm45.GLM_VALUES`: a literal ``null``
+for a parameter that may be null is null, an array or object written as JSON text is that array
+or object); ``<think>...</think>`` is reasoning. A value ends only at ``</parameter>``: one that
+contains another closing tag (``</invoke>``, ``</minimax:tool_call>``) or the start of one is
+kept whole.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..events import Event
-from ._stream import PARSED, THINK_START, Collector, Markers, StreamParser, XmlArgs
+from ._stream import THINK_START, Collector, Markers, StreamParser, XmlArgs
+from .glm45 import GLM_VALUES
 
 SECTION_START = "<minimax:tool_call>"
 SECTION_END = "</minimax:tool_call>"
@@ -84,7 +88,7 @@ class MiniMaxM2Parser(StreamParser):
             return end, True
         text = self._collect.text()
         if st == _INVOKE_NAME:
-            self._call = XmlArgs(self, _attr(text), PARSED, out)
+            self._call = XmlArgs(self, _attr(text), GLM_VALUES, out)
             self._state = _CALL
         elif st == _PARAM_NAME:
             self._key = _attr(text)
@@ -102,7 +106,7 @@ class MiniMaxM2Parser(StreamParser):
         if st == _INVOKE_NAME:
             name = _attr(text)
             if name:
-                self._call = XmlArgs(self, name, PARSED, out)
+                self._call = XmlArgs(self, name, GLM_VALUES, out)
         if self._call is not None:
             in_value = st == _VALUE
             key = self._key if in_value else (_attr(text) if st == _PARAM_NAME else None)

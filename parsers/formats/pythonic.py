@@ -1,23 +1,36 @@
 """Pythonic tool calls: ``[get_weather(city="Oslo", days=3), get_time()]`` (Llama 3.2, Llama 4),
 optionally wrapped in ``<|python_start|>`` ... ``<|python_end|>``.
 
-Only a reply that starts (after whitespace and the optional wrapper) with ``[``, an identifier
-and ``(`` is a call list; anything else is prose and passes through. Keyword values are Python
-literals, converted to JSON with :func:`ast.literal_eval` one value at a time (never ``eval``).
-A value that is not a literal is kept as its raw text in place, and a call with positional
-arguments becomes its raw argument text, for the repair stage.
+A call list may open anywhere in the reply: at its start, inside the wrapper, or after leading
+text (``Let me check. [get_weather(city="Oslo")]``), and one reply may hold several lists. A
+``[`` starts a candidate only when an identifier and ``(`` follow it; anything else (a markdown
+link, ``[1, 2, 3]``) is text at once. A candidate is held until its ``]`` and becomes calls only
+when it is a Python list of calls (each call's text parses as Python, separated by ``,``);
+otherwise it is released as text, exactly as written, and no call is emitted: an unrecoverable
+block never turns into a call the model did not write. After leading text a list must also
+pass for what models write: keyword arguments only, and names among the request's tools when it
+declared them, so that prose such as ``[Oslo (city)](https://...)`` is not a call.
 
-The arguments of one call are emitted when its ``)`` arrives (the name as soon as its ``(``
-does): a Python value cannot be converted to JSON before it is complete.
+Keyword values are Python literals, converted to JSON with :func:`ast.literal_eval` one value at
+a time (never ``eval``). A value that is not a literal is kept as its raw text in place, and a
+call with positional arguments becomes its raw argument text: both go to the invalid-call policy
+through the repair stage. A list cut off by the end of the reply is kept as (truncated) calls
+when it opened the reply or the wrapper, the model's evident intent, and as text after prose.
+
+Calls are emitted when their list closes: a Python value cannot be converted to JSON before it
+is complete, and a list cannot be told from prose before its ``]``. The special tokens
+``<|python_start|>`` and ``<|python_end|>`` never reach the content.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import re
+import warnings
 from typing import Any
 
-from ..events import Event, ToolCallArgs, ToolCallEnd, ToolCallStart
+from ..events import Event, Text, ToolCallArgs, ToolCallEnd, ToolCallStart
 from ._stream import WS_LIMIT, Markers, StreamParser, emit_plain, literal_eval_quiet, skip_ws
 
 PYTHON_START = "<|python_start|>"
@@ -27,27 +40,23 @@ LIST_CLOSE = "]"
 CALL_SEPARATOR = ","
 
 _IDENT = r"[A-Za-z_][\w.]*"
-_FIRST_CALL = re.compile(r"\s*(?:" + re.escape(PYTHON_START) + r")?\s*\[\s*(" + _IDENT + r")\s*\(")
+_FIRST_CALL = re.compile(r"\s*\[\s*(" + _IDENT + r")\s*\(")
 _NEXT_CALL = re.compile(r"\s*(" + _IDENT + r")\s*\(")
 _IDENT_RE = re.compile(_IDENT)
 _KWARG = re.compile(r"\s*([A-Za-z_]\w*)\s*=(?!=)(.*)", re.S)
 _CODE = re.compile(r"[\"'()\[\]{},]")
 _RUN = {'"': re.compile(r'[^"\\]+'), "'": re.compile(r"[^'\\]+")}
-#: how much undecided text may be held while deciding whether the reply is a call list
+#: how much undecided text may be held while deciding whether a ``[`` opens a call list
 _MAX_HEADER = 256
 
 # states
-_START, _TEXT, _ARGS, _AFTER_CALL, _NEXT, _LIST_END = range(6)
+_TEXT, _HEADER, _ARGS, _AFTER_CALL, _NEXT = range(5)
 
 
 def _viable_header(s: str, first: bool) -> bool:
     """Could ``s`` still grow into a call header (``[name(`` / ``name(``)?"""
     s = s.lstrip()
     if first:
-        if s.startswith(PYTHON_START):
-            s = s[len(PYTHON_START):].lstrip()
-        elif PYTHON_START.startswith(s):
-            return True
         if not s:
             return True
         if s[0] != LIST_OPEN:
@@ -77,9 +86,21 @@ def literal_to_json(text: str) -> str | None:
         return None
 
 
-def kwargs_to_json(raw: str, pieces: list[str], truncated: bool) -> str:
+def is_call_syntax(args: str) -> bool:
+    """Whether ``f(<args>)`` is Python: the test that tells a call from prose in brackets.
+    Parsed once per call, when its ``)`` arrives, so the cost is linear in the call."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ast.parse("f(" + args + "\n)", mode="eval")
+    except Exception:  # SyntaxError, ValueError (NUL), RecursionError, MemoryError
+        return False
+    return True
+
+
+def kwargs_to_json(raw: str, pieces: list[str], truncated: bool) -> str | None:
     """The call's arguments (``raw``, cut at its top-level commas into ``pieces``) as JSON
-    text; the raw text when they are not all keywords.
+    text; None when they are not all keywords (the caller keeps the raw text).
 
     When ``truncated`` the last piece is incomplete: it is kept raw and the object left open,
     for the repair stage to close.
@@ -90,10 +111,10 @@ def kwargs_to_json(raw: str, pieces: list[str], truncated: bool) -> str:
         if not piece.strip():
             if k == last:  # a trailing comma, or nothing at all
                 continue
-            return raw.strip()
+            return None
         m = _KWARG.match(piece)
         if m is None:
-            return raw.strip()
+            return None
         key, value = m.group(1), m.group(2)
         if truncated and k == last:
             items.append(f"{json.dumps(key)}: {value.lstrip()}")
@@ -104,16 +125,22 @@ def kwargs_to_json(raw: str, pieces: list[str], truncated: bool) -> str:
 
 
 class PythonicParser(StreamParser):
-    """A Python list of calls with keyword arguments."""
+    """Python lists of calls with keyword arguments, wherever they open in the reply."""
 
     name = "pythonic"
 
-    _END = Markers(PYTHON_END)
+    _IN_TEXT = Markers(LIST_OPEN, PYTHON_START, PYTHON_END)
 
     def __init__(self, tools: list[dict] | None = None) -> None:
         super().__init__(tools)
-        self._state = _START
-        self._index = -1
+        self._state = _TEXT
+        self._wrapped = False  # the candidate list follows <|python_start|>
+        self._prose = False  # text other than whitespace has been emitted
+        self._strong = False  # the current list opened the reply or the wrapper
+        self._block: list[str] = []  # the current list's raw text, should it be prose
+        #: its complete calls: name, arguments, whether they were all keywords
+        self._done: list[tuple[str, str, bool]] = []
+        self._name = ""
         self._raw: list[str] = []  # the current call's argument text
         self._rawlen = 0
         self._cuts: list[int] = []  # offsets of its top-level commas
@@ -121,57 +148,84 @@ class PythonicParser(StreamParser):
         self._quote = ""  # the open string's quote character, "" outside strings
         self._triple = False
 
+    # -- states --
+
     def _step(self, data: str, pos: int, final: bool, out: list[Event]) -> tuple[int, bool]:
         st = self._state
-        n = len(data)
         if st == _TEXT:
-            emit_plain(out, data[pos:], False)
-            return n, True
-        if st == _START or st == _NEXT:
-            m = (_FIRST_CALL if st == _START else _NEXT_CALL).match(data, pos)
-            if m is not None and m.end() - pos <= _MAX_HEADER:  # the same bound as holding
-                self._open_call(m.group(1), out)
-                return m.end(), False
-            if st == _NEXT:
-                j = skip_ws(data, pos)
-                if j < n and data[j] == LIST_CLOSE:  # a trailing comma: "[f(), ]"
-                    self._state = _LIST_END
-                    return j + 1, False
-            if not final and n - pos < _MAX_HEADER \
-                    and _viable_header(data[pos:], st == _START):
+            k = len(out)
+            pos, tok = self._plain(data, pos, final, out)
+            if not self._prose:
+                self._prose = any(type(e) is Text and e.text.strip(" \t\r\n") for e in out[k:])
+            if tok is None:
                 return pos, True
-            self._state = _TEXT
-            return pos, False
+            if tok == PYTHON_START:
+                self._wrapped = True
+                self._state = _HEADER
+                return pos, False
+            if tok == LIST_OPEN:
+                self._state = _HEADER
+                return pos - 1, False  # the header is matched from its "["
+            return pos, False  # a stray <|python_end|>: a special token, dropped
+        if st == _HEADER:
+            return self._header(data, pos, final, out)
         if st == _ARGS:
             return self._scan_args(data, pos, final, out)
-        # _AFTER_CALL, _LIST_END: after ")" or "]"
+        n = len(data)
+        if st == _NEXT:
+            m = _NEXT_CALL.match(data, pos)
+            if m is not None and m.end() - pos <= _MAX_HEADER:
+                self._block.append(data[pos:m.end()])
+                self._open_call(m.group(1))
+                return m.end(), False
+            j = skip_ws(data, pos)
+            if j < n and data[j] == LIST_CLOSE and j - pos < _MAX_HEADER:  # "[f(), ]"
+                self._block.append(data[pos:j + 1])
+                self._list_closed(out)
+                return j + 1, False
+            if not final and n - pos < _MAX_HEADER and _viable_header(data[pos:], False):
+                return pos, True
+            return self._not_a_list(pos, final, out)
+        # _AFTER_CALL: after ")", a "," or the closing "]"
         j = skip_ws(data, pos)
-        if j - pos >= WS_LIMIT:
-            self._state = _TEXT
-            return pos, False
-        if j >= n:
-            if final:
-                self._state = _TEXT
+        if j - pos >= WS_LIMIT:  # decided by the run's length alone, so split-invariant
+            return self._not_a_list(pos, final, out)
+        if j >= n and not final:
             return pos, True
-        if st == _AFTER_CALL:
-            c = data[j]
-            if c == CALL_SEPARATOR:
-                self._state = _NEXT
-                return j + 1, False
-            if c == LIST_CLOSE:
-                self._state = _LIST_END
-                return j + 1, False
-            self._state = _TEXT
-            return pos, False
-        hit = self._END.at(data, j, final)
-        if hit is True:
+        if j < n and data[j] == CALL_SEPARATOR:
+            self._block.append(data[pos:j + 1])
+            self._state = _NEXT
+            return j + 1, False
+        if j < n and data[j] == LIST_CLOSE:
+            self._block.append(data[pos:j + 1])
+            self._list_closed(out)
+            return j + 1, False
+        return self._not_a_list(pos, final, out)
+
+    def _header(self, data: str, pos: int, final: bool, out: list[Event]) -> tuple[int, bool]:
+        n = len(data)
+        m = _FIRST_CALL.match(data, pos)
+        if m is not None and m.end() - pos <= _MAX_HEADER:
+            self._strong = self._wrapped or not self._prose
+            self._wrapped = False
+            self._block = [data[pos:m.end()]]
+            self._done = []
+            self._open_call(m.group(1))
+            return m.end(), False
+        if not final and n - pos < _MAX_HEADER and _viable_header(data[pos:], True):
             return pos, True
         self._state = _TEXT
-        return (j + len(PYTHON_END) if hit else pos), False
+        if self._wrapped:  # the wrapper held no list: its token is dropped, the rest is text
+            self._wrapped = False
+            return pos, False
+        emit_plain(out, LIST_OPEN, False)
+        self._prose = True
+        return pos + 1, False
 
-    def _open_call(self, name: str, out: list[Event]) -> None:
-        self._index = self.next_index()
-        out.append(ToolCallStart(self._index, name))
+    # -- the list --
+
+    def _open_call(self, name: str) -> None:
+        self._name = name
         self._raw = []
         self._rawlen = 0
         self._cuts = []
@@ -180,25 +234,73 @@ class PythonicParser(StreamParser):
         self._triple = False
         self._state = _ARGS
 
-    def _end_call(self, out: list[Event], truncated: bool) -> None:
+    def _call_args(self, truncated: bool) -> tuple[str, bool]:
+        """The current call's arguments as JSON text (or raw, for the repair stage) and
+        whether they were keywords only."""
         text = "".join(self._raw)
-        if not self._cuts and not text.strip():
-            args = "" if truncated else "{}"
-        else:
-            pieces, prev = [], 0
-            for cut in self._cuts:
-                pieces.append(text[prev:cut])
-                prev = cut + 1
-            pieces.append(text[prev:])
-            args = kwargs_to_json(text, pieces, truncated)
-        if args:
-            out.append(ToolCallArgs(self._index, args))
-        out.append(ToolCallEnd(self._index, truncated))
         self._raw = []
+        if not self._cuts and not text.strip():
+            return ("" if truncated else "{}"), True
+        pieces, prev = [], 0
+        for cut in self._cuts:
+            pieces.append(text[prev:cut])
+            prev = cut + 1
+        pieces.append(text[prev:])
+        args = kwargs_to_json(text, pieces, truncated)
+        return (text.strip(), False) if args is None else (args, True)
+
+    def _list_closed(self, out: list[Event]) -> None:
+        """``]``: the list is complete; its calls go out unless it reads as prose."""
+        declared = {n for n in self.tool_names if n}
+        if not self._strong and not all(
+                keywords and (not declared or name in declared)
+                for name, _, keywords in self._done):
+            self._release_block(out)  # after prose, "[Oslo (city)](...)" is not a call
+        else:
+            self._emit_calls(out)
+        self._state = _TEXT
+
+    def _emit_calls(self, out: list[Event], truncated: tuple[str, str] | None = None) -> None:
+        for name, args, _ in self._done:
+            index = self.next_index()
+            out.append(ToolCallStart(index, name))
+            if args:
+                out.append(ToolCallArgs(index, args))
+            out.append(ToolCallEnd(index))
+        if truncated is not None:
+            index = self.next_index()
+            out.append(ToolCallStart(index, truncated[0]))
+            if truncated[1]:
+                out.append(ToolCallArgs(index, truncated[1]))
+            out.append(ToolCallEnd(index, truncated=True))
+        self._done = []
+        self._block = []
+
+    def _release_block(self, out: list[Event]) -> None:
+        """Not a call list after all: its text, exactly as written, is content."""
+        emit_plain(out, "".join(self._block), False)
+        self._prose = True
+        self._done = []
+        self._block = []
+        self._raw = []
+
+    def _not_a_list(self, pos: int, final: bool, out: list[Event]) -> tuple[int, bool]:
+        """What follows a call cannot continue the list: it was prose, released as text.
+        Only the reply's end is different (``final``: what is left is whitespace or a partial
+        call header): a list that opened the reply or the wrapper keeps its complete calls,
+        the model's output having been cut off; the rest goes on as text."""
+        if final and self._strong:
+            self._emit_calls(out)
+        else:
+            self._release_block(out)
+        self._state = _TEXT
+        return pos, False
 
     def _keep(self, data: str, a: int, b: int) -> None:
         if b > a:
-            self._raw.append(data[a:b])
+            piece = data[a:b]
+            self._raw.append(piece)
+            self._block.append(piece)
             self._rawlen += b - a
 
     def _scan_args(self, data: str, pos: int, final: bool,
@@ -250,15 +352,35 @@ class PythonicParser(StreamParser):
             elif self._depth > 0:
                 self._depth -= 1
                 i += 1
-            else:  # ")" closes the call; a stray "]" or "}" ends it too (not consumed)
+            elif c == ")":  # the call is complete
                 self._keep(data, pos, i)
-                self._end_call(out, truncated=False)
+                self._block.append(c)
+                text = "".join(self._raw)
+                if not is_call_syntax(text):
+                    self._release_block(out)
+                    self._state = _TEXT
+                    return i + 1, False
+                self._done.append((self._name, *self._call_args(truncated=False)))
                 self._state = _AFTER_CALL
-                return (i + 1 if c == ")" else i), False
+                return i + 1, False
+            else:  # a stray "]" or "}" where ")" belongs: not Python, so not a call list
+                self._keep(data, pos, i)
+                self._release_block(out)
+                self._state = _TEXT
+                return i, False
         self._keep(data, pos, i)
         return i, True
 
     def _close(self, out: list[Event]) -> None:
-        if self._state == _ARGS:
-            self._end_call(out, truncated=True)
-            self._state = _TEXT
+        st = self._state
+        if st == _ARGS:  # cut off inside a call
+            if self._strong:
+                self._emit_calls(out, (self._name, self._call_args(truncated=True)[0]))
+            else:
+                self._release_block(out)
+        elif st in (_AFTER_CALL, _NEXT):
+            if self._strong:
+                self._emit_calls(out)
+            else:
+                self._release_block(out)
+        self._state = _TEXT

@@ -17,8 +17,9 @@ parsed from the text (JSON, or a Python literal for ``True``/``None``/single quo
 only when they fit (:data:`~._stream.FITTED`). The parser builds the JSON arguments itself
 and emits them one parameter at a time.
 
-A value ends only at ``</parameter>`` (or ``</function>`` when the model leaves the former
-out, as vLLM tolerates), so ``</tool_call>`` inside code in a value is kept. A bare
+A value ends only at ``</parameter>``, or where the model left that out: at the next
+``<parameter=`` or at ``</function>`` (as vLLM's and SGLang's parsers read it). So
+``</tool_call>`` inside code in a value is kept. A bare
 ``<function=`` without the ``<tool_call>`` wrapper is accepted, and so is a Hermes-style JSON
 call inside ``<tool_call>`` (Qwen3-Coder falls back to it now and then).
 """
@@ -62,7 +63,7 @@ class Qwen3CoderParser(StreamParser):
     _WRAP_NEXT = Markers(FUNCTION_START, TOOL_CALL_END)
     _TAG_END = Markers(TAG_CLOSE, TOOL_CALL_END)
     _IN_FUNC = Markers(PARAMETER_START, FUNCTION_END, TOOL_CALL_END)
-    _VALUE_END = Markers(PARAMETER_END, FUNCTION_END)
+    _VALUE_END = Markers(PARAMETER_END, FUNCTION_END, PARAMETER_START)
     _AFTER_FUNC_NEXT = Markers(TOOL_CALL_END, FUNCTION_START)
     _JSON_STOPS = Markers(TOOL_CALL_END)
 
@@ -120,6 +121,9 @@ class Qwen3CoderParser(StreamParser):
                 if tok == FUNCTION_END:
                     self._end_call(out)
                     self._state = _AFTER_FUNC
+                elif tok == PARAMETER_START:  # the next parameter closes this one
+                    self._collect = Collector(self._TAG_END)
+                    self._state = _PNAME
                 else:
                     self._state = _FUNC
             return m.end(), False

@@ -28,6 +28,9 @@ class Dialect:
     name = "openai"
     owned_by = "openai"
     sends_usage_chunk = True
+    #: the field this server puts reasoning in (its own reasoning parser's output)
+    reasoning_key = "reasoning_content"
+    context = 4096  # tokens of context one request gets (prompt and reply together)
 
     def __init__(self, model: str) -> None:
         self.model = model
@@ -54,7 +57,7 @@ class Dialect:
         return {"content": text}
 
     def reasoning_delta(self, text: str) -> dict[str, Any]:
-        return {"reasoning_content": text}
+        return {self.reasoning_key: text}
 
     def tool_deltas(self, calls: list[SimToolCall], quirks: dict[str, Any]) -> list[dict[str, Any]]:
         """Deltas (each a ``delta`` object) that stream the calls, one piece at a time."""
@@ -102,13 +105,14 @@ class Dialect:
                                   "function": {"name": c.name, "arguments": c.arguments}}
                                  for c in sc.tool_calls]
         if sc.reasoning:
-            msg["reasoning_content"] = sc.reasoning
+            msg[self.reasoning_key] = sc.reasoning
         return msg
 
 
 class VLLM(Dialect):
     name = "vllm"
     owned_by = "vllm"
+    reasoning_key = "reasoning"  # vLLM renamed reasoning_content to reasoning
 
     def completion_id(self) -> str:
         return "chatcmpl-" + secrets.token_hex(16)
@@ -133,7 +137,7 @@ class VLLM(Dialect):
 
     def models_doc(self) -> dict[str, Any]:
         doc = super().models_doc()
-        doc["data"][0].update({"root": self.model, "parent": None, "max_model_len": 4096,
+        doc["data"][0].update({"root": self.model, "parent": None, "max_model_len": self.context,
                                "permission": []})
         return doc
 
@@ -141,6 +145,7 @@ class VLLM(Dialect):
 class LlamaServer(Dialect):
     name = "llamacpp"
     owned_by = "llamacpp"
+    context = 2048
 
     def completion_id(self) -> str:
         return "chatcmpl-" + _alnum(32)
@@ -191,6 +196,7 @@ class LlamaServer(Dialect):
 class OllamaV1(Dialect):
     name = "ollama"
     owned_by = "library"
+    reasoning_key = "reasoning"
 
     def completion_id(self) -> str:
         return f"chatcmpl-{secrets.randbelow(1000)}"

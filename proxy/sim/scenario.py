@@ -14,7 +14,13 @@ from typing import Any
 _TOKEN = re.compile(r"\s*[^\s]{1,5}|\s+", re.S)
 
 FAULTS = ("refuse", "reset", "stall", "status", "malformed", "truncated", "endless",
-          "error_event")
+          "error_event",
+          # hostile upstreams (each strikes right after the response headers): stop there by
+          # reset or stall, reset in the middle of a non-streaming body, send one SSE event of
+          # ``size`` bytes of data: lines that never ends, one SSE line of ``size`` bytes,
+          # content that is not UTF-8, or a non-streaming reply of ``size`` bytes
+          "headers_then_reset", "headers_then_stall", "reset_mid_body", "unterminated_event",
+          "huge_line", "invalid_utf8", "huge_body")
 
 
 @dataclass
@@ -25,6 +31,7 @@ class Fault:
     seconds: float = 3600.0  # for kind "stall"
     message: str = "simulated failure"
     times: int = 1  # consecutive requests the fault strikes (a proxy may resend)
+    size: int = 0  # bytes, for the faults that send a lot
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Fault:

@@ -42,14 +42,18 @@ class SimStats:
     authorizations: deque[str | None] = field(default_factory=lambda: deque(maxlen=64))
     chunks_sent: int = 0
     bytes_sent: int = 0
+    max_asked: int = 0  # the largest output limit (max_tokens, n_predict...) any request asked
 
 
 class SimBackend:
     def __init__(self, dialect: str = "vllm", model: str = "sim-model", *, slots: int = 4,
                  ttft: float = 0.02, token_delay: float = 0.0, prefill_per_token: float = 0.0,
                  scenarios: list[Scenario] | None = None, library: dict[str, Scenario] | None
-                 = None, default_tokens: int = 16, loading: bool = False) -> None:
+                 = None, default_tokens: int = 16, loading: bool = False,
+                 context: int | None = None) -> None:
         self.dialect: Dialect = make_dialect(dialect, model)
+        if context is not None:
+            self.dialect.context = max(1, context)
         self.model = model
         self.slots = slots
         self.ttft = ttft
@@ -115,9 +119,16 @@ class SimBackend:
                 continue  # picked by name only
             if (not sc.match or sc.match in last) and (sc.step is None or sc.step == results):
                 return sc
-        n = body.get("max_tokens") or body.get("max_completion_tokens") or self.default_tokens
-        return Scenario(name="default", chunks=lorem(int(n)), finish_reason="length"
-                        if body.get("max_tokens") else "stop")
+        # The default reply: as long as asked, else default_tokens, and never longer than the
+        # context leaves room for (a real server stops there: asking for 10**12 tokens must
+        # not make the simulator build a reply of 10**12 tokens).
+        asked = asked_tokens(body)
+        room = max(1, self.dialect.context - _estimate_prompt_tokens(body))
+        want = self.default_tokens if asked is None or asked < 0 else asked
+        n = min(want, room)
+        cut = (asked is not None and asked >= 0) or n < want
+        return Scenario(name="default", chunks=lorem(n), finish_reason="length" if cut
+                        else "stop")
 
     # server ------------------------------------------------------------------------------------
     def app(self) -> web.Application:
@@ -183,7 +194,8 @@ class SimBackend:
     async def props(self, request: web.Request) -> web.Response:
         if self.dialect.name != "llamacpp":
             return _json({"detail": "Not Found"}, 404)
-        return _json({"default_generation_settings": {"n_ctx": 2048, "params": {}},
+        return _json({"default_generation_settings": {"n_ctx": self.dialect.context,
+                                                      "params": {}},
                       "total_slots": self.slots, "model_path": f"/models/{self.model}.gguf",
                       "chat_template": "{{ messages }}", "build_info": "b6550-1a2b3c4d",
                       "chat_template_caps": {"supports_tools": True}})
@@ -215,7 +227,8 @@ class SimBackend:
         s = self.stats
         return _json({"requests": s.requests, "in_flight": s.in_flight,
                       "max_in_flight": s.max_in_flight, "completed": s.completed,
-                      "disconnects": len(s.disconnects), "chunks_sent": s.chunks_sent})
+                      "disconnects": len(s.disconnects), "chunks_sent": s.chunks_sent,
+                      "max_asked": s.max_asked})
 
     # generation --------------------------------------------------------------------------------
     async def chat(self, request: web.Request) -> web.StreamResponse:
@@ -239,6 +252,12 @@ class SimBackend:
         self.stats.peers.append(peer[1] if peer else None)
         if self.loading:
             return self._error(503, "Loading model")
+        if not isinstance(body, dict):
+            return self._error(400, "the request body must be a JSON object")
+        bad = _bad_token_limit(body)
+        if bad is not None:
+            return self._error(400, bad)
+        self.stats.max_asked = max(self.stats.max_asked, asked_tokens(body) or 0)
         sc = self.pick(body)
         fault = sc.fault
         if fault and fault.kind == "refuse":
@@ -262,6 +281,8 @@ class SimBackend:
                 wait += fault.seconds
             if wait > 0:
                 await asyncio.sleep(wait)
+            if fault and fault.kind in HOSTILE_FAULTS:
+                return await self._hostile(request, fault, bool(body.get("stream")))
             if body.get("stream"):
                 return await self._stream(request, body, sc, chat, prompt_tokens)
             return self._whole(body, sc, chat, prompt_tokens)
@@ -400,6 +421,55 @@ class SimBackend:
             return True
         return False
 
+    async def _hostile(self, request: web.Request, fault: Any, stream: bool
+                       ) -> web.StreamResponse:
+        """A hostile upstream: the response headers go out, then it misbehaves (see FAULTS)."""
+        kind, size = fault.kind, max(0, fault.size)
+        ctype = "text/event-stream" if stream else "application/json"
+        if kind == "huge_body" and not stream:
+            text = "x" * size
+            return _json({"id": "chatcmpl-huge", "object": "chat.completion",
+                          "created": int(time.time()), "model": self.model,
+                          "choices": [{"index": 0, "finish_reason": "stop",
+                                       "message": {"role": "assistant", "content": text}}]})
+        resp = web.StreamResponse(headers={"Content-Type": ctype})
+        if kind == "reset_mid_body" and not stream:
+            resp.content_length = 4096
+        await resp.prepare(request)
+
+        def abort() -> web.StreamResponse:
+            if request.transport is not None:
+                request.transport.abort()
+            return resp
+
+        if kind == "headers_then_reset":
+            return abort()
+        if kind == "headers_then_stall":
+            await asyncio.sleep(fault.seconds)
+            return abort()
+        if kind == "reset_mid_body":
+            await resp.write(b'{"id": "chatcmpl-cut", "object": "chat.completion", "choi')
+            return abort()
+        head = b'data: {"id":"chatcmpl-h","object":"chat.completion.chunk","created":1,' \
+               b'"model":"' + self.model.encode() + b'","choices":[{"index":0,"delta":'
+        if kind == "invalid_utf8":
+            await resp.write(head + b'{"content":"bad \xff\xfe bytes \xc3"},'
+                             b'"finish_reason":null}]}\n\n')
+            await resp.write(head + b'{},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n')
+        elif kind == "huge_line":  # one event whose single line is ``size`` bytes
+            await resp.write(head + b'{"content":"')
+            await _write_filler(resp, b"x", size)
+            await resp.write(b'"},"finish_reason":null}]}\n\n')
+            await resp.write(head + b'{},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n')
+        elif kind == "unterminated_event":  # data: lines, never the blank line that ends them
+            await _write_filler(resp, b"data: " + b"x" * 58 + b"\n", size)
+        else:  # huge_body asked of a stream: one big content event
+            await resp.write(head + b'{"content":"')
+            await _write_filler(resp, b"y", size)
+            await resp.write(b'"},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n')
+        await resp.write_eof()
+        return resp
+
     # Ollama native ------------------------------------------------------------------------------
     async def ollama_chat(self, request: web.Request) -> web.StreamResponse:
         """Ollama's native chat: NDJSON lines, each tool call whole with ``arguments`` an
@@ -407,9 +477,15 @@ class SimBackend:
         "load the model" (``done_reason: load``), as the real server answers a warm-up."""
         if self.dialect.name != "ollama":
             return _json({"detail": "Not Found"}, 404)
-        body = orjson.loads(await request.read())
+        try:
+            body = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            return _json({"error": "invalid JSON body"}, 400)
+        if not isinstance(body, dict):
+            return _json({"error": "the request body must be a JSON object"}, 400)
         self.stats.requests += 1
         self.stats.bodies.append(body)
+        self.stats.max_asked = max(self.stats.max_asked, asked_tokens(body) or 0)
         stream = body.get("stream", True) is not False
 
         def line(msg: dict[str, Any], done: bool, **extra: Any) -> bytes:
@@ -487,6 +563,21 @@ class SimBackend:
             self.stats.completed += 1
 
 
+#: Faults that take over the whole response (``SimBackend._hostile``).
+HOSTILE_FAULTS = frozenset({"headers_then_reset", "headers_then_stall", "reset_mid_body",
+                            "unterminated_event", "huge_line", "invalid_utf8", "huge_body"})
+
+
+async def _write_filler(resp: web.StreamResponse, unit: bytes, size: int) -> None:
+    """``size`` bytes (rounded to whole units) of ``unit``, written 1 MB at a time."""
+    block = unit * max(1, (1 << 20) // len(unit))
+    left = size
+    while left > 0:
+        piece = block if left >= len(block) else unit * max(1, left // len(unit))
+        await resp.write(piece)
+        left -= len(piece)
+
+
 def _endless(d: Dialect, chat: bool) -> Any:
     i = 0
     while True:
@@ -499,6 +590,36 @@ def _obj(arguments: str) -> Any:
         return orjson.loads(arguments)
     except orjson.JSONDecodeError:
         return arguments
+
+
+#: What the servers read as the most tokens to generate, in the order they prefer them.
+TOKEN_LIMIT_FIELDS = ("max_completion_tokens", "max_tokens", "n_predict", "max_new_tokens",
+                      "num_predict")
+
+
+def asked_tokens(body: dict[str, Any]) -> int | None:
+    """The output limit the request asks for: the most that any of the fields some server
+    honours allows (None: no field; -1: "until the context is full", as llama-server's and
+    Ollama's -1). The simulator stands for every server at once, so a limit that only one
+    of them reads still counts."""
+    options = body.get("options")
+    values = [v for doc in (body, options if isinstance(options, dict) else {})
+              for name in TOKEN_LIMIT_FIELDS
+              if isinstance(v := doc.get(name), int) and not isinstance(v, bool)]
+    if not values:
+        return None
+    return -1 if min(values) < 0 else max(values)
+
+
+def _bad_token_limit(body: dict[str, Any]) -> str | None:
+    """vLLM's refusal of a ``max_tokens`` that is not a positive integer (null is allowed)."""
+    for name in ("max_tokens", "max_completion_tokens"):
+        v = body.get(name)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            return f"{name} must be an integer of at least 1, got {v!r}"[:200]
+    return None
 
 
 def _last_user_text(body: dict[str, Any]) -> str:

@@ -49,7 +49,8 @@ def llama_server() -> Iterator[stacks.Server]:
 
 @pytest.fixture(scope="session")
 def vllm() -> Iterator[stacks.Server]:
-    """vLLM's CPU build with its hermes tool parser and the converted Gemma model."""
+    """vLLM's CPU build with its hermes tool parser, its qwen3 reasoning parser and the
+    converted Gemma model: one launch (about 2.5 minutes) shared by every vLLM test."""
     yield from _serve("vllm", stacks.start_vllm)
 
 

@@ -36,6 +36,21 @@ TIME = {"type": "function", "function": {
 TOOLS = [WEATHER, TIME]
 NAMED = {"type": "function", "function": {"name": "get_weather"}}
 ASK = [{"role": "user", "content": "What is the weather in Oslo?"}]
+_REGEX_SPECIAL = set("\\.^$*+?{}[]()|")
+
+
+def literal(text: str) -> str:
+    """A regex matching exactly ``text``: the only output the model is then allowed to write
+    (``structured_outputs: {"regex": ...}`` with greedy decoding)."""
+    out = []
+    for ch in text:
+        if ch == "\n":
+            out.append("\\n")
+        elif ch in _REGEX_SPECIAL:
+            out.append("\\" + ch)
+        else:
+            out.append(ch)
+    return "".join(out)
 
 
 def few_shot(question: str = "What is the weather in Lima?") -> list[dict[str, Any]]:

@@ -43,6 +43,15 @@ HERE = Path(__file__).resolve().parent
 #: results as ``<tool_response>``. The base GGUF has no template, and without one that knows
 #: tools, llama-server silently drops ``tools``.
 HERMES_TEMPLATE = HERE / "templates" / "hermes_tools.jinja"
+#: The same tool template with reasoning rendered as Qwen3's template renders it (``<think>``
+#: blocks, ``enable_thinking``), for vLLM with its qwen3 reasoning parser.
+REASONING_TEMPLATE = HERE / "templates" / "hermes_qwen3_reasoning.jinja"
+#: vLLM's own reasoning split, on for every vLLM test (one launch serves them all): the qwen3
+#: parser, with structured outputs applied inside reasoning too, so a test can force the whole
+#: reply, reasoning included. Without ``enable_in_reasoning`` a forced output only starts
+#: after the reasoning ends.
+VLLM_REASONING_ARGS = ("--reasoning-parser", "qwen3",
+                       "--structured-outputs-config", '{"enable_in_reasoning": true}')
 
 VLLM_VERSION = "0.32.0"
 TORCH_VERSION = "2.13.0+cpu"
@@ -351,10 +360,12 @@ def setup_vllm_venv() -> Path:
 
 
 def convert_model_for_vllm() -> Path:
-    """The GGUF as bf16 safetensors with the BOS fix and ``<end_of_turn>`` as EOS (cached).
+    """The GGUF as bf16 safetensors with the BOS fix, ``<end_of_turn>`` as EOS and ``<think>`` /
+    ``</think>`` as single tokens (cached; see convert_gguf.py).
 
     Keyed by the vLLM version (its transformers does the conversion) and by the conversion
-    script's content, so changing the script remakes the folder.
+    script's content, so changing the script remakes the folder and a stale one (made by an
+    older script, e.g. without the reasoning tokens) is never reused.
     """
     import hashlib
 
@@ -391,7 +402,8 @@ def _offline_env() -> dict[str, str]:
 
 def start_vllm(*, max_model_len: int = 1024, ready_timeout: float = 600,
                extra_args: Sequence[str] = ()) -> Server:
-    """vLLM's OpenAI server with its hermes tool parser and the project's template.
+    """vLLM's OpenAI server with its hermes tool parser, its qwen3 reasoning parser
+    (:data:`VLLM_REASONING_ARGS`) and the project's reasoning-aware template.
 
     Every cache vLLM, torch and triton write (compile artefacts, HF home) goes into a temp folder
     removed on stop, so a run never depends on state a previous run left behind.
@@ -410,7 +422,8 @@ def start_vllm(*, max_model_len: int = 1024, ready_timeout: float = 600,
     cmd = [python, HERE / "vllm_launcher.py", "serve", model,
            "--served-model-name", "gemma-3-270m", "gemma",  # alias: clients send "gemma"
            "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
-           "--chat-template", HERMES_TEMPLATE, "--max-model-len", str(max_model_len),
+           "--chat-template", REASONING_TEMPLATE, *VLLM_REASONING_ARGS,
+           "--max-model-len", str(max_model_len),
            "--dtype", "bfloat16", "--host", "127.0.0.1", "--port", str(port), *extra_args]
     return _launch("vllm", cmd, port=port, model="gemma-3-270m", env=env,
                    ready_timeout=ready_timeout, tmpdir=tmp)

@@ -25,6 +25,7 @@ from .helpers import (
     TOOL_MODE,
     TOOLS,
     WEATHER_SCHEMA,
+    literal,
     post_json,
     raw_stream,
     sdk_stream,
@@ -34,20 +35,6 @@ from .stacks import Server
 pytestmark = pytest.mark.real
 
 MODES = ["buffered", "incremental"]
-_REGEX_SPECIAL = set("\\.^$*+?{}[]()|")
-
-
-def literal(text: str) -> str:
-    """A regex matching exactly ``text``: the only output the model is then allowed to write."""
-    out = []
-    for ch in text:
-        if ch == "\n":
-            out.append("\\n")
-        elif ch in _REGEX_SPECIAL:
-            out.append("\\" + ch)
-        else:
-            out.append(ch)
-    return "".join(out)
 
 
 def tagged(call_json: str) -> str:
