@@ -27,7 +27,21 @@ def fold_stream(raw: bytes) -> tuple[dict[str, Any], int]:
     """The ``chat.completion`` object that a whole ``chat.completion.chunk`` stream makes: the
     text of every field concatenated as it came, calls assembled by index, the last finish
     reason, the usage; and how many events had invalid UTF-8 replaced (as a whole reply's is).
-    Raises the upstream's error when the stream carries one."""
+    Raises the upstream's error when the stream carries one.
+
+    A server that ignores ``stream: true`` and answers one JSON object has sent the whole reply
+    already: it is taken as it is."""
+    if raw.lstrip()[:1] == b"{":
+        try:
+            whole = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            whole = _loads_replacing(raw)
+            if isinstance(whole, dict) and "error" not in whole:
+                return whole, 1
+        if isinstance(whole, dict):
+            if "error" in whole:
+                raise normalize_upstream_error(502, raw)
+            return whole, 0
     dec = SSEDecoder()
     envelope: dict[str, Any] = {}
     choices: dict[int, dict[str, Any]] = {}

@@ -452,3 +452,15 @@ def test_resplit_fast_and_parsed_paths_agree() -> None:
     fast = run(ChatMender("hermes", TOOLS, resplit_server_reasoning=True))
     slow = run(Always("hermes", TOOLS, resplit_server_reasoning=True))
     assert fast == slow
+
+
+def test_a_server_that_ignores_stream_true_is_read_whole() -> None:
+    """Asked for a stream, a server that answers one JSON object has sent the whole reply."""
+    from toolmend.whole_reply import fold_stream
+
+    whole = {"id": "c1", "object": "chat.completion", "model": "m",
+             "choices": [{"index": 0, "finish_reason": "stop",
+                          "message": {"role": "assistant", "content": "Sunny."}}]}
+    assert fold_stream(b"  " + json.dumps(whole).encode()) == (whole, 0)
+    with pytest.raises(ProxyError):
+        fold_stream(b'{"error": {"message": "boom", "type": "server_error"}}')
