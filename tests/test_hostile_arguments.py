@@ -84,9 +84,17 @@ class HostileUpstream:
     async def chat(self, request: web.Request) -> web.StreamResponse:
         reply = self.replies.pop(0)
         reply.arrived.set()
+        asked = await request.json()
         if reply.hold is not None:
             await reply.hold.wait()
-        if reply.whole is not None:
+        if reply.whole is not None and asked.get("stream") is True:
+            # toolmend may ask for a stream to fold into a whole reply: answer as servers do
+            choice = reply.whole["choices"][0]
+            message = {k: v for k, v in choice["message"].items() if v is not None}
+            for i, tc in enumerate(message.get("tool_calls") or ()):
+                tc["index"] = i
+            reply = Reply([chunk(message), chunk({}, choice["finish_reason"])])
+        elif reply.whole is not None:
             return web.json_response(reply.whole)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)

@@ -400,13 +400,15 @@ def _offline_env() -> dict[str, str]:
             "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def start_vllm(*, max_model_len: int = 1024, ready_timeout: float = 600,
+def start_vllm(*, max_model_len: int = 1024, ready_timeout: float = 1800,
                extra_args: Sequence[str] = ()) -> Server:
     """vLLM's OpenAI server with its hermes tool parser, its qwen3 reasoning parser
     (:data:`VLLM_REASONING_ARGS`) and the project's reasoning-aware template.
 
     Every cache vLLM, torch and triton write (compile artefacts, HF home) goes into a temp folder
-    removed on stop, so a run never depends on state a previous run left behind.
+    removed on stop, so a run never depends on state a previous run left behind. Ready in about
+    2.5 minutes on an idle machine; its compile warm-up took 15 on a shared, loaded one, hence
+    the generous ``ready_timeout``.
     """
     python = setup_vllm_venv()
     model = convert_model_for_vllm()
