@@ -450,6 +450,9 @@ def main() -> None:
     ap.add_argument("--hostile", default="probe,under",
                     help="schemas: which hostile senders run (probe, under)")
     ap.add_argument("--write", action="store_true", help="replace the section in BENCHMARKS.md")
+    ap.add_argument("--append", action="store_true",
+                    help="with --write: add this run's tables to the section instead")
+    ap.add_argument("--label", default="", help="added to each table's label (e.g. an env)")
     a = ap.parse_args()
     runs = ([("before", a.before)] if a.before else []) + [("after", a.python)]
     parts: list[str] = []
@@ -459,10 +462,10 @@ def main() -> None:
         for label, py in runs:
             r = asyncio.run(bench_schemas(py, a.serve_arg if label == "after" else [],
                                           a.seconds, a.settle, kinds))
-            text += schemas_table(f"{label}, hostile senders: {a.hostile}", r) + "\n"
+            text += schemas_table(f"{label}{a.label}, hostile senders: {a.hostile}", r) + "\n"
         print(text)
         parts.append("### Hostile tool schemas\n\n" + text)
-        write(a.write, parts)
+        write(a.write, parts, a.append)
     if a.part in ("bodies", "all"):
         rows = [(label, asyncio.run(bench_bodies(py, a.serve_arg if label == "after" else [])))
                 for label, py in runs]
@@ -471,14 +474,14 @@ def main() -> None:
                 "is the process's high-water mark.\n\n" + bodies_table(rows))
         print(text)
         parts.append("### Request bodies that parse large\n\n" + text)
-        write(a.write, parts)
+        write(a.write, parts, a.append)
     if a.part in ("validation", "all"):
         rows = [(label, in_child(py, VALIDATION_CODE)) for label, py in runs]
         text = ("The work one request or one call puts on the event loop, measured in "
                 "process, load " + load_average() + ".\n\n" + validation_table(rows))
         print(text)
         parts.append("### Checking calls against big schemas\n\n" + text)
-        write(a.write, parts)
+        write(a.write, parts, a.append)
     if a.part in ("arguments", "all"):
         rows = [(label, in_child(py, ARGUMENTS_CODE)) for label, py in runs]
         text = ("One structured call whose arguments arrive in 16 KB deltas, buffered by the "
@@ -490,11 +493,22 @@ def main() -> None:
                      f"{capped[0] * 1000:.0f} ms: `{capped[1]}`.\n")
         print(text)
         parts.append("### Buffered tool-call arguments\n\n" + text)
-        write(a.write, parts)
-    write(a.write, parts)
+        write(a.write, parts, a.append)
+    write(a.write, parts, a.append)
 
 
-def write(enabled: bool, parts: list[str]) -> None:
+_KEPT: list[str] = []
+
+
+def write(enabled: bool, parts: list[str], append: bool = False) -> None:
+    if enabled and append:
+        if not _KEPT:  # what the section holds now, read once, before this run adds to it
+            text = (ROOT / "BENCHMARKS.md").read_text()
+            start = text.find(SECTION + "\n")
+            if start >= 0:
+                body = text[start:].split("\n## ", 1)[0]
+                _KEPT.append(body.split("\n\n", 2)[2].rstrip() + "\n")
+        parts = [*_KEPT, *parts]
     if enabled and parts:
         replace_section(SECTION + "\n\nMeasured by `python bench/hostile_inputs.py all "
                         "--write --before <main's python>`; see the script's docstring for "

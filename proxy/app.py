@@ -238,7 +238,7 @@ async def context_and_errors(request: web.Request, handler: Any) -> web.StreamRe
     try:
         resp = await handler(request)
     except ProxyError as e:
-        err = e
+        err = _detached(e)
     except web.HTTPException as e:
         if e.status == 404:
             err = ProxyError(404, f"no route for {request.method} {request.path}",
@@ -286,6 +286,17 @@ async def context_and_errors(request: web.Request, handler: Any) -> web.StreamRe
         resp.headers.setdefault("X-Request-Id", ctx.request_id)
     _log_request(request, ctx)
     return resp
+
+
+def _detached(e: ProxyError) -> ProxyError:
+    """The error without its traceback and context. Kept in the middleware's locals, they made
+    a reference cycle (this frame, the error, its traceback, this frame) that held everything
+    the failed request's frames held, its parsed body among them, until a full garbage
+    collection: after a burst of refused 8 MB bodies, 50 MB stayed for minutes."""
+    e.__traceback__ = None
+    e.__context__ = None
+    e.__cause__ = None
+    return e
 
 
 async def _end_started_stream(request: web.Request,
