@@ -511,7 +511,8 @@ def write(enabled: bool, parts: list[str], append: bool = False) -> None:
         parts = [*_KEPT, *parts]
     if enabled and parts:
         replace_section(SECTION + "\n\nMeasured by `python bench/hostile_inputs.py all "
-                        "--write --before <main's python>`; see the script's docstring for "
+                        "--write --before <python running the code before>`; see the script's "
+                        "docstring for "
                         "what each part sends. Wall-clock times on a shared 2-core machine "
                         "(the load average is given with each table).\n\n"
                         + "\n".join(parts))
