@@ -23,6 +23,7 @@ from toolmend.parsers.validation import validate_call
 from toolmend.validating import NO_TOOLS
 
 from .conftest import Stack, StackFactory
+from .test_e2e_validation import calls_of, content_of
 
 DIALECTS = ["vllm", "llamacpp", "ollama"]
 MSG = [{"role": "user", "content": "Weather in Oslo?"}]
@@ -41,22 +42,6 @@ async def stream(stack: Stack, headers: dict[str, str] | None = None,
     events = [orjson.loads(line[6:]) for line in raw.split(b"\n")
               if line.startswith(b"data: {")]
     return status, raw, events
-
-
-def calls_of(events: list[Any]) -> list[dict[str, str]]:
-    calls: dict[int, dict[str, str]] = {}
-    for e in events:
-        for ch in e.get("choices") or ():
-            for tc in (ch.get("delta") or {}).get("tool_calls") or ():
-                slot = calls.setdefault(tc["index"], {"name": "", "arguments": ""})
-                slot["name"] += tc["function"].get("name") or ""
-                slot["arguments"] += tc["function"].get("arguments") or ""
-    return [calls[i] for i in sorted(calls)]
-
-
-def content_of(events: list[Any]) -> str:
-    return "".join((ch.get("delta") or {}).get("content") or ""
-                   for e in events for ch in e.get("choices") or ())
 
 
 def finish_of(events: list[Any]) -> list[str]:
