@@ -123,7 +123,7 @@ def load_average() -> str:
 
 
 def start(py: str, log_dir: Path, serve_args: list[str]) -> tuple[Proc, Proc]:
-    cli = [py, "-c", "from toolmend.cli import main; main()"]
+    cli = [py, "-c", "from toolmend.server.cli import main; main()"]
     sim = Proc("sim", [*cli, "sim", "--dialect", "vllm", "--port", "0", "--slots", "64",
                        "--ttft", "0"], log_dir)
     tm = Proc("toolmend", [*cli, "serve", "--upstream", sim.url, "--backend", "vllm",
@@ -280,7 +280,7 @@ def wide_body(keys: int) -> bytes:
 async def bench_bodies(py: str, serve_args: list[str], concurrency: int = 8,
                        keys: int = 690_000) -> dict[str, Any]:
     log_dir = Path(tempfile.mkdtemp(prefix="toolmend-bodies-"))
-    cli = [py, "-c", "from toolmend.cli import main; main()"]
+    cli = [py, "-c", "from toolmend.server.cli import main; main()"]
     # the sim holds every request 3 s before answering: all of them are in flight at once
     sim = Proc("sim", [*cli, "sim", "--dialect", "vllm", "--port", "0", "--slots", "64",
                        "--ttft", "3"], log_dir)

@@ -154,7 +154,7 @@ async def run_cases(py: str) -> list[dict[str, Any]]:
     rows = []
     try:
         for case in CASES:
-            tm = Proc("toolmend", [py, "-c", "from toolmend.cli import main; main()", "serve",
+            tm = Proc("toolmend", [py, "-m", "toolmend", "serve",
                                    "--upstream", up, "--backend", "openai", "--slots", "4",
                                    "--port", "0", "--no-log-requests"], log_dir)
             try:

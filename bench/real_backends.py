@@ -87,7 +87,7 @@ class Toolmend:
         self.port = free_port()
         self.log = (log_dir / f"toolmend-{self.port}.log").open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from toolmend.cli import main; main()", "serve",
+            [sys.executable, "-c", "from toolmend.server.cli import main; main()", "serve",
              "--upstream", upstream, "--host", "127.0.0.1", "--port", str(self.port)],
             stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         self.url = f"http://127.0.0.1:{self.port}"

@@ -501,14 +501,14 @@ async def run(cfg: argparse.Namespace) -> list[LevelResult]:
     client: Client | None = None
     keep_logs = True
     try:
-        sim = Proc("sim", [py, "-c", "from toolmend.cli import main; main()", "sim",
+        sim = Proc("sim", [py, "-c", "from toolmend.server.cli import main; main()", "sim",
                            "--dialect", "vllm", "--port", "0", "--slots", str(cfg.slots),
                            "--ttft", str(cfg.ttft), "--token-delay", str(cfg.token_delay),
                            "--tokens", str(cfg.tokens)], log_dir)
         procs.append(sim)
         # toolmend is told the sim's real slot count, so its fair queue never holds a request
         # back: this measures the relay, not queueing (that has its own benchmark).
-        tm = Proc("toolmend", [py, "-c", "from toolmend.cli import main; main()", "serve",
+        tm = Proc("toolmend", [py, "-c", "from toolmend.server.cli import main; main()", "serve",
                                "--upstream", sim.url, "--backend", "vllm",
                                "--slots", str(cfg.slots), "--host", "127.0.0.1", "--port", "0"],
                   log_dir)
@@ -570,7 +570,7 @@ async def run_undeclared(cfg: argparse.Namespace) -> dict[int, dict[str, list[Ro
     client: Client | None = None
     keep_logs = True
     try:
-        sim = Proc("sim", [py, "-c", "from toolmend.cli import main; main()", "sim",
+        sim = Proc("sim", [py, "-c", "from toolmend.server.cli import main; main()", "sim",
                            "--dialect", "vllm", "--port", "0", "--slots", str(cfg.slots),
                            "--ttft", str(cfg.ttft), "--token-delay", str(cfg.token_delay),
                            "--tokens", str(cfg.tokens)], log_dir)
@@ -578,7 +578,7 @@ async def run_undeclared(cfg: argparse.Namespace) -> dict[int, dict[str, list[Ro
         relays: dict[str, Proc] = {}
         for mode, value in zip(UNDECLARED_MODES, ("pass", "refuse"), strict=True):
             relays[mode] = Proc(f"toolmend-{mode}", [
-                py, "-c", "from toolmend.cli import main; main()", "serve", "--upstream",
+                py, "-c", "from toolmend.server.cli import main; main()", "serve", "--upstream",
                 sim.url, "--backend", "vllm", "--slots", str(cfg.slots), "--host", "127.0.0.1",
                 "--port", "0", "--undeclared-calls", value], log_dir)
             procs.append(relays[mode])
@@ -630,10 +630,10 @@ def pipeline_cost(tokens: int, requests: int, repeats: int) -> dict[str, list[fl
     (``undeclared_calls = "pass"``) and on, in ``repeats`` alternating runs of ``requests``."""
     import orjson
 
-    from toolmend.config import Settings
-    from toolmend.context import RequestContext
-    from toolmend.mending import ChatMending, record
     from toolmend.parsers.stream import StreamPipeline
+    from toolmend.pipeline.mending import ChatMending, record
+    from toolmend.server.config import Settings
+    from toolmend.server.context import RequestContext
 
     def event(delta: dict[str, object], finish: str | None = None) -> bytes:
         return b"data: " + orjson.dumps({

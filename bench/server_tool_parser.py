@@ -47,12 +47,12 @@ sys.path.insert(0, str(ROOT))
 from tests.real import stacks  # noqa: E402
 from tests.real.helpers import ASK, TOOLS, literal  # noqa: E402
 from tests.real.reasoning_cases import MEANT  # noqa: E402
-from toolmend.config import Settings  # noqa: E402
-from toolmend.context import RequestContext  # noqa: E402
-from toolmend.mending import ChatMending  # noqa: E402
 from toolmend.parsers.mender import feed_whole, fold_chunks  # noqa: E402
 from toolmend.parsers.stream import StreamPipeline  # noqa: E402
-from toolmend.whole_reply import fold_stream  # noqa: E402
+from toolmend.pipeline.mending import ChatMending  # noqa: E402
+from toolmend.pipeline.whole_reply import fold_stream  # noqa: E402
+from toolmend.server.config import Settings  # noqa: E402
+from toolmend.server.context import RequestContext  # noqa: E402
 
 SECTION = "## Bypassing the server's tool parser"
 RECORDED = json.loads((ROOT / "fixtures" / "vllm" / "reasoning.json").read_text())
@@ -184,7 +184,7 @@ class Toolmend:
         self.port = free_port()
         self.log = (log_dir / f"toolmend-{setting}.log").open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from toolmend.cli import main; main()", "serve",
+            [sys.executable, "-c", "from toolmend.server.cli import main; main()", "serve",
              "--upstream", upstream, "--host", "127.0.0.1", "--port", str(self.port),
              "--server-tool-parser", setting, "--no-log-requests"],
             stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)

@@ -197,8 +197,8 @@ class Browser:
 # --- the session and the pictures ----------------------------------------------------------------
 async def record_session(phoenix_url: str) -> tuple[str, dict[str, Any]]:
     """Run the session through toolmend into Phoenix; its id and toolmend's own view of it."""
-    from toolmend.app import SCHEDULER, build_app, start_server
-    from toolmend.config import Settings
+    from toolmend.server.app import SCHEDULER, build_app, start_server
+    from toolmend.server.config import Settings
 
     os.environ["OTEL_BSP_SCHEDULE_DELAY"] = "50"
     os.environ["OTEL_RESOURCE_ATTRIBUTES"] = f"openinference.project.name={PROJECT}"
@@ -263,7 +263,7 @@ async def terminal_picture(browser: Browser, session: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.terminal_theme import MONOKAI
 
-    from toolmend.trace_view import render_session
+    from toolmend.telemetry.trace_view import render_session
 
     console = Console(record=True, width=TERMINAL_COLUMNS, force_terminal=True,
                       color_system="truecolor", file=io.StringIO())

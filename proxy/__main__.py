@@ -1,3 +1,3 @@
-from .cli import main
+from toolmend.server.cli import main
 
 main()

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from toolmend.app import build_app, start_server
-from toolmend.config import Settings
+from toolmend.server.app import build_app, start_server
+from toolmend.server.config import Settings
 from toolmend.sim.server import SimBackend
 
 

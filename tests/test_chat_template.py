@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from toolmend.chat_template import (
+from toolmend.backends.chat_template import (
     StopScanner,
     ToolChoiceError,
     forced_prefill,

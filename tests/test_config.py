@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from toolmend.cli import build_parser
-from toolmend.config import Settings
+from toolmend.server.cli import build_parser
+from toolmend.server.config import Settings
 
 
 def load(argv: list[str], env: dict[str, str], path: Path | None = None) -> Settings:

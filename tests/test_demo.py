@@ -7,7 +7,7 @@ import io
 
 from rich.console import Console
 
-from toolmend.demo import render, run, run_demo
+from toolmend.server.demo import render, run, run_demo
 from toolmend.sim.agent_loop import FINAL_ANSWER, INTENDED_CALLS
 
 

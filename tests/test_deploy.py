@@ -14,8 +14,8 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-from toolmend.cli import build_parser
-from toolmend.config import ENV_PREFIX, Settings
+from toolmend.server.cli import build_parser
+from toolmend.server.config import ENV_PREFIX, Settings
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 DEFAULT_PORT = Settings().port

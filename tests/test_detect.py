@@ -14,9 +14,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from toolmend.app import build_app, start_server
-from toolmend.config import Settings
-from toolmend.detect import Probe, classify, describe, detect
+from toolmend.backends.detect import Probe, classify, describe, detect
+from toolmend.server.app import build_app, start_server
+from toolmend.server.config import Settings
 from toolmend.sim.server import SimBackend
 
 Starter = Callable[..., Any]

@@ -6,10 +6,8 @@ import shlex
 
 import pytest
 
-from toolmend.cli import build_parser
-from toolmend.config import Settings
-from toolmend.detect import Detected
-from toolmend.doctor import (
+from toolmend.backends.detect import Detected
+from toolmend.backends.doctor import (
     Gpu,
     Hardware,
     format_report,
@@ -17,6 +15,8 @@ from toolmend.doctor import (
     parse_rocminfo,
     recommend,
 )
+from toolmend.server.cli import build_parser
+from toolmend.server.config import Settings
 
 GB = 1024
 
@@ -144,7 +144,7 @@ Agent 2
 
 
 async def test_run_doctor_probes_a_real_upstream() -> None:
-    from toolmend.doctor import run_doctor
+    from toolmend.backends.doctor import run_doctor
     from toolmend.sim.server import SimBackend
 
     sim = SimBackend("llamacpp", model="qwen3", slots=2)

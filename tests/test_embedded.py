@@ -20,8 +20,8 @@ import jsonschema
 import pytest
 from openai import AsyncOpenAI
 
-from toolmend.app import build_app, start_server
-from toolmend.config import Settings
+from toolmend.server.app import build_app, start_server
+from toolmend.server.config import Settings
 
 pytestmark = pytest.mark.real
 
@@ -49,7 +49,7 @@ class Embedded:
 
 @pytest.fixture
 async def embedded() -> AsyncIterator[Embedded]:
-    from toolmend.embedded import start_embedded  # needs llama-cpp-python: no silent skip
+    from toolmend.backends.embedded import start_embedded  # needs llama-cpp-python: no silent skip
 
     settings = Settings(log_requests=False)
     backend = await start_embedded(settings)
@@ -142,7 +142,7 @@ async def test_toolmend_serve_without_upstream_starts_embedded() -> None:
     """The main job: ``toolmend serve`` alone runs the model and reports it in /readyz."""
     env = {**os.environ, "TOOLMEND_LOG_REQUESTS": "false"}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", "from toolmend.cli import main; main()", "serve", "--port", "0",
+        sys.executable, "-m", "toolmend", "serve", "--port", "0",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, env=env)
     try:
         assert proc.stdout is not None

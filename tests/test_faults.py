@@ -23,8 +23,8 @@ import orjson
 import pytest
 from aiohttp import web
 
-from toolmend.app import SCHEDULER, UPSTREAM, build_app, start_server
-from toolmend.config import Settings
+from toolmend.server.app import SCHEDULER, UPSTREAM, build_app, start_server
+from toolmend.server.config import Settings
 from toolmend.sim.server import SimBackend
 
 MSG = [{"role": "user", "content": "hello"}]

@@ -22,14 +22,14 @@ from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from toolmend.app import build_app, start_server
-from toolmend.config import Settings
 from toolmend.parsers.arguments import ArgumentText
 from toolmend.parsers.mender import ChatMender, StreamError
 from toolmend.parsers.ollama import NDJSONToSSE
 from toolmend.parsers.repair import REPAIR_MAX_CHARS, repair_arguments, too_deep
 from toolmend.parsers.schemas import BudgetExceeded, compile_tools, validation_budget
 from toolmend.parsers.validation import Issue, validate_call
+from toolmend.server.app import build_app, start_server
+from toolmend.server.config import Settings
 
 MSG = [{"role": "user", "content": "go"}]
 TOOL = {"type": "function", "function": {"name": "write", "parameters": {

@@ -16,9 +16,9 @@ import aiohttp
 import orjson
 import pytest
 
-from toolmend.app import build_app, start_server
-from toolmend.config import Settings
-from toolmend.request_body import BYTES_PER_VALUE, LARGE_BODIES, parse_json_body
+from toolmend.server.app import build_app, start_server
+from toolmend.server.config import Settings
+from toolmend.server.request_body import BYTES_PER_VALUE, LARGE_BODIES, parse_json_body
 
 from .test_hostile_arguments import HostileUpstream, Reply, chunk
 

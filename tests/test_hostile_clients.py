@@ -26,14 +26,14 @@ from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from toolmend import auth
-from toolmend.app import SCHEDULER, _json_line, build_app, start_server
-from toolmend.config import Settings
-from toolmend.request_body import OUTPUT_LIMIT_FIELDS, cap_output_tokens
-from toolmend.scheduler import Cost, FairScheduler, Ticket
-from toolmend.sessions import SessionTracker, StepRecord, dumps
+from toolmend.scheduling.scheduler import Cost, FairScheduler, Ticket
+from toolmend.server import auth
+from toolmend.server.app import SCHEDULER, _json_line, build_app, start_server
+from toolmend.server.config import Settings
+from toolmend.server.request_body import OUTPUT_LIMIT_FIELDS, cap_output_tokens
 from toolmend.sim.server import SimBackend
-from toolmend.telemetry import TELEMETRY, session_trace_id
+from toolmend.telemetry.sessions import SessionTracker, StepRecord, dumps
+from toolmend.telemetry.tracing import TELEMETRY, session_trace_id
 
 MSG = [{"role": "user", "content": "hello"}]
 ALPHA_KEY = "tm-alpha-1a2b3c4d5e6f"
@@ -708,7 +708,7 @@ async def test_banner_does_not_print_upstream_credentials(tmp_path: Path) -> Non
 
 
 def test_collector_credentials_are_not_logged() -> None:
-    from toolmend.telemetry import _build_exporter
+    from toolmend.telemetry.tracing import _build_exporter
 
     built = _build_exporter(Settings(otlp_endpoint="http://otel:c0ll-pw@127.0.0.1:4318"))
     assert built is not None
@@ -718,7 +718,7 @@ def test_collector_credentials_are_not_logged() -> None:
 
 
 async def test_doctor_does_not_print_upstream_credentials() -> None:
-    from toolmend.doctor import run_doctor
+    from toolmend.backends.doctor import run_doctor
 
     sim = SimBackend("vllm", ttft=0.0)
     url = await sim.start()

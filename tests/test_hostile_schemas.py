@@ -19,8 +19,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from toolmend.app import build_app, start_server
-from toolmend.config import Settings
 from toolmend.parsers.schemas import (
     DEFAULT_LIMITS,
     MEMORY_PER_SCHEMA_BYTE,
@@ -34,8 +32,10 @@ from toolmend.parsers.schemas import (
     plan_tools,
 )
 from toolmend.parsers.validation import validate_call
-from toolmend.schema_worker import WAITING_PER_WORKER, CheckerBusy, SchemaCompiler, _Worker
-from toolmend.validating import SCHEMAS
+from toolmend.pipeline.schema_worker import WAITING_PER_WORKER, CheckerBusy, SchemaCompiler, _Worker
+from toolmend.pipeline.validating import SCHEMAS
+from toolmend.server.app import build_app, start_server
+from toolmend.server.config import Settings
 
 from .test_hostile_arguments import HostileUpstream, Reply, call_deltas, stream_error
 

@@ -23,8 +23,8 @@ import orjson
 import pytest
 from aiohttp import web
 
-from toolmend.app import SCHEDULER, UPSTREAM, build_app, start_server
-from toolmend.config import Settings
+from toolmend.server.app import SCHEDULER, UPSTREAM, build_app, start_server
+from toolmend.server.config import Settings
 
 from .test_faults import FStack, _until, error_of
 
@@ -561,7 +561,7 @@ async def test_exception_escaping_the_handler_ends_the_stream(
     """The last line of defence, the app's error middleware: an exception that escapes the
     handler after its stream began ends that stream in the API's own way, instead of a second
     HTTP response appended to the first."""
-    import toolmend.app as app_module
+    import toolmend.server.app as app_module
 
     async def broken_relay(request: web.Request, ctx: Any, up: Any, path: str, body: bytes,
                            pipeline: Any, keepalive_interval: float, down: Any = None,
@@ -752,7 +752,7 @@ def _contents(body: bytes) -> str:
 async def _metric(st: FStack, name: str, labels: dict[str, str] | None = None,
                   want: float | None = None) -> float | None:
     """A sample from toolmend's registry, once the request's recording has caught up."""
-    from toolmend.telemetry import TELEMETRY
+    from toolmend.telemetry.tracing import TELEMETRY
 
     reg = st.app[TELEMETRY].metrics.registry
     if want is not None:
@@ -794,8 +794,8 @@ async def test_invalid_utf8_reported_in_the_trace(make_hstack: Callable[..., Any
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-    from toolmend import telemetry_names as names
-    from toolmend.telemetry import TELEMETRY
+    from toolmend.telemetry import names as names
+    from toolmend.telemetry.tracing import TELEMETRY
 
     from .test_telemetry import Receiver, attrs
 
@@ -925,7 +925,7 @@ async def test_ollama_whole_reply_over_the_limit(make_hstack: Callable[..., Any]
 async def test_discovery_answer_in_pieces_is_read_whole(make_hstack: Callable[..., Any]) -> None:
     """A model list that arrives in several pieces is parsed whole (a single ``read(n)`` used
     to return only the first piece, and the server went unrecognised)."""
-    from toolmend.detect import detect
+    from toolmend.backends.detect import detect
 
     st = await make_hstack()
     up = hostile(st)

@@ -20,10 +20,10 @@ from hypothesis import strategies as st
 
 from tests.conftest import Stack
 from tests.test_hostile_clients import http_post, raw_exchange, split_response
-from toolmend import auth, identity
-from toolmend.app import build_app, start_server
-from toolmend.config import Settings
-from toolmend.identity import TRUST_TABLE, FingerprintSessions, history_digests
+from toolmend.server import auth, identity
+from toolmend.server.app import build_app, start_server
+from toolmend.server.config import Settings
+from toolmend.server.identity import TRUST_TABLE, FingerprintSessions, history_digests
 from toolmend.sim.server import SimBackend
 
 MSG = [{"role": "system", "content": "you are a coder"},

@@ -21,11 +21,8 @@ import aiohttp
 import orjson
 import pytest
 
-from toolmend.app import build_app, start_server
-from toolmend.cli import parse_args
-from toolmend.config import Settings
-from toolmend.doctor import Gpu, Hardware
-from toolmend.launcher import (
+from toolmend.backends.doctor import Gpu, Hardware
+from toolmend.backends.launcher import (
     LaunchError,
     LaunchPlan,
     ManagedBackend,
@@ -35,6 +32,9 @@ from toolmend.launcher import (
     merge_args,
     plan_launch,
 )
+from toolmend.server.app import build_app, start_server
+from toolmend.server.cli import parse_args
+from toolmend.server.config import Settings
 
 NVIDIA = Hardware("Linux", "x86_64", 32, 128 * 1024, [Gpu("nvidia", "NVIDIA L40S", 46068)])
 CPU = Hardware("Linux", "x86_64", 2, 24 * 1024)

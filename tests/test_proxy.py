@@ -271,8 +271,8 @@ async def test_connect_timeout(make_stack: StackFactory) -> None:
             pass
         fillers.append(f)
     try:
-        from toolmend.app import build_app, start_server
-        from toolmend.config import Settings
+        from toolmend.server.app import build_app, start_server
+        from toolmend.server.config import Settings
 
         app = build_app(Settings(connect_timeout=0.3, log_requests=False),
                         [f"http://127.0.0.1:{port}"])
@@ -396,8 +396,8 @@ async def test_stale_keepalive_connection_is_retried_transparently(make_stack: S
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    from toolmend.app import build_app, start_server
-    from toolmend.config import Settings
+    from toolmend.server.app import build_app, start_server
+    from toolmend.server.config import Settings
 
     app = build_app(Settings(log_requests=False, backend="vllm", slots=4),
                     [f"http://127.0.0.1:{port}"])

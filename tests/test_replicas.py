@@ -13,10 +13,10 @@ import openai
 import orjson
 import pytest
 
-from toolmend.app import UPSTREAM, build_app, start_server
-from toolmend.config import Settings
+from toolmend.backends.upstream import UpstreamClient
+from toolmend.server.app import UPSTREAM, build_app, start_server
+from toolmend.server.config import Settings
 from toolmend.sim.server import SimBackend
-from toolmend.upstream import UpstreamClient
 
 MSG = [{"role": "user", "content": "hello"}]
 

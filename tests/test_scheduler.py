@@ -8,9 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from toolmend.context import RequestContext
-from toolmend.errors import ProxyError
-from toolmend.scheduler import (
+from toolmend.scheduling.scheduler import (
     AgentPolicies,
     AgentPolicy,
     Cost,
@@ -22,6 +20,8 @@ from toolmend.scheduler import (
     parse_deadline,
     policies_from_dict,
 )
+from toolmend.server.context import RequestContext
+from toolmend.server.errors import ProxyError
 
 BIG = Cost(1000, 500)  # a long request: never small
 SMALL = Cost(40, 16)
@@ -510,14 +510,14 @@ def test_agents_sections_from_the_config_file(tmp_path: Path) -> None:
 
 
 def test_settings_keep_the_config_path_and_new_options(tmp_path: Path) -> None:
-    from toolmend.config import Settings
+    from toolmend.server.config import Settings
 
     f = tmp_path / "t.toml"
     f.write_text("slots = 2\nqueue_ttl = 5\n[agents.a]\nweight = 3\n")
     st = Settings.load(config_path=str(f), environ={"TOOLMEND_EXPRESS_SLOT": "false"})
     assert st.slots == 2 and st.queue_ttl == 5.0 and st.express_slot is False
     assert st.config_path == str(f)
-    from toolmend.scheduler import scheduler_from_settings
+    from toolmend.scheduling.scheduler import scheduler_from_settings
 
     s = scheduler_from_settings(st)
     assert s.slots == 2 and not s.express and s.policies.get("a").weight == 3.0

@@ -9,8 +9,8 @@ import aiohttp
 import orjson
 import pytest
 
-from toolmend.app import SCHEDULER, build_app, start_server
-from toolmend.config import Settings
+from toolmend.server.app import SCHEDULER, build_app, start_server
+from toolmend.server.config import Settings
 from toolmend.sim.server import SimBackend
 
 from .conftest import Stack, StackFactory

@@ -18,11 +18,11 @@ import orjson
 import pytest
 from aiohttp import web
 
-from toolmend import auth
-from toolmend.app import SCHEDULER, build_app, start_server
-from toolmend.config import Settings
+from toolmend.server import auth
+from toolmend.server.app import SCHEDULER, build_app, start_server
+from toolmend.server.config import Settings
 from toolmend.sim.server import SimBackend
-from toolmend.telemetry import TELEMETRY
+from toolmend.telemetry.tracing import TELEMETRY
 
 from .conftest import Stack, StackFactory
 
@@ -250,8 +250,8 @@ def test_bad_keys_config_is_refused(table: dict[str, Any], needle: str) -> None:
 async def test_sessions_endpoint_is_loopback_or_admin_key() -> None:
     from aiohttp.test_utils import make_mocked_request
 
-    from toolmend.errors import ProxyError
-    from toolmend.telemetry import Telemetry, sessions_handler
+    from toolmend.server.errors import ProxyError
+    from toolmend.telemetry.tracing import Telemetry, sessions_handler
 
     def request(remote: str, **headers: str) -> web.Request:
         app = web.Application()
@@ -430,8 +430,8 @@ async def test_credentials_in_upstream_url_never_shown(make_stack) -> None:  # t
     """``http://user:secret@host`` authenticates to the upstream but is never displayed."""
     import aiohttp as _aiohttp
 
-    from toolmend.app import build_app, start_server
-    from toolmend.config import Settings
+    from toolmend.server.app import build_app, start_server
+    from toolmend.server.config import Settings
     from toolmend.sim.server import SimBackend
 
     sim = SimBackend("vllm")

@@ -24,12 +24,12 @@ from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from toolmend.app import build_app, start_server
-from toolmend.config import Settings
-from toolmend.context import RequestContext
-from toolmend.errors import ProxyError
-from toolmend.mending import ChatMending, bypasses_server_parser
-from toolmend.whole_reply import fold_stream
+from toolmend.pipeline.mending import ChatMending, bypasses_server_parser
+from toolmend.pipeline.whole_reply import fold_stream
+from toolmend.server.app import build_app, start_server
+from toolmend.server.config import Settings
+from toolmend.server.context import RequestContext
+from toolmend.server.errors import ProxyError
 
 from .real.helpers import ASK, NAMED, TOOLS, literal
 from .real.reasoning_cases import BY_NAME, CASES, Case
@@ -456,7 +456,7 @@ def test_resplit_fast_and_parsed_paths_agree() -> None:
 
 def test_a_server_that_ignores_stream_true_is_read_whole() -> None:
     """Asked for a stream, a server that answers one JSON object has sent the whole reply."""
-    from toolmend.whole_reply import fold_stream
+    from toolmend.pipeline.whole_reply import fold_stream
 
     whole = {"id": "c1", "object": "chat.completion", "model": "m",
              "choices": [{"index": 0, "finish_reason": "stop",

@@ -27,11 +27,11 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-from toolmend import telemetry_names as names
-from toolmend.app import build_app, start_server
-from toolmend.config import Settings
+from toolmend.server.app import build_app, start_server
+from toolmend.server.config import Settings
 from toolmend.sim.server import SimBackend
-from toolmend.telemetry import (
+from toolmend.telemetry import names as names
+from toolmend.telemetry.tracing import (
     TELEMETRY,
     conversation_fingerprint,
     format_traceparent,
@@ -569,7 +569,7 @@ async def test_sessions_endpoint(make_tstack: Factory, receiver: Receiver) -> No
 
     from rich.console import Console
 
-    from toolmend.trace_view import add_arguments, run
+    from toolmend.telemetry.trace_view import add_arguments, run
 
     p = argparse.ArgumentParser()
     add_arguments(p)
@@ -584,8 +584,8 @@ async def test_sessions_endpoint(make_tstack: Factory, receiver: Receiver) -> No
 async def test_observability_endpoints_are_loopback_only() -> None:
     from aiohttp.test_utils import make_mocked_request
 
-    from toolmend.errors import ProxyError
-    from toolmend.telemetry import Telemetry, metrics_handler
+    from toolmend.server.errors import ProxyError
+    from toolmend.telemetry.tracing import Telemetry, metrics_handler
 
     def request(remote: str, **headers: str) -> web.Request:
         app = web.Application()
@@ -612,7 +612,7 @@ async def test_observability_endpoints_are_loopback_only() -> None:
 
 async def test_grpc_exporter_is_an_option() -> None:
     pytest.importorskip("opentelemetry.exporter.otlp.proto.grpc.trace_exporter")
-    from toolmend.telemetry import Telemetry
+    from toolmend.telemetry.tracing import Telemetry
 
     tel = Telemetry(Settings(otlp_endpoint="http://127.0.0.1:4317", otlp_protocol="grpc"))
     try:

@@ -27,7 +27,7 @@ import pytest
 from aiohttp import web
 from rich.console import Console
 
-from toolmend.trace_view import add_arguments, run
+from toolmend.telemetry.trace_view import add_arguments, run
 
 T0 = 1796614094  # 2026-12-07 03:28:14 UTC
 SESSION: dict[str, Any] = {

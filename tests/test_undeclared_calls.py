@@ -20,7 +20,7 @@ from toolmend.parsers.mender import ChatMender, carries_call
 from toolmend.parsers.policy import READ_TEXT, Outcome, Policy, decide, retry_plan
 from toolmend.parsers.stream import StreamPipeline, UpstreamStreamError
 from toolmend.parsers.validation import validate_call
-from toolmend.validating import NO_TOOLS
+from toolmend.pipeline.validating import NO_TOOLS
 
 from .conftest import Stack, StackFactory
 from .test_e2e_validation import calls_of, content_of

@@ -21,7 +21,7 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .scenario import Scenario
+from toolmend.sim.scenario import Scenario
 
 #: Part of the user prompt; the loop's scenarios answer only conversations that contain it.
 PROMPT_KEY = "picnic"
@@ -101,9 +101,9 @@ class LocalStack:
         self._runner: Any = None
 
     async def __aenter__(self) -> LocalStack:
-        from ..app import build_app, start_server
-        from ..config import Settings
-        from .server import SimBackend
+        from toolmend.server.app import build_app, start_server
+        from toolmend.server.config import Settings
+        from toolmend.sim.server import SimBackend
 
         self.sim = SimBackend(self.dialect)
         self.sim_url = await self.sim.start()

@@ -12,7 +12,7 @@ import string
 import time
 from typing import Any
 
-from .scenario import Scenario, SimToolCall, split_tokens
+from toolmend.sim.scenario import Scenario, SimToolCall, split_tokens
 
 DIALECTS = ("vllm", "llamacpp", "ollama", "llama-cpp-python")
 _ALNUM = string.ascii_letters + string.digits

@@ -22,8 +22,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from .dialects import Dialect, make_dialect
-from .scenario import Scenario, lorem, random_cuts, split_tokens
+from toolmend.sim.dialects import Dialect, make_dialect
+from toolmend.sim.scenario import Scenario, lorem, random_cuts, split_tokens
 
 SIM = web.AppKey("sim", "SimBackend")
 

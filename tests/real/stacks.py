@@ -87,7 +87,7 @@ def llama_cpp_python_version() -> str:
 
 def gguf_model() -> Path:
     """The Gemma GGUF from the PyPI package, assembled once (shared with the embedded backend)."""
-    from toolmend.embedded import default_model_path
+    from toolmend.backends.embedded import default_model_path
 
     try:
         return default_model_path()

@@ -16,8 +16,8 @@ import aiohttp
 import jsonschema
 import pytest
 
-from toolmend.app import SCHEDULER
-from toolmend.detect import detect
+from toolmend.backends.detect import detect
+from toolmend.server.app import SCHEDULER
 
 from .helpers import (
     NAMED,

@@ -16,7 +16,7 @@ from typing import Any
 import jsonschema
 import pytest
 
-from toolmend.detect import detect
+from toolmend.backends.detect import detect
 
 from .helpers import (
     ASK,

@@ -28,8 +28,8 @@ import pytest
 from aiohttp import web
 
 from tests.real.stacks import Server
-from toolmend.app import SCHEDULER, build_app, start_server
-from toolmend.config import Settings
+from toolmend.server.app import SCHEDULER, build_app, start_server
+from toolmend.server.config import Settings
 
 from .agent_session import ANSWER, SECRETS, SimProcess, run_session
 

@@ -12,7 +12,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-from .config import Settings, add_arguments
+from toolmend.server.config import Settings, add_arguments
 
 
 def _setup_logging(level: str) -> None:
@@ -40,14 +40,19 @@ async def _wait_for_signal() -> None:
 
 
 async def _serve(settings: Settings) -> int:
-    from .app import build_app, start_server
+    from toolmend.server.app import build_app, start_server
 
     log = logging.getLogger("toolmend")
     cleanup = []
     upstreams = list(settings.upstream)
     launched = None
     if settings.launch != "none":
-        from .launcher import LaunchError, ManagedBackend, apply_plan, plan_from_settings
+        from toolmend.backends.launcher import (
+            LaunchError,
+            ManagedBackend,
+            apply_plan,
+            plan_from_settings,
+        )
 
         if upstreams:
             print("toolmend: --launch starts its own upstream; drop --upstream", file=sys.stderr)
@@ -65,7 +70,7 @@ async def _serve(settings: Settings) -> int:
         log.info("toolmend reads tool calls as %s (backend %s, %d slots)", settings.tool_format,
                  settings.backend, settings.slots)
     elif not upstreams:
-        from .embedded import start_embedded
+        from toolmend.backends.embedded import start_embedded
 
         backend = await start_embedded(settings)
         cleanup.append(backend.stop)
@@ -80,8 +85,8 @@ async def _serve(settings: Settings) -> int:
         for fn in reversed(cleanup):
             await fn()
         raise
-    from .app import UPSTREAM
-    from .detect import describe
+    from toolmend.backends.detect import describe
+    from toolmend.server.app import UPSTREAM
 
     up = app[UPSTREAM]
     if launched is None:
@@ -111,7 +116,7 @@ async def _serve(settings: Settings) -> int:
 
 
 async def _sim(args: argparse.Namespace) -> int:
-    from .sim.server import SimBackend
+    from toolmend.sim.server import SimBackend
 
     sim = SimBackend(args.dialect, args.model, slots=args.slots, ttft=args.ttft,
                      token_delay=args.token_delay, prefill_per_token=args.prefill_per_token,
@@ -159,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Per-step timelines (queue, time to first token, "
                            "generation, the agent's tool time) of recent agent sessions from a "
                            "running toolmend, with a Jaeger link for each trace.")
-    from .trace_view import add_arguments as add_trace_arguments
+    from toolmend.telemetry.trace_view import add_arguments as add_trace_arguments
 
     add_trace_arguments(trace)
     demo = sub.add_parser("demo", help="run a short agent loop through toolmend and show it",
@@ -167,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "through toolmend against a simulated server that breaks tool calls, "
                           "or a real one with --upstream; prints each step, what toolmend "
                           "repaired, and the per-step timeline.")
-    from .demo import add_arguments as add_demo_arguments
+    from toolmend.server.demo import add_arguments as add_demo_arguments
 
     add_demo_arguments(demo)
     doctor = sub.add_parser("doctor", help="inspect this machine and recommend a stack",
@@ -202,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "serve":
         try:
             settings = Settings.load(args, args.config)
-            from .auth import parse_networks
+            from toolmend.server.auth import parse_networks
 
             parse_networks(settings.client_limit_exempt)  # refused here, not at start-up
         except (ValueError, OSError) as e:
@@ -212,15 +217,15 @@ def main(argv: list[str] | None = None) -> None:
         _use_uvloop()
         raise SystemExit(asyncio.run(_serve(settings)))
     if args.command == "trace":
-        from .trace_view import run
+        from toolmend.telemetry.trace_view import run
 
         raise SystemExit(run(args))
     if args.command == "demo":
-        from .demo import run as run_demo
+        from toolmend.server.demo import run as run_demo
 
         raise SystemExit(run_demo(args))
     if args.command == "doctor":
-        from .doctor import run_doctor
+        from toolmend.backends.doctor import run_doctor
 
         print(asyncio.run(run_doctor(args.agents, args.upstream, args.model, args.json)))
         raise SystemExit(0)

@@ -3,8 +3,8 @@
 Many local set-ups start their server by hand with flags copied from somewhere, and get the
 tool-call ones wrong (vLLM without ``--tool-call-parser``, llama-server without ``--jinja``). As a
 sidecar that starts the server itself, toolmend uses the flags ``toolmend doctor`` recommends
-(:func:`toolmend.doctor.recommend_stack`), and reads the model's tool calls with the format that
-matches the parser the server was started with.
+(:func:`toolmend.backends.doctor.recommend_stack`), and reads the model's tool calls with
+the format that matches the parser the server was started with.
 
 The child gets its own process group (vLLM forks an engine process; a terminal's Ctrl-C must not
 reach it before toolmend has stopped taking requests), a free loopback port, and its output
@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from aiohttp import web
 
-from .doctor import (
+from toolmend.backends.doctor import (
     STACKS,
     TOOL_FORMAT_FOR_VLLM_PARSER,
     Hardware,
@@ -46,10 +46,10 @@ from .doctor import (
 )
 
 if TYPE_CHECKING:
-    from .config import Settings
-    from .scheduler import FairScheduler
+    from toolmend.scheduling.scheduler import FairScheduler
+    from toolmend.server.config import Settings
 
-log = logging.getLogger("toolmend.launcher")
+log = logging.getLogger("toolmend.backends.launcher")
 
 #: Concurrent requests each stack is started for when ``--slots`` does not say.
 DEFAULT_AGENTS = {"vllm": 8, "llama-server": 2, "ollama": 1, "llama-cpp-python": 1}
@@ -157,7 +157,7 @@ def plan_launch(stack: str, *, port: int, extra_args: Sequence[str] = (), model:
     if stack not in STACKS:
         raise LaunchError(f"unknown stack {stack!r}; one of {', '.join(STACKS)}")
     if stack == "llama-cpp-python" and not model:
-        from .embedded import default_model_path
+        from toolmend.backends.embedded import default_model_path
 
         try:
             model = str(default_model_path())
@@ -173,7 +173,7 @@ def plan_launch(stack: str, *, port: int, extra_args: Sequence[str] = (), model:
         argv[0:1] = shlex.split(binary)
     argv = merge_args(argv, list(extra_args))
     env = dict(rec.backend_env)
-    from .parsers.formats import format_for_model
+    from toolmend.parsers.formats import format_for_model
 
     tool_format = format_for_model(rec.model) or "auto"
     if stack == "vllm":
@@ -260,7 +260,7 @@ class ManagedBackend:
     # wiring --------------------------------------------------------------------------------
     def attach(self, app: web.Application) -> None:
         """Let ``/readyz`` report this child, and hold the queue while it is not ready."""
-        from .app import SCHEDULER
+        from toolmend.server.app import SCHEDULER
 
         app[LAUNCHED] = self
         self._scheduler = app[SCHEDULER]

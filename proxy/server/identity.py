@@ -28,7 +28,7 @@ from weakref import WeakKeyDictionary
 
 import orjson
 
-from . import auth
+from toolmend.server import auth
 
 if TYPE_CHECKING:
     from aiohttp import web

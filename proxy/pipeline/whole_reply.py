@@ -16,8 +16,8 @@ from typing import Any
 
 import orjson
 
-from .errors import ProxyError, normalize_upstream_error
-from .parsers.sse import SSEDecoder, SSEEvent
+from toolmend.parsers.sse import SSEDecoder, SSEEvent
+from toolmend.server.errors import ProxyError, normalize_upstream_error
 
 _ENVELOPE = ("created", "model", "system_fingerprint")
 _TEXT_FIELDS = ("content", "reasoning", "reasoning_content")

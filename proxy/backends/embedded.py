@@ -33,7 +33,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from .chat_template import (
+from toolmend.backends.chat_template import (
     BUILTIN_STOPS,
     StopScanner,
     ToolChoiceError,
@@ -43,9 +43,9 @@ from .chat_template import (
     render_builtin,
     response_format_schema,
 )
-from .config import Settings
+from toolmend.server.config import Settings
 
-log = logging.getLogger("toolmend.embedded")
+log = logging.getLogger("toolmend.backends.embedded")
 
 DEFAULT_CTX = 2048
 

@@ -26,15 +26,15 @@ import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .config import Settings
-from .context import RequestContext
-from .errors import ProxyError
-from .parsers.mender import ChatMender, StreamError, feed_whole, fold_chunks
-from .parsers.reasoning import ReasoningSignals, field_for, template_switch
-from .parsers.schemas import DEFAULT_LIMITS, Toolset
-from .parsers.stream import StreamPipeline, UpstreamStreamError
-from .upstream import UpstreamClient
-from .validating import RequestValidation, schema_limits
+from toolmend.backends.upstream import UpstreamClient
+from toolmend.parsers.mender import ChatMender, StreamError, feed_whole, fold_chunks
+from toolmend.parsers.reasoning import ReasoningSignals, field_for, template_switch
+from toolmend.parsers.schemas import DEFAULT_LIMITS, Toolset
+from toolmend.parsers.stream import StreamPipeline, UpstreamStreamError
+from toolmend.pipeline.validating import RequestValidation, schema_limits
+from toolmend.server.config import Settings
+from toolmend.server.context import RequestContext
+from toolmend.server.errors import ProxyError
 
 #: servers whose tool parser toolmend bypasses by default: vLLM (0.32, checked on the real
 #: server) ends reasoning at a call drafted inside it and fires the draft

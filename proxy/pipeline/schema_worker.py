@@ -19,8 +19,8 @@ The protocol on the worker's stdin/stdout is length-prefixed frames: a JSON head
 and the number of schemas), then each schema's canonical bytes; the answer is one JSON frame,
 a list with ``{"depth", "scoped"}`` per schema, stopping at the first ``{"error", "pointer"}``.
 
-This module is also the worker's entry point (``python -m toolmend.schema_worker``); it imports
-nothing heavy at the top so a worker starts quickly.
+This module is also the worker's entry point (``python -m toolmend.pipeline.schema_worker``);
+it imports nothing heavy at the top so a worker starts quickly.
 """
 
 from __future__ import annotations
@@ -38,8 +38,7 @@ from typing import IO, Any, Final
 
 import orjson
 
-from .memory import note_large_work
-from .parsers.schemas import (
+from toolmend.parsers.schemas import (
     Checked,
     CompiledSchema,
     SchemaError,
@@ -52,6 +51,7 @@ from .parsers.schemas import (
     plan_tools,
     schema_cache,
 )
+from toolmend.server.memory import note_large_work
 
 log = logging.getLogger("toolmend")
 
@@ -139,7 +139,7 @@ class _Worker:
     async def start(cls) -> _Worker:
         loop = asyncio.get_running_loop()
         popen = await loop.run_in_executor(None, functools.partial(
-            subprocess.Popen, [sys.executable, "-m", "toolmend.schema_worker"],
+            subprocess.Popen, [sys.executable, "-m", "toolmend.pipeline.schema_worker"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL))
         assert popen.stdin is not None and popen.stdout is not None
         reader = asyncio.StreamReader(limit=2 ** 20)

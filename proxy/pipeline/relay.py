@@ -23,16 +23,16 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from .context import RequestContext
-from .downstream import ClientGone, Downstream
-from .errors import ProxyError, normalize_upstream_error
-from .parsers.stream import INVALID_UTF8_NOTE, StreamPipeline, UpstreamStreamError
-from .upstream import UpstreamClient
-from .whole_reply import fold_stream
+from toolmend.backends.upstream import UpstreamClient
+from toolmend.parsers.stream import INVALID_UTF8_NOTE, StreamPipeline, UpstreamStreamError
+from toolmend.pipeline.downstream import ClientGone, Downstream
+from toolmend.pipeline.whole_reply import fold_stream
+from toolmend.server.context import RequestContext
+from toolmend.server.errors import ProxyError, normalize_upstream_error
 
 JsonTransform = Callable[[dict[str, Any]], Any]  # may return an awaitable
 
-log = logging.getLogger("toolmend.relay")
+log = logging.getLogger("toolmend.pipeline.relay")
 #: Repair kind recorded when upstream output held invalid UTF-8 (replaced with U+FFFD).
 INVALID_UTF8 = "invalid_utf8"
 

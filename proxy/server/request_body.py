@@ -14,8 +14,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from .errors import ProxyError, bad_request
-from .memory import note_large_work
+from toolmend.server.errors import ProxyError, bad_request
+from toolmend.server.memory import note_large_work
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 MAX_DEPTH = 64

@@ -33,13 +33,13 @@ import aiohttp
 import orjson
 from yarl import URL
 
-from .bounded import ERROR_BODY_BYTES, read_bounded
-from .config import Settings
-from .detect import Detected, detect
-from .errors import ProxyError, normalize_upstream_error
-from .parsers.ollama import NDJSONToSSE, ollama_reply_to_openai, openai_to_ollama_chat
+from toolmend.backends.detect import Detected, detect
+from toolmend.parsers.ollama import NDJSONToSSE, ollama_reply_to_openai, openai_to_ollama_chat
+from toolmend.server.bounded import ERROR_BODY_BYTES, read_bounded
+from toolmend.server.config import Settings
+from toolmend.server.errors import ProxyError, normalize_upstream_error
 
-log = logging.getLogger("toolmend.upstream")
+log = logging.getLogger("toolmend.backends.upstream")
 
 #: Backoff while a backend answers 503 "Loading model": first wait, growth, ceiling (seconds).
 LOADING_BACKOFF = (0.25, 2.0, 5.0)

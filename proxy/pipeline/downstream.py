@@ -17,9 +17,9 @@ import contextlib
 
 from aiohttp import web
 
-from .context import RequestContext
-from .errors import ProxyError
-from .parsers.sse import encode_comment
+from toolmend.parsers.sse import encode_comment
+from toolmend.server.context import RequestContext
+from toolmend.server.errors import ProxyError
 
 SSE_HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",

@@ -15,18 +15,29 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from . import auth, identity, memory, telemetry
-from .config import Settings
-from .context import RequestContext, new_request_id
-from .detect import detect
-from .downstream import DOWNSTREAM, ClientGone, Downstream
-from .errors import ProxyError
-from .launcher import LAUNCHED
-from .mending import ChatMending
-from .mending import record as record_mending
-from .parsers.stream import StreamPipeline
-from .relay import relay_json, relay_stream
-from .request_body import (
+from toolmend.backends.detect import detect
+from toolmend.backends.launcher import LAUNCHED
+from toolmend.backends.upstream import UpstreamClient
+from toolmend.parsers.stream import StreamPipeline
+from toolmend.pipeline.downstream import DOWNSTREAM, ClientGone, Downstream
+from toolmend.pipeline.mending import ChatMending
+from toolmend.pipeline.mending import record as record_mending
+from toolmend.pipeline.relay import relay_json, relay_stream
+from toolmend.pipeline.validating import install_schema_compiler, request_toolset
+from toolmend.scheduling.scheduler import (
+    DEADLINE_HEADER,
+    PRIORITY_HEADER,
+    FairScheduler,
+    estimate_cost,
+    parse_deadline,
+    probe_slots,
+    scheduler_from_settings,
+)
+from toolmend.server import auth, identity, memory
+from toolmend.server.config import Settings
+from toolmend.server.context import RequestContext, new_request_id
+from toolmend.server.errors import ProxyError
+from toolmend.server.request_body import (
     LARGE_BODIES,
     LargeBodies,
     ask_for_usage,
@@ -39,18 +50,8 @@ from .request_body import (
     release_large_bodies,
     wants_stream,
 )
-from .scheduler import (
-    DEADLINE_HEADER,
-    PRIORITY_HEADER,
-    FairScheduler,
-    estimate_cost,
-    parse_deadline,
-    probe_slots,
-    scheduler_from_settings,
-)
-from .telemetry import TELEMETRY
-from .upstream import UpstreamClient
-from .validating import install_schema_compiler, request_toolset
+from toolmend.telemetry import tracing as telemetry
+from toolmend.telemetry.tracing import TELEMETRY
 
 log = logging.getLogger("toolmend")
 access_log = logging.getLogger("toolmend.access")
@@ -383,7 +384,7 @@ def build_app(settings: Settings, upstream_urls: list[str] | None = None) -> web
     app.router.add_get("/v1/models", models)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    from .ollama_front import add_routes as add_ollama_routes  # it imports this module
+    from toolmend.fronts.ollama import add_routes as add_ollama_routes  # it imports this module
 
     add_ollama_routes(app)
     telemetry.setup(app, settings)

@@ -27,7 +27,7 @@ import subprocess
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .detect import Detected, detect
+from toolmend.backends.detect import Detected, detect
 
 STRIX_HALO_ARCH = "gfx1151"
 TOOLMEND_PORT = 8080
@@ -251,7 +251,7 @@ TOOL_FORMAT_FOR_VLLM_PARSER = {v: k for k, v in VLLM_TOOL_PARSERS.items()} | {
 def vllm_tool_parser(model: str) -> str:
     """The ``--tool-call-parser`` for a model, from its name; hermes when the name says nothing
     (the most common format, and what a Hermes-style chat template produces)."""
-    from .parsers.formats import format_for_model
+    from toolmend.parsers.formats import format_for_model
 
     return VLLM_TOOL_PARSERS.get(format_for_model(model) or "hermes", "hermes")
 
@@ -439,7 +439,7 @@ def format_report(hw: Hardware, agents: int, upstreams: list[tuple[str, Detected
 async def run_doctor(agents: int, upstreams: list[str], model: str | None = None,
                      as_json: bool = False) -> str:
     hw = await asyncio.to_thread(probe_hardware)
-    from .upstream import redacted
+    from toolmend.backends.upstream import redacted
 
     # shown without user:password@ (the probes themselves used the URLs as given)
     found = [(redacted(u), d) for u, d in await probe_upstreams(upstreams

@@ -20,12 +20,11 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from .context import RequestContext
-from .errors import ProxyError
-from .parsers.mender import MAX_ARGUMENT_CHARS, CheckResult, HeldCall, StreamError
-from .parsers.policy import READ_ARGUMENTS, READ_TEXT, Outcome, Policy, decide, parse_policy
-from .parsers.repair import MAX_ARGUMENT_DEPTH
-from .parsers.schemas import (
+from toolmend.backends.upstream import UpstreamClient
+from toolmend.parsers.mender import MAX_ARGUMENT_CHARS, CheckResult, HeldCall, StreamError
+from toolmend.parsers.policy import READ_ARGUMENTS, READ_TEXT, Outcome, Policy, decide, parse_policy
+from toolmend.parsers.repair import MAX_ARGUMENT_DEPTH
+from toolmend.parsers.schemas import (
     DEFAULT_LIMITS,
     SchemaError,
     SchemaLimits,
@@ -34,9 +33,10 @@ from .parsers.schemas import (
     compile_tools,
     schema_cache,
 )
-from .parsers.validation import Issue, Verdict, validate_call, validate_reply
-from .schema_worker import CheckerBusy, SchemaCompiler
-from .upstream import UpstreamClient
+from toolmend.parsers.validation import Issue, Verdict, validate_call, validate_reply
+from toolmend.pipeline.schema_worker import CheckerBusy, SchemaCompiler
+from toolmend.server.context import RequestContext
+from toolmend.server.errors import ProxyError
 
 ON_INVALID_HEADER = "X-Toolmend-On-Invalid"
 #: what a request that declared no tools may call: nothing
@@ -176,7 +176,7 @@ class RequestValidation:
     async def _ask(self, up: UpstreamClient, path: str, retry_body: dict[str, Any],
                    plan: Any) -> tuple[str | None, str | None, str | None]:
         """One non-streaming retry request; the reply is mended like any other."""
-        from .parsers.mender import mend_message
+        from toolmend.parsers.mender import mend_message
 
         headers = self.ctx.extra.get("upstream_headers")
         async with up.call(path, orjson.dumps(retry_body), headers=headers) as call:

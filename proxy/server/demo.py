@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import orjson
 
-from .sim import agent_loop
-from .sim.scenario import split_tokens
+from toolmend.sim import agent_loop
+from toolmend.sim.scenario import split_tokens
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -175,8 +175,8 @@ async def run_loop(toolmend_url: str, *, model: str, max_steps: int = 4,
 async def run_demo(upstream: str | None = None, *, model: str = "sim-model",
                    max_steps: int = 4) -> DemoResult:
     """Run the loop through an in-process toolmend; against the buggy sim unless ``upstream``."""
-    from .app import build_app, start_server
-    from .config import Settings
+    from toolmend.server.app import build_app, start_server
+    from toolmend.server.config import Settings
 
     async def session_doc(url: str, sid: str) -> dict[str, Any]:
         async with aiohttp.ClientSession() as http, \
@@ -197,7 +197,7 @@ async def run_demo(upstream: str | None = None, *, model: str = "sim-model",
         doc = await session_doc(url, sid)
     finally:
         await runner.cleanup()
-    from .upstream import redacted
+    from toolmend.backends.upstream import redacted
 
     return DemoResult(steps, answer, doc, redacted(upstream))
 
@@ -206,7 +206,7 @@ def render(result: DemoResult, console: Console) -> None:
     """The loop step by step, the timeline panel, and a summary of what toolmend repaired."""
     from rich.text import Text
 
-    from .trace_view import render_session
+    from toolmend.telemetry.trace_view import render_session
 
     console.print(Text(f"toolmend demo: an agent loop through toolmend -> {result.upstream}",
                        style="bold"))

@@ -39,12 +39,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import ProxyError, bad_request
+from toolmend.server.errors import ProxyError, bad_request
 
 if TYPE_CHECKING:
-    from .config import Settings
-    from .context import RequestContext
-    from .upstream import UpstreamClient
+    from toolmend.backends.upstream import UpstreamClient
+    from toolmend.server.config import Settings
+    from toolmend.server.context import RequestContext
 
 INPUT_WEIGHT = 1.0  # VTC's charge per prompt token
 OUTPUT_WEIGHT = 2.0  # VTC's charge per generated token

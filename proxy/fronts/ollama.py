@@ -22,17 +22,17 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from .app import CTX, SETTINGS, UPSTREAM, _forward, _json_request
-from .context import RequestContext
-from .downstream import ClientGone, Downstream
-from .errors import ProxyError
-from .parsers.ollama import (
+from toolmend.parsers.ollama import (
     OllamaRequestError,
     chat_request_to_openai,
     generate_request_to_openai,
 )
-from .parsers.ollama_emit import Durations, OllamaEmitter
-from .request_body import check_chat_body, check_counts
+from toolmend.parsers.ollama_emit import Durations, OllamaEmitter
+from toolmend.pipeline.downstream import ClientGone, Downstream
+from toolmend.server.app import CTX, SETTINGS, UPSTREAM, _forward, _json_request
+from toolmend.server.context import RequestContext
+from toolmend.server.errors import ProxyError
+from toolmend.server.request_body import check_chat_body, check_counts
 
 #: The Ollama API version toolmend implements; clients gate features on it.
 OLLAMA_API_VERSION = "0.12.6"

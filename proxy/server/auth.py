@@ -50,12 +50,12 @@ import orjson
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from .errors import ProxyError
+from toolmend.server.errors import ProxyError
 
 if TYPE_CHECKING:
-    from .scheduler import AgentPolicies
+    from toolmend.scheduling.scheduler import AgentPolicies
 
-log = logging.getLogger("toolmend.auth")
+log = logging.getLogger("toolmend.server.auth")
 
 #: Paths reachable without a client key: health probes (no data), and the observability
 #: endpoints, which have their own gate (admin key or loopback, see telemetry.py).

@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from .bounded import read_bounded
+from toolmend.server.bounded import read_bounded
 
 KINDS = ("vllm", "llamacpp", "ollama", "sglang", "tgi", "llama-cpp-python", "embedded",
          "openai", "unknown")

@@ -63,16 +63,16 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from . import telemetry_names as n
-from .auth import SESSION_HEADER, header_text
-from .config import Settings
-from .context import RequestContext
-from .errors import ProxyError
-from .identity import IDENTITY_KEY, Identity, tracker
-from .metrics import Metrics
-from .sessions import SessionTracker, StepRecord, dumps
+from toolmend.server.auth import SESSION_HEADER, header_text
+from toolmend.server.config import Settings
+from toolmend.server.context import RequestContext
+from toolmend.server.errors import ProxyError
+from toolmend.server.identity import IDENTITY_KEY, Identity, tracker
+from toolmend.telemetry import names as n
+from toolmend.telemetry.metrics import Metrics
+from toolmend.telemetry.sessions import SessionTracker, StepRecord, dumps
 
-log = logging.getLogger("toolmend.telemetry")
+log = logging.getLogger("toolmend.telemetry.tracing")
 
 RECORDED_PATHS = {"/v1/chat/completions": n.OP_CHAT, "/v1/completions": n.OP_TEXT_COMPLETION,
                   "/api/chat": n.OP_CHAT, "/api/generate": n.OP_CHAT}  # the Ollama front

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from . import telemetry_names as n
+from toolmend.telemetry import names as n
 
 OTHER = "_other"
 

@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from .parsers.sse import DONE_EVENT, encode_event
+from toolmend.parsers.sse import DONE_EVENT, encode_event
 
 _TYPES = {
     400: "invalid_request_error",
