@@ -561,7 +561,7 @@ async def test_exception_escaping_the_handler_ends_the_stream(
     """The last line of defence, the app's error middleware: an exception that escapes the
     handler after its stream began ends that stream in the API's own way, instead of a second
     HTTP response appended to the first."""
-    import toolmend.server.app as app_module
+    import toolmend.pipeline.forward as forward_module
 
     async def broken_relay(request: web.Request, ctx: Any, up: Any, path: str, body: bytes,
                            pipeline: Any, keepalive_interval: float, down: Any = None,
@@ -570,7 +570,7 @@ async def test_exception_escaping_the_handler_ends_the_stream(
         raise Boom("after the stream began")
 
     st = await make_hstack()
-    monkeypatch.setattr(app_module, "relay_stream", broken_relay)
+    monkeypatch.setattr(forward_module, "relay_stream", broken_relay)
     if front == "openai":
         r = await raw_post(st.url, "/v1/chat/completions", chat())
         err = assert_stream_error(r, "internal_error")

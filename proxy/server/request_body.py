@@ -248,8 +248,8 @@ def cap_output_tokens(body: dict[str, Any], key_cap: int | None, context: int | 
     """Bound how many tokens the request may generate; returns whether the body changed.
 
     Called once, on the internal request a front produced, right before it is queued and sent
-    (``app._forward``): every front (chat, completions, Ollama ``/api/*``, and any front added
-    later) and every upstream wire (the Ollama-native translation reads these fields) gets the
+    (``pipeline/forward.py``): every front (chat, completions, Ollama ``/api/*``, and any front
+    added later) and every upstream wire (the Ollama-native translation reads these fields) gets the
     same bound by construction, and retries copy the bounded body.
 
     ``key_cap``, the client key's ``max_tokens``, is strict: every output field present ends as

@@ -68,6 +68,7 @@ from toolmend.server.config import Settings
 from toolmend.server.context import RequestContext
 from toolmend.server.errors import ProxyError
 from toolmend.server.identity import IDENTITY_KEY, Identity, tracker
+from toolmend.server.keys import SCHEDULER, UPSTREAM
 from toolmend.telemetry import names as n
 from toolmend.telemetry.metrics import Metrics
 from toolmend.telemetry.sessions import SessionTracker, StepRecord, dumps
@@ -672,7 +673,7 @@ class Telemetry:
         """The detected backend kind (``vllm``, ``ollama``...), else the configured one."""
         backend = ctx.extra.get("backend")
         if not backend and self.app is not None:
-            detected = getattr(_app_value(self.app, "upstream"), "detected", None)
+            detected = getattr(self.app.get(UPSTREAM), "detected", None)
             backend = getattr(detected, "kind", None)
             if backend in ("unknown", "loading"):
                 backend = None
@@ -685,7 +686,7 @@ class Telemetry:
         return self._address
 
     def _find_server_address(self) -> dict[str, Any]:
-        up = _app_value(self.app, "upstream") if self.app is not None else None
+        up = self.app.get(UPSTREAM) if self.app is not None else None
         url = up.base_url() if hasattr(up, "base_url") else (self.settings.upstream or [""])[0]
         parts = urlsplit(url)
         if not parts.hostname:
@@ -935,17 +936,7 @@ def setup(app: web.Application, settings: Settings) -> Telemetry:
     return tel
 
 
-def _app_value(app: web.Application, name: str) -> Any:
-    """The app's value under the key called ``name``, found by name so that telemetry imports
-    neither the app module nor the scheduler (both may change without telemetry knowing)."""
-    for key in app:
-        key_name = getattr(key, "_name", key)
-        if isinstance(key_name, str) and key_name.rsplit(".", 1)[-1] == name:
-            return app[key]
-    return None
-
-
 def _scheduler_queued(app: web.Application) -> int | None:
-    v = getattr(_app_value(app, "scheduler"), "queued", None)
+    v = getattr(app.get(SCHEDULER), "queued", None)
     v = v() if callable(v) else v
     return v if isinstance(v, int) else None
