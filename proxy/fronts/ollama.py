@@ -43,6 +43,10 @@ NDJSON = "application/x-ndjson"
 PS_EXPIRY = "2318-01-01T00:00:00Z"
 
 
+#: errors on these paths take Ollama's shape, wherever they are raised (fronts/__init__.py)
+ERROR_PATHS = ("/api/",)
+
+
 def ollama_error(err: ProxyError) -> web.Response:
     """Ollama's error body: the message alone under ``error``."""
     resp = web.Response(status=err.status, body=orjson.dumps({"error": err.message}),
@@ -286,3 +290,6 @@ def add_routes(app: web.Application) -> None:
     r.add_post("/api/show", api_show)
     r.add_get("/api/ps", api_ps)
     r.add_get("/", root)
+
+
+error_response = ollama_error

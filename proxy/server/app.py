@@ -135,7 +135,7 @@ async def context_and_errors(request: web.Request, handler: Any) -> web.StreamRe
             resp = started
         else:
             ctx.status = err.status
-            resp = err.response()
+            resp = fronts.error_response(request.path, err)
             if err.status == 408:  # a body that never arrived: the connection is not reusable
                 resp.force_close()
     if not ctx.status:
