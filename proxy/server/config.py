@@ -212,6 +212,13 @@ class Settings:
                                         "upstream_reply_too_large)", metavar="BYTES")
     log_level: str = opt("info", "log level", choices=("debug", "info", "warning", "error"))
     log_requests: bool = opt(True, "log one structured line per request")
+    state_dir: str = opt("", "folder where toolmend keeps what must survive a restart (the "
+                         "generated signing key) (default: $XDG_STATE_HOME/toolmend, else "
+                         "~/.local/state/toolmend)", metavar="DIR")
+    signing_key: str = opt("", "secret that signs what toolmend hands a client to bring back "
+                           "(Anthropic thinking signatures, Responses encrypted reasoning); "
+                           "replicas that share it accept each other's (default: a random key "
+                           "generated once and kept in state_dir)", metavar="SECRET")
 
     # Not an option: the file the options came from. Its [sections] (agents, ...) are read by
     # the modules that own them, from this path.

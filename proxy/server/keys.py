@@ -16,8 +16,11 @@ if TYPE_CHECKING:
     from toolmend.scheduling.scheduler import FairScheduler
     from toolmend.server.config import Settings
     from toolmend.server.context import RequestContext
+    from toolmend.server.signing import Signer
 
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
 UPSTREAM: web.AppKey[UpstreamClient] = web.AppKey("upstream")
 SCHEDULER: web.AppKey[FairScheduler] = web.AppKey("scheduler")
+#: signs what clients bring back (thinking signatures, encrypted reasoning); made on first use
+SIGNER: web.AppKey[Signer] = web.AppKey("signer")
 CTX: web.RequestKey[RequestContext] = web.RequestKey("ctx")
