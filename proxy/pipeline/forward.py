@@ -74,7 +74,7 @@ async def read_json_request(request: web.Request, *, any_content_type: bool = Fa
     ctx: RequestContext = request[CTX]
     ident = identity.resolve(request, body)  # the trust table: see identity.py
     ctx.agent_id, ctx.session_id = ident.agent, ident.session
-    ctx.extra[identity.IDENTITY_KEY] = ident
+    ctx.identity = ident
     auth.check_body(request, body)
     model = body.get("model")
     ctx.model = model if isinstance(model, str) else None
@@ -97,6 +97,10 @@ async def forward(request: web.Request, body: dict[str, Any], path: str,
     # cost estimate, the mender (retries copy the body) and the upstream wire's own translation
     # (Ollama's native API reads these fields), so no front or wire can bypass it.
     detected = up.detected
+    if detected is not None and detected.kind not in ("unknown", "loading"):
+        ctx.backend = detected.kind
+    elif settings.backend != "auto":
+        ctx.backend = settings.backend
     cap_output_tokens(body, auth.output_cap(request),
                       detected.context_length if detected is not None else None)
     request.app[TELEMETRY].prepare(request, ctx, body)
@@ -113,6 +117,8 @@ async def forward(request: web.Request, body: dict[str, Any], path: str,
         backend = settings.backend if settings.backend != "auto" or not body.get("tools") \
             else (await up.detect()).kind
         toolset = await request_toolset(request.app, body, settings)  # off the loop if large
+        if backend != "auto":
+            ctx.backend = backend
         mending = ChatMending.for_request(settings, body, ctx, request.headers, backend, toolset)
     if not ctx.stream:
         raw = orjson.dumps(mending.upstream_body() if mending else body)

@@ -279,6 +279,7 @@ class FairScheduler:
         self._agents: dict[str, _Agent] = {}
         self._backlogged: dict[str, _Agent] = {}  # insertion order is irrelevant; keys matter
         self._running: set[Ticket] = set()
+        self._slots_taken: set[int] = set()  # slot numbers held (asyncio driver, for traces)
         # Expiry times of queued tickets. A ticket that leaves the queue (dispatched, cancelled,
         # expired) leaves its entry behind, and entries hold tickets: _unqueue clears the heap
         # whenever the queue empties and rebuilds it once stale entries outnumber live ones,
@@ -628,6 +629,16 @@ class FairScheduler:
         return ProxyError(503, msg, code=t.expiry_code,
                           headers={"Retry-After": str(self.retry_after(self.queued, self.slots))})
 
+    def _take_slot_number(self) -> int:
+        """The lowest slot number nobody holds: which of the backend's slots a request ran in,
+        for its span (``toolmend.slot``). Numbers past ``slots`` appear only while the slot
+        count shrinks under running requests."""
+        n = 0
+        while n in self._slots_taken:
+            n += 1
+        self._slots_taken.add(n)
+        return n
+
     # asyncio ---------------------------------------------------------------------------------
     @contextlib.asynccontextmanager
     async def slot(self, ctx: RequestContext, cost: Cost, *, priority: int | None = None,
@@ -655,9 +666,12 @@ class FairScheduler:
                 self.cancel(t)
                 raise
         ctx.dispatched_at = loop.time()
+        ctx.priority = t.priority
+        ctx.slot = number = self._take_slot_number()
         try:
             yield t
         finally:
+            self._slots_taken.discard(number)
             usage = ctx.usage or {}
             out, prompt = usage.get("completion_tokens"), usage.get("prompt_tokens")
             self.release(t, output_tokens=out if isinstance(out, int) else None,
