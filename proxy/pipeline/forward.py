@@ -70,7 +70,8 @@ async def read_json_request(request: web.Request, *, any_content_type: bool = Fa
              else request.headers.get("Content-Type", "application/json"))
     body = await read_json_body(raw, ctype,
                                 admit=lambda size: request.app[LARGE_BODIES].admit(request,
-                                                                                    size))
+                                                                                    size),
+                                max_values=settings.max_body_values)
     ctx: RequestContext = request[CTX]
     ident = identity.resolve(request, body)  # the trust table: see identity.py
     ctx.agent_id, ctx.session_id = ident.agent, ident.session
