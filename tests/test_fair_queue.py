@@ -202,7 +202,7 @@ def test_tie_after_lift_goes_to_the_agent_with_less_waiting() -> None:
     running.charge_output(10)  # all charged before the light agent arrives
     light = s.submit("light", Cost(10, 10))
     assert s.counter("light") == s.counter("heavy")
-    assert s.release(running, output_tokens=10, prompt_tokens=40) == [light]
+    assert s.release(running, output_tokens=10, prompt_tokens=100) == [light]
 
 
 def test_set_slots_dispatches_waiting_requests() -> None:
@@ -387,7 +387,7 @@ def test_requests_sent_together_in_one_session_count_every_prompt_whole() -> Non
     assert s.counter("burst") == 3000
 
 
-def test_usage_corrects_the_growth_upwards_only() -> None:
+def test_usage_replaces_the_estimates() -> None:
     s, _ = make(1)
     t = s.submit("a", Cost(100, 10))
     s.release(t, prompt_tokens=160, output_tokens=5)
@@ -397,9 +397,13 @@ def test_usage_corrects_the_growth_upwards_only() -> None:
     s.release(t, prompt_tokens=250, output_tokens=5)  # the backend counted 90 new tokens
     assert s.counter("a") == 260 + 10
     t = s.submit("a", Cost(150, 10))  # estimated growth 20
+    t.charge_output(8)  # the stream's events: more than the tokens
+    s.release(t, prompt_tokens=255, output_tokens=5)  # 5 new, 5 out by usage
+    assert s.counter("a") == 275 + 10
+    t = s.submit("a", Cost(160, 10))
     t.charge_output(8)
-    s.release(t, prompt_tokens=255, output_tokens=5)  # 5 new by usage: 20 is not refunded
-    assert s.counter("a") == 290 + 16
+    s.release(t)  # no usage: the estimates stand
+    assert s.counter("a") == 285 + 10 + 16
 
 
 def test_equal_work_in_3_and_in_30_steps_costs_the_same() -> None:

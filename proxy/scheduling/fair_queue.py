@@ -379,7 +379,8 @@ class FairQueue:
                 first_token_after: float | None = None) -> list[Ticket]:
         """The request is over: free its slot and dispatch the next. Safe to call twice.
 
-        The token counts, when the backend reported them (usage), replace the estimates;
+        The token counts, when the backend reported them (usage), replace the estimates (the
+        prompt's as growth since the session's previous step);
         ``first_token_after`` (seconds from dispatch) teaches the service model the backend's
         speed.
         """
@@ -391,17 +392,17 @@ class FairQueue:
         if t.progress is not None:
             with contextlib.suppress(Exception):
                 self._charge_out(t, t.progress())
-        # Counters only grow: usage raises an estimate that was short but never refunds one
-        # that was long. A refund could drop a running agent's counter below the level a newly
-        # arrived agent was lifted to, and the newcomer would wait behind one more request.
-        if output_tokens is not None and output_tokens > t.charged_out:
+        # What the backend counted (usage) replaces the estimates, both ways: the prompt
+        # estimate counts the body's JSON, and the streamed count its framing events (a role
+        # chunk, the finish, the usage itself), which would overcharge small steps the most.
+        if output_tokens is not None and output_tokens != t.charged_out:
             self._charge_out(t, output_tokens)
         if prompt_tokens is not None:
             last = s.last_usage_prompt
             growth = prompt_tokens - last if t.sequential and last is not None \
                 and prompt_tokens >= last else prompt_tokens
             s.last_usage_prompt = prompt_tokens
-            if growth > t.charged_in:
+            if growth != t.charged_in:
                 self._charge(a, (growth - t.charged_in) * INPUT_WEIGHT)
                 t.charged_in = growth
         t.state = TicketState.RELEASED
