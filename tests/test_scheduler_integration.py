@@ -45,6 +45,22 @@ async def test_backend_never_sees_more_than_its_slots(make_stack: StackFactory,
     assert stack.sim.stats.max_in_flight == slots
 
 
+async def test_one_agent_alone_keeps_every_slot_busy(make_stack: StackFactory) -> None:
+    """Its own small loop steps never make toolmend hold a slot back from its long requests."""
+    stack = await make_stack(slots=3, sim_kwargs={"slots": 64, "token_delay": 0.01,
+                                                  "ttft": 0.01})
+    async with aiohttp.ClientSession() as s:
+        for _ in range(3):  # a tool loop: small steps with a tool time between them
+            status, _, _ = await _call(s, stack, "solo", tokens=3,
+                                       headers={"X-Session-Id": "loop"})
+            assert status == 200
+        results = await asyncio.gather(*(
+            _call(s, stack, "solo", tokens=30, headers={"X-Session-Id": "batch"})
+            for _ in range(6)))
+    assert [r[0] for r in results] == [200] * 6
+    assert stack.sim.stats.max_in_flight == 3
+
+
 async def _wait_until(cond: Any, timeout: float = 5.0) -> None:
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout
