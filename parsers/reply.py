@@ -188,10 +188,16 @@ class ChatReplyDecoder:
         if self._finish is not None:
             return
         delta = choice.get("delta")
-        if not isinstance(delta, dict):
+        if delta is None:
             delta = choice.get("message")  # a whole reply read as one chunk
-            if not isinstance(delta, dict):
+            if delta is None:
                 delta = {}
+        if not isinstance(delta, dict):
+            self._close_call(out)
+            out.append(Error("upstream sent a malformed chunk: its delta is not an object",
+                             code="upstream_bad_response", type="upstream_error", status=502))
+            self._done = True
+            return
         thinking = delta.get("reasoning_content") or delta.get("reasoning")
         if isinstance(thinking, str) and thinking:
             self._close_call(out)

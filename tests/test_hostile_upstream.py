@@ -561,7 +561,7 @@ async def test_exception_escaping_the_handler_ends_the_stream(
     """The last line of defence, the app's error middleware: an exception that escapes the
     handler after its stream began ends that stream in the API's own way, instead of a second
     HTTP response appended to the first."""
-    import toolmend.server.app as app_module
+    import toolmend.pipeline.forward as forward_module
 
     async def broken_relay(request: web.Request, ctx: Any, up: Any, path: str, body: bytes,
                            pipeline: Any, keepalive_interval: float, down: Any = None,
@@ -570,7 +570,7 @@ async def test_exception_escaping_the_handler_ends_the_stream(
         raise Boom("after the stream began")
 
     st = await make_hstack()
-    monkeypatch.setattr(app_module, "relay_stream", broken_relay)
+    monkeypatch.setattr(forward_module, "relay_stream", broken_relay)
     if front == "openai":
         r = await raw_post(st.url, "/v1/chat/completions", chat())
         err = assert_stream_error(r, "internal_error")
@@ -587,8 +587,8 @@ async def test_exception_escaping_the_handler_ends_the_stream(
 
 async def test_ollama_front_malformed_delta_after_output(make_hstack: Callable[..., Any]
                                                          ) -> None:
-    """A delta that is not an object went through the relay untouched and broke the NDJSON
-    writer after its first line: Ollama's error line ends the reply."""
+    """A delta that is not an object goes through the relay untouched; the Ollama front's
+    decoder names it, and Ollama's error line ends the reply."""
     st = await make_hstack()
     up = hostile(st)
     up.push(scripted(content("hi"), None,
@@ -597,9 +597,23 @@ async def test_ollama_front_malformed_delta_after_output(make_hstack: Callable[.
                        open_gate=(b'"content":"hi"', up.gate))
     lines = [orjson.loads(ln) for ln in r.body.splitlines()]
     assert r.status == 200 and lines[0]["message"]["content"] == "hi"
-    assert set(lines[-1]) == {"error"} and "internal error" in lines[-1]["error"]
+    assert lines[-1] == {"error": "upstream sent a malformed chunk: its delta is not an object"}
     await st.assert_baseline()
 
+
+
+async def test_ollama_front_malformed_delta_whole_reply(make_hstack: Callable[..., Any]
+                                                        ) -> None:
+    """The same broken delta with ``stream: false``: a 502 in Ollama's shape, no half reply."""
+    st = await make_hstack()
+    up = hostile(st)
+    up.push(scripted(content("hi"),
+                     b'data: {"id":"x","choices":[{"index":0,"delta":"oops"}]}\n\n', FINISH))
+    r = await raw_post(st.url, "/api/chat", {"model": "m", "messages": MSG, "stream": False})
+    assert r.status == 502
+    assert orjson.loads(r.body) == {
+        "error": "upstream sent a malformed chunk: its delta is not an object"}
+    await st.assert_baseline()
 
 SCOPED_REF_TOOL = {"type": "function", "function": {"name": "lookup", "parameters": {
     "$id": "https://example.com/root.json", "type": "object",

@@ -61,6 +61,11 @@ async def test_one_agent_alone_keeps_every_slot_busy(make_stack: StackFactory) -
     assert stack.sim.stats.max_in_flight == 3
 
 
+def _scheduler(stack: Stack) -> Any:
+    assert stack.app is not None
+    return stack.app[SCHEDULER]
+
+
 async def _wait_until(cond: Any, timeout: float = 5.0) -> None:
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout
@@ -77,10 +82,11 @@ async def test_disconnect_while_queued_never_reaches_the_backend(make_stack: Sta
         long = asyncio.create_task(_call(s, stack, "a", tokens=20))  # ~0.6 s
         await _wait_until(lambda: stack.sim.stats.in_flight == 1)
         gone = asyncio.create_task(_call(s, stack, "b", stream=stream))
-        await asyncio.sleep(0.1)
+        await _wait_until(lambda: _scheduler(stack).queued == 1)
         gone.cancel()  # the client gives up while its request waits for the slot
         with pytest.raises(asyncio.CancelledError):
             await gone
+        await _wait_until(lambda: _scheduler(stack).queued == 0)  # its place is given up
         after = await _call(s, stack, "c")
         assert after[0] == 200 and (await long)[0] == 200
     assert stack.sim.stats.requests == 2  # a and c; b never left toolmend
@@ -93,13 +99,13 @@ async def test_full_queue_is_429_with_retry_after(make_stack: StackFactory) -> N
         running = asyncio.create_task(_call(s, stack, "a", tokens=15))
         await _wait_until(lambda: stack.sim.stats.in_flight == 1)
         waiting = asyncio.create_task(_call(s, stack, "a"))
-        await asyncio.sleep(0.05)
+        await _wait_until(lambda: _scheduler(stack).queued == 1)
         status, headers, raw = await _call(s, stack, "a")
         assert status == 429 and int(headers["Retry-After"]) >= 1
         err = orjson.loads(raw)["error"]
         assert err["code"] == "agent_queue_full" and err["type"] == "rate_limit_error"
         other = asyncio.create_task(_call(s, stack, "b"))  # another agent may still queue
-        await asyncio.sleep(0.05)
+        await _wait_until(lambda: _scheduler(stack).queued == 2)
         status, headers, raw = await _call(s, stack, "c", stream=False)
         assert status == 429 and b"queue_full" in raw and "Retry-After" in headers
         assert [(await t)[0] for t in (running, waiting, other)] == [200, 200, 200]

@@ -144,6 +144,20 @@ async def test_keys_required_and_checked(make_kstack: Callable[..., Any]) -> Non
             assert r.status == 200
 
 
+async def test_refusals_on_the_ollama_api_take_ollama_shape(
+        make_kstack: Callable[..., Any]) -> None:
+    """A refusal raised before the Ollama front's handler runs (the key check) is still in
+    Ollama's shape: the message alone under ``error``, which Ollama clients show."""
+    k = await make_kstack()
+    status, doc, _ = await k.post({"model": "sim-model", "messages": MSG}, "wrong-key",
+                                  path="/api/chat")
+    assert status == 401
+    assert doc == {"error": "the API key is not valid"}
+    status, doc, _ = await k.post({"model": "sim-model", "messages": MSG}, "wrong-key")
+    assert status == 401 and doc["error"]["code"] == "invalid_api_key"  # OpenAI's elsewhere
+    assert k.sim.stats.requests == 0
+
+
 async def test_model_allow_list(make_kstack: Callable[..., Any]) -> None:
     k = await make_kstack()
     status, doc, _ = await k.post({"model": "big-model", "messages": MSG}, PLANNER_KEY)

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from toolmend.backends.detect import Detected, detect
+from toolmend.parsers.formats import FORMATS, format_for_model
 
 STRIX_HALO_ARCH = "gfx1151"
 TOOLMEND_PORT = 8080
@@ -235,24 +236,19 @@ def recommend(hw: Hardware, agents: int = 1,
 
 
 #: toolmend tool format -> the vLLM ``--tool-call-parser`` that handles it, so the backend and
-#: toolmend read the model's calls the same way.
-VLLM_TOOL_PARSERS = {
-    "hermes": "hermes", "qwen3_coder": "qwen3_coder", "llama3_json": "llama3_json",
-    "pythonic": "pythonic", "mistral": "mistral", "deepseek_v3": "deepseek_v3",
-    "deepseek_v31": "deepseek_v31", "granite": "granite", "glm45": "glm45",
-    "kimi_k2": "kimi_k2", "gpt_oss": "openai", "phi4_mini": "phi4_mini_json",
-    "minimax_m2": "minimax_m2", "functiongemma": "functiongemma",
-}
-#: The reverse: a ``--tool-call-parser`` given by hand -> the toolmend format to match it.
-TOOL_FORMAT_FOR_VLLM_PARSER = {v: k for k, v in VLLM_TOOL_PARSERS.items()} | {
-    "llama4_pythonic": "pythonic", "llama4_json": "llama3_json", "qwen3_xml": "qwen3_coder"}
+#: toolmend read the model's calls the same way (each format declares its own:
+#: ``ToolFormat.vllm_parser``)
+VLLM_TOOL_PARSERS: dict[str, str] = {
+    name: fmt.vllm_parser for name, fmt in FORMATS.items() if fmt.vllm_parser}
+#: The reverse: a ``--tool-call-parser`` given by hand -> the toolmend format to match it (with
+#: the other vLLM names each format declares, ``ToolFormat.vllm_aliases``).
+TOOL_FORMAT_FOR_VLLM_PARSER: dict[str, str] = {v: k for k, v in VLLM_TOOL_PARSERS.items()} | {
+    alias: name for name, fmt in FORMATS.items() for alias in fmt.vllm_aliases}
 
 
 def vllm_tool_parser(model: str) -> str:
     """The ``--tool-call-parser`` for a model, from its name; hermes when the name says nothing
     (the most common format, and what a Hermes-style chat template produces)."""
-    from toolmend.parsers.formats import format_for_model
-
     return VLLM_TOOL_PARSERS.get(format_for_model(model) or "hermes", "hermes")
 
 

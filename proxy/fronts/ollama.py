@@ -2,10 +2,11 @@
 
 Many agent setups speak Ollama's native API. Rather than a second pipeline, each ``/api/chat``
 and ``/api/generate`` request is translated into an OpenAI chat body and handed to the same
-``_forward`` as ``/v1/chat/completions`` (so repair, validation, fair queuing and tracing all
-apply), with one difference: the client writer is :class:`OllamaDownstream`, which rewrites the
-mended OpenAI stream as Ollama NDJSON (``parsers/ollama_emit.py``). Non-streaming requests run
-the same streaming path and are answered with the accumulated object, as Ollama itself does.
+``forward`` (``pipeline/forward.py``) as ``/v1/chat/completions`` (so repair, validation, fair
+queuing and tracing all apply), with one difference: the client writer is
+:class:`OllamaDownstream`, which rewrites the mended OpenAI stream as Ollama NDJSON
+(``parsers/ollama_emit.py``). Non-streaming requests run the same streaming path and are
+answered with the accumulated object, as Ollama itself does.
 
 Errors take Ollama's shape, ``{"error": "text"}``, with the real status before the reply starts
 and as an ``{"error": ...}`` line after.
@@ -29,9 +30,10 @@ from toolmend.parsers.ollama import (
 )
 from toolmend.parsers.ollama_emit import Durations, OllamaEmitter
 from toolmend.pipeline.downstream import ClientGone, Downstream
-from toolmend.server.app import CTX, SETTINGS, UPSTREAM, _forward, _json_request
+from toolmend.pipeline.forward import forward, read_json_request
 from toolmend.server.context import RequestContext
 from toolmend.server.errors import ProxyError
+from toolmend.server.keys import CTX, SETTINGS, UPSTREAM
 from toolmend.server.request_body import check_chat_body, check_counts
 
 #: The Ollama API version toolmend implements; clients gate features on it.
@@ -39,6 +41,10 @@ OLLAMA_API_VERSION = "0.12.6"
 NDJSON = "application/x-ndjson"
 #: /api/ps reports models as loaded until this far ahead (toolmend does not unload them).
 PS_EXPIRY = "2318-01-01T00:00:00Z"
+
+
+#: errors on these paths take Ollama's shape, wherever they are raised (fronts/__init__.py)
+ERROR_PATHS = ("/api/",)
 
 
 def ollama_error(err: ProxyError) -> web.Response:
@@ -101,6 +107,11 @@ class OllamaDownstream(Downstream):
 
     async def close(self) -> web.StreamResponse:
         tail = self.emitter.finish(self._durations())
+        if self.whole and self.emitter.error is not None:
+            self.ctx.status = 502
+            self.ctx.error_code = "upstream_bad_response"
+            return ollama_error(ProxyError(502, self.emitter.error,
+                                           code="upstream_bad_response"))
         if self.whole:
             self.ctx.status = 200
             self.ctx.bytes_out += len(tail)
@@ -126,7 +137,7 @@ async def _answer(request: web.Request, kind: str) -> web.StreamResponse:
     """``/api/chat`` and ``/api/generate``: translate, run the OpenAI path, translate back."""
     ctx: RequestContext = request[CTX]
     try:
-        body = await _json_request(request, any_content_type=True)
+        body = await read_json_request(request, any_content_type=True)
         try:
             openai = (chat_request_to_openai(body) if kind == "chat"
                       else generate_request_to_openai(body))
@@ -148,7 +159,7 @@ async def _answer(request: web.Request, kind: str) -> web.StreamResponse:
         def make_down(req: web.Request, c: RequestContext, _interval: float) -> Downstream:
             return OllamaDownstream(req, c, emitter, stream=stream)
 
-        resp = await _forward(request, openai, "/v1/chat/completions", make_down)
+        resp = await forward(request, openai, "/v1/chat/completions", make_down)
     except ProxyError as e:
         ctx.status, ctx.error_code = e.status, e.code
         return ollama_error(e)
@@ -226,7 +237,7 @@ async def api_ps(request: web.Request) -> web.Response:
 async def api_show(request: web.Request) -> web.Response:
     ctx: RequestContext = request[CTX]
     try:
-        body = await _json_request(request, any_content_type=True)
+        body = await read_json_request(request, any_content_type=True)
     except ProxyError as e:
         ctx.status, ctx.error_code = e.status, e.code
         return ollama_error(e)
@@ -284,3 +295,6 @@ def add_routes(app: web.Application) -> None:
     r.add_post("/api/show", api_show)
     r.add_get("/api/ps", api_ps)
     r.add_get("/", root)
+
+
+error_response = ollama_error

@@ -64,7 +64,18 @@ class FairScheduler(FairQueue):
     def __init__(self, slots: int, **kw: Any) -> None:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
+        self._slots_taken: set[int] = set()  # slot numbers held, for traces
         super().__init__(slots, **kw)
+
+    def _take_slot_number(self) -> int:
+        """The lowest slot number nobody holds: which of the backend's slots a request ran in,
+        for its span (``toolmend.slot``). Numbers past ``slots`` appear only while the slot
+        count shrinks under running requests."""
+        n = 0
+        while n in self._slots_taken:
+            n += 1
+        self._slots_taken.add(n)
+        return n
 
     def _on_change(self) -> None:
         """Keep one timer armed for the earliest held slot's lapse (none when nothing is held).
@@ -117,9 +128,12 @@ class FairScheduler(FairQueue):
                 self.cancel(t)
                 raise
         ctx.dispatched_at = loop.time()
+        ctx.priority = t.priority
+        ctx.slot = number = self._take_slot_number()
         try:
             yield t
         finally:
+            self._slots_taken.discard(number)
             usage = ctx.usage or {}
             out, prompt = usage.get("completion_tokens"), usage.get("prompt_tokens")
             first = ctx.upstream_first_token_at

@@ -8,181 +8,38 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 import orjson
 from aiohttp import web
 
+from toolmend import fronts
 from toolmend.backends.detect import detect
 from toolmend.backends.launcher import LAUNCHED
 from toolmend.backends.upstream import UpstreamClient
-from toolmend.parsers.stream import StreamPipeline
-from toolmend.pipeline.downstream import DOWNSTREAM, ClientGone, Downstream
-from toolmend.pipeline.mending import ChatMending
-from toolmend.pipeline.mending import record as record_mending
-from toolmend.pipeline.relay import relay_json, relay_stream
-from toolmend.pipeline.validating import install_schema_compiler, request_toolset
+from toolmend.pipeline.downstream import DOWNSTREAM, ClientGone
+from toolmend.pipeline.validating import install_schema_compiler
 from toolmend.scheduling.scheduler import (
-    DEADLINE_HEADER,
-    PRIORITY_HEADER,
-    FairScheduler,
-    estimate_cost,
-    parse_deadline,
     probe_slots,
     scheduler_from_settings,
 )
-from toolmend.server import auth, identity, memory
+from toolmend.server import auth, memory
 from toolmend.server.config import Settings
 from toolmend.server.context import RequestContext, new_request_id
 from toolmend.server.errors import ProxyError
+from toolmend.server.keys import CTX, SCHEDULER, SETTINGS, UPSTREAM
 from toolmend.server.request_body import (
     LARGE_BODIES,
     LargeBodies,
-    ask_for_usage,
-    cap_output_tokens,
-    check_chat_body,
-    check_completion_body,
-    check_counts,
-    client_wants_usage,
-    read_json_body,
     release_large_bodies,
-    wants_stream,
 )
 from toolmend.telemetry import tracing as telemetry
-from toolmend.telemetry.tracing import TELEMETRY
 
 log = logging.getLogger("toolmend")
 access_log = logging.getLogger("toolmend.access")
 
-SETTINGS = web.AppKey("settings", Settings)
-UPSTREAM = web.AppKey("upstream", UpstreamClient)
-SCHEDULER = web.AppKey("scheduler", FairScheduler)
-CTX = web.RequestKey("ctx", RequestContext)
-
-
-async def _read_body(request: web.Request, limit: int, timeout: float = 0.0) -> bytes:
-    """The whole body, within ``limit`` bytes and ``timeout`` seconds (``body_timeout``: a
-    client trickling its body holds a connection and a buffer as long as it likes otherwise)."""
-    length = request.content_length
-    if length is not None and length > limit:
-        raise ProxyError(413, f"request body of {length} bytes is over the limit of {limit} bytes",
-                         code="body_too_large")
-    try:
-        async with asyncio.timeout(timeout if timeout > 0 else None):
-            return await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise ProxyError(413, f"request body is over the limit of {limit} bytes",
-                         code="body_too_large") from None
-    except TimeoutError:
-        raise ProxyError(408, f"the request body did not arrive within {timeout:g} s "
-                         "(body_timeout)", code="body_timeout",
-                         headers={"Connection": "close"}) from None
-
-
-async def _json_request(request: web.Request, *, any_content_type: bool = False
-                        ) -> dict[str, Any]:
-    """``any_content_type``: Ollama clients (``curl -d``) send JSON under any type."""
-    settings = request.app[SETTINGS]
-    raw = await _read_body(request, settings.max_body_bytes, settings.body_timeout)
-    ctype = ("application/json" if any_content_type
-             else request.headers.get("Content-Type", "application/json"))
-    body = await read_json_body(raw, ctype,
-                                admit=lambda size: request.app[LARGE_BODIES].admit(request,
-                                                                                    size))
-    ctx: RequestContext = request[CTX]
-    ident = identity.resolve(request, body)  # the trust table: see identity.py
-    ctx.agent_id, ctx.session_id = ident.agent, ident.session
-    ctx.extra[identity.IDENTITY_KEY] = ident
-    auth.check_body(request, body)
-    model = body.get("model")
-    ctx.model = model if isinstance(model, str) else None
-    return body
-
-
-async def chat_completions(request: web.Request) -> web.StreamResponse:
-    body = await _json_request(request)
-    settings = request.app[SETTINGS]
-    check_counts(body, settings.max_messages, settings.max_tools)
-    check_chat_body(body)
-    return await _forward(request, body, "/v1/chat/completions")
-
-
-async def completions(request: web.Request) -> web.StreamResponse:
-    body = await _json_request(request)
-    check_completion_body(body)
-    return await _forward(request, body, "/v1/completions")
-
-
-DownstreamFactory = Callable[[web.Request, RequestContext, float], Downstream]
-
-
-async def _forward(request: web.Request, body: dict[str, Any], path: str,
-                   make_down: DownstreamFactory | None = None) -> web.StreamResponse:
-    """Queue, relay, mend. ``make_down`` replaces the SSE client writer (the Ollama front
-    passes one that rewrites the mended stream as NDJSON), so every front shares this path."""
-    settings = request.app[SETTINGS]
-    up = request.app[UPSTREAM]
-    sched = request.app[SCHEDULER]
-    ctx: RequestContext = request[CTX]
-    ctx.stream = wants_stream(body)
-    # The one place where the output is bounded: after the front's translation, before the
-    # cost estimate, the mender (retries copy the body) and the upstream wire's own translation
-    # (Ollama's native API reads these fields), so no front or wire can bypass it.
-    detected = up.detected
-    cap_output_tokens(body, auth.output_cap(request),
-                      detected.context_length if detected is not None else None)
-    request.app[TELEMETRY].prepare(request, ctx, body)
-    priority = sched.resolve_priority(ctx.agent_id, request.headers.get(PRIORITY_HEADER))
-    deadline = parse_deadline(request.headers.get(DEADLINE_HEADER), sched.clock())
-    if settings.vllm_priority:
-        body["priority"] = -priority  # vLLM serves lower values first
-    else:  # a client's own "priority" would reach a priority-scheduling server past the
-        body.pop("priority", None)  # policy that X-Priority is held to
-    mending = None
-    if path == "/v1/chat/completions":
-        # without tools only structured calls are checked, and their retry (plain text) is the
-        # same on every backend: no need to know which one it is
-        backend = settings.backend if settings.backend != "auto" or not body.get("tools") \
-            else (await up.detect()).kind
-        toolset = await request_toolset(request.app, body, settings)  # off the loop if large
-        mending = ChatMending.for_request(settings, body, ctx, request.headers, backend, toolset)
-    if not ctx.stream:
-        raw = orjson.dumps(mending.upstream_body() if mending else body)
-        async with sched.slot(ctx, estimate_cost(body, raw), priority=priority,
-                              deadline=deadline):
-            return await relay_json(ctx, up, path, raw,
-                                    mending.json_transform(up, path) if mending else None,
-                                    as_stream=mending is not None and mending.whole_as_stream)
-    mender = mending.mender() if mending else None
-    pipeline = StreamPipeline(client_wants_usage(body), mender, settings.max_upstream_event_bytes)
-    ask_for_usage(body)
-    raw = orjson.dumps(mending.upstream_body() if mending else body)
-    down = (make_down or Downstream)(request, ctx, settings.keepalive_interval)
-    down.start_keepalive()  # keep-alives flow while the request waits for a slot
-    try:
-        async with sched.slot(ctx, estimate_cost(body, raw), priority=priority,
-                              deadline=deadline) as grant:
-            # output is charged from the pipeline's event count, read only when the
-            # scheduler decides: nothing added to the per-chunk path
-            grant.track(lambda: pipeline.stats.events)
-            try:
-                return await relay_stream(request, ctx, up, path, raw, pipeline,
-                                          settings.keepalive_interval, down,
-                                          mending.finisher(up, path) if mending else None)
-            finally:
-                record_mending(ctx, mender)
-    except ProxyError as e:  # refused (429) or out of time (503) in the queue
-        return await down.fail(e)
-    finally:
-        await down.stop_keepalive()
-
-
-async def models(request: web.Request) -> web.Response:
-    up = request.app[UPSTREAM]
-    doc = await up.get_json("/v1/models")
-    return web.Response(body=orjson.dumps(doc), content_type="application/json")
+__all__ = ["CTX", "SCHEDULER", "SETTINGS", "UPSTREAM", "build_app", "start_server"]
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -278,7 +135,7 @@ async def context_and_errors(request: web.Request, handler: Any) -> web.StreamRe
             resp = started
         else:
             ctx.status = err.status
-            resp = err.response()
+            resp = fronts.error_response(request.path, err)
             if err.status == 408:  # a body that never arrived: the connection is not reusable
                 resp.force_close()
     if not ctx.status:
@@ -379,14 +236,9 @@ def build_app(settings: Settings, upstream_urls: list[str] | None = None) -> web
     auth.apply_weights(app[SCHEDULER].policies, app[auth.KEYRING])
     app.on_startup.append(_size_scheduler)
     app.on_startup.append(_start_upstream)
-    app.router.add_post("/v1/chat/completions", chat_completions)
-    app.router.add_post("/v1/completions", completions)
-    app.router.add_get("/v1/models", models)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    from toolmend.fronts.ollama import add_routes as add_ollama_routes  # it imports this module
-
-    add_ollama_routes(app)
+    fronts.add_routes(app)  # every API agents speak, registered in one place
     telemetry.setup(app, settings)
     install_schema_compiler(app, settings)
     memory.install(app)  # large schemas and bodies: their freed pages go back to the system

@@ -195,6 +195,10 @@ class Settings:
     large_body_bytes: int = opt(16 * 1024 * 1024, "a request body whose parsed form is "
                                 "estimated larger than this counts as large (JSON with many "
                                 "small values grows ~10x when parsed)", metavar="BYTES")
+    max_body_values: int = opt(200_000, "most JSON values in one request body, estimated from "
+                               "its commas and colons before it is parsed (beyond: 413 "
+                               "too_many_values): the parse holds the event loop, 150-200 ms "
+                               "for 350,000 values")
     max_large_bodies: int = opt(2, "large request bodies held at once (beyond: 503 "
                                 "too_many_large_bodies with Retry-After)")
     max_connections: int = opt(1024, "upstream connection pool size")
@@ -208,6 +212,13 @@ class Settings:
                                         "upstream_reply_too_large)", metavar="BYTES")
     log_level: str = opt("info", "log level", choices=("debug", "info", "warning", "error"))
     log_requests: bool = opt(True, "log one structured line per request")
+    state_dir: str = opt("", "folder where toolmend keeps what must survive a restart (the "
+                         "generated signing key) (default: $XDG_STATE_HOME/toolmend, else "
+                         "~/.local/state/toolmend)", metavar="DIR")
+    signing_key: str = opt("", "secret that signs what toolmend hands a client to bring back "
+                           "(Anthropic thinking signatures, Responses encrypted reasoning); "
+                           "replicas that share it accept each other's (default: a random key "
+                           "generated once and kept in state_dir)", metavar="SECRET")
 
     # Not an option: the file the options came from. Its [sections] (agents, ...) are read by
     # the modules that own them, from this path.

@@ -35,7 +35,6 @@ if TYPE_CHECKING:
 
 AGENT_ID_MAX = 128  # as for X-Agent-Id since the start
 SESSION_ID_MAX = 128  # as telemetry.SESSION_ID_MAX
-IDENTITY_KEY = "identity"  # ctx.extra key of the Identity
 MAX_FINGERPRINTS = 4096  # sessions tracked by the fingerprint fallback, least recent dropped
 
 #: The trust table: (rank, source, what names the agent, what names the session). Read top

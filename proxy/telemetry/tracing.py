@@ -67,7 +67,8 @@ from toolmend.server.auth import SESSION_HEADER, header_text
 from toolmend.server.config import Settings
 from toolmend.server.context import RequestContext
 from toolmend.server.errors import ProxyError
-from toolmend.server.identity import IDENTITY_KEY, Identity, tracker
+from toolmend.server.identity import Identity, tracker
+from toolmend.server.keys import SCHEDULER, UPSTREAM
 from toolmend.telemetry import names as n
 from toolmend.telemetry.metrics import Metrics
 from toolmend.telemetry.sessions import SessionTracker, StepRecord, dumps
@@ -83,8 +84,6 @@ FRONTS = {"/v1/chat/completions": "openai_chat", "/v1/completions": "openai_comp
           "/v1/responses": "openai_responses"}
 TOOL_RESULTS_MAX = 64  # execute_tool spans one step may bring (one per tool result)
 TOOL_NAME_MAX = 128
-TRACE_KEY = "trace"  # ctx.extra[TRACE_KEY]: the RequestTrace made by prepare()
-UPSTREAM_HEADERS_KEY = "upstream_headers"  # ctx.extra: extra headers for the upstream call
 SESSION_ID_MAX = 128
 FINGERPRINT_BYTES = 8192  # of each message hashed into the fingerprint: bounded cost per request
 CONTENT_MAX = 64 * 1024  # captured input messages, when the opt-in is on
@@ -95,7 +94,7 @@ _TRUE = ("1", "true", "yes", "on", "span_only", "span_and_event")
 
 @dataclass(slots=True)
 class RequestTrace:
-    """What one request's telemetry knows before the upstream call; kept in ``ctx.extra``."""
+    """What one request's telemetry knows before the upstream call; kept in ``ctx.trace``."""
 
     session_id: str | None
     session_source: str  # header | trace | fingerprint | none
@@ -419,7 +418,7 @@ class Telemetry:
             msgs = body.get("messages", body.get("prompt"))
             if msgs is not None:
                 tr.input_messages = orjson.dumps(msgs).decode()[:CONTENT_MAX]
-        ctx.extra[TRACE_KEY] = tr
+        ctx.trace = tr
         if self.tracing:
             headers = {n.TRACEPARENT: format_traceparent(tr.trace_id, tr.client_span_id,
                                                          tr.sampled)}
@@ -431,7 +430,7 @@ class Telemetry:
         if headers:
             if tr.tracestate:
                 headers[n.TRACESTATE] = tr.tracestate
-            ctx.extra.setdefault(UPSTREAM_HEADERS_KEY, {}).update(headers)
+            ctx.upstream_headers = {**(ctx.upstream_headers or {}), **headers}
         return tr
 
     def _trace_info(self, request: web.Request, ctx: RequestContext,
@@ -439,7 +438,7 @@ class Telemetry:
         incoming = parse_traceparent(request.headers.get(n.TRACEPARENT))
         # the header is read through header_text: a request refused at the door for a session
         # id that is not text is still recorded, without it
-        ident = ctx.extra.get(IDENTITY_KEY)
+        ident = ctx.identity
         session = (ctx.session_id or header_text(request, SESSION_HEADER) or "").strip()
         session = session[:SESSION_ID_MAX]
         if session:
@@ -484,7 +483,7 @@ class Telemetry:
         now_loop = loop.time()
         offset_ns = time.time_ns() - int(now_loop * 1e9)
         end = ctx.finished_at or now_loop
-        tr = ctx.extra.get(TRACE_KEY)
+        tr = ctx.trace
         if not isinstance(tr, RequestTrace):
             tr = self._trace_info(request, ctx, None)
         group = tr.session_span
@@ -493,7 +492,7 @@ class Telemetry:
             group.last_active = now_loop
         provider = self._provider(ctx)
         status = ctx.status or 0
-        ident = ctx.extra.get(IDENTITY_KEY)
+        ident = ctx.identity
         if isinstance(ident, Identity) and ident.fingerprint is not None:
             tracker(request.app).finished(ident.fingerprint, 200 <= status < 400
                                           and ctx.error_code is None)
@@ -516,7 +515,6 @@ class Telemetry:
         to_tool = sec(ctx.first_tool_call_at)
         kinds = [_repair_kind(r) for r in ctx.repairs]
         failures = sum(1 for k in kinds if k.startswith(("validation", "schema")))
-        failures += _int(ctx.extra.get("validation_failures"))
         failures += sum(1 for r in _validation_records(ctx) if r.get("ok") is False)
         validation = _validation_outcome(ctx, kinds, failures)
         started_epoch = (ctx.started * 1e9 + offset_ns) / 1e9
@@ -531,8 +529,7 @@ class Telemetry:
                              status=status, error_code=ctx.error_code, duration=duration,
                              ttft=ttft, front=front, queue_wait=queue, usage=ctx.usage,
                              repair_kinds=kinds, validation_failures=failures,
-                             retries=ctx.retries,
-                             invalid_utf8=_int(ctx.extra.get("invalid_utf8")))
+                             retries=ctx.retries, invalid_utf8=ctx.invalid_utf8)
         usage = ctx.usage or {}
         if tr.session_id:
             self.sessions.record(tr.session_id, ctx.agent_id, tr.session_source, StepRecord(
@@ -553,7 +550,7 @@ class Telemetry:
             return int(t * 1e9) + offset_ns
 
         model = ctx.model or "unknown"
-        response_model = ctx.extra.get("response_model")
+        response_model = ctx.response_model
         common: dict[str, Any] = {
             n.GEN_AI_OPERATION_NAME: operation, n.GEN_AI_PROVIDER_NAME: provider,
             n.GEN_AI_REQUEST_MODEL: ctx.model, n.GEN_AI_RESPONSE_MODEL: response_model,
@@ -583,8 +580,8 @@ class Telemetry:
             # counters are left out when zero: absent reads as "none" and costs no encoding
             n.TM_REPAIRS: len(kinds) or None, n.TM_REPAIR_KINDS: sorted(set(kinds)) or None,
             n.TM_VALIDATION: validation, n.TM_RETRIES: ctx.retries or None,
-            n.TM_PRIORITY: _opt_int(_ctx_value(ctx, "priority")),
-            n.TM_SLOT: _opt_int(_ctx_value(ctx, "slot")),
+            n.TM_PRIORITY: ctx.priority,
+            n.TM_SLOT: ctx.slot,
         }
         if tr.input_messages is not None:
             server_attrs[n.GEN_AI_INPUT_MESSAGES] = tr.input_messages
@@ -608,7 +605,7 @@ class Telemetry:
                               events, (), SpanKind.SERVER, status=status_obj,
                               start_time=ns(ctx.started), end_time=ns(end),
                               instrumentation_scope=self._scope)]
-        if up_start is not None and ctx.extra.get(TRACE_KEY) is tr:
+        if up_start is not None and ctx.trace is tr:
             # usage, finish reasons and models are on the parent: no need to encode them twice
             client_attrs = {
                 n.GEN_AI_OPERATION_NAME: operation, n.GEN_AI_PROVIDER_NAME: provider,
@@ -755,9 +752,9 @@ class Telemetry:
 
     def _provider(self, ctx: RequestContext) -> str:
         """The detected backend kind (``vllm``, ``ollama``...), else the configured one."""
-        backend = ctx.extra.get("backend")
+        backend = ctx.backend
         if not backend and self.app is not None:
-            detected = getattr(_app_value(self.app, "upstream"), "detected", None)
+            detected = getattr(self.app.get(UPSTREAM), "detected", None)
             backend = getattr(detected, "kind", None)
             if backend in ("unknown", "loading"):
                 backend = None
@@ -770,7 +767,7 @@ class Telemetry:
         return self._address
 
     def _find_server_address(self) -> dict[str, Any]:
-        up = _app_value(self.app, "upstream") if self.app is not None else None
+        up = self.app.get(UPSTREAM) if self.app is not None else None
         url = up.base_url() if hasattr(up, "base_url") else (self.settings.upstream or [""])[0]
         parts = urlsplit(url)
         if not parts.hostname:
@@ -830,18 +827,8 @@ def _clean(attrs: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in attrs.items() if v is not None}
 
 
-def _int(v: Any) -> int:
-    return v if isinstance(v, int) and not isinstance(v, bool) else 0
-
-
 def _opt_int(v: Any) -> int | None:
     return v if isinstance(v, int) and not isinstance(v, bool) else None
-
-
-def _ctx_value(ctx: RequestContext, name: str) -> Any:
-    """A field another stage may set, as an attribute or in ``ctx.extra``."""
-    v = getattr(ctx, name, None)
-    return ctx.extra.get(name) if v is None else v
 
 
 def _repair_kind(r: Any) -> str:
@@ -857,14 +844,10 @@ def _repair_time(r: Any) -> float | None:
 def _validation_records(ctx: RequestContext) -> list[dict[str, Any]]:
     """The validator's verdicts, one per check, in order (``tool``, ``ok``, ``outcome``,
     ``attempt``, ``pointer``): what the retry events are made of."""
-    recs = ctx.extra.get("validation")
-    return [r for r in recs if isinstance(r, dict)] if isinstance(recs, list) else []
+    return [r for r in ctx.validation if isinstance(r, dict)]
 
 
 def _validation_outcome(ctx: RequestContext, kinds: list[str], failures: int) -> str | None:
-    explicit = _ctx_value(ctx, "validation")
-    if isinstance(explicit, str):
-        return explicit
     if failures:
         if ctx.status >= 400 or ctx.error_code:
             return "failed"
@@ -894,8 +877,7 @@ def _events(ctx: RequestContext, kinds: list[str], end: float,
     # Each failed verdict is a validation_failed event; each one that led to a retry is
     # followed by a retried event at the moment the retry was sent (the failure was decided
     # just before it). Both name the tool and the JSON pointer of the problem, never a value.
-    retry_times = [float(t) for t in ctx.extra.get("retry_times") or ()
-                   if isinstance(t, float | int) and not isinstance(t, bool)]
+    retry_times = list(ctx.retry_times)
     retries = 0
     for r in _validation_records(ctx):
         if r.get("ok") is not False:
@@ -1020,17 +1002,7 @@ def setup(app: web.Application, settings: Settings) -> Telemetry:
     return tel
 
 
-def _app_value(app: web.Application, name: str) -> Any:
-    """The app's value under the key called ``name``, found by name so that telemetry imports
-    neither the app module nor the scheduler (both may change without telemetry knowing)."""
-    for key in app:
-        key_name = getattr(key, "_name", key)
-        if isinstance(key_name, str) and key_name.rsplit(".", 1)[-1] == name:
-            return app[key]
-    return None
-
-
 def _scheduler_queued(app: web.Application) -> int | None:
-    v = getattr(_app_value(app, "scheduler"), "queued", None)
+    v = getattr(app.get(SCHEDULER), "queued", None)
     v = v() if callable(v) else v
     return v if isinstance(v, int) else None

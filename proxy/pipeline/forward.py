@@ -1,0 +1,154 @@
+"""The path every front shares: read the request, queue for a slot, relay and mend.
+
+A front parses its API's request into the internal chat request (an OpenAI chat body) and calls
+:func:`forward` with a client writer of its own (``make_down``) that encodes the mended reply in
+its API's wire format. Repair, validation, the output cap, fair queuing and tracing therefore
+apply to every front alike, and no front can bypass them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from toolmend.parsers.stream import StreamPipeline
+from toolmend.pipeline.downstream import Downstream
+from toolmend.pipeline.mending import ChatMending
+from toolmend.pipeline.mending import record as record_mending
+from toolmend.pipeline.relay import relay_json, relay_stream
+from toolmend.pipeline.validating import request_toolset
+from toolmend.scheduling.scheduler import (
+    DEADLINE_HEADER,
+    PRIORITY_HEADER,
+    estimate_cost,
+    parse_deadline,
+)
+from toolmend.server import auth, identity
+from toolmend.server.context import RequestContext
+from toolmend.server.errors import ProxyError
+from toolmend.server.keys import CTX, SCHEDULER, SETTINGS, UPSTREAM
+from toolmend.server.request_body import (
+    LARGE_BODIES,
+    ask_for_usage,
+    cap_output_tokens,
+    client_wants_usage,
+    read_json_body,
+    wants_stream,
+)
+from toolmend.telemetry.tracing import TELEMETRY
+
+
+async def read_body(request: web.Request, limit: int, timeout: float = 0.0) -> bytes:
+    """The whole body, within ``limit`` bytes and ``timeout`` seconds (``body_timeout``: a
+    client trickling its body holds a connection and a buffer as long as it likes otherwise)."""
+    length = request.content_length
+    if length is not None and length > limit:
+        raise ProxyError(413, f"request body of {length} bytes is over the limit of {limit} bytes",
+                         code="body_too_large")
+    try:
+        async with asyncio.timeout(timeout if timeout > 0 else None):
+            return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise ProxyError(413, f"request body is over the limit of {limit} bytes",
+                         code="body_too_large") from None
+    except TimeoutError:
+        raise ProxyError(408, f"the request body did not arrive within {timeout:g} s "
+                         "(body_timeout)", code="body_timeout",
+                         headers={"Connection": "close"}) from None
+
+
+async def read_json_request(request: web.Request, *, any_content_type: bool = False
+                        ) -> dict[str, Any]:
+    """``any_content_type``: Ollama clients (``curl -d``) send JSON under any type."""
+    settings = request.app[SETTINGS]
+    raw = await read_body(request, settings.max_body_bytes, settings.body_timeout)
+    ctype = ("application/json" if any_content_type
+             else request.headers.get("Content-Type", "application/json"))
+    body = await read_json_body(raw, ctype,
+                                admit=lambda size: request.app[LARGE_BODIES].admit(request,
+                                                                                    size),
+                                max_values=settings.max_body_values)
+    ctx: RequestContext = request[CTX]
+    ident = identity.resolve(request, body)  # the trust table: see identity.py
+    ctx.agent_id, ctx.session_id = ident.agent, ident.session
+    ctx.identity = ident
+    auth.check_body(request, body)
+    model = body.get("model")
+    ctx.model = model if isinstance(model, str) else None
+    return body
+
+
+DownstreamFactory = Callable[[web.Request, RequestContext, float], Downstream]
+
+
+async def forward(request: web.Request, body: dict[str, Any], path: str,
+                   make_down: DownstreamFactory | None = None) -> web.StreamResponse:
+    """Queue, relay, mend. ``make_down`` replaces the SSE client writer (the Ollama front
+    passes one that rewrites the mended stream as NDJSON), so every front shares this path."""
+    settings = request.app[SETTINGS]
+    up = request.app[UPSTREAM]
+    sched = request.app[SCHEDULER]
+    ctx: RequestContext = request[CTX]
+    ctx.stream = wants_stream(body)
+    # The one place where the output is bounded: after the front's translation, before the
+    # cost estimate, the mender (retries copy the body) and the upstream wire's own translation
+    # (Ollama's native API reads these fields), so no front or wire can bypass it.
+    detected = up.detected
+    if detected is not None and detected.kind not in ("unknown", "loading"):
+        ctx.backend = detected.kind
+    elif settings.backend != "auto":
+        ctx.backend = settings.backend
+    cap_output_tokens(body, auth.output_cap(request),
+                      detected.context_length if detected is not None else None)
+    request.app[TELEMETRY].prepare(request, ctx, body)
+    priority = sched.resolve_priority(ctx.agent_id, request.headers.get(PRIORITY_HEADER))
+    deadline = parse_deadline(request.headers.get(DEADLINE_HEADER), sched.clock())
+    if settings.vllm_priority:
+        body["priority"] = -priority  # vLLM serves lower values first
+    else:  # a client's own "priority" would reach a priority-scheduling server past the
+        body.pop("priority", None)  # policy that X-Priority is held to
+    mending = None
+    if path == "/v1/chat/completions":
+        # without tools only structured calls are checked, and their retry (plain text) is the
+        # same on every backend: no need to know which one it is
+        backend = settings.backend if settings.backend != "auto" or not body.get("tools") \
+            else (await up.detect()).kind
+        toolset = await request_toolset(request.app, body, settings)  # off the loop if large
+        if backend != "auto":
+            ctx.backend = backend
+        mending = ChatMending.for_request(settings, body, ctx, request.headers, backend, toolset)
+    if not ctx.stream:
+        raw = orjson.dumps(mending.upstream_body() if mending else body)
+        async with sched.slot(ctx, estimate_cost(body, raw), priority=priority,
+                              deadline=deadline):
+            return await relay_json(ctx, up, path, raw,
+                                    mending.json_transform(up, path) if mending else None,
+                                    as_stream=mending is not None and mending.whole_as_stream)
+    mender = mending.mender() if mending else None
+    pipeline = StreamPipeline(client_wants_usage(body), mender, settings.max_upstream_event_bytes)
+    ask_for_usage(body)
+    raw = orjson.dumps(mending.upstream_body() if mending else body)
+    down = (make_down or Downstream)(request, ctx, settings.keepalive_interval)
+    down.start_keepalive()  # keep-alives flow while the request waits for a slot
+    try:
+        async with sched.slot(ctx, estimate_cost(body, raw), priority=priority,
+                              deadline=deadline) as grant:
+            # output is charged from the pipeline's event count, read only when the
+            # scheduler decides: nothing added to the per-chunk path
+            grant.track(lambda: pipeline.stats.events)
+            try:
+                return await relay_stream(request, ctx, up, path, raw, pipeline,
+                                          settings.keepalive_interval, down,
+                                          mending.finisher(up, path) if mending else None)
+            finally:
+                record_mending(ctx, mender)
+    except ProxyError as e:  # refused (429) or out of time (503) in the queue
+        return await down.fail(e)
+    finally:
+        await down.stop_keepalive()
+
+
