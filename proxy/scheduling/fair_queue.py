@@ -479,6 +479,18 @@ class FairQueue:
         a = self._agents.get(agent)
         return a.counter if a is not None else 0.0
 
+    def loop_step(self, agent: str, session: str | None, cost: Cost) -> bool:
+        """Whether a request would be a small loop step if submitted now (as :meth:`submit`
+        decides ``Ticket.small``), without changing anything: for a priority the backend must
+        receive before the request is queued."""
+        a = self._agents.get(agent)
+        s = a.sessions.get(agent if session is None else session) if a is not None else None
+        last = s.last_prompt if s is not None and not s.queued and not s.in_flight else None
+        growth = cost.prompt_tokens - last \
+            if last is not None and cost.prompt_tokens >= last else cost.prompt_tokens
+        return (cost.max_tokens is not None and cost.max_tokens <= self.express_max_tokens
+                and growth <= self.express_max_prompt_tokens)
+
     def held_for(self) -> list[tuple[str, str]]:
         """(agent, session) of every session a slot is being held for now."""
         return sorted((s.agent.name, s.key) for s in self._held)

@@ -46,7 +46,7 @@ __all__ = ["DEADLINE_HEADER", "DEFAULT_AGENT", "DEFAULT_SLOTS", "INPUT_WEIGHT", 
            "PRIORITY_HEADER", "AgentPolicies", "AgentPolicy", "AgentSnapshot", "Cost",
            "FairScheduler", "Limits", "Ticket", "TicketState", "default_slots",
            "estimate_cost", "load_agent_policies", "parse_deadline", "policies_from_dict",
-           "probe_slots", "scheduler_from_settings"]
+           "probe_slots", "request_cost", "scheduler_from_settings"]
 
 DEADLINE_HEADER = "X-Toolmend-Deadline-Ms"
 
@@ -183,6 +183,12 @@ def parse_deadline(value: str | None, now: float) -> float | None:
         raise bad_request(f"{DEADLINE_HEADER} must be a number of milliseconds, got "
                           f"{value[:32]!r}", param=DEADLINE_HEADER, code="invalid_deadline")
     return now + ms / 1000.0
+
+
+def request_cost(body: dict[str, Any], size: int | None) -> Cost:
+    """:func:`estimate_cost` before the upstream body is serialized: from the client's body
+    size (``Content-Length``) instead of the upstream body's."""
+    return Cost(max(0, size or 0) // 4, estimate_cost(body, b"").max_tokens)
 
 
 def estimate_cost(body: dict[str, Any], raw: bytes) -> Cost:

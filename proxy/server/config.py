@@ -119,8 +119,10 @@ class Settings:
     agent_idle_after: float = opt(10.0, "seconds after its last step that a session is still in "
                                   "its loop (its counter is not lifted; the predicted tool time "
                                   "before any is measured)", metavar="S")
-    vllm_priority: bool = opt(False, "send each request's priority class in vLLM's 'priority' "
-                              "field (vLLM started with --scheduling-policy priority)")
+    vllm_priority: bool = opt(False, "send each request's priority class to vLLM, loop steps "
+                              "first within a class (vLLM started with --scheduling-policy "
+                              "priority; checked at start-up, none are sent to a vLLM that "
+                              "refuses them; --launch vllm turns both on)")
     otlp_endpoint: str = opt("", "OTLP/HTTP endpoint for traces, e.g. http://127.0.0.1:4318",
                              metavar="URL")
     otlp_protocol: str = opt("auto", "OTLP transport (auto: OTEL_EXPORTER_OTLP_PROTOCOL, else "
