@@ -45,6 +45,22 @@ async def test_backend_never_sees_more_than_its_slots(make_stack: StackFactory,
     assert stack.sim.stats.max_in_flight == slots
 
 
+async def test_one_agent_alone_keeps_every_slot_busy(make_stack: StackFactory) -> None:
+    """Its own small loop steps never make toolmend hold a slot back from its long requests."""
+    stack = await make_stack(slots=3, sim_kwargs={"slots": 64, "token_delay": 0.01,
+                                                  "ttft": 0.01})
+    async with aiohttp.ClientSession() as s:
+        for _ in range(3):  # a tool loop: small steps with a tool time between them
+            status, _, _ = await _call(s, stack, "solo", tokens=3,
+                                       headers={"X-Session-Id": "loop"})
+            assert status == 200
+        results = await asyncio.gather(*(
+            _call(s, stack, "solo", tokens=30, headers={"X-Session-Id": "batch"})
+            for _ in range(6)))
+    assert [r[0] for r in results] == [200] * 6
+    assert stack.sim.stats.max_in_flight == 3
+
+
 def _scheduler(stack: Stack) -> Any:
     assert stack.app is not None
     return stack.app[SCHEDULER]
@@ -132,7 +148,8 @@ async def test_slots_from_llama_server_props_and_vllm_priority() -> None:
                 f"http://127.0.0.1:{port}/v1/chat/completions", json=_body(stream=False),
                 headers={"X-Priority": "-2"}) as r:
             assert r.status == 200
-        assert sim.stats.bodies[-1]["priority"] == 2
+        # class -2 is vLLM's 4 (lower first); a small first step goes one ahead of it: 3
+        assert sim.stats.bodies[-1]["priority"] == 3
     finally:
         await runner.cleanup()
         await sim.stop()

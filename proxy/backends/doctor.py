@@ -265,10 +265,13 @@ def _vllm(hw: Hardware, agents: int, model: str | None, port: int | None = None
                                               (20, "Qwen/Qwen3-8B"), (0, "Qwen/Qwen3-4B")])
     parser = vllm_tool_parser(m)
     tool_flag = f"--enable-auto-tool-choice --tool-call-parser {parser}"
+    priority = ("--scheduling-policy priority", "serves waiting requests by the priority "
+                "toolmend sends (an agent's loop steps before long requests) and preempts long "
+                "ones for them; without it vLLM serves in arrival order")
     if amd:
         flags = [("--gpu-memory-utilization 0.90", "KV cache for all agents"),
                  ("--max-model-len 32768", "so several agents fit"),
-                 (tool_flag, "structured calls")]
+                 (tool_flag, "structured calls"), priority]
     else:
         flags = [("--gpu-memory-utilization 0.90", "leaves headroom for the CUDA context; the "
                   "rest becomes KV cache shared by all agents"),
@@ -278,7 +281,7 @@ def _vllm(hw: Hardware, agents: int, model: str | None, port: int | None = None
                   f"({parser} is right for {m.rsplit('/', 1)[-1]}; pick the parser for your "
                   "model family)"),
                  (f"--max-num-seqs {max(8, agents * 2)}", "enough sequences for every agent "
-                  "plus retries")]
+                  "plus retries"), priority]
     cmd = ["vllm", "serve", m, "--host", "127.0.0.1", "--port", str(port)]
     for f, _ in flags:
         cmd += f.split()
@@ -432,6 +435,22 @@ def format_report(hw: Hardware, agents: int, upstreams: list[tuple[str, Detected
     return "\n".join(lines)
 
 
+async def _priority_notes(urls: list[str], found: list[tuple[str, Detected]]) -> list[str]:
+    """Whether each running vLLM takes request priorities (one probe each)."""
+    import aiohttp
+
+    from toolmend.backends import vllm_priority
+
+    notes = []
+    async with aiohttp.ClientSession() as s:
+        for url, (shown, d) in zip(urls, found, strict=True):
+            if d.kind == "vllm":
+                note = vllm_priority.doctor_note(await vllm_priority.probe(s, url, d.model))
+                if note:
+                    notes.append(f"{shown}: {note}")
+    return notes
+
+
 async def run_doctor(agents: int, upstreams: list[str], model: str | None = None,
                      as_json: bool = False) -> str:
     hw = await asyncio.to_thread(probe_hardware)
@@ -442,6 +461,7 @@ async def run_doctor(agents: int, upstreams: list[str], model: str | None = None
                                                                 or list(DEFAULT_PROBES))]
     shown = found if upstreams else [(u, d) for u, d in found if d.kind != "unknown"]
     rec = recommend(hw, agents, found, model)
+    rec.notes += await _priority_notes(upstreams or list(DEFAULT_PROBES), found)
     if as_json:
         import orjson
 

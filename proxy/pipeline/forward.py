@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from toolmend.backends.vllm_priority import upstream_priority
 from toolmend.parsers.stream import StreamPipeline
 from toolmend.pipeline.downstream import Downstream
 from toolmend.pipeline.mending import ChatMending
@@ -26,6 +27,7 @@ from toolmend.scheduling.scheduler import (
     PRIORITY_HEADER,
     estimate_cost,
     parse_deadline,
+    request_cost,
 )
 from toolmend.server import auth, identity
 from toolmend.server.context import RequestContext
@@ -107,8 +109,9 @@ async def forward(request: web.Request, body: dict[str, Any], path: str,
     request.app[TELEMETRY].prepare(request, ctx, body)
     priority = sched.resolve_priority(ctx.agent_id, request.headers.get(PRIORITY_HEADER))
     deadline = parse_deadline(request.headers.get(DEADLINE_HEADER), sched.clock())
-    if settings.vllm_priority:
-        body["priority"] = -priority  # vLLM serves lower values first
+    if settings.vllm_priority:  # the class, and loop steps first within it (vllm_priority.py)
+        body["priority"] = upstream_priority(priority, sched.loop_step(
+            ctx.agent_id, ctx.session_id, request_cost(body, request.content_length)))
     else:  # a client's own "priority" would reach a priority-scheduling server past the
         body.pop("priority", None)  # policy that X-Priority is held to
     mending = None

@@ -76,7 +76,14 @@ from toolmend.telemetry.sessions import SessionTracker, StepRecord, dumps
 log = logging.getLogger("toolmend.telemetry.tracing")
 
 RECORDED_PATHS = {"/v1/chat/completions": n.OP_CHAT, "/v1/completions": n.OP_TEXT_COMPLETION,
-                  "/api/chat": n.OP_CHAT, "/api/generate": n.OP_CHAT}  # the Ollama front
+                  "/api/chat": n.OP_CHAT, "/api/generate": n.OP_CHAT,  # the Ollama front
+                  "/v1/messages": n.OP_CHAT, "/v1/responses": n.OP_CHAT}
+#: the API the agent spoke, by path: the ``toolmend.front`` attribute and metric label
+FRONTS = {"/v1/chat/completions": "openai_chat", "/v1/completions": "openai_completions",
+          "/api/chat": "ollama", "/api/generate": "ollama", "/v1/messages": "anthropic",
+          "/v1/responses": "openai_responses"}
+TOOL_RESULTS_MAX = 64  # execute_tool spans one step may bring (one per tool result)
+TOOL_NAME_MAX = 128
 SESSION_ID_MAX = 128
 FINGERPRINT_BYTES = 8192  # of each message hashed into the fingerprint: bounded cost per request
 CONTENT_MAX = 64 * 1024  # captured input messages, when the opt-in is on
@@ -101,6 +108,8 @@ class RequestTrace:
     upstream_start: float | None = None  # loop time; ctx.dispatched_at wins when a queue exists
     input_messages: str | None = None  # only with the content-capture opt-in
     session_span: SessionSpan | None = None  # the open session span this step is a child of
+    # the tool calls whose results this request brings: (call id, tool name)
+    tool_results: list[tuple[str | None, str]] | None = None
 
 
 @dataclass(slots=True)
@@ -196,6 +205,43 @@ def loop_step(body: dict[str, Any] | None) -> int:
     if not isinstance(msgs, list):
         return 1
     return 1 + sum(1 for m in msgs if isinstance(m, dict) and m.get("role") == "assistant")
+
+
+def tool_results(body: dict[str, Any] | None) -> list[tuple[str | None, str]]:
+    """The tool calls a request brings the results of: (call id, tool name), in order.
+
+    A chat request that follows a tool call ends with the assistant message that asked for the
+    calls, then one ``tool`` message per result (and perhaps a user message). Only that tail is
+    read, from the end, so the cost does not grow with the conversation.
+    """
+    msgs = body.get("messages") if body else None
+    if not isinstance(msgs, list):
+        return []
+    i = len(msgs) - 1
+    while i >= 0 and isinstance(msgs[i], dict) and msgs[i].get("role") == "user":
+        i -= 1
+    results: list[dict[str, Any]] = []
+    while i >= 0 and isinstance(msgs[i], dict) and msgs[i].get("role") == "tool":
+        results.append(msgs[i])
+        i -= 1
+    if not results or i < 0 or not isinstance(msgs[i], dict) \
+            or msgs[i].get("role") != "assistant":
+        return []
+    names: dict[str, str] = {}
+    calls = msgs[i].get("tool_calls")
+    for call in calls if isinstance(calls, list) else ():
+        fn = call.get("function") if isinstance(call, dict) else None
+        if isinstance(fn, dict) and isinstance(call.get("id"), str) \
+                and isinstance(fn.get("name"), str):
+            names[call["id"]] = fn["name"]
+    out: list[tuple[str | None, str]] = []
+    for m in reversed(results[-TOOL_RESULTS_MAX:]):
+        cid = m.get("tool_call_id")
+        cid = cid[:TOOL_NAME_MAX] if isinstance(cid, str) and cid else None
+        name = names.get(cid or "") or m.get("name")
+        if isinstance(name, str) and name:
+            out.append((cid, name[:TOOL_NAME_MAX]))
+    return out
 
 
 def _rand_id(bits: int) -> int:
@@ -364,6 +410,8 @@ class Telemetry:
         """
         tr = self._trace_info(request, ctx, body)
         tr.upstream_start = asyncio.get_running_loop().time()
+        if self.tracing:
+            tr.tool_results = tool_results(body)
         if self.tracing and tr.sampled and tr.session_id and tr.parent_span_id is None:
             tr.session_span = self._session_span(tr, ctx.agent_id, tr.upstream_start)
         if self.capture_content and body is not None:
@@ -473,12 +521,15 @@ class Telemetry:
         ended_epoch = (end * 1e9 + offset_ns) / 1e9
         tool_time = (self.sessions.tool_time_ms(ctx.agent_id, tr.session_id, started_epoch)
                      if tr.session_id else None)
+        prev_end = (self.sessions.last_ended(ctx.agent_id, tr.session_id)
+                    if tr.session_id and tool_time is not None else None)
+        front = FRONTS.get(ctx.path, FRONTS["/v1/chat/completions"])
 
         self.metrics.observe(operation=operation, provider=provider, model=ctx.model,
                              status=status, error_code=ctx.error_code, duration=duration,
-                             ttft=ttft, queue_wait=queue, usage=ctx.usage, repair_kinds=kinds,
-                             validation_failures=failures, retries=ctx.retries,
-                             invalid_utf8=ctx.invalid_utf8)
+                             ttft=ttft, front=front, queue_wait=queue, usage=ctx.usage,
+                             repair_kinds=kinds, validation_failures=failures,
+                             retries=ctx.retries, invalid_utf8=ctx.invalid_utf8)
         usage = ctx.usage or {}
         if tr.session_id:
             self.sessions.record(tr.session_id, ctx.agent_id, tr.session_source, StepRecord(
@@ -513,6 +564,9 @@ class Telemetry:
         error_type = ctx.error_code or (str(status) if status >= 500 else None)
         server_attrs = common | {
             n.GEN_AI_CONVERSATION_ID: tr.session_id, n.GEN_AI_AGENT_ID: ctx.agent_id,
+            # the agent's view: from its request's arrival to the first chunk it was sent
+            n.GEN_AI_RESPONSE_TIME_TO_FIRST_CHUNK: ttft if ctx.stream else None,
+            n.TM_FRONT: front,
             n.HTTP_RESPONSE_STATUS_CODE: status or None,
             n.ERROR_TYPE: error_type if failed else None,
             n.TM_ERROR_CODE: ctx.error_code,
@@ -555,7 +609,11 @@ class Telemetry:
             # usage, finish reasons and models are on the parent: no need to encode them twice
             client_attrs = {
                 n.GEN_AI_OPERATION_NAME: operation, n.GEN_AI_PROVIDER_NAME: provider,
-                n.GEN_AI_REQUEST_MODEL: ctx.model, n.TM_UPSTREAM_TTFT_MS: ms(up_ttft),
+                n.GEN_AI_REQUEST_MODEL: ctx.model, n.GEN_AI_REQUEST_STREAM: ctx.stream,
+                n.GEN_AI_CONVERSATION_ID: tr.session_id,
+                # toolmend as the backend's client: from the upstream call to its first chunk
+                n.GEN_AI_RESPONSE_TIME_TO_FIRST_CHUNK: up_ttft if ctx.stream else None,
+                n.TM_UPSTREAM_TTFT_MS: ms(up_ttft),
                 n.ERROR_TYPE: error_type if failed else None,
             } | self._server_address()
             client_events = []
@@ -567,8 +625,33 @@ class Telemetry:
                 server_ctx, self._resource, _clean(client_attrs), client_events, (),
                 SpanKind.CLIENT, status=status_obj, start_time=ns(max(up_start, ctx.started)),
                 end_time=ns(end), instrumentation_scope=self._scope))
+        if group is not None and prev_end is not None and tr.tool_results:
+            spans.extend(self._tool_spans(tr, group, int(prev_end * 1e9), ns(ctx.started)))
         for span in spans:
             self._processor.on_end(span)
+
+    def _tool_spans(self, tr: RequestTrace, group: SessionSpan, start_ns: int,
+                    end_ns: int) -> list[ReadableSpan]:
+        """The agent's tool time between its previous step and this one, as ``execute_tool``
+        spans under the session: one per tool call whose result this request brings. toolmend
+        sees the gap, not the tools, so calls run in one gap share its start and end."""
+        if end_ns <= start_ns:
+            return []
+        flags = TraceFlags(TraceFlags.SAMPLED)
+        parent = SpanContext(tr.trace_id, group.span_id, False, flags)
+        out = []
+        for call_id, tool in tr.tool_results or ():
+            attrs = _clean({n.GEN_AI_OPERATION_NAME: n.OP_EXECUTE_TOOL, n.GEN_AI_TOOL_NAME: tool,
+                            n.GEN_AI_TOOL_CALL_ID: call_id,
+                            n.GEN_AI_TOOL_TYPE: n.TOOL_TYPE_FUNCTION,
+                            n.GEN_AI_CONVERSATION_ID: tr.session_id})
+            ctx = SpanContext(tr.trace_id, _rand_id(64), False, flags)
+            out.append(ReadableSpan(
+                f"{n.OP_EXECUTE_TOOL} {tool}", ctx, parent, self._resource, attrs, (), (),
+                SpanKind.INTERNAL, status=Status(StatusCode.UNSET), start_time=start_ns,
+                end_time=end_ns, instrumentation_scope=self._scope))
+        group.start_ns = min(group.start_ns, start_ns) if group.steps else start_ns
+        return out
 
     # --- session spans ---------------------------------------------------------------------------
     def _session_span(self, tr: RequestTrace, agent_id: str, now: float) -> SessionSpan:
@@ -655,7 +738,8 @@ class Telemetry:
             start = end = time.time_ns()
         attrs = _clean({
             n.GEN_AI_OPERATION_NAME: n.OP_INVOKE_AGENT, n.GEN_AI_CONVERSATION_ID: group.session_id,
-            n.GEN_AI_AGENT_ID: group.agent_id, n.TM_SESSION_SOURCE: group.source,
+            n.GEN_AI_AGENT_NAME: group.agent_id, n.GEN_AI_AGENT_ID: group.agent_id,
+            n.TM_SESSION_SOURCE: group.source,
             n.TM_SESSION_STEPS: group.steps, n.TM_SESSION_FIRST_STEP: group.first_step,
             n.TM_SESSION_LAST_STEP: group.last_step, n.TM_REPAIRS: group.repairs or None,
             n.TM_RETRIES: group.retries or None, n.TM_SESSION_ERRORS: group.errors or None,
