@@ -46,6 +46,10 @@ MODEL_NAMES: dict[str, str | None] = {
     "deepseek-ai/DeepSeek-V3.1": "deepseek_v31",
     "deepseek-ai/DeepSeek-V3.2-Exp": "deepseek_v31",
     "deepseek-v3-1": "deepseek_v31",
+    "deepseek-ai/DeepSeek-V3.2": "deepseek_v32",
+    "deepseek-ai/DeepSeek-V3.2-Speciale": "deepseek_v32",
+    "deepseek-v3.2": "deepseek_v32",
+    "deepseek-ai/DeepSeek-V4": "deepseek_v32",
     "deepseek-ai/DeepSeek-V3-0324": "deepseek_v3",
     "deepseek-ai/DeepSeek-R1": "deepseek_v3",
     "deepseek-ai/DeepSeek-R1-Distill-Llama-8B": "deepseek_v3",
@@ -104,6 +108,10 @@ MARKER_TEXTS: dict[str, str | None] = {
     "<｜tool▁call▁end｜>": "deepseek_v31",
     "<｜tool▁call▁begin｜>f<｜tool▁sep｜>{}<｜tool▁call▁end｜>": "deepseek_v31",
     '<|tool_call|>[{"name": "f", "arguments": {}}]': "granite",
+    '<｜DSML｜function_calls>\n<｜DSML｜invoke name="f">\n</｜DSML｜invoke>\n'
+    "</｜DSML｜function_calls>": "deepseek_v32",
+    '<｜DSML｜tool_calls><｜DSML｜invoke name="f"/></｜DSML｜tool_calls>': "deepseek_v32",
+    '<think>plan <｜DSML｜invoke name="f">': "deepseek_v32",
     "<|tool_calls_section_begin|><|tool_call_begin|>functions.f:0<|tool_call_argument_begin|>"
     "{}<|tool_call_end|><|tool_calls_section_end|>": "kimi_k2",
     "<|channel|>commentary to=functions.f <|constrain|>json<|message|>{}<|call|>": "gpt_oss",
@@ -249,12 +257,15 @@ def test_doctor_reads_the_vllm_parsers_from_the_declarations() -> None:
         "pythonic": "pythonic", "mistral": "mistral", "deepseek_v3": "deepseek_v3",
         "deepseek_v31": "deepseek_v31", "granite": "granite", "glm45": "glm45",
         "kimi_k2": "kimi_k2", "gpt_oss": "openai", "phi4_mini": "phi4_mini_json",
-        "minimax_m2": "minimax_m2", "functiongemma": "functiongemma"}
+        "minimax_m2": "minimax_m2", "functiongemma": "functiongemma",
+        "deepseek_v32": "deepseek_v32"}
     assert TOOL_FORMAT_FOR_VLLM_PARSER["llama4_pythonic"] == "pythonic"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["llama4_json"] == "llama3_json"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["qwen3_xml"] == "qwen3_coder"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["openai"] == "gpt_oss"
-    assert len(TOOL_FORMAT_FOR_VLLM_PARSER) == 17
+    assert TOOL_FORMAT_FOR_VLLM_PARSER["deepseek_v4"] == "deepseek_v32"
+    assert TOOL_FORMAT_FOR_VLLM_PARSER["deepseek_v41"] == "deepseek_v32"
+    assert len(TOOL_FORMAT_FOR_VLLM_PARSER) == 20
 
 
 # --- bad declarations ----------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""Granite, GLM-4.5, Kimi K2, gpt-oss, FunctionGemma, Phi-4-mini, MiniMax-M2 and the generic
-JSON fallback: every fixture's expected result, split invariance, and arbitrary input."""
+"""Granite, GLM-4.5, Kimi K2, gpt-oss, FunctionGemma, Phi-4-mini, MiniMax-M2, the generic JSON
+fallback and the families added after them (DeepSeek's DSML, ...): every fixture's expected
+result, split invariance, and arbitrary input."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from toolmend.parsers.formats import make_parser
 from .format_harness import check_expected, check_split_invariance, load_cases, options, run
 
 FORMATS = ["granite", "glm45", "kimi_k2", "gpt_oss", "functiongemma", "phi4_mini", "minimax_m2",
-           "generic_json"]
+           "generic_json", "deepseek_v32"]
 
 # marker fragments per format, for the arbitrary-input property test
 MARKERS: dict[str, list[str]] = {
@@ -39,6 +40,12 @@ MARKERS: dict[str, list[str]] = {
                    "\n"],
     "generic_json": ["```", "```json\n", "{", "}", "[", "]", '"name": "echo"', '"arguments": ',
                      '"', ",", " "],
+    "deepseek_v32": ["<｜DSML｜function_calls>", "</｜DSML｜function_calls>",
+                     "<｜DSML｜tool_calls>", '<｜DSML｜invoke name="echo">',
+                     '<｜DSML｜ invoke name="echo"', "</｜DSML｜invoke>",
+                     '<｜DSML｜parameter name="text" string="true">',
+                     '<｜DSML｜parameter name="n" string="false">', "</｜DSML｜parameter>", "/>",
+                     "<think>", "</think>", "{", "}", '"', "<｜end▁of▁sentence｜>", "\n"],
 }
 TOOLS: list[dict[str, Any]] = [
     {"type": "function", "function": {"name": "echo", "parameters": {

@@ -1288,18 +1288,22 @@ class XmlArgs:
         self.count = 0
         out.append(ToolCallStart(self.index, name))
 
-    def member(self, key: str, raw: str, out: list[Event]) -> None:
+    def member(self, key: str, raw: str, out: list[Event],
+               typing: ValueTyping | None = None) -> None:
+        """One complete ``key``/value pair; ``typing`` overrides the call's rule for this value
+        (DSML says per parameter whether its value is a string)."""
         key = key.strip()
         lead = "{" if self.count == 0 else ", "
         self.count += 1
-        value = self.typing.complete(trim_value(raw), self.props.get(key))
+        value = (typing or self.typing).complete(trim_value(raw), self.props.get(key))
         out.append(ToolCallArgs(self.index, f"{lead}{_dumps(key)}: {value}"))
 
     def end(self, out: list[Event]) -> None:
         out.append(ToolCallArgs(self.index, "}" if self.count else "{}"))
         out.append(ToolCallEnd(self.index))
 
-    def truncate(self, key: str | None, partial: str | None, out: list[Event]) -> None:
+    def truncate(self, key: str | None, partial: str | None, out: list[Event],
+                 typing: ValueTyping | None = None) -> None:
         """The stream ended inside the call (inside the member ``key``, inside its value when
         ``partial`` is given): emit what there is as unterminated JSON, for the repair stage."""
         if key is None:
@@ -1309,7 +1313,7 @@ class XmlArgs:
             frag = ("{" if self.count == 0 else ", ") + _dumps(key) + ": "
             if partial is not None:
                 partial = partial[1:] if partial.startswith("\n") else partial
-                frag += self.typing.partial(partial, self.props.get(key))
+                frag += (typing or self.typing).partial(partial, self.props.get(key))
         if frag:
             out.append(ToolCallArgs(self.index, frag))
         out.append(ToolCallEnd(self.index, truncated=True))
