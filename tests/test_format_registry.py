@@ -81,6 +81,8 @@ MODEL_NAMES: dict[str, str | None] = {
     "microsoft/Phi-4-mini-instruct": "phi4_mini",
     "phi4-mini": "phi4_mini",
     "MiniMaxAI/MiniMax-M2": "minimax_m2",
+    "ByteDance-Seed/Seed-OSS-36B-Instruct": "seed_oss",
+    "seed-oss:36b": "seed_oss",
     "THUDM/glm-4-9b": None,
     "microsoft/phi-4": None,
     "google/gemma-3-4b-it": None,
@@ -118,6 +120,8 @@ MARKER_TEXTS: dict[str, str | None] = {
     "<think>plan <|channel|>commentary": None,
     "<start_function_call>call:f{}<end_function_call>": "functiongemma",
     '<minimax:tool_call>\n<invoke name="f">\n</invoke>\n</minimax:tool_call>': "minimax_m2",
+    "<seed:tool_call>\n<function=f>\n</function>\n</seed:tool_call>": "seed_oss",
+    "<seed:think>plan</seed:think>done": "seed_oss",
     'Sure: {"name": "f"} and [f()] and functools[{}]': None,
 }
 
@@ -258,14 +262,15 @@ def test_doctor_reads_the_vllm_parsers_from_the_declarations() -> None:
         "deepseek_v31": "deepseek_v31", "granite": "granite", "glm45": "glm45",
         "kimi_k2": "kimi_k2", "gpt_oss": "openai", "phi4_mini": "phi4_mini_json",
         "minimax_m2": "minimax_m2", "functiongemma": "functiongemma",
-        "deepseek_v32": "deepseek_v32"}
+        "deepseek_v32": "deepseek_v32",
+        "seed_oss": "seed_oss"}
     assert TOOL_FORMAT_FOR_VLLM_PARSER["llama4_pythonic"] == "pythonic"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["llama4_json"] == "llama3_json"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["qwen3_xml"] == "qwen3_coder"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["openai"] == "gpt_oss"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["deepseek_v4"] == "deepseek_v32"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["deepseek_v41"] == "deepseek_v32"
-    assert len(TOOL_FORMAT_FOR_VLLM_PARSER) == 20
+    assert len(TOOL_FORMAT_FOR_VLLM_PARSER) == 21
 
 
 # --- bad declarations ----------------------------------------------------------------------------

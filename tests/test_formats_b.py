@@ -17,7 +17,7 @@ from toolmend.parsers.formats import make_parser
 from .format_harness import check_expected, check_split_invariance, load_cases, options, run
 
 FORMATS = ["granite", "glm45", "kimi_k2", "gpt_oss", "functiongemma", "phi4_mini", "minimax_m2",
-           "generic_json", "deepseek_v32"]
+           "generic_json", "deepseek_v32", "seed_oss"]
 
 # marker fragments per format, for the arbitrary-input property test
 MARKERS: dict[str, list[str]] = {
@@ -46,6 +46,10 @@ MARKERS: dict[str, list[str]] = {
                      '<｜DSML｜parameter name="text" string="true">',
                      '<｜DSML｜parameter name="n" string="false">', "</｜DSML｜parameter>", "/>",
                      "<think>", "</think>", "{", "}", '"', "<｜end▁of▁sentence｜>", "\n"],
+    "seed_oss": ["<seed:think>", "</seed:think>", "<seed:tool_call>", "</seed:tool_call>",
+                 "<function=echo>", "</function>", "<parameter=text>", "<parameter=n>",
+                 "</parameter>", "<seed:eos>", "<tool_call>", "\n",
+                 '{"name": "echo", "arguments": {}}'],
 }
 TOOLS: list[dict[str, Any]] = [
     {"type": "function", "function": {"name": "echo", "parameters": {
