@@ -83,6 +83,11 @@ MODEL_NAMES: dict[str, str | None] = {
     "MiniMaxAI/MiniMax-M2": "minimax_m2",
     "ByteDance-Seed/Seed-OSS-36B-Instruct": "seed_oss",
     "seed-oss:36b": "seed_oss",
+    "meituan-longcat/LongCat-Flash-Chat": "longcat",
+    "meituan-longcat/LongCat-Flash-Thinking": "longcat",
+    "baidu/ERNIE-4.5-21B-A3B-PT": "ernie45",
+    "baidu/ERNIE-4.5-300B-A47B-Base-PT": "ernie45",
+    "ernie-4.5-21b-a3b-thinking": "ernie45",
     "THUDM/glm-4-9b": None,
     "microsoft/phi-4": None,
     "google/gemma-3-4b-it": None,
@@ -122,6 +127,8 @@ MARKER_TEXTS: dict[str, str | None] = {
     '<minimax:tool_call>\n<invoke name="f">\n</invoke>\n</minimax:tool_call>': "minimax_m2",
     "<seed:tool_call>\n<function=f>\n</function>\n</seed:tool_call>": "seed_oss",
     "<seed:think>plan</seed:think>done": "seed_oss",
+    '<longcat_tool_call>{"name": "f", "arguments": {}}</longcat_tool_call>': "longcat",
+    "<longcat_think>plan</longcat_think>done": "longcat",
     'Sure: {"name": "f"} and [f()] and functools[{}]': None,
 }
 
@@ -263,14 +270,16 @@ def test_doctor_reads_the_vllm_parsers_from_the_declarations() -> None:
         "kimi_k2": "kimi_k2", "gpt_oss": "openai", "phi4_mini": "phi4_mini_json",
         "minimax_m2": "minimax_m2", "functiongemma": "functiongemma",
         "deepseek_v32": "deepseek_v32",
-        "seed_oss": "seed_oss"}
+        "seed_oss": "seed_oss",
+        "longcat": "longcat",
+        "ernie45": "ernie45"}
     assert TOOL_FORMAT_FOR_VLLM_PARSER["llama4_pythonic"] == "pythonic"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["llama4_json"] == "llama3_json"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["qwen3_xml"] == "qwen3_coder"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["openai"] == "gpt_oss"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["deepseek_v4"] == "deepseek_v32"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["deepseek_v41"] == "deepseek_v32"
-    assert len(TOOL_FORMAT_FOR_VLLM_PARSER) == 21
+    assert len(TOOL_FORMAT_FOR_VLLM_PARSER) == 23
 
 
 # --- bad declarations ----------------------------------------------------------------------------

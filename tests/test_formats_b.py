@@ -17,7 +17,7 @@ from toolmend.parsers.formats import make_parser
 from .format_harness import check_expected, check_split_invariance, load_cases, options, run
 
 FORMATS = ["granite", "glm45", "kimi_k2", "gpt_oss", "functiongemma", "phi4_mini", "minimax_m2",
-           "generic_json", "deepseek_v32", "seed_oss"]
+           "generic_json", "deepseek_v32", "seed_oss", "longcat", "ernie45"]
 
 # marker fragments per format, for the arbitrary-input property test
 MARKERS: dict[str, list[str]] = {
@@ -50,6 +50,11 @@ MARKERS: dict[str, list[str]] = {
                  "<function=echo>", "</function>", "<parameter=text>", "<parameter=n>",
                  "</parameter>", "<seed:eos>", "<tool_call>", "\n",
                  '{"name": "echo", "arguments": {}}'],
+    "longcat": ["<longcat_think>", "</longcat_think>", "<longcat_tool_call>",
+                "</longcat_tool_call>", '{"name": "echo", ', '"arguments": {"text": "', '"}}',
+                "<tool_call>", "\n", " "],
+    "ernie45": ["<think>", "</think>", "<response>", "</response>", "<tool_call>", "</tool_call>",
+                '{"name": "echo", ', '"arguments": {"text": "', '"}}', "\n", " "],
 }
 TOOLS: list[dict[str, Any]] = [
     {"type": "function", "function": {"name": "echo", "parameters": {

@@ -35,6 +35,9 @@ class HermesParser(StreamParser):
 
     name = "hermes"
 
+    #: the wrapper around a call (LongCat and ERNIE spell it their own way)
+    _CALL_OPEN = TOOL_CALL_START
+    _CALL_CLOSE = TOOL_CALL_END
     # a stray closing tag in text is a marker too: dropped, never shown to the client
     _IN_TEXT = Markers(TOOL_CALL_START, TOOL_CALL_END, THINK_START)
     _IN_THINK = Markers(TOOL_CALL_START, THINK_END)
@@ -49,7 +52,7 @@ class HermesParser(StreamParser):
         st = self._state
         if st == _TEXT:
             pos, tok = self._plain(data, pos, final, out)
-            if tok == TOOL_CALL_START:
+            if tok == self._CALL_OPEN:
                 self._reader = CallReader(self, self._CALL_STOPS)
                 self._state = _CALL
             return pos, tok is None
@@ -61,7 +64,7 @@ class HermesParser(StreamParser):
             status = self._call_ended(out, status)
             if status == STOP:
                 self._state = _TEXT
-                return i + len(TOOL_CALL_END), False
+                return i + len(self._CALL_CLOSE), False
             self._state = _TAIL
             return i, False
         # _TAIL: after the JSON, expect whitespace and the closing tag
@@ -75,8 +78,8 @@ class HermesParser(StreamParser):
         if hit is True:
             return pos, True
         self._state = _TEXT
-        if hit == TOOL_CALL_END:
-            return j + len(TOOL_CALL_END), False
+        if hit == self._CALL_CLOSE:
+            return j + len(self._CALL_CLOSE), False
         return pos, False  # no closing tag: what follows is text (or reasoning) again
 
 
