@@ -88,6 +88,10 @@ MODEL_NAMES: dict[str, str | None] = {
     "baidu/ERNIE-4.5-21B-A3B-PT": "ernie45",
     "baidu/ERNIE-4.5-300B-A47B-Base-PT": "ernie45",
     "ernie-4.5-21b-a3b-thinking": "ernie45",
+    "allenai/Olmo-3-7B-Instruct": "olmo3",
+    "allenai/Olmo-3-32B-Think": "olmo3",
+    "allenai/Olmo-3.1-32B-Think": "olmo3",
+    "allenai/OLMo-2-1124-7B-Instruct": None,
     "THUDM/glm-4-9b": None,
     "microsoft/phi-4": None,
     "google/gemma-3-4b-it": None,
@@ -129,6 +133,8 @@ MARKER_TEXTS: dict[str, str | None] = {
     "<seed:think>plan</seed:think>done": "seed_oss",
     '<longcat_tool_call>{"name": "f", "arguments": {}}</longcat_tool_call>': "longcat",
     "<longcat_think>plan</longcat_think>done": "longcat",
+    "<function_calls>f()</function_calls>": "olmo3",
+    "<think>plan <function_calls>f(a=1)": "olmo3",
     'Sure: {"name": "f"} and [f()] and functools[{}]': None,
 }
 
@@ -272,14 +278,15 @@ def test_doctor_reads_the_vllm_parsers_from_the_declarations() -> None:
         "deepseek_v32": "deepseek_v32",
         "seed_oss": "seed_oss",
         "longcat": "longcat",
-        "ernie45": "ernie45"}
+        "ernie45": "ernie45",
+        "olmo3": "olmo3"}
     assert TOOL_FORMAT_FOR_VLLM_PARSER["llama4_pythonic"] == "pythonic"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["llama4_json"] == "llama3_json"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["qwen3_xml"] == "qwen3_coder"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["openai"] == "gpt_oss"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["deepseek_v4"] == "deepseek_v32"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["deepseek_v41"] == "deepseek_v32"
-    assert len(TOOL_FORMAT_FOR_VLLM_PARSER) == 23
+    assert len(TOOL_FORMAT_FOR_VLLM_PARSER) == 24
 
 
 # --- bad declarations ----------------------------------------------------------------------------
