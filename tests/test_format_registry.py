@@ -92,6 +92,9 @@ MODEL_NAMES: dict[str, str | None] = {
     "allenai/Olmo-3-32B-Think": "olmo3",
     "allenai/Olmo-3.1-32B-Think": "olmo3",
     "allenai/OLMo-2-1124-7B-Instruct": None,
+    "Salesforce/Llama-xLAM-2-8b-fc-r": "xlam",
+    "Salesforce/xLAM-2-32b-fc-r": "xlam",
+    "Salesforce/xLAM-7b-fc-r": "xlam",
     "THUDM/glm-4-9b": None,
     "microsoft/phi-4": None,
     "google/gemma-3-4b-it": None,
@@ -279,14 +282,15 @@ def test_doctor_reads_the_vllm_parsers_from_the_declarations() -> None:
         "seed_oss": "seed_oss",
         "longcat": "longcat",
         "ernie45": "ernie45",
-        "olmo3": "olmo3"}
+        "olmo3": "olmo3",
+        "xlam": "xlam"}
     assert TOOL_FORMAT_FOR_VLLM_PARSER["llama4_pythonic"] == "pythonic"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["llama4_json"] == "llama3_json"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["qwen3_xml"] == "qwen3_coder"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["openai"] == "gpt_oss"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["deepseek_v4"] == "deepseek_v32"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["deepseek_v41"] == "deepseek_v32"
-    assert len(TOOL_FORMAT_FOR_VLLM_PARSER) == 24
+    assert len(TOOL_FORMAT_FOR_VLLM_PARSER) == 25
 
 
 # --- bad declarations ----------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from toolmend.parsers.formats import make_parser
 from .format_harness import check_expected, check_split_invariance, load_cases, options, run
 
 FORMATS = ["granite", "glm45", "kimi_k2", "gpt_oss", "functiongemma", "phi4_mini", "minimax_m2",
-           "generic_json", "deepseek_v32", "seed_oss", "longcat", "ernie45", "olmo3"]
+           "generic_json", "deepseek_v32", "seed_oss", "longcat", "ernie45", "olmo3", "xlam"]
 
 # marker fragments per format, for the arbitrary-input property test
 MARKERS: dict[str, list[str]] = {
@@ -57,6 +57,9 @@ MARKERS: dict[str, list[str]] = {
                 '{"name": "echo", ', '"arguments": {"text": "', '"}}', "\n", " "],
     "olmo3": ["<function_calls>", "</function_calls>", "echo(", "text=", "n=", '"x"', "'y'",
               "null", "true", ")", ",", "\n", "(", "[", "]", "<think>", "</think>", '"""'],
+    "xlam": ["[", "]", "{", "}", ",", '"', '{"name": "echo", ', '"arguments": ', '"text": ',
+             "<tool_call>", "</tool_call>", "[TOOL_CALLS]", "```", "```json\n", "<think>",
+             "</think>", " ", "\n", "Sure"],
 }
 TOOLS: list[dict[str, Any]] = [
     {"type": "function", "function": {"name": "echo", "parameters": {
