@@ -95,6 +95,10 @@ MODEL_NAMES: dict[str, str | None] = {
     "Salesforce/Llama-xLAM-2-8b-fc-r": "xlam",
     "Salesforce/xLAM-2-32b-fc-r": "xlam",
     "Salesforce/xLAM-7b-fc-r": "xlam",
+    "ai-sage/GigaChat3-10B-A1.8B": "gigachat3",
+    "ai-sage/GigaChat3-702B-A36B-preview": "gigachat3",
+    "ai-sage/GigaChat3.5-10B-A1.8B": "gigachat35",
+    "gigachat-3.5": "gigachat35",
     "THUDM/glm-4-9b": None,
     "microsoft/phi-4": None,
     "google/gemma-3-4b-it": None,
@@ -138,6 +142,10 @@ MARKER_TEXTS: dict[str, str | None] = {
     "<longcat_think>plan</longcat_think>done": "longcat",
     "<function_calls>f()</function_calls>": "olmo3",
     "<think>plan <function_calls>f(a=1)": "olmo3",
+    '<|function_call|>{"name": "f", "arguments": {}}': "gigachat3",
+    '<｜GCML｜tool_calls><｜GCML｜invoke name="f"></｜GCML｜invoke>'
+    "</｜GCML｜tool_calls>": "gigachat35",
+    'function call<|role_sep|>{"name": "f", "arguments": {}}': None,
     'Sure: {"name": "f"} and [f()] and functools[{}]': None,
 }
 
@@ -263,6 +271,7 @@ def test_the_mender_watches_each_formats_triggers() -> None:
     assert TRIGGERS["hermes"] == (b"<",)
     assert TRIGGERS["mistral"] == (b"[",)
     assert TRIGGERS["phi4_mini"] == (b"f",)
+    assert TRIGGERS["gigachat3"] == (b"<", b"f")
     assert TRIGGERS["llama3_json"] == (b"<", b"{")
     assert TRIGGERS["generic_json"] == (b"{", b"[", b"`")
     assert TRIGGERS["auto"] == (b"<", b"[")
@@ -283,14 +292,15 @@ def test_doctor_reads_the_vllm_parsers_from_the_declarations() -> None:
         "longcat": "longcat",
         "ernie45": "ernie45",
         "olmo3": "olmo3",
-        "xlam": "xlam"}
+        "xlam": "xlam",
+        "gigachat3": "gigachat3"}
     assert TOOL_FORMAT_FOR_VLLM_PARSER["llama4_pythonic"] == "pythonic"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["llama4_json"] == "llama3_json"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["qwen3_xml"] == "qwen3_coder"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["openai"] == "gpt_oss"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["deepseek_v4"] == "deepseek_v32"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["deepseek_v41"] == "deepseek_v32"
-    assert len(TOOL_FORMAT_FOR_VLLM_PARSER) == 25
+    assert len(TOOL_FORMAT_FOR_VLLM_PARSER) == 26
 
 
 # --- bad declarations ----------------------------------------------------------------------------

@@ -17,7 +17,8 @@ from toolmend.parsers.formats import make_parser
 from .format_harness import check_expected, check_split_invariance, load_cases, options, run
 
 FORMATS = ["granite", "glm45", "kimi_k2", "gpt_oss", "functiongemma", "phi4_mini", "minimax_m2",
-           "generic_json", "deepseek_v32", "seed_oss", "longcat", "ernie45", "olmo3", "xlam"]
+           "generic_json", "deepseek_v32", "seed_oss", "longcat", "ernie45", "olmo3", "xlam",
+           "gigachat3", "gigachat35"]
 
 # marker fragments per format, for the arbitrary-input property test
 MARKERS: dict[str, list[str]] = {
@@ -60,6 +61,13 @@ MARKERS: dict[str, list[str]] = {
     "xlam": ["[", "]", "{", "}", ",", '"', '{"name": "echo", ', '"arguments": ', '"text": ',
              "<tool_call>", "</tool_call>", "[TOOL_CALLS]", "```", "```json\n", "<think>",
              "</think>", " ", "\n", "Sure"],
+    "gigachat3": ["function call<|role_sep|>", "function call", "<|role_sep|>",
+                  "<|function_call|>", "<|message_sep|>", "</s>", '{"name": "echo", ',
+                  '"arguments": {"text": "', '"}}', "\n", " "],
+    "gigachat35": ["<｜GCML｜tool_calls>", "</｜GCML｜tool_calls>", '<｜GCML｜invoke name="echo">',
+                   "</｜GCML｜invoke>", '<｜GCML｜parameter name="text" string="true">',
+                   '<｜GCML｜parameter name="n" string="false">', "</｜GCML｜parameter>",
+                   "<|message_sep|>", "{", "}", "\n"],
 }
 TOOLS: list[dict[str, Any]] = [
     {"type": "function", "function": {"name": "echo", "parameters": {
