@@ -99,6 +99,10 @@ MODEL_NAMES: dict[str, str | None] = {
     "ai-sage/GigaChat3-702B-A36B-preview": "gigachat3",
     "ai-sage/GigaChat3.5-10B-A1.8B": "gigachat35",
     "gigachat-3.5": "gigachat35",
+    "tencent/Hunyuan-A13B-Instruct": "hunyuan",
+    "tencent/Hunyuan-7B-Instruct": "hunyuan",
+    "ai21labs/AI21-Jamba-Mini-1.7": "jamba",
+    "ai21labs/AI21-Jamba-1.5-Large": "jamba",
     "THUDM/glm-4-9b": None,
     "microsoft/phi-4": None,
     "google/gemma-3-4b-it": None,
@@ -146,6 +150,9 @@ MARKER_TEXTS: dict[str, str | None] = {
     '<｜GCML｜tool_calls><｜GCML｜invoke name="f"></｜GCML｜invoke>'
     "</｜GCML｜tool_calls>": "gigachat35",
     'function call<|role_sep|>{"name": "f", "arguments": {}}': None,
+    '<tool_calls>[{"name": "f", "arguments": {}}]</tool_calls>': "hunyuan",
+    "<tool_calls are> not a block": None,
+    "<tool_calls:opensource>": None,
     'Sure: {"name": "f"} and [f()] and functools[{}]': None,
 }
 
@@ -293,14 +300,18 @@ def test_doctor_reads_the_vllm_parsers_from_the_declarations() -> None:
         "ernie45": "ernie45",
         "olmo3": "olmo3",
         "xlam": "xlam",
-        "gigachat3": "gigachat3"}
+        "gigachat3": "gigachat3",
+        "hunyuan": "hunyuan_a13b",
+        "jamba": "jamba"}
     assert TOOL_FORMAT_FOR_VLLM_PARSER["llama4_pythonic"] == "pythonic"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["llama4_json"] == "llama3_json"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["qwen3_xml"] == "qwen3_coder"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["openai"] == "gpt_oss"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["deepseek_v4"] == "deepseek_v32"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["deepseek_v41"] == "deepseek_v32"
-    assert len(TOOL_FORMAT_FOR_VLLM_PARSER) == 26
+    assert TOOL_FORMAT_FOR_VLLM_PARSER["hy_v3"] == "hunyuan"
+    assert TOOL_FORMAT_FOR_VLLM_PARSER["hy_v4"] == "hunyuan"
+    assert len(TOOL_FORMAT_FOR_VLLM_PARSER) == 30
 
 
 # --- bad declarations ----------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from .format_harness import check_expected, check_split_invariance, load_cases, 
 
 FORMATS = ["granite", "glm45", "kimi_k2", "gpt_oss", "functiongemma", "phi4_mini", "minimax_m2",
            "generic_json", "deepseek_v32", "seed_oss", "longcat", "ernie45", "olmo3", "xlam",
-           "gigachat3", "gigachat35"]
+           "gigachat3", "gigachat35", "hunyuan", "jamba"]
 
 # marker fragments per format, for the arbitrary-input property test
 MARKERS: dict[str, list[str]] = {
@@ -68,6 +68,13 @@ MARKERS: dict[str, list[str]] = {
                    "</｜GCML｜invoke>", '<｜GCML｜parameter name="text" string="true">',
                    '<｜GCML｜parameter name="n" string="false">', "</｜GCML｜parameter>",
                    "<|message_sep|>", "{", "}", "\n"],
+    "hunyuan": ["<tool_calls>", "</tool_calls>", "<tool_calls:x>", "</tool_calls:x>",
+                "<tool_call>", "</tool_call>", "<tool_sep>", "<arg_key>", "</arg_key>",
+                "<arg_value>", "</arg_value>", "echo", "text", "[", "]",
+                '{"name": "echo", "arguments": {}}', "<think>", "</think>", "<answer>", ":",
+                "\n"],
+    "jamba": ["<tool_calls>", "</tool_calls>", "[", "]", '{"name": "echo", ',
+              '"arguments": {"text": "', '"}}', ",", "\n", " "],
 }
 TOOLS: list[dict[str, Any]] = [
     {"type": "function", "function": {"name": "echo", "parameters": {
