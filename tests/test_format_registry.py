@@ -103,6 +103,9 @@ MODEL_NAMES: dict[str, str | None] = {
     "tencent/Hunyuan-7B-Instruct": "hunyuan",
     "ai21labs/AI21-Jamba-Mini-1.7": "jamba",
     "ai21labs/AI21-Jamba-1.5-Large": "jamba",
+    "stepfun-ai/step3": "step3",
+    "stepfun-ai/Step-3.5-Flash": "qwen3_coder",
+    "step3p5": "qwen3_coder",
     "THUDM/glm-4-9b": None,
     "microsoft/phi-4": None,
     "google/gemma-3-4b-it": None,
@@ -153,6 +156,8 @@ MARKER_TEXTS: dict[str, str | None] = {
     '<tool_calls>[{"name": "f", "arguments": {}}]</tool_calls>': "hunyuan",
     "<tool_calls are> not a block": None,
     "<tool_calls:opensource>": None,
+    "<｜tool_calls_begin｜><｜tool_call_begin｜>function<｜tool_sep｜>"
+    '<steptml:invoke name="f"></steptml:invoke><｜tool_call_end｜><｜tool_calls_end｜>': "step3",
     'Sure: {"name": "f"} and [f()] and functools[{}]': None,
 }
 
@@ -302,16 +307,18 @@ def test_doctor_reads_the_vllm_parsers_from_the_declarations() -> None:
         "xlam": "xlam",
         "gigachat3": "gigachat3",
         "hunyuan": "hunyuan_a13b",
-        "jamba": "jamba"}
+        "jamba": "jamba",
+        "step3": "step3"}
     assert TOOL_FORMAT_FOR_VLLM_PARSER["llama4_pythonic"] == "pythonic"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["llama4_json"] == "llama3_json"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["qwen3_xml"] == "qwen3_coder"
+    assert TOOL_FORMAT_FOR_VLLM_PARSER["step3p5"] == "qwen3_coder"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["openai"] == "gpt_oss"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["deepseek_v4"] == "deepseek_v32"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["deepseek_v41"] == "deepseek_v32"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["hy_v3"] == "hunyuan"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["hy_v4"] == "hunyuan"
-    assert len(TOOL_FORMAT_FOR_VLLM_PARSER) == 30
+    assert len(TOOL_FORMAT_FOR_VLLM_PARSER) == 32
 
 
 # --- bad declarations ----------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from .format_harness import check_expected, check_split_invariance, load_cases, 
 
 FORMATS = ["granite", "glm45", "kimi_k2", "gpt_oss", "functiongemma", "phi4_mini", "minimax_m2",
            "generic_json", "deepseek_v32", "seed_oss", "longcat", "ernie45", "olmo3", "xlam",
-           "gigachat3", "gigachat35", "hunyuan", "jamba"]
+           "gigachat3", "gigachat35", "hunyuan", "jamba", "step3"]
 
 # marker fragments per format, for the arbitrary-input property test
 MARKERS: dict[str, list[str]] = {
@@ -75,6 +75,11 @@ MARKERS: dict[str, list[str]] = {
                 "\n"],
     "jamba": ["<tool_calls>", "</tool_calls>", "[", "]", '{"name": "echo", ',
               '"arguments": {"text": "', '"}}', ",", "\n", " "],
+    "step3": ["<｜tool_calls_begin｜>", "<｜tool_calls_end｜>", "<｜tool_call_begin｜>",
+              "<｜tool_call_end｜>", "<｜tool_sep｜>", "function", '<steptml:invoke name="echo">',
+              "</steptml:invoke>", '<steptml:parameter name="text">',
+              '<steptml:parameter name="n">', "</steptml:parameter>", "<think>", "</think>",
+              "\n"],
 }
 TOOLS: list[dict[str, Any]] = [
     {"type": "function", "function": {"name": "echo", "parameters": {

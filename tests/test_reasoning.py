@@ -247,7 +247,8 @@ def test_signals_in_order_of_precedence() -> None:
     assert ReasoningSignals(request=False, open_models=("my-*",)).decide("My-Model") == (
         True, "reasoning_open_models")
     for name in ("deepseek-ai/DeepSeek-R1-0528", "DeepSeek-R1-Distill-Qwen-7B", "Qwen/QwQ-32B",
-                 "MiniMaxAI/MiniMax-M2", "baidu/ERNIE-4.5-21B-A3B-Thinking"):
+                 "MiniMaxAI/MiniMax-M2", "baidu/ERNIE-4.5-21B-A3B-Thinking", "stepfun-ai/step3",
+                 "stepfun-ai/Step-3.5-Flash"):
         assert ReasoningSignals(request=False).decide(name)[0], name
     assert ReasoningSignals().decide(None, "deepseek-r1") == (True, "model name")
     assert ReasoningSignals().decide("baidu/ERNIE-4.5-21B-A3B-PT") == (False, "")

@@ -199,13 +199,14 @@ class Qwen3CoderParser(StreamParser):
 FORMAT = ToolFormat(
     name="qwen3_coder",
     parser=Qwen3CoderParser,
-    models=(r"qwen3-?coder",),
+    # Step-3.5 and later write Qwen3-Coder's calls too (vLLM's step3p5 parser)
+    models=(r"qwen3-?coder", r"step-?3(?:\.|p)[5-9]"),
     rank=10,  # before Qwen (hermes)
-    examples=("Qwen/Qwen3-Coder-30B-A3B-Instruct",),
+    examples=("Qwen/Qwen3-Coder-30B-A3B-Instruct", "stepfun-ai/Step-3.5-Flash"),
     markers=(TOOL_CALL_START,),
     marker_follows=(FUNCTION_START,),
     vllm_parser="qwen3_coder",
-    vllm_aliases=("qwen3_xml",),
+    vllm_aliases=("qwen3_xml", "step3p5"),
     sample=("<tool_call>\n<function=write>\n<parameter=text>\n$TEXT\n</parameter>\n"
             "</function>\n</tool_call>"),
 )
