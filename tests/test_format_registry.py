@@ -106,6 +106,9 @@ MODEL_NAMES: dict[str, str | None] = {
     "stepfun-ai/step3": "step3",
     "stepfun-ai/Step-3.5-Flash": "qwen3_coder",
     "step3p5": "qwen3_coder",
+    "internlm/internlm2_5-7b-chat": "internlm",
+    "internlm/Intern-S1": "internlm",
+    "internlm/internlm3-8b-instruct": "internlm",
     "THUDM/glm-4-9b": None,
     "microsoft/phi-4": None,
     "google/gemma-3-4b-it": None,
@@ -158,6 +161,9 @@ MARKER_TEXTS: dict[str, str | None] = {
     "<tool_calls:opensource>": None,
     "<｜tool_calls_begin｜><｜tool_call_begin｜>function<｜tool_sep｜>"
     '<steptml:invoke name="f"></steptml:invoke><｜tool_call_end｜><｜tool_calls_end｜>': "step3",
+    '<|action_start|><|plugin|>\n{"name": "f", "parameters": {}}<|action_end|>': "internlm",
+    "<|action_start|> <|plugin|>{}": "internlm",
+    "<|action_start|><|interpreter|>print(1)": None,
     'Sure: {"name": "f"} and [f()] and functools[{}]': None,
 }
 
@@ -308,7 +314,8 @@ def test_doctor_reads_the_vllm_parsers_from_the_declarations() -> None:
         "gigachat3": "gigachat3",
         "hunyuan": "hunyuan_a13b",
         "jamba": "jamba",
-        "step3": "step3"}
+        "step3": "step3",
+        "internlm": "internlm"}
     assert TOOL_FORMAT_FOR_VLLM_PARSER["llama4_pythonic"] == "pythonic"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["llama4_json"] == "llama3_json"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["qwen3_xml"] == "qwen3_coder"
@@ -318,7 +325,7 @@ def test_doctor_reads_the_vllm_parsers_from_the_declarations() -> None:
     assert TOOL_FORMAT_FOR_VLLM_PARSER["deepseek_v41"] == "deepseek_v32"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["hy_v3"] == "hunyuan"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["hy_v4"] == "hunyuan"
-    assert len(TOOL_FORMAT_FOR_VLLM_PARSER) == 32
+    assert len(TOOL_FORMAT_FOR_VLLM_PARSER) == 33
 
 
 # --- bad declarations ----------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from .format_harness import check_expected, check_split_invariance, load_cases, 
 
 FORMATS = ["granite", "glm45", "kimi_k2", "gpt_oss", "functiongemma", "phi4_mini", "minimax_m2",
            "generic_json", "deepseek_v32", "seed_oss", "longcat", "ernie45", "olmo3", "xlam",
-           "gigachat3", "gigachat35", "hunyuan", "jamba", "step3"]
+           "gigachat3", "gigachat35", "hunyuan", "jamba", "step3", "internlm"]
 
 # marker fragments per format, for the arbitrary-input property test
 MARKERS: dict[str, list[str]] = {
@@ -80,6 +80,9 @@ MARKERS: dict[str, list[str]] = {
               "</steptml:invoke>", '<steptml:parameter name="text">',
               '<steptml:parameter name="n">', "</steptml:parameter>", "<think>", "</think>",
               "\n"],
+    "internlm": ["<|action_start|>", "<|plugin|>", "<|action_start|><|plugin|>", "<|action_end|>",
+                 "<|interpreter|>", '{"name": "echo", ', '"parameters": {"text": "', '"}}',
+                 "<think>", "</think>", "\n", " "],
 }
 TOOLS: list[dict[str, Any]] = [
     {"type": "function", "function": {"name": "echo", "parameters": {
