@@ -109,6 +109,9 @@ MODEL_NAMES: dict[str, str | None] = {
     "internlm/internlm2_5-7b-chat": "internlm",
     "internlm/Intern-S1": "internlm",
     "internlm/internlm3-8b-instruct": "internlm",
+    "LiquidAI/LFM2-1.2B-Tool": "lfm2",
+    "LiquidAI/LFM2.5-1.2B-Instruct": "lfm2",
+    "lfm2:1.2b": "lfm2",
     "THUDM/glm-4-9b": None,
     "microsoft/phi-4": None,
     "google/gemma-3-4b-it": None,
@@ -164,6 +167,8 @@ MARKER_TEXTS: dict[str, str | None] = {
     '<|action_start|><|plugin|>\n{"name": "f", "parameters": {}}<|action_end|>': "internlm",
     "<|action_start|> <|plugin|>{}": "internlm",
     "<|action_start|><|interpreter|>print(1)": None,
+    "<|tool_call_start|>[f()]<|tool_call_end|>": "lfm2",
+    "<think>plan <|tool_call_start|>[f(a=1)]": "lfm2",
     'Sure: {"name": "f"} and [f()] and functools[{}]': None,
 }
 
@@ -315,7 +320,8 @@ def test_doctor_reads_the_vllm_parsers_from_the_declarations() -> None:
         "hunyuan": "hunyuan_a13b",
         "jamba": "jamba",
         "step3": "step3",
-        "internlm": "internlm"}
+        "internlm": "internlm",
+        "lfm2": "lfm2"}
     assert TOOL_FORMAT_FOR_VLLM_PARSER["llama4_pythonic"] == "pythonic"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["llama4_json"] == "llama3_json"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["qwen3_xml"] == "qwen3_coder"
@@ -325,7 +331,7 @@ def test_doctor_reads_the_vllm_parsers_from_the_declarations() -> None:
     assert TOOL_FORMAT_FOR_VLLM_PARSER["deepseek_v41"] == "deepseek_v32"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["hy_v3"] == "hunyuan"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["hy_v4"] == "hunyuan"
-    assert len(TOOL_FORMAT_FOR_VLLM_PARSER) == 33
+    assert len(TOOL_FORMAT_FOR_VLLM_PARSER) == 34
 
 
 # --- bad declarations ----------------------------------------------------------------------------

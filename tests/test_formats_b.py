@@ -18,7 +18,7 @@ from .format_harness import check_expected, check_split_invariance, load_cases, 
 
 FORMATS = ["granite", "glm45", "kimi_k2", "gpt_oss", "functiongemma", "phi4_mini", "minimax_m2",
            "generic_json", "deepseek_v32", "seed_oss", "longcat", "ernie45", "olmo3", "xlam",
-           "gigachat3", "gigachat35", "hunyuan", "jamba", "step3", "internlm"]
+           "gigachat3", "gigachat35", "hunyuan", "jamba", "step3", "internlm", "lfm2"]
 
 # marker fragments per format, for the arbitrary-input property test
 MARKERS: dict[str, list[str]] = {
@@ -83,6 +83,9 @@ MARKERS: dict[str, list[str]] = {
     "internlm": ["<|action_start|>", "<|plugin|>", "<|action_start|><|plugin|>", "<|action_end|>",
                  "<|interpreter|>", '{"name": "echo", ', '"parameters": {"text": "', '"}}',
                  "<think>", "</think>", "\n", " "],
+    "lfm2": ["<|tool_call_start|>", "<|tool_call_end|>", "[", "]", "echo(", "text=", '"x"',
+             "null", ")", ",", '{"name": "echo", "arguments": {}}', "<think>", "</think>", "\n",
+             " "],
 }
 TOOLS: list[dict[str, Any]] = [
     {"type": "function", "function": {"name": "echo", "parameters": {

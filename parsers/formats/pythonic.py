@@ -134,6 +134,8 @@ class PythonicParser(StreamParser):
     name = "pythonic"
 
     _IN_TEXT = Markers(LIST_OPEN, PYTHON_START, PYTHON_END)
+    #: the wrapper a call list may come in (LFM2 spells it ``<|tool_call_start|>``)
+    _WRAP_OPEN = PYTHON_START
     #: how one keyword value becomes JSON (Olmo 3 writes JSON's null/true/false too)
     _value_to_json = staticmethod(literal_to_json)
 
@@ -165,7 +167,7 @@ class PythonicParser(StreamParser):
                 self._prose = any(type(e) is Text and e.text.strip(" \t\r\n") for e in out[k:])
             if tok is None:
                 return pos, True
-            if tok == PYTHON_START:
+            if tok == self._WRAP_OPEN:
                 self._wrapped = True
                 self._state = _HEADER
                 return pos, False
