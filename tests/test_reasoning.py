@@ -446,6 +446,21 @@ REASONING_VOCAB: dict[str, list[str]] = {
                     " ", "\n", "no", "é"],
     "auto": ["<think>", "</think>", X, Y, "[TOOL_CALLS]", "[THINK]", "[/THINK]", " ", "\n",
              "no", "é", "🌧️", "</thi"],
+    "glm45": ["<think>", "</think>", "<tool_call>", "get_weather\n<arg_key>city</arg_key>",
+              "<arg_value>Bergen</arg_value>", "</tool_call>", " ", "\n", "no", "é"],
+    "minimax_m2": ["<think>", "</think>", "<minimax:tool_call>", '<invoke name="get_weather">',
+                   '<parameter name="city">Bergen</parameter>', "</invoke>",
+                   "</minimax:tool_call>", " ", "\n", "no", "é"],
+    "llama3_json": ["<think>", "</think>", '{"name": "get_weather", ',
+                    '"parameters": {"city": "Bergen"}}', "<|python_tag|>", ";", " ", "\n", "no",
+                    "é", "</thi"],
+    "seed_oss": ["<seed:think>", "</seed:think>", "<seed:tool_call>",
+                 "\n<function=get_weather>\n", "<parameter=city>\nBergen\n</parameter>\n",
+                 "</function>", "</seed:tool_call>", " ", "\n", "no", "é", "</seed:thi"],
+    "deepseek_v32": ["<think>", "</think>", "<｜DSML｜function_calls>",
+                     '<｜DSML｜invoke name="get_weather">',
+                     '<｜DSML｜parameter name="city" string="true">Bergen</｜DSML｜parameter>',
+                     "</｜DSML｜invoke>", "</｜DSML｜function_calls>", " ", "\n", "no", "é"],
 }
 
 
@@ -460,7 +475,8 @@ def test_reasoning_boundaries_split_invariance(fmt: str) -> None:
     """Any reply, opened or not, stopped or cut off: 1-character pieces, random pieces, and a
     cut at every position inside each reasoning marker give what the unsplit reply gives."""
     markers = [m for m in REASONING_VOCAB[fmt] if m in ("<think>", "</think>", "[THINK]",
-                                                        "[/THINK]")]
+                                                        "[/THINK]", "<seed:think>",
+                                                        "</seed:think>")]
 
     @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
     @given(text=_reply(fmt), opened=st.booleans(), cut=st.booleans(),

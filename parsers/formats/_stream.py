@@ -189,6 +189,10 @@ class StreamParser(MarkerParser):
     _STRAYS: ClassVar[frozenset[str]] = frozenset()
     #: whether the format has reasoning markers at all (its ``_IN_TEXT`` lists the start)
     knows_reasoning: ClassVar[bool] = False
+    #: whether a call may open the answer without a marker (Llama 3 JSON's ``{``): then
+    #: :meth:`_plain` returns the end marker where reasoning ended, so the format can look
+    #: at the answer's start
+    _ANSWER_STARTS: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -320,12 +324,21 @@ class StreamParser(MarkerParser):
         Returns the position after the marker and the marker, or ``(end, None)`` when more text
         is needed. The reasoning delimiters are acted on here and never returned (a format's
         text state only ever sees its own markers); the format acts on the others (a stray
-        closer it lists is simply dropped).
+        closer it lists is simply dropped). A format whose calls may only open its answer
+        (:attr:`_ANSWER_STARTS`) is told where reasoning ended: the end marker is returned
+        then (also where a server's reasoning field ended).
         """
         # the feed's own list: when a drafted call has just ended, ``out`` is still its list
         out = self._out
         think_start, think_end = self._THINK_START, self._THINK_END
         while True:
+            if self._ANSWER_STARTS and self._thinking:
+                pos, tok = self._plain_once(data, pos, final, out)
+                if tok is None or not self._thinking:
+                    return pos, (think_end if tok is not None else None)
+                if tok != think_start and tok != think_end:
+                    return pos, tok
+                continue
             if self._lead or self._boundary or self._drafts is not None:
                 pos, tok = self._plain_reasoning(data, pos, final)
                 if tok is None:
@@ -341,6 +354,21 @@ class StreamParser(MarkerParser):
                 pos = m.end()
             if tok and tok != think_start and tok != think_end:
                 return pos, tok
+
+    def _plain_once(self, data: str, pos: int, final: bool,
+                    out: list[Event]) -> tuple[int, str | None]:
+        """One step of :meth:`_plain`: up to the next marker (``""``: a decision about the
+        reasoning, read on), acted on."""
+        if self._lead or self._boundary or self._drafts is not None:
+            return self._plain_reasoning(data, pos, final)
+        thinking = self._thinking
+        end, m = (self._IN_THINK if thinking else self._IN_TEXT).scan(data, pos, final)
+        emit_plain(out, data[pos:end], thinking)
+        if m is None:
+            return end, None
+        tok = m.group()
+        self._marker(tok, thinking)
+        return m.end(), tok
 
     def _marker(self, tok: str, thinking: bool) -> None:
         """Act on a marker met in text or reasoning (no drafts pending)."""

@@ -98,9 +98,9 @@ class XlamParser(StreamParser):
         if st == _FENCE_LANG:  # "```", then a language tag, then a new line
             nl = data.find("\n", pos)
             if nl < 0:
-                if not final and n - pos + len(self._held[0]) < _MAX_FENCE_LINE:
+                if not final and n - pos <= _MAX_FENCE_LINE:
                     return pos, True
-                return self._release(data, pos, n, out)
+                return self._release(data, pos, pos, out)
             lang = data[pos:nl]
             if len(lang) > _MAX_FENCE_LINE or lang.strip().lower() not in FENCE_LANGS:
                 return self._release(data, pos, pos, out)
