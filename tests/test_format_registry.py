@@ -326,12 +326,14 @@ def test_doctor_reads_the_vllm_parsers_from_the_declarations() -> None:
     assert TOOL_FORMAT_FOR_VLLM_PARSER["llama4_json"] == "llama3_json"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["qwen3_xml"] == "qwen3_coder"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["step3p5"] == "qwen3_coder"
+    assert TOOL_FORMAT_FOR_VLLM_PARSER["glm47"] == "glm45"
+    assert TOOL_FORMAT_FOR_VLLM_PARSER["qwen3_json"] == "hermes"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["openai"] == "gpt_oss"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["deepseek_v4"] == "deepseek_v32"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["deepseek_v41"] == "deepseek_v32"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["hy_v3"] == "hunyuan"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["hy_v4"] == "hunyuan"
-    assert len(TOOL_FORMAT_FOR_VLLM_PARSER) == 34
+    assert len(TOOL_FORMAT_FOR_VLLM_PARSER) == 36
 
 
 # --- bad declarations ----------------------------------------------------------------------------

@@ -197,5 +197,6 @@ FORMAT = ToolFormat(
     examples=("zai-org/GLM-4.5", "zai-org/GLM-4.7"),
     markers=(CALL_START,),  # shared: GLM's is the one followed by a name
     vllm_parser="glm45",
+    vllm_aliases=("glm47",),
     sample="<tool_call>write\n<arg_key>text</arg_key>\n<arg_value>$TEXT</arg_value>\n</tool_call>",
 )

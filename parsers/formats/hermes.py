@@ -1,7 +1,8 @@
 """Hermes / Qwen2.5 / Qwen3: ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``.
 
 Qwen3 also thinks in ``<think>...</think>``; that text is reasoning, and a call written inside
-it is still a call (models do this, and dropping it would lose the call). ``"parameters"`` is
+it is a draft, which fires only as the model's final act (the reasoning rule in ``_stream.py``,
+the README's decision table). ``"parameters"`` is
 accepted for ``"arguments"`` (some fine-tunes use it). Between the JSON's closing brace and
 ``</tool_call>`` only whitespace is expected; a call whose closing tag never comes still ends
 when its JSON does.
@@ -92,5 +93,6 @@ FORMAT = ToolFormat(
     markers=(TOOL_CALL_START,),
     marker_follows=("{", "[", ""),
     vllm_parser="hermes",
+    vllm_aliases=("qwen3_json",),
     sample='<tool_call>\n{"name": "write", "arguments": $ARGS}\n</tool_call>',
 )
