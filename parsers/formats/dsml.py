@@ -40,7 +40,6 @@ from ._declaration import ToolFormat
 from ._stream import (
     THINK_END,
     THINK_START,
-    WS_LIMIT,
     Collector,
     JsonArgs,
     Markers,
@@ -195,8 +194,8 @@ class DsmlParser(StreamParser):
             return m.end(), False
         if st == _BODY:  # after the invoke's name: a JSON object, or parameter tags
             j = skip_ws(data, pos)
-            if j >= len(data) and not final and j - pos < WS_LIMIT:
-                return pos, True
+            if j >= len(data) and not final:
+                return j, True  # whitespace is layout either way: dropped as it comes
             assert self._call is not None
             if data.startswith(JSON_BODY, j):
                 self._json = JsonArgs(self._call.index, self._JSON_ENDS)

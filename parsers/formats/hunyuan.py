@@ -136,7 +136,7 @@ class HunyuanParser(StreamParser):
         if st == _LEAD:  # a JSON list (A13B), or the calls' tags
             j = skip_ws(data, pos)
             if j >= n and not final:
-                return pos, True
+                return j, True  # whitespace is layout either way: dropped as it comes
             if j < n and data[j] in "[{":
                 self._list = CallListReader(self.next_index)
                 self._state = _LIST

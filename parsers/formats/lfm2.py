@@ -20,7 +20,7 @@ from ..events import Event
 from ._declaration import ToolFormat
 from ._stream import THINK_END, THINK_START, WS_LIMIT, CallListReader, Markers, skip_ws
 from .olmo3 import value_to_json
-from .pythonic import _HEADER, _TEXT, PythonicParser
+from .pythonic import _HEADER, _MAX_HEADER, _TEXT, PythonicParser
 
 TOOL_CALL_START = "<|tool_call_start|>"
 TOOL_CALL_END = "<|tool_call_end|>"
@@ -51,7 +51,7 @@ class Lfm2Parser(PythonicParser):
             n = len(data)
             j = skip_ws(data, pos)
             k = skip_ws(data, j + 1) if j < n and data[j] == LIST_OPEN else j
-            if k >= n and not final:
+            if k >= n and not final and n - pos < _MAX_HEADER:
                 return pos, True
             if k < n and data[k] == OBJECT_OPEN:
                 self._wrapped = False

@@ -161,11 +161,10 @@ class XlamParser(StreamParser):
             self._prose = True
             self._flush_lead(out, k)
             return
-        for i in range(len(out) - 1, k - 1, -1):
-            ev = out[i]
-            if type(ev) is Text:
-                self._lead_ws.insert(0, ev.text)
-                del out[i]
+        held = [ev.text for ev in out[k:] if type(ev) is Text]
+        if held:
+            self._lead_ws.append("".join(held))
+            out[k:] = [ev for ev in out[k:] if type(ev) is not Text]
 
     def _flush_lead(self, out: list[Event], at: int | None = None) -> None:
         if self._lead_ws:
