@@ -303,6 +303,15 @@ class ChatMender:
             self.opens_reasoning, self.open_signal = self._signals.decide(
                 upstream_model, self._model_hint)
 
+    def retry_options(self) -> dict[str, Any]:
+        """How to read a retried reply to the same request (:func:`mend_message`'s arguments):
+        the format the request was given, the model name it asked for, and the reasoning
+        signals, since the retry's prompt ends the way the first one did (a template that
+        opened reasoning opens it again). Where this reply was found to start inside reasoning
+        (a non-streamed one that closed reasoning it never opened), the retry does too."""
+        return {"fmt": self._fmt, "model": self._model_hint,
+                "reasoning_signals": self._signals, "reasoning_open": self._reasoning_open}
+
     def start_inside_reasoning(self) -> None:
         """Take the reply to start inside reasoning (before any content is fed): for a whole
         reply that closes reasoning it never opened (see :func:`mend_message`)."""
@@ -852,14 +861,16 @@ def mend_message(message: dict[str, Any], finish_reason: str | None, fmt: str | 
                  tools: list[dict[str, Any]] | None, checker: CallChecker | None = None,
                  model: str | None = None, reply_checker: ReplyChecker | None = None, *,
                  max_argument_chars: int = MAX_ARGUMENT_CHARS,
-                 max_argument_depth: int = MAX_ARGUMENT_DEPTH,
+                 max_argument_depth: int = MAX_ARGUMENT_DEPTH, model_hint: str | None = None,
                  **reasoning: Any) -> tuple[dict[str, Any], str | None, ChatMender]:
     """Non-streaming: the same repair applied to a whole ``choices[0].message``.
 
     Runs the message through the streaming mender as one chunk, so both paths share every
-    rule, then folds the emitted chunks back into one message.
+    rule, then folds the emitted chunks back into one message. ``model`` is the model name the
+    upstream reported, ``model_hint`` the one the request asked for (``model`` when not given).
     """
-    m = ChatMender(fmt, tools, checker=checker, reply_checker=reply_checker, model_hint=model,
+    m = ChatMender(fmt, tools, checker=checker, reply_checker=reply_checker,
+                   model_hint=model_hint or model,
                    max_argument_chars=max_argument_chars,
                    max_argument_depth=max_argument_depth, **reasoning)
     chunks, _ = feed_whole(m, message, finish_reason, model)

@@ -33,6 +33,8 @@ ALWAYS_OPEN: tuple[str, ...] = (
     r"deepseek-?r1",  # DeepSeek-R1, R1-0528 and the R1 distills
     r"qwq",  # QwQ-32B
     r"minimax-?m2",  # MiniMax-M2
+    r"ernie-?4[._]5.*thinking",  # ERNIE-4.5-*-Thinking
+    r"step-?3(?:(?:\.|p)[5-9])?(?!\d)",  # Step-3, Step-3.5 and later: <think> always prefilled
 )
 #: models whose templates open reasoning unless the request turns thinking off
 OPEN_BY_DEFAULT: tuple[str, ...] = (

@@ -185,3 +185,35 @@ async def test_tool_choice_none_with_a_call_is_refused_under_error(stack: Stack)
                                     headers={"X-Toolmend-On-Invalid": "error"})
     assert events[-1]["error"]["code"] == "invalid_tool_call"
     assert "none" in events[-1]["error"]["message"]
+
+
+async def test_a_retried_reply_is_read_with_the_requests_reasoning_signals(
+        make_stack: StackFactory) -> None:
+    """The request turned thinking on for a template that opens reasoning: the retried reply
+    starts inside reasoning too, so reasoning that never closed stays reasoning and is not
+    sent to the client as the plain answer the retry asked for."""
+    stack = await make_stack("llamacpp")
+    stack.sim.push({"content": "The user wants Oslo.</think><tool_call>{\"name\": "
+                               "\"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}</tool_call>"},
+                   {"content": "No tools this time, so I will just say it is sunny"})
+    _, raw, events = await raw_stream(stack, tool_choice="none",
+                                      chat_template_kwargs={"enable_thinking": True})
+    assert not calls_of(events)
+    assert content_of(events) == ""
+    assert b"sunny" not in raw
+    assert stack.sim.stats.requests == 2
+    assert "tools" not in stack.sim.stats.bodies[-1]  # the retry asked for a plain answer
+
+
+async def test_a_retried_reply_is_read_in_the_configured_tool_format(
+        make_stack: StackFactory) -> None:
+    """``--tool-format`` applies to the retry's reply as to the first: Phi-4-mini's
+    ``functools[...]`` has no marker that detection by markers would know."""
+    stack = await make_stack("llamacpp", tool_format="phi4_mini")
+    stack.sim.push({"content": 'functools[{"name": "get_weather", "arguments": {"city": 7}}]'},
+                   {"content": 'functools[{"name": "get_weather", "arguments": '
+                               '{"city": "Oslo"}}]'})
+    _, raw, events = await raw_stream(stack)
+    assert [orjson.loads(c["arguments"]) for c in calls_of(events)] == [{"city": "Oslo"}]
+    assert b"valid on attempt 1" in raw
+    assert stack.sim.stats.requests == 2

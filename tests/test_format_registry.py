@@ -46,6 +46,10 @@ MODEL_NAMES: dict[str, str | None] = {
     "deepseek-ai/DeepSeek-V3.1": "deepseek_v31",
     "deepseek-ai/DeepSeek-V3.2-Exp": "deepseek_v31",
     "deepseek-v3-1": "deepseek_v31",
+    "deepseek-ai/DeepSeek-V3.2": "deepseek_v32",
+    "deepseek-ai/DeepSeek-V3.2-Speciale": "deepseek_v32",
+    "deepseek-v3.2": "deepseek_v32",
+    "deepseek-ai/DeepSeek-V4": "deepseek_v32",
     "deepseek-ai/DeepSeek-V3-0324": "deepseek_v3",
     "deepseek-ai/DeepSeek-R1": "deepseek_v3",
     "deepseek-ai/DeepSeek-R1-Distill-Llama-8B": "deepseek_v3",
@@ -77,6 +81,37 @@ MODEL_NAMES: dict[str, str | None] = {
     "microsoft/Phi-4-mini-instruct": "phi4_mini",
     "phi4-mini": "phi4_mini",
     "MiniMaxAI/MiniMax-M2": "minimax_m2",
+    "ByteDance-Seed/Seed-OSS-36B-Instruct": "seed_oss",
+    "seed-oss:36b": "seed_oss",
+    "meituan-longcat/LongCat-Flash-Chat": "longcat",
+    "meituan-longcat/LongCat-Flash-Thinking": "longcat",
+    "baidu/ERNIE-4.5-21B-A3B-PT": "ernie45",
+    "baidu/ERNIE-4.5-300B-A47B-Base-PT": "ernie45",
+    "ernie-4.5-21b-a3b-thinking": "ernie45",
+    "allenai/Olmo-3-7B-Instruct": "olmo3",
+    "allenai/Olmo-3-32B-Think": "olmo3",
+    "allenai/Olmo-3.1-32B-Think": "olmo3",
+    "allenai/OLMo-2-1124-7B-Instruct": None,
+    "Salesforce/Llama-xLAM-2-8b-fc-r": "xlam",
+    "Salesforce/xLAM-2-32b-fc-r": "xlam",
+    "Salesforce/xLAM-7b-fc-r": "xlam",
+    "ai-sage/GigaChat3-10B-A1.8B": "gigachat3",
+    "ai-sage/GigaChat3-702B-A36B-preview": "gigachat3",
+    "ai-sage/GigaChat3.5-10B-A1.8B": "gigachat35",
+    "gigachat-3.5": "gigachat35",
+    "tencent/Hunyuan-A13B-Instruct": "hunyuan",
+    "tencent/Hunyuan-7B-Instruct": "hunyuan",
+    "ai21labs/AI21-Jamba-Mini-1.7": "jamba",
+    "ai21labs/AI21-Jamba-1.5-Large": "jamba",
+    "stepfun-ai/step3": "step3",
+    "stepfun-ai/Step-3.5-Flash": "qwen3_coder",
+    "step3p5": "qwen3_coder",
+    "internlm/internlm2_5-7b-chat": "internlm",
+    "internlm/Intern-S1": "internlm",
+    "internlm/internlm3-8b-instruct": "internlm",
+    "LiquidAI/LFM2-1.2B-Tool": "lfm2",
+    "LiquidAI/LFM2.5-1.2B-Instruct": "lfm2",
+    "lfm2:1.2b": "lfm2",
     "THUDM/glm-4-9b": None,
     "microsoft/phi-4": None,
     "google/gemma-3-4b-it": None,
@@ -104,12 +139,36 @@ MARKER_TEXTS: dict[str, str | None] = {
     "<｜tool▁call▁end｜>": "deepseek_v31",
     "<｜tool▁call▁begin｜>f<｜tool▁sep｜>{}<｜tool▁call▁end｜>": "deepseek_v31",
     '<|tool_call|>[{"name": "f", "arguments": {}}]': "granite",
+    '<｜DSML｜function_calls>\n<｜DSML｜invoke name="f">\n</｜DSML｜invoke>\n'
+    "</｜DSML｜function_calls>": "deepseek_v32",
+    '<｜DSML｜tool_calls><｜DSML｜invoke name="f"/></｜DSML｜tool_calls>': "deepseek_v32",
+    '<think>plan <｜DSML｜invoke name="f">': "deepseek_v32",
     "<|tool_calls_section_begin|><|tool_call_begin|>functions.f:0<|tool_call_argument_begin|>"
     "{}<|tool_call_end|><|tool_calls_section_end|>": "kimi_k2",
     "<|channel|>commentary to=functions.f <|constrain|>json<|message|>{}<|call|>": "gpt_oss",
     "<think>plan <|channel|>commentary": None,
     "<start_function_call>call:f{}<end_function_call>": "functiongemma",
     '<minimax:tool_call>\n<invoke name="f">\n</invoke>\n</minimax:tool_call>': "minimax_m2",
+    "<seed:tool_call>\n<function=f>\n</function>\n</seed:tool_call>": "seed_oss",
+    "<seed:think>plan</seed:think>done": "seed_oss",
+    '<longcat_tool_call>{"name": "f", "arguments": {}}</longcat_tool_call>': "longcat",
+    "<longcat_think>plan</longcat_think>done": "longcat",
+    "<function_calls>f()</function_calls>": "olmo3",
+    "<think>plan <function_calls>f(a=1)": "olmo3",
+    '<|function_call|>{"name": "f", "arguments": {}}': "gigachat3",
+    '<｜GCML｜tool_calls><｜GCML｜invoke name="f"></｜GCML｜invoke>'
+    "</｜GCML｜tool_calls>": "gigachat35",
+    'function call<|role_sep|>{"name": "f", "arguments": {}}': None,
+    '<tool_calls>[{"name": "f", "arguments": {}}]</tool_calls>': "hunyuan",
+    "<tool_calls are> not a block": None,
+    "<tool_calls:opensource>": None,
+    "<｜tool_calls_begin｜><｜tool_call_begin｜>function<｜tool_sep｜>"
+    '<steptml:invoke name="f"></steptml:invoke><｜tool_call_end｜><｜tool_calls_end｜>': "step3",
+    '<|action_start|><|plugin|>\n{"name": "f", "parameters": {}}<|action_end|>': "internlm",
+    "<|action_start|> <|plugin|>{}": "internlm",
+    "<|action_start|><|interpreter|>print(1)": None,
+    "<|tool_call_start|>[f()]<|tool_call_end|>": "lfm2",
+    "<think>plan <|tool_call_start|>[f(a=1)]": "lfm2",
     'Sure: {"name": "f"} and [f()] and functools[{}]': None,
 }
 
@@ -235,6 +294,7 @@ def test_the_mender_watches_each_formats_triggers() -> None:
     assert TRIGGERS["hermes"] == (b"<",)
     assert TRIGGERS["mistral"] == (b"[",)
     assert TRIGGERS["phi4_mini"] == (b"f",)
+    assert TRIGGERS["gigachat3"] == (b"<", b"f")
     assert TRIGGERS["llama3_json"] == (b"<", b"{")
     assert TRIGGERS["generic_json"] == (b"{", b"[", b"`")
     assert TRIGGERS["auto"] == (b"<", b"[")
@@ -249,12 +309,31 @@ def test_doctor_reads_the_vllm_parsers_from_the_declarations() -> None:
         "pythonic": "pythonic", "mistral": "mistral", "deepseek_v3": "deepseek_v3",
         "deepseek_v31": "deepseek_v31", "granite": "granite", "glm45": "glm45",
         "kimi_k2": "kimi_k2", "gpt_oss": "openai", "phi4_mini": "phi4_mini_json",
-        "minimax_m2": "minimax_m2", "functiongemma": "functiongemma"}
+        "minimax_m2": "minimax_m2", "functiongemma": "functiongemma",
+        "deepseek_v32": "deepseek_v32",
+        "seed_oss": "seed_oss",
+        "longcat": "longcat",
+        "ernie45": "ernie45",
+        "olmo3": "olmo3",
+        "xlam": "xlam",
+        "gigachat3": "gigachat3",
+        "hunyuan": "hunyuan_a13b",
+        "jamba": "jamba",
+        "step3": "step3",
+        "internlm": "internlm",
+        "lfm2": "lfm2"}
     assert TOOL_FORMAT_FOR_VLLM_PARSER["llama4_pythonic"] == "pythonic"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["llama4_json"] == "llama3_json"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["qwen3_xml"] == "qwen3_coder"
+    assert TOOL_FORMAT_FOR_VLLM_PARSER["step3p5"] == "qwen3_coder"
+    assert TOOL_FORMAT_FOR_VLLM_PARSER["glm47"] == "glm45"
+    assert TOOL_FORMAT_FOR_VLLM_PARSER["qwen3_json"] == "hermes"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["openai"] == "gpt_oss"
-    assert len(TOOL_FORMAT_FOR_VLLM_PARSER) == 17
+    assert TOOL_FORMAT_FOR_VLLM_PARSER["deepseek_v4"] == "deepseek_v32"
+    assert TOOL_FORMAT_FOR_VLLM_PARSER["deepseek_v41"] == "deepseek_v32"
+    assert TOOL_FORMAT_FOR_VLLM_PARSER["hy_v3"] == "hunyuan"
+    assert TOOL_FORMAT_FOR_VLLM_PARSER["hy_v4"] == "hunyuan"
+    assert len(TOOL_FORMAT_FOR_VLLM_PARSER) == 36
 
 
 # --- bad declarations ----------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""Granite, GLM-4.5, Kimi K2, gpt-oss, FunctionGemma, Phi-4-mini, MiniMax-M2 and the generic
-JSON fallback: every fixture's expected result, split invariance, and arbitrary input."""
+"""Granite, GLM-4.5, Kimi K2, gpt-oss, FunctionGemma, Phi-4-mini, MiniMax-M2, the generic JSON
+fallback and the families added after them (DeepSeek's DSML, ...): every fixture's expected
+result, split invariance, and arbitrary input."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from toolmend.parsers.formats import make_parser
 from .format_harness import check_expected, check_split_invariance, load_cases, options, run
 
 FORMATS = ["granite", "glm45", "kimi_k2", "gpt_oss", "functiongemma", "phi4_mini", "minimax_m2",
-           "generic_json"]
+           "generic_json", "deepseek_v32", "seed_oss", "longcat", "ernie45", "olmo3", "xlam",
+           "gigachat3", "gigachat35", "hunyuan", "jamba", "step3", "internlm", "lfm2"]
 
 # marker fragments per format, for the arbitrary-input property test
 MARKERS: dict[str, list[str]] = {
@@ -39,6 +41,51 @@ MARKERS: dict[str, list[str]] = {
                    "\n"],
     "generic_json": ["```", "```json\n", "{", "}", "[", "]", '"name": "echo"', '"arguments": ',
                      '"', ",", " "],
+    "deepseek_v32": ["<｜DSML｜function_calls>", "</｜DSML｜function_calls>",
+                     "<｜DSML｜tool_calls>", '<｜DSML｜invoke name="echo">',
+                     '<｜DSML｜ invoke name="echo"', "</｜DSML｜invoke>",
+                     '<｜DSML｜parameter name="text" string="true">',
+                     '<｜DSML｜parameter name="n" string="false">', "</｜DSML｜parameter>", "/>",
+                     "<think>", "</think>", "{", "}", '"', "<｜end▁of▁sentence｜>", "\n"],
+    "seed_oss": ["<seed:think>", "</seed:think>", "<seed:tool_call>", "</seed:tool_call>",
+                 "<function=echo>", "</function>", "<parameter=text>", "<parameter=n>",
+                 "</parameter>", "<seed:eos>", "<tool_call>", "\n",
+                 '{"name": "echo", "arguments": {}}'],
+    "longcat": ["<longcat_think>", "</longcat_think>", "<longcat_tool_call>",
+                "</longcat_tool_call>", '{"name": "echo", ', '"arguments": {"text": "', '"}}',
+                "<tool_call>", "\n", " "],
+    "ernie45": ["<think>", "</think>", "<response>", "</response>", "<tool_call>", "</tool_call>",
+                '{"name": "echo", ', '"arguments": {"text": "', '"}}', "\n", " "],
+    "olmo3": ["<function_calls>", "</function_calls>", "echo(", "text=", "n=", '"x"', "'y'",
+              "null", "true", ")", ",", "\n", "(", "[", "]", "<think>", "</think>", '"""'],
+    "xlam": ["[", "]", "{", "}", ",", '"', '{"name": "echo", ', '"arguments": ', '"text": ',
+             "<tool_call>", "</tool_call>", "[TOOL_CALLS]", "```", "```json\n", "<think>",
+             "</think>", " ", "\n", "Sure"],
+    "gigachat3": ["function call<|role_sep|>", "function call", "<|role_sep|>",
+                  "<|function_call|>", "<|message_sep|>", "</s>", '{"name": "echo", ',
+                  '"arguments": {"text": "', '"}}', "\n", " "],
+    "gigachat35": ["<｜GCML｜tool_calls>", "</｜GCML｜tool_calls>", '<｜GCML｜invoke name="echo">',
+                   "</｜GCML｜invoke>", '<｜GCML｜parameter name="text" string="true">',
+                   '<｜GCML｜parameter name="n" string="false">', "</｜GCML｜parameter>",
+                   "<|message_sep|>", "{", "}", "\n"],
+    "hunyuan": ["<tool_calls>", "</tool_calls>", "<tool_calls:x>", "</tool_calls:x>",
+                "<tool_call>", "</tool_call>", "<tool_sep>", "<arg_key>", "</arg_key>",
+                "<arg_value>", "</arg_value>", "echo", "text", "[", "]",
+                '{"name": "echo", "arguments": {}}', "<think>", "</think>", "<answer>", ":",
+                "\n"],
+    "jamba": ["<tool_calls>", "</tool_calls>", "[", "]", '{"name": "echo", ',
+              '"arguments": {"text": "', '"}}', ",", "\n", " "],
+    "step3": ["<｜tool_calls_begin｜>", "<｜tool_calls_end｜>", "<｜tool_call_begin｜>",
+              "<｜tool_call_end｜>", "<｜tool_sep｜>", "function", '<steptml:invoke name="echo">',
+              "</steptml:invoke>", '<steptml:parameter name="text">',
+              '<steptml:parameter name="n">', "</steptml:parameter>", "<think>", "</think>",
+              "\n"],
+    "internlm": ["<|action_start|>", "<|plugin|>", "<|action_start|><|plugin|>", "<|action_end|>",
+                 "<|interpreter|>", '{"name": "echo", ', '"parameters": {"text": "', '"}}',
+                 "<think>", "</think>", "\n", " "],
+    "lfm2": ["<|tool_call_start|>", "<|tool_call_end|>", "[", "]", "echo(", "text=", '"x"',
+             "null", ")", ",", '{"name": "echo", "arguments": {}}', "<think>", "</think>", "\n",
+             " "],
 }
 TOOLS: list[dict[str, Any]] = [
     {"type": "function", "function": {"name": "echo", "parameters": {

@@ -247,9 +247,11 @@ def test_signals_in_order_of_precedence() -> None:
     assert ReasoningSignals(request=False, open_models=("my-*",)).decide("My-Model") == (
         True, "reasoning_open_models")
     for name in ("deepseek-ai/DeepSeek-R1-0528", "DeepSeek-R1-Distill-Qwen-7B", "Qwen/QwQ-32B",
-                 "MiniMaxAI/MiniMax-M2"):
+                 "MiniMaxAI/MiniMax-M2", "baidu/ERNIE-4.5-21B-A3B-Thinking", "stepfun-ai/step3",
+                 "stepfun-ai/Step-3.5-Flash"):
         assert ReasoningSignals(request=False).decide(name)[0], name
     assert ReasoningSignals().decide(None, "deepseek-r1") == (True, "model name")
+    assert ReasoningSignals().decide("baidu/ERNIE-4.5-21B-A3B-PT") == (False, "")
 
 
 def test_template_switch_and_field_choice() -> None:
@@ -444,6 +446,21 @@ REASONING_VOCAB: dict[str, list[str]] = {
                     " ", "\n", "no", "é"],
     "auto": ["<think>", "</think>", X, Y, "[TOOL_CALLS]", "[THINK]", "[/THINK]", " ", "\n",
              "no", "é", "🌧️", "</thi"],
+    "glm45": ["<think>", "</think>", "<tool_call>", "get_weather\n<arg_key>city</arg_key>",
+              "<arg_value>Bergen</arg_value>", "</tool_call>", " ", "\n", "no", "é"],
+    "minimax_m2": ["<think>", "</think>", "<minimax:tool_call>", '<invoke name="get_weather">',
+                   '<parameter name="city">Bergen</parameter>', "</invoke>",
+                   "</minimax:tool_call>", " ", "\n", "no", "é"],
+    "llama3_json": ["<think>", "</think>", '{"name": "get_weather", ',
+                    '"parameters": {"city": "Bergen"}}', "<|python_tag|>", ";", " ", "\n", "no",
+                    "é", "</thi"],
+    "seed_oss": ["<seed:think>", "</seed:think>", "<seed:tool_call>",
+                 "\n<function=get_weather>\n", "<parameter=city>\nBergen\n</parameter>\n",
+                 "</function>", "</seed:tool_call>", " ", "\n", "no", "é", "</seed:thi"],
+    "deepseek_v32": ["<think>", "</think>", "<｜DSML｜function_calls>",
+                     '<｜DSML｜invoke name="get_weather">',
+                     '<｜DSML｜parameter name="city" string="true">Bergen</｜DSML｜parameter>',
+                     "</｜DSML｜invoke>", "</｜DSML｜function_calls>", " ", "\n", "no", "é"],
 }
 
 
@@ -458,7 +475,8 @@ def test_reasoning_boundaries_split_invariance(fmt: str) -> None:
     """Any reply, opened or not, stopped or cut off: 1-character pieces, random pieces, and a
     cut at every position inside each reasoning marker give what the unsplit reply gives."""
     markers = [m for m in REASONING_VOCAB[fmt] if m in ("<think>", "</think>", "[THINK]",
-                                                        "[/THINK]")]
+                                                        "[/THINK]", "<seed:think>",
+                                                        "</seed:think>")]
 
     @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
     @given(text=_reply(fmt), opened=st.booleans(), cut=st.booleans(),

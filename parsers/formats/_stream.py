@@ -189,6 +189,10 @@ class StreamParser(MarkerParser):
     _STRAYS: ClassVar[frozenset[str]] = frozenset()
     #: whether the format has reasoning markers at all (its ``_IN_TEXT`` lists the start)
     knows_reasoning: ClassVar[bool] = False
+    #: whether a call may open the answer without a marker (Llama 3 JSON's ``{``): then
+    #: :meth:`_plain` returns the end marker where reasoning ended, so the format can look
+    #: at the answer's start
+    _ANSWER_STARTS: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -320,12 +324,21 @@ class StreamParser(MarkerParser):
         Returns the position after the marker and the marker, or ``(end, None)`` when more text
         is needed. The reasoning delimiters are acted on here and never returned (a format's
         text state only ever sees its own markers); the format acts on the others (a stray
-        closer it lists is simply dropped).
+        closer it lists is simply dropped). A format whose calls may only open its answer
+        (:attr:`_ANSWER_STARTS`) is told where reasoning ended: the end marker is returned
+        then (also where a server's reasoning field ended).
         """
         # the feed's own list: when a drafted call has just ended, ``out`` is still its list
         out = self._out
         think_start, think_end = self._THINK_START, self._THINK_END
         while True:
+            if self._ANSWER_STARTS and self._thinking:
+                pos, tok = self._plain_once(data, pos, final, out)
+                if tok is None or not self._thinking:
+                    return pos, (think_end if tok is not None else None)
+                if tok != think_start and tok != think_end:
+                    return pos, tok
+                continue
             if self._lead or self._boundary or self._drafts is not None:
                 pos, tok = self._plain_reasoning(data, pos, final)
                 if tok is None:
@@ -341,6 +354,21 @@ class StreamParser(MarkerParser):
                 pos = m.end()
             if tok and tok != think_start and tok != think_end:
                 return pos, tok
+
+    def _plain_once(self, data: str, pos: int, final: bool,
+                    out: list[Event]) -> tuple[int, str | None]:
+        """One step of :meth:`_plain`: up to the next marker (``""``: a decision about the
+        reasoning, read on), acted on."""
+        if self._lead or self._boundary or self._drafts is not None:
+            return self._plain_reasoning(data, pos, final)
+        thinking = self._thinking
+        end, m = (self._IN_THINK if thinking else self._IN_TEXT).scan(data, pos, final)
+        emit_plain(out, data[pos:end], thinking)
+        if m is None:
+            return end, None
+        tok = m.group()
+        self._marker(tok, thinking)
+        return m.end(), tok
 
     def _marker(self, tok: str, thinking: bool) -> None:
         """Act on a marker met in text or reasoning (no drafts pending)."""
@@ -1288,18 +1316,22 @@ class XmlArgs:
         self.count = 0
         out.append(ToolCallStart(self.index, name))
 
-    def member(self, key: str, raw: str, out: list[Event]) -> None:
+    def member(self, key: str, raw: str, out: list[Event],
+               typing: ValueTyping | None = None) -> None:
+        """One complete ``key``/value pair; ``typing`` overrides the call's rule for this value
+        (DSML says per parameter whether its value is a string)."""
         key = key.strip()
         lead = "{" if self.count == 0 else ", "
         self.count += 1
-        value = self.typing.complete(trim_value(raw), self.props.get(key))
+        value = (typing or self.typing).complete(trim_value(raw), self.props.get(key))
         out.append(ToolCallArgs(self.index, f"{lead}{_dumps(key)}: {value}"))
 
     def end(self, out: list[Event]) -> None:
         out.append(ToolCallArgs(self.index, "}" if self.count else "{}"))
         out.append(ToolCallEnd(self.index))
 
-    def truncate(self, key: str | None, partial: str | None, out: list[Event]) -> None:
+    def truncate(self, key: str | None, partial: str | None, out: list[Event],
+                 typing: ValueTyping | None = None) -> None:
         """The stream ended inside the call (inside the member ``key``, inside its value when
         ``partial`` is given): emit what there is as unterminated JSON, for the repair stage."""
         if key is None:
@@ -1309,7 +1341,7 @@ class XmlArgs:
             frag = ("{" if self.count == 0 else ", ") + _dumps(key) + ": "
             if partial is not None:
                 partial = partial[1:] if partial.startswith("\n") else partial
-                frag += self.typing.partial(partial, self.props.get(key))
+                frag += (typing or self.typing).partial(partial, self.props.get(key))
         if frag:
             out.append(ToolCallArgs(self.index, frag))
         out.append(ToolCallEnd(self.index, truncated=True))

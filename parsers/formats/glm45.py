@@ -14,7 +14,7 @@ JSON, then as a Python literal, else kept as a string), as vLLM's ``glm45`` pars
 * a literal ``null`` for a parameter that may be null is null, not the string ``"null"``.
 
 The arguments JSON is built here, one member per complete value. ``<think>...</think>`` is
-reasoning.
+reasoning; a call written inside it is a draft, decided by the reasoning rule.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from typing import Any
 from ..events import Event
 from ._declaration import ToolFormat
 from ._stream import (
+    THINK_END,
     THINK_START,
     Collector,
     Markers,
@@ -103,6 +104,9 @@ class Glm45Parser(StreamParser):
     name = "glm45"
 
     _IN_TEXT = Markers(THINK_START, CALL_START)
+    # a call written inside reasoning is a draft, decided by the reasoning rule (GLM-4.5+
+    # sometimes calls without closing its reasoning first: the model's final act)
+    _IN_THINK = Markers(THINK_END, CALL_START)
     _NAME_END = Markers(NAME_END, KEY_START, CALL_END)
     _ARGS_NEXT = Markers(KEY_START, VALUE_START, CALL_END)
     _KEY_END = Markers(KEY_END, VALUE_START, CALL_END)
@@ -193,5 +197,6 @@ FORMAT = ToolFormat(
     examples=("zai-org/GLM-4.5", "zai-org/GLM-4.7"),
     markers=(CALL_START,),  # shared: GLM's is the one followed by a name
     vllm_parser="glm45",
+    vllm_aliases=("glm47",),
     sample="<tool_call>write\n<arg_key>text</arg_key>\n<arg_value>$TEXT</arg_value>\n</tool_call>",
 )

@@ -1,7 +1,8 @@
 """Hermes / Qwen2.5 / Qwen3: ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``.
 
 Qwen3 also thinks in ``<think>...</think>``; that text is reasoning, and a call written inside
-it is still a call (models do this, and dropping it would lose the call). ``"parameters"`` is
+it is a draft, which fires only as the model's final act (the reasoning rule in ``_stream.py``,
+the README's decision table). ``"parameters"`` is
 accepted for ``"arguments"`` (some fine-tunes use it). Between the JSON's closing brace and
 ``</tool_call>`` only whitespace is expected; a call whose closing tag never comes still ends
 when its JSON does.
@@ -35,6 +36,9 @@ class HermesParser(StreamParser):
 
     name = "hermes"
 
+    #: the wrapper around a call (LongCat and ERNIE spell it their own way)
+    _CALL_OPEN = TOOL_CALL_START
+    _CALL_CLOSE = TOOL_CALL_END
     # a stray closing tag in text is a marker too: dropped, never shown to the client
     _IN_TEXT = Markers(TOOL_CALL_START, TOOL_CALL_END, THINK_START)
     _IN_THINK = Markers(TOOL_CALL_START, THINK_END)
@@ -49,7 +53,7 @@ class HermesParser(StreamParser):
         st = self._state
         if st == _TEXT:
             pos, tok = self._plain(data, pos, final, out)
-            if tok == TOOL_CALL_START:
+            if tok == self._CALL_OPEN:
                 self._reader = CallReader(self, self._CALL_STOPS)
                 self._state = _CALL
             return pos, tok is None
@@ -61,7 +65,7 @@ class HermesParser(StreamParser):
             status = self._call_ended(out, status)
             if status == STOP:
                 self._state = _TEXT
-                return i + len(TOOL_CALL_END), False
+                return i + len(self._CALL_CLOSE), False
             self._state = _TAIL
             return i, False
         # _TAIL: after the JSON, expect whitespace and the closing tag
@@ -75,8 +79,8 @@ class HermesParser(StreamParser):
         if hit is True:
             return pos, True
         self._state = _TEXT
-        if hit == TOOL_CALL_END:
-            return j + len(TOOL_CALL_END), False
+        if hit == self._CALL_CLOSE:
+            return j + len(self._CALL_CLOSE), False
         return pos, False  # no closing tag: what follows is text (or reasoning) again
 
 
@@ -89,5 +93,6 @@ FORMAT = ToolFormat(
     markers=(TOOL_CALL_START,),
     marker_follows=("{", "[", ""),
     vllm_parser="hermes",
+    vllm_aliases=("qwen3_json",),
     sample='<tool_call>\n{"name": "write", "arguments": $ARGS}\n</tool_call>',
 )

@@ -8,6 +8,10 @@ convention); a newline between objects is accepted too. The tag itself, a specia
 reaches the content.
 An object with no ``"name"`` was not a call after all and is released as content, so a model
 that answers with a plain JSON document is not turned into a nameless tool call.
+
+When the chat template opened reasoning, the reply starts inside it: the answer, and with it
+the place where a bare ``{`` is a call, starts after ``</think>``. Text inside the reasoning is
+reasoning (Llama 3 JSON cannot mark a call there).
 """
 
 from __future__ import annotations
@@ -38,6 +42,9 @@ class Llama3JsonParser(StreamParser):
 
     _TAG = Markers(PYTHON_TAG)
     _IN_TEXT = _TAG
+    # a reply the template opened inside reasoning: the answer, where a call may open with a
+    # bare "{", starts where the reasoning ends
+    _ANSWER_STARTS = True
 
     def __init__(self, tools: list[dict] | None = None) -> None:
         super().__init__(tools)
@@ -50,6 +57,13 @@ class Llama3JsonParser(StreamParser):
     def _step(self, data: str, pos: int, final: bool, out: list[Event]) -> tuple[int, bool]:
         st = self._state
         n = len(data)
+        if st == _START and self._thinking:  # reasoning first: the answer starts after it
+            pos, tok = self._plain(data, pos, final, out)
+            if tok is None:
+                return pos, True
+            if tok == PYTHON_TAG:
+                self._state = _NEXT
+            return pos, False
         if st == _TEXT:  # prose: calls may follow only after the tag
             pos, tok = self._plain(data, pos, final, out)
             if tok == PYTHON_TAG:

@@ -11,7 +11,8 @@
 Several ``<invoke>`` blocks in one section are parallel calls. Parameter values are raw text
 typed by the tool's schema exactly like GLM's (:data:`~.glm45.GLM_VALUES`: a literal ``null``
 for a parameter that may be null is null, an array or object written as JSON text is that array
-or object); ``<think>...</think>`` is reasoning. A value ends only at ``</parameter>``: one that
+or object); ``<think>...</think>`` is reasoning, and a section opened inside it is a draft,
+decided by the reasoning rule. A value ends only at ``</parameter>``: one that
 contains another closing tag (``</invoke>``, ``</minimax:tool_call>``) or the start of one is
 kept whole.
 """
@@ -22,7 +23,7 @@ from typing import Any
 
 from ..events import Event
 from ._declaration import ToolFormat
-from ._stream import THINK_START, Collector, Markers, StreamParser, XmlArgs
+from ._stream import THINK_END, THINK_START, Collector, Markers, StreamParser, XmlArgs
 from .glm45 import GLM_VALUES
 
 SECTION_START = "<minimax:tool_call>"
@@ -48,6 +49,8 @@ class MiniMaxM2Parser(StreamParser):
     name = "minimax_m2"
 
     _IN_TEXT = Markers(THINK_START, SECTION_START)
+    # a section opened inside reasoning is a draft, decided by the reasoning rule
+    _IN_THINK = Markers(THINK_END, SECTION_START)
     _IN_SECTION = Markers(INVOKE_START, SECTION_END)
     _NAME_END = Markers(TAG_CLOSE)
     _IN_CALL = Markers(PARAM_START, INVOKE_END, SECTION_END)

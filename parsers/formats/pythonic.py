@@ -28,6 +28,7 @@ import ast
 import json
 import re
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 from ..events import Event, Text, ToolCallArgs, ToolCallEnd, ToolCallStart
@@ -99,9 +100,11 @@ def is_call_syntax(args: str) -> bool:
     return True
 
 
-def kwargs_to_json(raw: str, pieces: list[str], truncated: bool) -> str | None:
+def kwargs_to_json(raw: str, pieces: list[str], truncated: bool,
+                   convert: Callable[[str], str | None] = literal_to_json) -> str | None:
     """The call's arguments (``raw``, cut at its top-level commas into ``pieces``) as JSON
-    text; None when they are not all keywords (the caller keeps the raw text).
+    text; None when they are not all keywords (the caller keeps the raw text). ``convert``
+    reads one value (None: keep its text as written).
 
     When ``truncated`` the last piece is incomplete: it is kept raw and the object left open,
     for the repair stage to close.
@@ -120,7 +123,7 @@ def kwargs_to_json(raw: str, pieces: list[str], truncated: bool) -> str | None:
         if truncated and k == last:
             items.append(f"{json.dumps(key)}: {value.lstrip()}")
             return "{" + ", ".join(items)
-        converted = literal_to_json(value)
+        converted = convert(value)
         items.append(f"{json.dumps(key)}: {converted if converted is not None else value.strip()}")
     return "{" + ", ".join(items) + ("" if truncated else "}")
 
@@ -131,6 +134,10 @@ class PythonicParser(StreamParser):
     name = "pythonic"
 
     _IN_TEXT = Markers(LIST_OPEN, PYTHON_START, PYTHON_END)
+    #: the wrapper a call list may come in (LFM2 spells it ``<|tool_call_start|>``)
+    _WRAP_OPEN = PYTHON_START
+    #: how one keyword value becomes JSON (Olmo 3 writes JSON's null/true/false too)
+    _value_to_json = staticmethod(literal_to_json)
 
     def __init__(self, tools: list[dict] | None = None) -> None:
         super().__init__(tools)
@@ -160,7 +167,7 @@ class PythonicParser(StreamParser):
                 self._prose = any(type(e) is Text and e.text.strip(" \t\r\n") for e in out[k:])
             if tok is None:
                 return pos, True
-            if tok == PYTHON_START:
+            if tok == self._WRAP_OPEN:
                 self._wrapped = True
                 self._state = _HEADER
                 return pos, False
@@ -247,7 +254,7 @@ class PythonicParser(StreamParser):
             pieces.append(text[prev:cut])
             prev = cut + 1
         pieces.append(text[prev:])
-        args = kwargs_to_json(text, pieces, truncated)
+        args = kwargs_to_json(text, pieces, truncated, self._value_to_json)
         return (text.strip(), False) if args is None else (args, True)
 
     def _list_closed(self, out: list[Event]) -> None:

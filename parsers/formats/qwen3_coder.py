@@ -59,6 +59,9 @@ class Qwen3CoderParser(StreamParser):
 
     name = "qwen3_coder"
 
+    #: the wrapper around a call (Seed-OSS spells it ``<seed:tool_call>``)
+    _CALL_OPEN = TOOL_CALL_START
+    _CALL_CLOSE = TOOL_CALL_END
     _IN_TEXT = Markers(TOOL_CALL_START, FUNCTION_START, TOOL_CALL_END, THINK_START)
     _IN_THINK = Markers(THINK_END, TOOL_CALL_START, FUNCTION_START)
     _WRAP_NEXT = Markers(FUNCTION_START, TOOL_CALL_END)
@@ -87,7 +90,7 @@ class Qwen3CoderParser(StreamParser):
         n = len(data)
         if st == _TEXT:
             pos, tok = self._plain(data, pos, final, out)
-            if tok == TOOL_CALL_START:
+            if tok == self._CALL_OPEN:
                 self._state = _WRAP
             elif tok == FUNCTION_START:
                 self._collect = Collector(self._TAG_END)
@@ -103,14 +106,14 @@ class Qwen3CoderParser(StreamParser):
             self._collect = None
             if st == _FNAME:
                 self._call = XmlArgs(self, text.strip(), FITTED, out)
-                if tok == TOOL_CALL_END:
+                if tok == self._CALL_CLOSE:
                     self._end_call(out)
                     self._state = _TEXT
                 else:
                     self._state = _FUNC
             elif st == _PNAME:
                 self._pname = text.strip()
-                if tok == TOOL_CALL_END:
+                if tok == self._CALL_CLOSE:
                     self._end_call(out)
                     self._state = _TEXT
                 else:
@@ -167,9 +170,9 @@ class Qwen3CoderParser(StreamParser):
             self._collect = Collector(self._TAG_END)
             self._state = _FNAME
             return j + len(FUNCTION_START), False
-        if hit == TOOL_CALL_END:
+        if hit == self._CALL_CLOSE:
             self._state = _TEXT
-            return j + len(TOOL_CALL_END), False
+            return j + len(self._CALL_CLOSE), False
         if st == _WRAP:  # not XML: a JSON call, or raw text, up to </tool_call>
             self._reader = CallReader(self, self._JSON_STOPS)
             self._state = _JSON
@@ -196,13 +199,14 @@ class Qwen3CoderParser(StreamParser):
 FORMAT = ToolFormat(
     name="qwen3_coder",
     parser=Qwen3CoderParser,
-    models=(r"qwen3-?coder",),
+    # Step-3.5 and later write Qwen3-Coder's calls too (vLLM's step3p5 parser)
+    models=(r"qwen3-?coder", r"step-?3(?:\.|p)[5-9]"),
     rank=10,  # before Qwen (hermes)
-    examples=("Qwen/Qwen3-Coder-30B-A3B-Instruct",),
+    examples=("Qwen/Qwen3-Coder-30B-A3B-Instruct", "stepfun-ai/Step-3.5-Flash"),
     markers=(TOOL_CALL_START,),
     marker_follows=(FUNCTION_START,),
     vllm_parser="qwen3_coder",
-    vllm_aliases=("qwen3_xml",),
+    vllm_aliases=("qwen3_xml", "step3p5"),
     sample=("<tool_call>\n<function=write>\n<parameter=text>\n$TEXT\n</parameter>\n"
             "</function>\n</tool_call>"),
 )

@@ -129,15 +129,17 @@ class RequestValidation:
         call is still invalid after the allowed attempts."""
         chunks: list[dict[str, Any]] = []
         notes: list[str] = []
+        reading = mender.retry_options()
         for held in list(mender.held):
-            c, n = await self._retry_one(mender, held, up, path, body)
+            c, n = await self._retry_one(mender, held, up, path, body, reading)
             chunks += c
             notes += n
         c, n = mender.close()
         return chunks + c, notes + n
 
     async def _retry_one(self, mender: Any, held: HeldCall, up: UpstreamClient, path: str,
-                         body: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
+                         body: dict[str, Any], reading: dict[str, Any]
+                         ) -> tuple[list[dict[str, Any]], list[str]]:
         decision = held.retry
         attempt = 0
         loop = asyncio.get_running_loop()
@@ -148,7 +150,7 @@ class RequestValidation:
             retry_body.pop("stream_options", None)
             self.ctx.retries += 1
             self.ctx.retry_times.append(loop.time())
-            name, arguments, content = await self._ask(up, path, retry_body, plan)
+            name, arguments, content = await self._ask(up, path, retry_body, plan, reading)
             attempt += 1
             if name is None:
                 if plan.read_as == READ_TEXT:  # the plan asked for a plain answer instead
@@ -174,8 +176,11 @@ class RequestValidation:
                 raise StreamError(dict(decision.error or {}))
 
     async def _ask(self, up: UpstreamClient, path: str, retry_body: dict[str, Any],
-                   plan: Any) -> tuple[str | None, str | None, str | None]:
-        """One non-streaming retry request; the reply is mended like any other."""
+                   plan: Any, reading: dict[str, Any]
+                   ) -> tuple[str | None, str | None, str | None]:
+        """One non-streaming retry request; the reply is mended like any other, read as the
+        first reply was (``reading``: its format, model name and reasoning signals, from
+        :meth:`ChatMender.retry_options`), so reasoning never comes back as the answer."""
         from toolmend.parsers.mender import mend_message
 
         headers = self.ctx.upstream_headers
@@ -191,9 +196,12 @@ class RequestValidation:
             return None, None, None
         tools = retry_body.get("tools") or body_tools(self.toolset)
         try:
-            mended, _, _ = mend_message(msg, "stop", None, tools, model=doc.get("model"),
-                                        max_argument_chars=self.max_argument_chars,
-                                        max_argument_depth=self.max_depth)
+            mended, _, _ = mend_message(
+                msg, "stop", reading.get("fmt"), tools, model=doc.get("model"),
+                model_hint=reading.get("model"), max_argument_chars=self.max_argument_chars,
+                max_argument_depth=self.max_depth,
+                reasoning_signals=reading.get("reasoning_signals"),
+                reasoning_open=reading.get("reasoning_open"))
         except StreamError:
             mended = msg
         tcs = mended.get("tool_calls") or []
