@@ -24,7 +24,7 @@ from toolmend.scheduling.scheduler import (
     probe_slots,
     scheduler_from_settings,
 )
-from toolmend.server import auth, memory
+from toolmend.server import auth, gateway, memory
 from toolmend.server.config import Settings
 from toolmend.server.context import RequestContext, new_request_id
 from toolmend.server.errors import ProxyError
@@ -233,6 +233,7 @@ def build_app(settings: Settings, upstream_urls: list[str] | None = None) -> web
     app[SCHEDULER] = scheduler_from_settings(settings)
     app[LARGE_BODIES] = LargeBodies(settings.large_body_bytes, settings.max_large_bodies)
     app[auth.KEYRING] = auth.load_keys(settings.config_path)
+    app[gateway.GATEWAY] = gateway.GatewayConfig.from_settings(settings)
     auth.apply_weights(app[SCHEDULER].policies, app[auth.KEYRING])
     app.on_startup.append(_size_scheduler)
     app.on_startup.append(_start_upstream)

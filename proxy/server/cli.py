@@ -210,6 +210,9 @@ def main(argv: list[str] | None = None) -> None:
             from toolmend.server.auth import parse_networks
 
             parse_networks(settings.client_limit_exempt)  # refused here, not at start-up
+            from toolmend.server.gateway import GatewayConfig
+
+            GatewayConfig.from_settings(settings)
         except (ValueError, OSError) as e:
             print(f"toolmend: configuration error: {e}", file=sys.stderr)
             raise SystemExit(2) from None

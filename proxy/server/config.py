@@ -125,6 +125,22 @@ class Settings:
                                   metavar="S")
     vllm_priority: bool = opt(False, "send each request's priority class in vLLM's 'priority' "
                               "field (vLLM started with --scheduling-policy priority)")
+    gateway_upstream: bool = opt(False, "the upstream is an inference gateway (Gateway API "
+                                 "Inference Extension, llm-d): send each request's agent in "
+                                 "the fairness header and its priority class as an objective")
+    fairness_header: str = opt("x-gateway-inference-fairness-id", "header that carries the "
+                               "agent to and from an inference gateway (its flow-control "
+                               "fairness key)", metavar="NAME")
+    objective_header: str = opt("x-gateway-inference-objective", "header that carries the "
+                                "priority class to and from an inference gateway, as the name "
+                                "of an InferenceObjective", metavar="NAME")
+    objectives: list[str] = opt([], "PRIORITY=NAME: the InferenceObjective that stands for a "
+                                "priority class, both ways (a class not listed: priority-N)",
+                                metavar="PRIORITY=NAME")
+    trusted_gateways: list[str] = opt([], "addresses or networks (CIDR) of inference gateways "
+                                      "in front of toolmend: their fairness and objective "
+                                      "headers name the agent and the priority class",
+                                      metavar="CIDR")
     otlp_endpoint: str = opt("", "OTLP/HTTP endpoint for traces, e.g. http://127.0.0.1:4318",
                              metavar="URL")
     otlp_protocol: str = opt("auto", "OTLP transport (auto: OTEL_EXPORTER_OTLP_PROTOCOL, else "

@@ -37,6 +37,7 @@ class SimStats:
     completed: int = 0
     disconnects: list[float] = field(default_factory=list)  # time.monotonic() of each
     bodies: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=64))
+    headers: deque[dict[str, str]] = field(default_factory=lambda: deque(maxlen=64))
     peers: deque[int | None] = field(default_factory=lambda: deque(maxlen=64))  # client ports
     connections: set[int] = field(default_factory=set)  # every client port seen, any endpoint
     authorizations: deque[str | None] = field(default_factory=lambda: deque(maxlen=64))
@@ -248,6 +249,7 @@ class SimBackend:
             return self._error(400, "invalid JSON body")
         self.stats.requests += 1
         self.stats.bodies.append(body)
+        self.stats.headers.append({k.lower(): v for k, v in request.headers.items()})
         peer = request.transport.get_extra_info("peername") if request.transport else None
         self.stats.peers.append(peer[1] if peer else None)
         if self.loading:
@@ -485,6 +487,7 @@ class SimBackend:
             return _json({"error": "the request body must be a JSON object"}, 400)
         self.stats.requests += 1
         self.stats.bodies.append(body)
+        self.stats.headers.append({k.lower(): v for k, v in request.headers.items()})
         self.stats.max_asked = max(self.stats.max_asked, asked_tokens(body) or 0)
         stream = body.get("stream", True) is not False
 
