@@ -34,6 +34,7 @@ from toolmend.server.request_body import (
     LargeBodies,
     release_large_bodies,
 )
+from toolmend.telemetry import model_server
 from toolmend.telemetry import tracing as telemetry
 
 log = logging.getLogger("toolmend")
@@ -240,7 +241,8 @@ def build_app(settings: Settings, upstream_urls: list[str] | None = None) -> web
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     fronts.add_routes(app)  # every API agents speak, registered in one place
-    telemetry.setup(app, settings)
+    tel = telemetry.setup(app, settings)
+    model_server.install(app, tel.metrics.registry)  # the load an endpoint picker reads
     install_schema_compiler(app, settings)
     memory.install(app)  # large schemas and bodies: their freed pages go back to the system
     app.on_cleanup.append(_close_upstream)

@@ -149,6 +149,11 @@ class Settings:
     otlp_timeout: float = opt(0.0, "seconds one span export may take, retries included (0: "
                               "OTEL_EXPORTER_OTLP_TIMEOUT, else 10); exports never block requests",
                               metavar="S")
+    backend_load_interval: float = opt(1.0, "seconds between reads of the backend's own load "
+                                       "(its /metrics; llama-server's /slots) that /metrics "
+                                       "reports in the model-server protocol an inference "
+                                       "gateway reads (0: never read; toolmend's queue and "
+                                       "slots only)", metavar="S")
     trace_content: bool = opt(False, "record message content in spans (also "
                               "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=true); off, "
                               "spans carry timings and names only")

@@ -91,6 +91,26 @@ M_VALIDATION_FAILURES = "toolmend.validation.failures"
 M_RETRIES = "toolmend.retries"
 M_UPSTREAM_ERRORS = "toolmend.upstream.errors"
 M_INVALID_UTF8 = "toolmend.upstream.invalid_utf8"
+# the pod's load, for an inference gateway's endpoint picker (telemetry/model_server.py)
+M_REQUESTS_WAITING = "toolmend.requests.waiting"  # toolmend's queue plus the backend's own
+M_REQUESTS_RUNNING = "toolmend.requests.running"
+M_SLOTS = "toolmend.slots"
+M_SLOTS_BUSY = "toolmend.slots.busy"
+M_BACKEND_WAITING = "toolmend.backend.requests.waiting"
+M_BACKEND_RUNNING = "toolmend.backend.requests.running"
+M_BACKEND_KV_USAGE = "toolmend.backend.kv_cache.usage"  # ratio, 0 to 1
+M_BACKEND_LOAD_AGE = "toolmend.backend.load.age"  # seconds since the backend was read
+
+# The model-server protocol of the Gateway API Inference Extension: the names its endpoint
+# picker reads from a vLLM-protocol server by default (--total-queued-requests-metric,
+# --total-running-requests-metric, --kv-cache-usage-percentage-metric, --lora-info-metric,
+# --cache-info-metric); gpu_cache_usage_perc is the older vLLM name of the KV one.
+MSP_WAITING = "vllm:num_requests_waiting"
+MSP_RUNNING = "vllm:num_requests_running"
+MSP_KV_USAGE = "vllm:kv_cache_usage_perc"
+MSP_KV_USAGE_OLD = "vllm:gpu_cache_usage_perc"
+MSP_LORA_INFO = "vllm:lora_requests_info"
+MSP_CACHE_INFO = "vllm:cache_config_info"
 
 # Bucket boundaries the conventions ask for (ExplicitBucketBoundaries).
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
