@@ -291,6 +291,7 @@ class FairScheduler:
         self._last_small_at = -math.inf
         # why nothing may be dispatched right now (a launched backend restarting), or None
         self.paused: str | None = None
+        self._refusal: Callable[[], ProxyError] | None = None  # set by drain()
         self.set_slots(slots)
 
     # configuration ---------------------------------------------------------------------------
@@ -306,6 +307,20 @@ class FairScheduler:
         restarted). Requests keep queueing and wait up to their time-to-live, then get 503 with
         ``reason`` in the message, instead of failing at once against a closed port."""
         self.paused = reason
+
+    def drain(self, refusal: Callable[[], ProxyError]) -> int:
+        """The server is going away: dispatch nothing more, fail every queued request with
+        ``refusal()`` (better retried elsewhere now than cut later) and refuse new ones.
+        Requests already dispatched keep their slots. Returns how many were refused."""
+        self.pause("draining")
+        self._refusal = refusal
+        queued = [t for a in self._backlogged.values() for q in a.queues.values() for t in q]
+        for t in queued:
+            self._unqueue(t, TicketState.CANCELLED)
+            self.rejections["draining"] += 1
+            if t.future is not None and not t.future.done():
+                t.future.set_exception(refusal())
+        return len(queued)
 
     def resume(self) -> list[Ticket]:
         self.paused = None
@@ -334,6 +349,9 @@ class FairScheduler:
 
         ``deadline`` is an absolute clock time by which the request must have been dispatched.
         """
+        if self._refusal is not None:
+            self.rejections["draining"] += 1
+            raise self._refusal()
         now = self.clock()
         a = self._agent(agent)
         policy = a.policy

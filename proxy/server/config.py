@@ -170,6 +170,14 @@ class Settings:
                                     "(prefill of a long prompt is slow)", metavar="S")
     idle_timeout: float = opt(120.0, "seconds allowed between two upstream chunks", metavar="S")
     total_timeout: float = opt(3600.0, "seconds one request may take in all", metavar="S")
+    drain_grace: float = opt(30.0, "seconds the requests in flight may take to finish after "
+                             "SIGTERM; meanwhile new requests get 503 draining with "
+                             "Retry-After and queued ones are told to retry elsewhere (give "
+                             "the pod a longer terminationGracePeriodSeconds)", metavar="S")
+    wedged_after: float = opt(300.0, "seconds a request may hold a backend slot without "
+                              "progress (no first token, then no output) before the slot "
+                              "counts as wedged; /readyz is false while every slot is (0: "
+                              "never)", metavar="S")
     keepalive_interval: float = opt(10.0, "seconds between SSE keep-alive comments before the "
                                     "first token", metavar="S")
     max_body_bytes: int = opt(8 * 1024 * 1024, "largest request body accepted", metavar="BYTES")
