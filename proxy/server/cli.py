@@ -226,6 +226,7 @@ def main(argv: list[str] | None = None) -> None:
             from toolmend.server.auth import parse_networks
 
             parse_networks(settings.client_limit_exempt)  # refused here, not at start-up
+            parse_networks(settings.metrics_networks, "metrics_networks")
             from toolmend.server.gateway import GatewayConfig
 
             GatewayConfig.from_settings(settings)

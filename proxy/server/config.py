@@ -159,6 +159,13 @@ class Settings:
                               "spans carry timings and names only")
     admin_key: str = opt("", "bearer key that lets non-loopback clients read /metrics and "
                          "/toolmend/v1/sessions (default: loopback only)", metavar="KEY")
+    metrics_key: str = opt("", "bearer key that lets any client read /metrics alone (a "
+                           "scraper's credential; /toolmend/v1/sessions stays loopback or "
+                           "admin key)", metavar="KEY")
+    metrics_networks: list[str] = opt([], "addresses or networks (CIDR) that may read "
+                                      "/metrics without a key, e.g. the pods of an inference "
+                                      "gateway's endpoint picker (/toolmend/v1/sessions stays "
+                                      "private)", metavar="CIDR")
     sessions_max: int = opt(256, "recent agent sessions kept in memory for toolmend trace")
     trace_session_idle: float = opt(60.0, "seconds without a step after which a session's span "
                                     "is ended and exported (a later step opens a new one in "

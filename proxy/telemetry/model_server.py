@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
+import ipaddress
 import logging
 import math
 from collections.abc import Iterable
@@ -44,7 +46,9 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
+from toolmend.server import auth
 from toolmend.server.bounded import read_bounded
+from toolmend.server.errors import ProxyError
 from toolmend.server.keys import SCHEDULER, SETTINGS, UPSTREAM
 from toolmend.telemetry import names as n
 
@@ -347,10 +351,57 @@ class ModelServerCollector(Collector):
 READER = web.AppKey("model_server_reader", LoadReader)
 
 
+# --- who may scrape -----------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class ScrapeAccess:
+    """Who may read ``/metrics``: loopback, the admin key, and for ``/metrics`` alone a scrape
+    key and allowed networks. The picker scrapes from another pod, and what ``/metrics`` says
+    (load, latency histograms, error counts) is far less than the session timelines, which
+    stay behind loopback or the admin key."""
+
+    admin_key: bytes = b""
+    metrics_key: bytes = b""
+    networks: tuple[auth.Network, ...] = ()
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> ScrapeAccess:
+        return cls(settings.admin_key.encode(), settings.metrics_key.encode(),
+                   tuple(auth.parse_networks(settings.metrics_networks, "metrics_networks")))
+
+    def allows(self, request: web.Request) -> bool:
+        header = request.headers.get("Authorization", "")
+        if header.startswith("Bearer "):
+            token = header[7:].strip().encode("utf-8", "surrogatepass")
+            for key in (self.admin_key, self.metrics_key):  # both compared, constant time
+                if key and hmac.compare_digest(token, key):
+                    return True
+        try:
+            addr = ipaddress.ip_address((request.remote or "").split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        return addr.is_loopback or any(addr in net for net in self.networks)
+
+
+SCRAPE = web.AppKey("scrape_access", ScrapeAccess)
+
+
+def check_scrape(request: web.Request, settings: Any) -> None:
+    """Refuse, with a 403 that says how to get in, a client that may not read /metrics.
+    (``settings`` serve an app built without :func:`install`.)"""
+    access = request.app.get(SCRAPE) or ScrapeAccess.from_settings(settings)
+    if not access.allows(request):
+        raise ProxyError(403, "/metrics is served to loopback clients, to metrics_networks and "
+                         "with the metrics or admin key", code="forbidden")
+
+
 def install(app: web.Application, registry: Any) -> LoadReader:
     """Register the collector on ``registry`` and read the backend while the app runs."""
     reader = LoadReader(app)
     app[READER] = reader
+    app[SCRAPE] = ScrapeAccess.from_settings(app[SETTINGS])
     registry.register(ModelServerCollector(app, reader))
 
     async def start(app: web.Application) -> None:
