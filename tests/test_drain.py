@@ -348,3 +348,58 @@ async def test_queued_waiters_get_the_refusal() -> None:
 async def _hold(sched: FairScheduler, ctx: RequestContext) -> None:
     async with sched.slot(ctx, Cost(1)):
         pass
+
+
+# --- the drain endpoint (a native sidecar's model server calls it from preStop) ------------------
+
+async def test_drain_endpoint_waits_for_in_flight(make_stack: StackFactory) -> None:
+    stack = await make_stack(slots=1, express_slot=False, sim_kwargs={"ttft": 0.0})
+    stack.sim.push(HELD)
+    held = asyncio.ensure_future(_chat(stack.url))
+    try:
+        await until_async(lambda: _true(stack.sim.stats.in_flight == 1))
+        session = aiohttp.ClientSession()
+        drain = asyncio.ensure_future(session.post(stack.url + "/toolmend/v1/drain"))
+        await until_async(lambda: _status_is(stack.url + "/readyz", 503))
+        async with aiohttp.ClientSession() as s, s.post(
+                stack.url + "/v1/chat/completions",
+                json={"model": "sim-model", "messages": MSG}) as r:
+            assert r.status == 503 and (await r.json())["error"]["code"] == "draining"
+        assert not drain.done()  # the held request is still in flight
+        stack.sim.open_gate()
+        await held
+        resp = await drain
+        assert resp.status == 200
+        assert await resp.json() == {"drained": True, "in_progress": 0}
+        resp.close()
+        # a second call (SIGTERM after the preStop hook) finds the drain over
+        async with session.post(stack.url + "/toolmend/v1/drain") as again:
+            assert again.status == 200
+        await session.close()
+    finally:
+        stack.sim.open_gate()
+        await asyncio.gather(held, return_exceptions=True)
+
+
+async def test_drain_endpoint_is_loopback_or_admin_key() -> None:
+    from aiohttp.test_utils import make_mocked_request
+
+    from toolmend.server.app import build_app
+    from toolmend.server.config import Settings
+    from toolmend.server.lifecycle import drain_handler
+
+    app = build_app(Settings(admin_key="adm1n", log_requests=False), ["http://127.0.0.1:9"])
+
+    class Transport:
+        def get_extra_info(self, name: str, default: Any = None) -> Any:
+            return ("10.1.2.3", 1234) if name == "peername" else default
+
+        def is_closing(self) -> bool:
+            return False
+
+    for headers in ({}, {"Authorization": "Bearer nope"}):
+        req = make_mocked_request("POST", "/toolmend/v1/drain", headers=headers, app=app,
+                                  transport=Transport())
+        with pytest.raises(ProxyError) as e:
+            await drain_handler(req)
+        assert e.value.status == 403

@@ -17,12 +17,20 @@ So:
 
 The health, readiness and observability endpoints answer as usual while draining: the kubelet
 must see "alive but not ready", and the picker may still scrape.
+
+``POST /toolmend/v1/drain`` (loopback or the admin key) starts the same drain and answers once
+it is over. It is for Kubernetes' native sidecars: the kubelet signals a pod's main container
+first and a sidecar only after the main container has exited, so a toolmend sidecar would
+receive SIGTERM when its backend is already gone. The model server's ``preStop`` hook calls
+this endpoint instead, and the backend stops only once toolmend has drained.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
+import ipaddress
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -65,6 +73,7 @@ class Lifecycle:
         self.active: dict[str, _Seen] = {}
         self._idle = asyncio.Event()
         self._idle.set()
+        self._drain: asyncio.Task[int] | None = None
 
     def enter(self, ctx: RequestContext) -> None:
         self.active[ctx.request_id] = _Seen(ctx)
@@ -121,7 +130,30 @@ async def track_requests(request: web.Request, handler: Any) -> web.StreamRespon
 def install(app: web.Application) -> Lifecycle:
     life = Lifecycle(app[SETTINGS].wedged_after)
     app[LIFECYCLE] = life
+    app.router.add_post("/toolmend/v1/drain", drain_handler)
     return life
+
+
+def _local_or_admin(request: web.Request) -> None:
+    key = request.app[SETTINGS].admin_key
+    header = request.headers.get("Authorization", "")
+    if key and header.startswith("Bearer ") and hmac.compare_digest(
+            header[7:].strip().encode("utf-8", "surrogatepass"), key.encode()):
+        return
+    with contextlib.suppress(ValueError):
+        if ipaddress.ip_address((request.remote or "").split("%", 1)[0]).is_loopback:
+            return
+    raise ProxyError(403, f"{request.path} is served to loopback clients only, or with the "
+                     "admin key", code="forbidden")
+
+
+async def drain_handler(request: web.Request) -> web.Response:
+    """Drain now (as on SIGTERM) and answer when it is over: 200 once every request finished,
+    503 when the grace period ended with some still in progress."""
+    _local_or_admin(request)
+    left = await drain(request.app, request.app[SETTINGS].drain_grace)
+    return web.json_response({"drained": left == 0, "in_progress": left},
+                             status=200 if left == 0 else 503)
 
 
 def not_ready(app: web.Application) -> str | None:
@@ -141,8 +173,15 @@ def not_ready(app: web.Application) -> str | None:
 
 async def drain(app: web.Application, grace: float) -> int:
     """Stop taking work, refuse what is queued, and wait up to ``grace`` seconds for the
-    requests in flight. Returns how many were still in progress when the wait ended."""
+    requests in flight. Returns how many were still in progress when the wait ended. A drain
+    already under way (the preStop hook's, then SIGTERM) is waited for, not started again."""
     life = app[LIFECYCLE]
+    if life._drain is None:
+        life._drain = asyncio.ensure_future(_drain(app, life, grace))
+    return await asyncio.shield(life._drain)
+
+
+async def _drain(app: web.Application, life: Lifecycle, grace: float) -> int:
     life.draining = True
     sched = app.get(SCHEDULER)
     refused = sched.drain(draining_error) if sched is not None else 0
