@@ -33,6 +33,7 @@ class SimStats:
     requests: int = 0
     in_flight: int = 0
     max_in_flight: int = 0
+    max_concurrent: int = 0  # the most generation requests held at once, running or queued
     queued: int = 0
     completed: int = 0
     disconnects: list[float] = field(default_factory=list)  # time.monotonic() of each
@@ -298,7 +299,8 @@ class SimBackend:
     async def stats_endpoint(self, request: web.Request) -> web.Response:
         s = self.stats
         return _json({"requests": s.requests, "in_flight": s.in_flight,
-                      "max_in_flight": s.max_in_flight, "completed": s.completed,
+                      "max_in_flight": s.max_in_flight, "queued": s.queued,
+                      "max_concurrent": s.max_concurrent, "completed": s.completed,
                       "disconnects": len(s.disconnects), "chunks_sent": s.chunks_sent,
                       "max_asked": s.max_asked})
 
@@ -340,6 +342,8 @@ class SimBackend:
         if fault and fault.kind == "status":
             return self._error(fault.status, fault.message)
         self.stats.queued += 1
+        self.stats.max_concurrent = max(self.stats.max_concurrent,
+                                        self.stats.queued + self.stats.in_flight)
         try:
             await self._slots.acquire()
         finally:
