@@ -44,8 +44,11 @@ class Decision:
 
 
 def parse_load(text: str) -> Load:
+    # only the three gauges' lines reach the parser: a sidecar's /metrics also holds its
+    # latency histograms, and the picker reads every endpoint for every request
+    lines = "\n".join(line for line in text.splitlines() if line.startswith("vllm:"))
     values: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
+    for family in text_string_to_metric_families(lines + "\n"):
         if family.name in (WAITING, RUNNING, KV) and family.samples:
             values[family.name] = sum(s.value for s in family.samples)
     return Load(values[WAITING], values[RUNNING], values.get(KV))
