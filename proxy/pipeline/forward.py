@@ -29,7 +29,7 @@ from toolmend.scheduling.scheduler import (
     parse_deadline,
     request_cost,
 )
-from toolmend.server import auth, identity
+from toolmend.server import auth, gateway, identity
 from toolmend.server.context import RequestContext
 from toolmend.server.errors import ProxyError
 from toolmend.server.keys import CTX, SCHEDULER, SETTINGS, UPSTREAM
@@ -107,7 +107,12 @@ async def forward(request: web.Request, body: dict[str, Any], path: str,
     cap_output_tokens(body, auth.output_cap(request),
                       detected.context_length if detected is not None else None)
     request.app[TELEMETRY].prepare(request, ctx, body)
-    priority = sched.resolve_priority(ctx.agent_id, request.headers.get(PRIORITY_HEADER))
+    gw = gateway.config(request.app)
+    priority = gw.gateway_priority(request) if gw is not None else None
+    if priority is None:  # a trusted gateway's objective is final; else X-Priority, capped
+        priority = sched.resolve_priority(ctx.agent_id, request.headers.get(PRIORITY_HEADER))
+    if gw is not None:
+        gw.stamp(ctx, priority)  # in front of a gateway: agent and objective go with it
     deadline = parse_deadline(request.headers.get(DEADLINE_HEADER), sched.clock())
     if settings.vllm_priority:  # the class, and loop steps first within it (vllm_priority.py)
         body["priority"] = upstream_priority(priority, sched.loop_step(

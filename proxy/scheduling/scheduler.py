@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 from toolmend.scheduling.fair_queue import (
@@ -35,7 +35,7 @@ from toolmend.scheduling.policy import (
     load_agent_policies,
     policies_from_dict,
 )
-from toolmend.server.errors import bad_request
+from toolmend.server.errors import ProxyError, bad_request
 
 if TYPE_CHECKING:
     from toolmend.backends.upstream import UpstreamClient
@@ -65,7 +65,28 @@ class FairScheduler(FairQueue):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._slots_taken: set[int] = set()  # slot numbers held, for traces
+        self._refusal: Callable[[], ProxyError] | None = None  # set by drain()
         super().__init__(slots, **kw)
+
+    def drain(self, refusal: Callable[[], ProxyError]) -> int:
+        """The server is going away: dispatch nothing more, fail every queued request with
+        ``refusal()`` (better retried elsewhere now than cut later) and refuse new ones.
+        Requests already dispatched keep their slots. Returns how many were refused."""
+        self.pause("draining")
+        self._refusal = refusal
+        queued = [t for a in self._backlogged.values() for q in a.queues.values() for t in q]
+        for t in queued:
+            self._unqueue(t, TicketState.CANCELLED)
+            self.rejections["draining"] += 1
+            if t.future is not None and not t.future.done():
+                t.future.set_exception(refusal())
+        return len(queued)
+
+    def submit(self, agent: str, cost: Cost, **kw: Any) -> Ticket:  # type: ignore[override]
+        if self._refusal is not None:
+            self.rejections["draining"] += 1
+            raise self._refusal()
+        return super().submit(agent, cost, **kw)
 
     def _take_slot_number(self) -> int:
         """The lowest slot number nobody holds: which of the backend's slots a request ran in,

@@ -25,7 +25,7 @@ from toolmend.scheduling.scheduler import (
     probe_slots,
     scheduler_from_settings,
 )
-from toolmend.server import auth, memory
+from toolmend.server import auth, gateway, lifecycle, memory
 from toolmend.server.config import Settings
 from toolmend.server.context import RequestContext, new_request_id
 from toolmend.server.errors import ProxyError
@@ -35,6 +35,7 @@ from toolmend.server.request_body import (
     LargeBodies,
     release_large_bodies,
 )
+from toolmend.telemetry import model_server
 from toolmend.telemetry import tracing as telemetry
 
 log = logging.getLogger("toolmend")
@@ -54,6 +55,10 @@ async def readyz(request: web.Request) -> web.Response:
     replicas, each is probed and listed; ready when at least one is.
     """
     up = request.app[UPSTREAM]
+    why = lifecycle.not_ready(request.app)  # draining, or every slot wedged
+    if why is not None:
+        return web.json_response({"ready": False, "upstream": up.base_url(), "reason": why},
+                                 status=503)
     launched = request.app.get(LAUNCHED)
     if launched is not None and launched.state != "ready":
         # a child toolmend started (--launch) that is loading or restarting: say so, and do
@@ -231,31 +236,38 @@ def build_app(settings: Settings, upstream_urls: list[str] | None = None) -> web
     urls = upstream_urls if upstream_urls is not None else settings.upstream
     app = web.Application(client_max_size=settings.max_body_bytes,
                           middlewares=[telemetry.middleware(CTX), release_large_bodies,
-                                       context_and_errors, auth.require_key])
+                                       context_and_errors, lifecycle.track_requests,
+                                       auth.require_key])
     app[SETTINGS] = settings
     app[UPSTREAM] = UpstreamClient(urls, settings)
     app[SCHEDULER] = scheduler_from_settings(settings)
     app[LARGE_BODIES] = LargeBodies(settings.large_body_bytes, settings.max_large_bodies)
     app[auth.KEYRING] = auth.load_keys(settings.config_path)
+    app[gateway.GATEWAY] = gateway.GatewayConfig.from_settings(settings)
+    lifecycle.install(app)
     auth.apply_weights(app[SCHEDULER].policies, app[auth.KEYRING])
     app.on_startup.append(_size_scheduler)
     app.on_startup.append(_start_upstream)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     fronts.add_routes(app)  # every API agents speak, registered in one place
-    telemetry.setup(app, settings)
+    tel = telemetry.setup(app, settings)
+    model_server.install(app, tel.metrics.registry)  # the load an endpoint picker reads
     install_schema_compiler(app, settings)
     memory.install(app)  # large schemas and bodies: their freed pages go back to the system
     app.on_cleanup.append(_close_upstream)
     return app
 
 
-async def start_server(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
-    """Start serving; returns the runner and the bound port (useful with port 0)."""
+async def start_server(app: web.Application, host: str, port: int, *,
+                       shutdown_timeout: float = 60.0) -> tuple[web.AppRunner, int]:
+    """Start serving; returns the runner and the bound port (useful with port 0).
+    ``shutdown_timeout``: seconds the runner's cleanup lets handlers still running finish."""
     settings = app.get(SETTINGS)  # other apps (the embedded backend, test peers) have none
     limit = settings.max_header_bytes if settings is not None else 8190
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
-                           max_line_size=limit, max_field_size=limit)
+                           max_line_size=limit, max_field_size=limit,
+                           shutdown_timeout=shutdown_timeout)
     await runner.setup()
     auth.shape_parser_errors(runner, auth.ConnectionGuard.from_settings(settings)
                              if settings is not None else None)

@@ -39,6 +39,18 @@ async def _wait_for_signal() -> None:
     await stop.wait()
 
 
+async def _drain_until_done_or_signalled(app: Any, grace: float) -> None:
+    from toolmend.server.lifecycle import drain
+
+    drained = asyncio.ensure_future(drain(app, grace))
+    again = asyncio.ensure_future(_wait_for_signal())
+    await asyncio.wait({drained, again}, return_when=asyncio.FIRST_COMPLETED)
+    for task in (drained, again):
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 async def _serve(settings: Settings) -> int:
     from toolmend.server.app import build_app, start_server
 
@@ -80,7 +92,9 @@ async def _serve(settings: Settings) -> int:
     if launched is not None:
         launched.attach(app)  # /readyz and the queue follow the child from here on
     try:
-        runner, port = await start_server(app, settings.host, settings.port)
+        # the drain (below) is the graceful part: what runs past it is cut within a second
+        runner, port = await start_server(app, settings.host, settings.port,
+                                          shutdown_timeout=1.0)
     except BaseException:
         for fn in reversed(cleanup):
             await fn()
@@ -108,6 +122,8 @@ async def _serve(settings: Settings) -> int:
         if launched is not None and launched.failed in done:
             print(f"toolmend: {launched.failed.result()}", file=sys.stderr, flush=True)
             rc = 1
+        else:  # SIGTERM: drain, unless a second signal says to stop at once
+            await _drain_until_done_or_signalled(app, settings.drain_grace)
     finally:
         await runner.cleanup()  # stop taking requests first, then end the backend
         for fn in reversed(cleanup):
@@ -210,6 +226,10 @@ def main(argv: list[str] | None = None) -> None:
             from toolmend.server.auth import parse_networks
 
             parse_networks(settings.client_limit_exempt)  # refused here, not at start-up
+            parse_networks(settings.metrics_networks, "metrics_networks")
+            from toolmend.server.gateway import GatewayConfig
+
+            GatewayConfig.from_settings(settings)
         except (ValueError, OSError) as e:
             print(f"toolmend: configuration error: {e}", file=sys.stderr)
             raise SystemExit(2) from None

@@ -123,6 +123,22 @@ class Settings:
                               "first within a class (vLLM started with --scheduling-policy "
                               "priority; checked at start-up, none are sent to a vLLM that "
                               "refuses them; --launch vllm turns both on)")
+    gateway_upstream: bool = opt(False, "the upstream is an inference gateway (Gateway API "
+                                 "Inference Extension, llm-d): send each request's agent in "
+                                 "the fairness header and its priority class as an objective")
+    fairness_header: str = opt("x-gateway-inference-fairness-id", "header that carries the "
+                               "agent to and from an inference gateway (its flow-control "
+                               "fairness key)", metavar="NAME")
+    objective_header: str = opt("x-gateway-inference-objective", "header that carries the "
+                                "priority class to and from an inference gateway, as the name "
+                                "of an InferenceObjective", metavar="NAME")
+    objectives: list[str] = opt([], "PRIORITY=NAME: the InferenceObjective that stands for a "
+                                "priority class, both ways (a class not listed: priority-N)",
+                                metavar="PRIORITY=NAME")
+    trusted_gateways: list[str] = opt([], "addresses or networks (CIDR) of inference gateways "
+                                      "in front of toolmend: their fairness and objective "
+                                      "headers name the agent and the priority class",
+                                      metavar="CIDR")
     otlp_endpoint: str = opt("", "OTLP/HTTP endpoint for traces, e.g. http://127.0.0.1:4318",
                              metavar="URL")
     otlp_protocol: str = opt("auto", "OTLP transport (auto: OTEL_EXPORTER_OTLP_PROTOCOL, else "
@@ -131,11 +147,23 @@ class Settings:
     otlp_timeout: float = opt(0.0, "seconds one span export may take, retries included (0: "
                               "OTEL_EXPORTER_OTLP_TIMEOUT, else 10); exports never block requests",
                               metavar="S")
+    backend_load_interval: float = opt(1.0, "seconds between reads of the backend's own load "
+                                       "(its /metrics; llama-server's /slots) that /metrics "
+                                       "reports in the model-server protocol an inference "
+                                       "gateway reads (0: never read; toolmend's queue and "
+                                       "slots only)", metavar="S")
     trace_content: bool = opt(False, "record message content in spans (also "
                               "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=true); off, "
                               "spans carry timings and names only")
     admin_key: str = opt("", "bearer key that lets non-loopback clients read /metrics and "
                          "/toolmend/v1/sessions (default: loopback only)", metavar="KEY")
+    metrics_key: str = opt("", "bearer key that lets any client read /metrics alone (a "
+                           "scraper's credential; /toolmend/v1/sessions stays loopback or "
+                           "admin key)", metavar="KEY")
+    metrics_networks: list[str] = opt([], "addresses or networks (CIDR) that may read "
+                                      "/metrics without a key, e.g. the pods of an inference "
+                                      "gateway's endpoint picker (/toolmend/v1/sessions stays "
+                                      "private)", metavar="CIDR")
     sessions_max: int = opt(256, "recent agent sessions kept in memory for toolmend trace")
     trace_session_idle: float = opt(60.0, "seconds without a step after which a session's span "
                                     "is ended and exported (a later step opens a new one in "
@@ -147,6 +175,14 @@ class Settings:
                                     "(prefill of a long prompt is slow)", metavar="S")
     idle_timeout: float = opt(120.0, "seconds allowed between two upstream chunks", metavar="S")
     total_timeout: float = opt(3600.0, "seconds one request may take in all", metavar="S")
+    drain_grace: float = opt(30.0, "seconds the requests in flight may take to finish after "
+                             "SIGTERM; meanwhile new requests get 503 draining with "
+                             "Retry-After and queued ones are told to retry elsewhere (give "
+                             "the pod a longer terminationGracePeriodSeconds)", metavar="S")
+    wedged_after: float = opt(300.0, "seconds a request may hold a backend slot without "
+                              "progress (no first token, then no output) before the slot "
+                              "counts as wedged; /readyz is false while every slot is (0: "
+                              "never)", metavar="S")
     keepalive_interval: float = opt(10.0, "seconds between SSE keep-alive comments before the "
                                     "first token", metavar="S")
     max_body_bytes: int = opt(8 * 1024 * 1024, "largest request body accepted", metavar="BYTES")

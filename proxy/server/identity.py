@@ -28,7 +28,7 @@ from weakref import WeakKeyDictionary
 
 import orjson
 
-from toolmend.server import auth
+from toolmend.server import auth, gateway
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -41,6 +41,7 @@ MAX_FINGERPRINTS = 4096  # sessions tracked by the fingerprint fallback, least r
 #: down; a header can never override row 1. ``resolve`` follows it literally.
 TRUST_TABLE: tuple[tuple[int, str, str, str], ...] = (
     (1, "key", "the agent bound to the API key", "-"),
+    (2, "gateway", "x-gateway-inference-fairness-id from a trusted gateway", "-"),
     (2, "header", "X-Agent-Id", "X-Session-Id"),
     (3, "opencode", "-", "x-session-id, x-session-affinity"),
     (3, "codex", "-", "session-id, thread-id, x-codex-turn-metadata {session_id, thread_id}, "
@@ -135,6 +136,9 @@ def resolve(request: web.Request, body: dict[str, Any] | None) -> Identity:
     headers = request.headers
     bag = _baggage(auth.header_text(request, "baggage"))
     agent, agent_source = auth.keyed_agent(request), "key"
+    gw = gateway.config(request.app)
+    if agent is None and gw is not None and (agent := gw.fairness_id(request)):
+        agent_source = "gateway"  # the gateway's flow-control key (see gateway.py)
     if agent is None:
         agent, agent_source = _text(headers.get(auth.AGENT_HEADER), AGENT_ID_MAX), "header"
     if agent is None and body and (agent := _text(body.get("user"), AGENT_ID_MAX)):

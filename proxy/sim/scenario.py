@@ -15,6 +15,9 @@ _TOKEN = re.compile(r"\s*[^\s]{1,5}|\s+", re.S)
 
 FAULTS = ("refuse", "reset", "stall", "status", "malformed", "truncated", "endless",
           "error_event",
+          # waits, its slot held, until the test opens the sim's gate (SimBackend.open_gate):
+          # before the first token (after 0) or after ``after`` chunks
+          "hold",
           # hostile upstreams (each strikes right after the response headers): stop there by
           # reset or stall, reset in the middle of a non-streaming body, send one SSE event of
           # ``size`` bytes of data: lines that never ends, one SSE line of ``size`` bytes,

@@ -33,10 +33,12 @@ class SimStats:
     requests: int = 0
     in_flight: int = 0
     max_in_flight: int = 0
+    max_concurrent: int = 0  # the most generation requests held at once, running or queued
     queued: int = 0
     completed: int = 0
     disconnects: list[float] = field(default_factory=list)  # time.monotonic() of each
     bodies: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=64))
+    headers: deque[dict[str, str]] = field(default_factory=lambda: deque(maxlen=64))
     peers: deque[int | None] = field(default_factory=lambda: deque(maxlen=64))  # client ports
     connections: set[int] = field(default_factory=set)  # every client port seen, any endpoint
     authorizations: deque[str | None] = field(default_factory=lambda: deque(maxlen=64))
@@ -50,7 +52,7 @@ class SimBackend:
                  ttft: float = 0.02, token_delay: float = 0.0, prefill_per_token: float = 0.0,
                  scenarios: list[Scenario] | None = None, library: dict[str, Scenario] | None
                  = None, default_tokens: int = 16, loading: bool = False,
-                 context: int | None = None) -> None:
+                 context: int | None = None, metrics: bool = True) -> None:
         self.dialect: Dialect = make_dialect(dialect, model)
         if context is not None:
             self.dialect.context = max(1, context)
@@ -61,6 +63,9 @@ class SimBackend:
         self.prefill_per_token = prefill_per_token
         self.default_tokens = default_tokens
         self.loading = loading
+        self.metrics = metrics  # llama-server answers /metrics 501 unless started --metrics
+        self.kv_tokens = 0  # prompt tokens of the running requests: what their KV cache holds
+        self.gate = asyncio.Event()  # "hold" faults wait for it (open_gate)
         self.script: deque[Scenario] = deque(scenarios or ())
         self.library: dict[str, Scenario] = dict(library or {})
         self.stats = SimStats()
@@ -69,6 +74,13 @@ class SimBackend:
         self.url = ""
 
     # scripting --------------------------------------------------------------------------------
+    def open_gate(self) -> None:
+        """Let every request held by a ``hold`` fault go on (and later ones pass at once)."""
+        self.gate.set()
+
+    def close_gate(self) -> None:
+        self.gate.clear()
+
     def push(self, *scenarios: Scenario | dict[str, Any]) -> None:
         for s in scenarios:
             self.script.append(s if isinstance(s, Scenario) else Scenario.from_dict(s))
@@ -149,6 +161,8 @@ class SimBackend:
         r.add_get("/health", self.health)
         r.add_get("/version", self.version)
         r.add_get("/props", self.props)
+        r.add_get("/metrics", self.metrics_endpoint)
+        r.add_get("/slots", self.slots_endpoint)
         r.add_get("/api/version", self.ollama_version)
         r.add_get("/api/tags", self.ollama_tags)
         r.add_post("/api/chat", self.ollama_chat)
@@ -200,6 +214,65 @@ class SimBackend:
                       "chat_template": "{{ messages }}", "build_info": "b6550-1a2b3c4d",
                       "chat_template_caps": {"supports_tools": True}})
 
+    @property
+    def kv_capacity(self) -> int:
+        """Tokens the simulated KV cache holds: a full context for every slot."""
+        return self.dialect.context * self.slots
+
+    async def metrics_endpoint(self, request: web.Request) -> web.Response:
+        """The server's own load, in its own names: vLLM's (the names the inference gateway's
+        endpoint picker reads), llama-server's (with --metrics; 501 without); others 404."""
+        s, kv = self.stats, self.kv_tokens / self.kv_capacity
+        if self.dialect.name == "vllm":
+            lab = f'engine="0",model_name="{self.model}"'
+            text = (
+                "# HELP vllm:num_requests_running Number of requests in model execution "
+                "batches.\n# TYPE vllm:num_requests_running gauge\n"
+                f"vllm:num_requests_running{{{lab}}} {float(s.in_flight)}\n"
+                "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.\n"
+                "# TYPE vllm:num_requests_waiting gauge\n"
+                f"vllm:num_requests_waiting{{{lab}}} {float(s.queued)}\n"
+                "# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.\n"
+                "# TYPE vllm:kv_cache_usage_perc gauge\n"
+                f"vllm:kv_cache_usage_perc{{{lab}}} {kv}\n"
+                "# HELP vllm:cache_config_info Information of the LLMEngine CacheConfig\n"
+                "# TYPE vllm:cache_config_info gauge\n"
+                f'vllm:cache_config_info{{block_size="16",engine="0",'
+                f'num_gpu_blocks="{self.kv_capacity // 16}"}} 1.0\n'
+                "# HELP vllm:request_success_total Count of successfully processed requests.\n"
+                "# TYPE vllm:request_success_total counter\n"
+                f'vllm:request_success_total{{{lab},finished_reason="stop"}} '
+                f"{float(s.completed)}\n")
+        elif self.dialect.name == "llamacpp" and self.metrics:
+            text = (
+                "# HELP llamacpp:kv_cache_usage_ratio KV-cache usage. 1 means 100 percent "
+                "usage.\n# TYPE llamacpp:kv_cache_usage_ratio gauge\n"
+                f"llamacpp:kv_cache_usage_ratio {kv}\n"
+                "# HELP llamacpp:requests_processing Number of requests processing.\n"
+                "# TYPE llamacpp:requests_processing gauge\n"
+                f"llamacpp:requests_processing {s.in_flight}\n"
+                "# HELP llamacpp:requests_deferred Number of requests deferred.\n"
+                "# TYPE llamacpp:requests_deferred gauge\n"
+                f"llamacpp:requests_deferred {s.queued}\n")
+        elif self.dialect.name == "llamacpp":
+            return _json({"error": {"code": 501, "message": "This server does not support "
+                                    "metrics endpoint. Start it with `--metrics`",
+                                    "type": "not_supported_error"}}, 501)
+        else:
+            return _json({"detail": "Not Found"}, 404)
+        return web.Response(text=text, content_type="text/plain", charset="utf-8")
+
+    async def slots_endpoint(self, request: web.Request) -> web.Response:
+        """llama-server's /slots: one entry per slot, the busy ones first."""
+        if self.dialect.name != "llamacpp":
+            return _json({"detail": "Not Found"}, 404)
+        busy = self.stats.in_flight
+        return _json([{"id": i, "id_task": i if i < busy else -1,
+                       "n_ctx": self.dialect.context, "speculative": False,
+                       "is_processing": i < busy,
+                       "next_token": {"has_next_token": i < busy, "n_remain": -1,
+                                      "n_decoded": 0}} for i in range(self.slots)])
+
     async def ollama_version(self, request: web.Request) -> web.Response:
         if self.dialect.name != "ollama":
             return _json({"detail": "Not Found"}, 404)
@@ -226,7 +299,8 @@ class SimBackend:
     async def stats_endpoint(self, request: web.Request) -> web.Response:
         s = self.stats
         return _json({"requests": s.requests, "in_flight": s.in_flight,
-                      "max_in_flight": s.max_in_flight, "completed": s.completed,
+                      "max_in_flight": s.max_in_flight, "queued": s.queued,
+                      "max_concurrent": s.max_concurrent, "completed": s.completed,
                       "disconnects": len(s.disconnects), "chunks_sent": s.chunks_sent,
                       "max_asked": s.max_asked})
 
@@ -248,6 +322,7 @@ class SimBackend:
             return self._error(400, "invalid JSON body")
         self.stats.requests += 1
         self.stats.bodies.append(body)
+        self.stats.headers.append({k.lower(): v for k, v in request.headers.items()})
         peer = request.transport.get_extra_info("peername") if request.transport else None
         self.stats.peers.append(peer[1] if peer else None)
         if self.loading:
@@ -267,20 +342,25 @@ class SimBackend:
         if fault and fault.kind == "status":
             return self._error(fault.status, fault.message)
         self.stats.queued += 1
+        self.stats.max_concurrent = max(self.stats.max_concurrent,
+                                        self.stats.queued + self.stats.in_flight)
         try:
             await self._slots.acquire()
         finally:
             self.stats.queued -= 1
         self.stats.in_flight += 1
         self.stats.max_in_flight = max(self.stats.max_in_flight, self.stats.in_flight)
+        prompt_tokens = sc.prompt_tokens or _estimate_prompt_tokens(body)
+        self.kv_tokens += prompt_tokens
         try:
-            prompt_tokens = sc.prompt_tokens or _estimate_prompt_tokens(body)
             wait = (self.ttft if sc.ttft is None else sc.ttft) + prompt_tokens * \
                 self.prefill_per_token
             if fault and fault.kind == "stall" and fault.after == 0:
                 wait += fault.seconds
             if wait > 0:
                 await asyncio.sleep(wait)
+            if fault and fault.kind == "hold" and fault.after == 0:
+                await self.gate.wait()
             if fault and fault.kind in HOSTILE_FAULTS:
                 return await self._hostile(request, fault, bool(body.get("stream")))
             if body.get("stream"):
@@ -291,6 +371,7 @@ class SimBackend:
             raise
         finally:
             self.stats.in_flight -= 1
+            self.kv_tokens -= prompt_tokens
             self._slots.release()
             self.stats.completed += 1
 
@@ -404,6 +485,9 @@ class SimBackend:
         if kind == "stall" and fault.after > 0:
             await asyncio.sleep(fault.seconds)
             return False
+        if kind == "hold" and fault.after > 0:
+            await self.gate.wait()
+            return False
         if kind == "malformed":
             await send(b'data: {"id": "x", "choices": [{"delta": {"content": "oops"\n\n')
             return False
@@ -485,6 +569,7 @@ class SimBackend:
             return _json({"error": "the request body must be a JSON object"}, 400)
         self.stats.requests += 1
         self.stats.bodies.append(body)
+        self.stats.headers.append({k.lower(): v for k, v in request.headers.items()})
         self.stats.max_asked = max(self.stats.max_asked, asked_tokens(body) or 0)
         stream = body.get("stream", True) is not False
 

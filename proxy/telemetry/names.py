@@ -117,6 +117,26 @@ M_VALIDATION_FAILURES = "toolmend.validation.failures"
 M_RETRIES = "toolmend.retries"
 M_UPSTREAM_ERRORS = "toolmend.upstream.errors"
 M_INVALID_UTF8 = "toolmend.upstream.invalid_utf8"
+# the pod's load, for an inference gateway's endpoint picker (telemetry/model_server.py)
+M_REQUESTS_WAITING = "toolmend.requests.waiting"  # toolmend's queue plus the backend's own
+M_REQUESTS_RUNNING = "toolmend.requests.running"
+M_SLOTS = "toolmend.slots"
+M_SLOTS_BUSY = "toolmend.slots.busy"
+M_BACKEND_WAITING = "toolmend.backend.requests.waiting"
+M_BACKEND_RUNNING = "toolmend.backend.requests.running"
+M_BACKEND_KV_USAGE = "toolmend.backend.kv_cache.usage"  # ratio, 0 to 1
+M_BACKEND_LOAD_AGE = "toolmend.backend.load.age"  # seconds since the backend was read
+
+# The model-server protocol of the Gateway API Inference Extension: the names its endpoint
+# picker reads from a vLLM-protocol server by default (--total-queued-requests-metric,
+# --total-running-requests-metric, --kv-cache-usage-percentage-metric, --lora-info-metric,
+# --cache-info-metric); gpu_cache_usage_perc is the older vLLM name of the KV one.
+MSP_WAITING = "vllm:num_requests_waiting"
+MSP_RUNNING = "vllm:num_requests_running"
+MSP_KV_USAGE = "vllm:kv_cache_usage_perc"
+MSP_KV_USAGE_OLD = "vllm:gpu_cache_usage_perc"
+MSP_LORA_INFO = "vllm:lora_requests_info"
+MSP_CACHE_INFO = "vllm:cache_config_info"
 
 # toolmend's own metric labels (beside the GenAI attributes and toolmend.front)
 LABEL_STATUS = "status"
@@ -138,6 +158,7 @@ QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 GENAI = "semantic-conventions-genai v0.1.0"
 GENERAL = "semantic-conventions v1.41 (stable)"
 OWN = "toolmend"
+MSP = "Gateway API Inference Extension model-server protocol (vLLM names)"
 
 EMITTED: dict[str, str] = {
     # span names and operation values
@@ -160,7 +181,12 @@ EMITTED: dict[str, str] = {
     M_TTFT: GENAI, M_REQUEST_DURATION: GENAI, M_TOKEN_USAGE: GENAI,
     **dict.fromkeys((M_QUEUE_WAIT, M_IN_FLIGHT, M_QUEUE_DEPTH, M_REQUESTS, M_REPAIRS,
                      M_VALIDATION_FAILURES, M_RETRIES, M_UPSTREAM_ERRORS, M_INVALID_UTF8,
-                     LABEL_STATUS, LABEL_KIND, LABEL_CODE), OWN),
+                     LABEL_STATUS, LABEL_KIND, LABEL_CODE, M_REQUESTS_WAITING,
+                     M_REQUESTS_RUNNING, M_SLOTS, M_SLOTS_BUSY, M_BACKEND_WAITING,
+                     M_BACKEND_RUNNING, M_BACKEND_KV_USAGE, M_BACKEND_LOAD_AGE), OWN),
+    # the names an inference gateway's endpoint picker reads (their labels are the backend's)
+    **dict.fromkeys((MSP_WAITING, MSP_RUNNING, MSP_KV_USAGE, MSP_KV_USAGE_OLD, MSP_LORA_INFO,
+                     MSP_CACHE_INFO), MSP),
     # toolmend's span attributes, events and event attributes
     **dict.fromkeys((
         TM_REQUEST_ID, TM_STEP, TM_SESSION_SOURCE, TM_FRONT, TM_SESSION_STEPS,
@@ -194,4 +220,4 @@ def prometheus_name(otel_name: str) -> str:
     Prometheus allows only ``[a-zA-Z0-9_:]``; the unit suffix (``_seconds``) and ``_total`` are
     added by prometheus-client, as the OpenTelemetry-to-Prometheus mapping does.
     """
-    return "".join(c if c.isalnum() or c == "_" else "_" for c in otel_name)
+    return "".join(c if c.isalnum() or c in "_:" else "_" for c in otel_name)

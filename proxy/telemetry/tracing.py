@@ -69,6 +69,7 @@ from toolmend.server.context import RequestContext
 from toolmend.server.errors import ProxyError
 from toolmend.server.identity import Identity, tracker
 from toolmend.server.keys import SCHEDULER, UPSTREAM
+from toolmend.telemetry import model_server
 from toolmend.telemetry import names as n
 from toolmend.telemetry.metrics import Metrics
 from toolmend.telemetry.sessions import SessionTracker, StepRecord, dumps
@@ -948,7 +949,8 @@ def _check_admin(request: web.Request) -> None:
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
-    _check_admin(request)
+    # loopback, the admin key, or the scrape key and networks
+    model_server.check_scrape(request, request.app[TELEMETRY].settings)
     body = generate_latest(request.app[TELEMETRY].metrics.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
