@@ -36,8 +36,6 @@ from toolmend.server.errors import ProxyError
 from toolmend.server.keys import CTX, SETTINGS, UPSTREAM
 from toolmend.server.request_body import check_chat_body, check_counts
 
-#: The Ollama API version toolmend implements; clients gate features on it.
-OLLAMA_API_VERSION = "0.12.6"
 NDJSON = "application/x-ndjson"
 #: /api/ps reports models as loaded until this far ahead (toolmend does not unload them).
 PS_EXPIRY = "2318-01-01T00:00:00Z"
@@ -263,7 +261,9 @@ async def api_show(request: web.Request) -> web.Response:
 
 
 async def api_version(request: web.Request) -> web.Response:
-    return _json({"version": OLLAMA_API_VERSION})
+    """The Ollama version toolmend answers as (``ollama_version``, default
+    :data:`~toolmend.server.config.OLLAMA_VERSION`): clients gate features on it."""
+    return _json({"version": request.app[SETTINGS].ollama_version})
 
 
 async def root(request: web.Request) -> web.Response:
