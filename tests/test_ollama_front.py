@@ -230,3 +230,14 @@ async def test_unrepairable_call_is_an_explicit_error(stack: Stack, stream: bool
     if not stream:
         assert e.value.status_code == 502
     assert stack.sim.stats.requests == 2  # one retry, then the error
+
+
+async def test_version_is_current_and_configurable(make_stack: StackFactory) -> None:
+    """Clients gate on the version: Codex's --oss mode refuses an Ollama older than 0.13.4."""
+    default = await make_stack("vllm")
+    pinned = await make_stack("vllm", ollama_version="0.15.0")
+    async with aiohttp.ClientSession() as s:
+        async with s.get(default.url + "/api/version") as r:
+            assert await r.json() == {"version": "0.14.3"}
+        async with s.get(pinned.url + "/api/version") as r:
+            assert await r.json() == {"version": "0.15.0"}
