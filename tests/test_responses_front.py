@@ -18,6 +18,11 @@ import orjson
 import pytest
 from openai import AsyncOpenAI
 
+from toolmend.server.app import build_app, start_server
+from toolmend.server.auth import hash_key
+from toolmend.server.config import Settings
+from toolmend.sim.server import SimBackend
+
 from .conftest import Stack, StackFactory
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string"},
@@ -353,3 +358,31 @@ async def test_get_and_delete_of_unknown_ids_are_404(make_stack: StackFactory,
                 doc = await r.json()
                 assert doc["error"]["code"] == "not_found"
                 assert "resp_nope" in doc["error"]["message"]
+
+
+async def test_a_stored_response_belongs_to_its_keys_agent(tmp_path: Any) -> None:
+    keys = {"planner": "tm-key-planner-1111", "coder": "tm-key-coder-2222"}
+    cfg = tmp_path / "toolmend.toml"
+    cfg.write_text("".join(f'[keys."{hash_key(k)}"]\nagent = "{a}"\n' for a, k in keys.items()))
+    sim = SimBackend("vllm")
+    await sim.start()
+    conf = Settings(log_requests=False, state_dir=str(tmp_path))
+    conf.config_path = str(cfg)
+    runner, port = await start_server(build_app(conf, [sim.url]), "127.0.0.1", 0)
+    base = f"http://127.0.0.1:{port}/v1"
+    planner, coder = (AsyncOpenAI(base_url=base, api_key=k, max_retries=0)
+                      for k in keys.values())
+    _clients.extend((planner, coder))
+    try:
+        mine = await planner.responses.create(model="sim-model", input="hi")
+        with pytest.raises(openai.NotFoundError):
+            await coder.responses.retrieve(mine.id)
+        with pytest.raises(openai.NotFoundError):
+            await coder.responses.create(model="sim-model", input="more",
+                                         previous_response_id=mine.id)
+        with pytest.raises(openai.NotFoundError):
+            await coder.responses.delete(mine.id)
+        assert (await planner.responses.retrieve(mine.id)).id == mine.id  # still there
+    finally:
+        await runner.cleanup()
+        await sim.stop()
