@@ -386,3 +386,16 @@ async def test_a_stored_response_belongs_to_its_keys_agent(tmp_path: Any) -> Non
     finally:
         await runner.cleanup()
         await sim.stop()
+
+
+async def test_an_upstream_failure_mid_stream_ends_in_response_failed(make_stack: StackFactory,
+                                                                     tmp_path: Any) -> None:
+    stack = await backend(make_stack, "vllm", tmp_path)
+    stack.sim.push({"content": "one two three four five six",
+                    "fault": {"kind": "reset", "after": 3}})
+    got = await stream_events(stack)
+    # the sim's first three chunks: the role, "one", " two"; then the connection is reset
+    assert "".join(e.delta for e in got if e.type == "response.output_text.delta") == "one two"
+    assert got[-1].type == "response.failed"
+    assert got[-1].response.error.code == "upstream_disconnected"
+    assert got[-1].response.output[0].status == "incomplete"
