@@ -21,6 +21,7 @@ from openai import AsyncOpenAI
 from toolmend.server.app import build_app, start_server
 from toolmend.server.auth import hash_key
 from toolmend.server.config import Settings
+from toolmend.server.keys import SCHEDULER
 from toolmend.sim.server import SimBackend
 
 from .conftest import Stack, StackFactory
@@ -70,6 +71,14 @@ async def stream_events(stack: Stack, **kw: Any) -> list[Any]:
         async for ev in s:
             got.append(ev)
     return got
+
+
+async def until(condition: Any) -> None:
+    """Wait for a condition another task brings about (no time bound: it is the event)."""
+    while True:
+        if condition():
+            return
+        await asyncio.sleep(0.01)
 
 
 def calls_of(output: list[Any]) -> list[tuple[str, Any]]:
@@ -399,3 +408,24 @@ async def test_an_upstream_failure_mid_stream_ends_in_response_failed(make_stack
     assert got[-1].type == "response.failed"
     assert got[-1].response.error.code == "upstream_disconnected"
     assert got[-1].response.output[0].status == "incomplete"
+
+
+async def test_a_client_that_leaves_mid_stream_releases_slot_and_upstream(
+        tmp_path: Any) -> None:
+    sim = SimBackend("vllm")
+    await sim.start()
+    app = build_app(Settings(log_requests=False, state_dir=str(tmp_path)), [sim.url])
+    runner, port = await start_server(app, "127.0.0.1", 0)
+    sim.push({"fault": {"kind": "endless"}, "token_delay": 0.005})
+    try:
+        async with aiohttp.ClientSession() as s:
+            resp = await s.post(f"http://127.0.0.1:{port}/v1/responses",
+                                json={"model": "sim-model", "input": "go", "stream": True})
+            await resp.content.readuntil(b"response.output_text.delta")
+            resp.close()
+        # the upstream call is closed and the slot given back
+        await until(lambda: bool(sim.stats.disconnects) and app[SCHEDULER].in_flight == 0)
+        assert sim.stats.requests == 1
+    finally:
+        await runner.cleanup()
+        await sim.stop()

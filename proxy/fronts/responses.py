@@ -172,14 +172,14 @@ class ResponsesDownstream(Downstream):
     async def close(self) -> web.StreamResponse:
         head = self._open()
         out = head + self.encoder.feed(self._decoder.finish()) + self.encoder.finish()
-        self._final()
         if self.whole:
             await self.stop_keepalive()
             doc = self.encoder.response()
-            if doc["status"] == "failed":  # an error event inside the stream
+            if doc["status"] == "failed":  # an error event inside the stream: not kept
                 err = doc["error"] or {}
                 return await self.fail(ProxyError(502, err.get("message", "reply failed"),
                                                   code=err.get("code")))
+            self._final()
             self.ctx.status = 200
             body = orjson.dumps(doc)
             self.ctx.bytes_out += len(body)
@@ -188,6 +188,7 @@ class ResponsesDownstream(Downstream):
             if self.encoder.notes:
                 headers["X-Toolmend-Repairs"] = _header("; ".join(self.encoder.notes))
             return web.Response(body=body, content_type="application/json", headers=headers)
+        self._final()
         await super().write(out)
         return await super().close()
 
