@@ -358,6 +358,9 @@ def openai_messages_to_ollama(messages: Any) -> list[dict[str, Any]]:
                                "content": text}
         if images:
             msg["images"] = images
+        thinking = m.get("reasoning_content") or m.get("reasoning")
+        if role == "assistant" and isinstance(thinking, str) and thinking:
+            msg["thinking"] = thinking  # reasoning carried back in the history
         if role == "assistant" and m.get("tool_calls"):
             calls = []
             for tc in m["tool_calls"]:

@@ -72,3 +72,28 @@ async def test_same_loop_straight_to_the_buggy_server_fails(framework: str) -> N
     assert calls != INTENDED_CALLS
     assert calls == []  # the leaked call reached the agent as text: no tool ran at all
     assert "<tool_call>" in answer
+
+
+@pytest.mark.parametrize("streamed", [True, False])
+async def test_agents_sdk_default_responses_model_runs_the_loop(streamed: bool) -> None:
+    """The Agents SDK on its default model (``OpenAIResponsesModel``, ``POST /v1/responses``),
+    streamed and not: the same loop, both tools run exactly, one request per step."""
+    module = _responses_example()
+    calls: list[tuple[str, dict[str, Any]]] = []
+    async with LocalStack() as stack:
+        answer = await module.run_loop(stack.toolmend_url + "/v1", calls, "sim-model",
+                                       streamed=streamed)
+        requests = stack.sim.stats.requests
+    assert calls == INTENDED_CALLS
+    assert type(calls[0][1]["days"]) is int
+    assert answer.strip() == FINAL_ANSWER
+    assert requests == 3
+
+
+def _responses_example() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("example_openai_agents_responses_loop",
+                                                  EXAMPLES / "openai_agents_responses_loop.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

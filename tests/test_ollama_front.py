@@ -230,3 +230,31 @@ async def test_unrepairable_call_is_an_explicit_error(stack: Stack, stream: bool
     if not stream:
         assert e.value.status_code == 502
     assert stack.sim.stats.requests == 2  # one retry, then the error
+
+
+async def test_version_is_current_and_configurable(make_stack: StackFactory) -> None:
+    """Clients gate on the version: Codex's --oss mode refuses an Ollama older than 0.13.4."""
+    default = await make_stack("vllm")
+    pinned = await make_stack("vllm", ollama_version="0.15.0")
+    async with aiohttp.ClientSession() as s:
+        async with s.get(default.url + "/api/version") as r:
+            assert await r.json() == {"version": "0.14.3"}
+        async with s.get(pinned.url + "/api/version") as r:
+            assert await r.json() == {"version": "0.15.0"}
+
+
+async def test_pull_of_a_served_model_succeeds_and_of_another_says_why(
+        make_stack: StackFactory) -> None:
+    """Clients pull a model they do not see (Codex --oss does); toolmend cannot pull."""
+    stack = await make_stack("vllm")
+    await client(stack).pull("sim-model")  # served: "pulled" at once
+    with pytest.raises(ollama.ResponseError) as e:
+        await client(stack).pull("gpt-oss:20b")
+    assert e.value.status_code == 404
+    assert "'gpt-oss:20b' is not served by the backend behind toolmend" in e.value.error
+    assert "(sim-model)" in e.value.error
+    # streamed, as Ollama reports a failed pull: an error line in the progress stream
+    with pytest.raises(ollama.ResponseError) as e:
+        async for _ in await client(stack).pull("gpt-oss:20b", stream=True):
+            pass
+    assert "'gpt-oss:20b' is not served by the backend behind toolmend" in e.value.error

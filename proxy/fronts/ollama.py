@@ -36,8 +36,6 @@ from toolmend.server.errors import ProxyError
 from toolmend.server.keys import CTX, SETTINGS, UPSTREAM
 from toolmend.server.request_body import check_chat_body, check_counts
 
-#: The Ollama API version toolmend implements; clients gate features on it.
-OLLAMA_API_VERSION = "0.12.6"
 NDJSON = "application/x-ndjson"
 #: /api/ps reports models as loaded until this far ahead (toolmend does not unload them).
 PS_EXPIRY = "2318-01-01T00:00:00Z"
@@ -262,8 +260,45 @@ async def api_show(request: web.Request) -> web.Response:
                   "modified_at": _now_rfc3339()})
 
 
+async def api_pull(request: web.Request) -> web.Response:
+    """toolmend cannot pull models, but clients pull a model they do not see in ``/api/tags``
+    (Codex's ``--oss`` mode does): a model the backend serves is "pulled" at once; any other
+    gets a 404 that says where the model must be loaded, and which ones are served."""
+    ctx: RequestContext = request[CTX]
+    try:
+        body = await read_json_request(request, any_content_type=True)
+    except ProxyError as e:
+        ctx.status, ctx.error_code = e.status, e.code
+        return ollama_error(e)
+    name = body.get("model") or body.get("name")
+    if not isinstance(name, str) or not name:
+        return ollama_error(ProxyError(400, "model is required", param="model"))
+    ids = await _discover(request, _model_ids)
+    if isinstance(ids, web.Response):
+        return ids
+    stream = body.get("stream") is not False
+    if not any(_same_model(name, m) for m in ids):
+        served = ", ".join(ids[:20]) or "none"
+        err = ProxyError(404, f"model '{name[:128]}' is not served by the backend behind "
+                         "toolmend, which cannot pull models: load it on the backend, or use "
+                         f"one it serves ({served})", code="model_not_found")
+        if not stream:
+            return ollama_error(err)
+        # as Ollama reports a failed pull: an error line in the progress stream, which
+        # clients show (Codex prints only the status of a refused request)
+        ctx.error_code = err.code
+        return web.Response(body=orjson.dumps({"error": err.message}) + b"\n",
+                            content_type=NDJSON)
+    doc = orjson.dumps({"status": "success"})
+    if not stream:
+        return web.Response(body=doc, content_type="application/json")
+    return web.Response(body=doc + b"\n", content_type=NDJSON)
+
+
 async def api_version(request: web.Request) -> web.Response:
-    return _json({"version": OLLAMA_API_VERSION})
+    """The Ollama version toolmend answers as (``ollama_version``, default
+    :data:`~toolmend.server.config.OLLAMA_VERSION`): clients gate features on it."""
+    return _json({"version": request.app[SETTINGS].ollama_version})
 
 
 async def root(request: web.Request) -> web.Response:
@@ -293,6 +328,7 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/api/tags", api_tags)
     r.add_get("/api/version", api_version)
     r.add_post("/api/show", api_show)
+    r.add_post("/api/pull", api_pull)
     r.add_get("/api/ps", api_ps)
     r.add_get("/", root)
 

@@ -63,9 +63,11 @@ async def read_body(request: web.Request, limit: int, timeout: float = 0.0) -> b
                          headers={"Connection": "close"}) from None
 
 
-async def read_json_request(request: web.Request, *, any_content_type: bool = False
-                        ) -> dict[str, Any]:
-    """``any_content_type``: Ollama clients (``curl -d``) send JSON under any type."""
+async def read_json_request(request: web.Request, *, any_content_type: bool = False,
+                            identify: bool = True) -> dict[str, Any]:
+    """``any_content_type``: Ollama clients (``curl -d``) send JSON under any type.
+    ``identify=False``: the front calls :func:`identify_request` itself, on its translated
+    body (the fingerprint reads chat ``messages``)."""
     settings = request.app[SETTINGS]
     raw = await read_body(request, settings.max_body_bytes, settings.body_timeout)
     ctype = ("application/json" if any_content_type
@@ -74,6 +76,14 @@ async def read_json_request(request: web.Request, *, any_content_type: bool = Fa
                                 admit=lambda size: request.app[LARGE_BODIES].admit(request,
                                                                                     size),
                                 max_values=settings.max_body_values)
+    if identify:
+        identify_request(request, body)
+    return body
+
+
+def identify_request(request: web.Request, body: dict[str, Any]) -> None:
+    """Agent and session by the trust table (identity.py), the key's model allow-list, and the
+    model on the context."""
     ctx: RequestContext = request[CTX]
     ident = identity.resolve(request, body)  # the trust table: see identity.py
     ctx.agent_id, ctx.session_id = ident.agent, ident.session
@@ -81,7 +91,6 @@ async def read_json_request(request: web.Request, *, any_content_type: bool = Fa
     auth.check_body(request, body)
     model = body.get("model")
     ctx.model = model if isinstance(model, str) else None
-    return body
 
 
 DownstreamFactory = Callable[[web.Request, RequestContext, float], Downstream]

@@ -27,6 +27,9 @@ def opt(default: Any, help: str, *, flag: str | None = None, metavar: str | None
 BACKENDS = ("auto", "vllm", "llamacpp", "ollama", "sglang", "tgi", "openai", "embedded")
 POLICIES = ("repair", "retry", "error", "pass")
 SERVER_TOOL_PARSER = ("auto", "bypass", "trust")
+#: The Ollama version toolmend answers as by default: a current one, since clients gate on it
+#: (Codex's ``--oss`` mode refuses anything older than 0.13.4).
+OLLAMA_VERSION = "0.14.3"
 
 
 @dataclass
@@ -250,6 +253,16 @@ class Settings:
                                         "upstream_reply_too_large)", metavar="BYTES")
     log_level: str = opt("info", "log level", choices=("debug", "info", "warning", "error"))
     log_requests: bool = opt(True, "log one structured line per request")
+    responses_store_max: int = opt(1024, "responses kept for previous_response_id and GET "
+                                   "/v1/responses/{id} (0: none kept)")
+    responses_store_bytes: int = opt(128 * 1024 * 1024, "memory the kept responses may hold, "
+                                     "each counted with the whole conversation it continues "
+                                     "(oldest dropped first)", metavar="BYTES")
+    responses_store_ttl: float = opt(3600.0, "seconds a kept response stays (0: no age limit; "
+                                     "the count and size limits still hold)", metavar="S")
+    ollama_version: str = opt(OLLAMA_VERSION, "Ollama version the Ollama API reports at "
+                              "/api/version (clients such as Codex --oss refuse old ones)",
+                              metavar="VERSION")
     state_dir: str = opt("", "folder where toolmend keeps what must survive a restart (the "
                          "generated signing key) (default: $XDG_STATE_HOME/toolmend, else "
                          "~/.local/state/toolmend)", metavar="DIR")

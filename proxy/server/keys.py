@@ -13,6 +13,7 @@ from aiohttp import web
 
 if TYPE_CHECKING:
     from toolmend.backends.upstream import UpstreamClient
+    from toolmend.fronts.responses_store import ResponseStore
     from toolmend.scheduling.scheduler import FairScheduler
     from toolmend.server.config import Settings
     from toolmend.server.context import RequestContext
@@ -23,4 +24,6 @@ UPSTREAM: web.AppKey[UpstreamClient] = web.AppKey("upstream")
 SCHEDULER: web.AppKey[FairScheduler] = web.AppKey("scheduler")
 #: signs what clients bring back (thinking signatures, encrypted reasoning); made on first use
 SIGNER: web.AppKey[Signer] = web.AppKey("signer")
+#: responses kept for previous_response_id (the Responses front makes it)
+RESPONSES: web.AppKey[ResponseStore] = web.AppKey("responses")
 CTX: web.RequestKey[RequestContext] = web.RequestKey("ctx")

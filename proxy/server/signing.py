@@ -14,6 +14,8 @@ import hmac
 import os
 import secrets
 from pathlib import Path
+from typing import Any
+from weakref import WeakKeyDictionary
 
 KEY_FILE = "signing.key"
 
@@ -78,12 +80,15 @@ class Signer:
 
 def app_signer(app: object) -> Signer:
     """The app's signer, made on first use (the key file is only touched by a front that
-    signs something)."""
+    signs something). Kept beside the app rather than in it: a started application is frozen,
+    and the first use comes from a request."""
     from toolmend.server.keys import SETTINGS, SIGNER
 
-    signer = app.get(SIGNER)  # type: ignore[attr-defined]
+    signer = app.get(SIGNER) or _SIGNERS.get(app)  # type: ignore[attr-defined]
     if signer is None:
         settings = app[SETTINGS]  # type: ignore[index]
-        signer = Signer(load_key(settings.signing_key, settings.state_dir))
-        app[SIGNER] = signer  # type: ignore[index]
+        signer = _SIGNERS[app] = Signer(load_key(settings.signing_key, settings.state_dir))
     return signer
+
+
+_SIGNERS: WeakKeyDictionary[Any, Signer] = WeakKeyDictionary()
