@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from toolmend.fronts import ollama, openai_chat
+from toolmend.fronts import anthropic, ollama, openai_chat
 from toolmend.server.errors import ProxyError
 
 #: in registration order; a new front is one module and one line here
-FRONTS = (openai_chat, ollama)
+FRONTS = (openai_chat, ollama, anthropic)
 
 
 def add_routes(app: web.Application) -> None:
