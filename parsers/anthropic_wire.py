@@ -25,9 +25,10 @@ The mapping, and what it cannot carry:
   ``input_schema``) cannot run on a local backend and are dropped. ``tool_choice`` maps to
   ``auto`` / ``required`` / a named function / ``none``; ``disable_parallel_tool_use`` to
   ``parallel_tool_calls: false``.
-- ``thinking`` (``enabled``, ``adaptive`` or ``disabled``) becomes the template switch
-  ``chat_template_kwargs.enable_thinking`` (``budget_tokens`` cannot be honoured); without it,
-  thinking is off, as on Anthropic's API.
+- ``thinking``: ``disabled`` (or no ``thinking``: off, as on Anthropic's API) becomes the
+  template switch ``chat_template_kwargs.enable_thinking: false``; ``enabled`` and ``adaptive``
+  leave the backend's default on (``budget_tokens`` cannot be honoured) and show its reasoning
+  as thinking blocks.
 - What a local backend cannot honour is accepted and ignored, never refused: cache-control
   marks, ``context_management``, ``output_config``, citations, ``defer_loading``, unknown
   top-level fields. :attr:`Translated.ignored` lists them for the response header.
@@ -109,7 +110,7 @@ def signed_thinking(block: dict[str, Any], check: Check) -> str | None:
     if sig.startswith(SIG_HIDDEN):
         packed, _, mac = sig[len(SIG_HIDDEN):].rpartition(".")
         try:
-            data = base64.urlsafe_b64decode(packed.encode("ascii"))
+            data = base64.b64decode(packed.encode("ascii"), altchars=b"-_", validate=True)
         except (binascii.Error, ValueError, UnicodeEncodeError):
             return None
         if not check(data, mac):
@@ -440,7 +441,12 @@ def _thinking(thinking: Any, out: Translated, body: dict[str, Any]) -> None:
             raise _err(f"must be 'enabled', 'adaptive' or 'disabled', not {kind!r}",
                        "thinking.type")
     out.thinking = enabled
-    body["chat_template_kwargs"] = {"enable_thinking": enabled}
+    if not enabled:
+        # off, as on Anthropic's API. On, the switch is left to the backend's default: toolmend
+        # reads ``enable_thinking: true`` as "the template opens reasoning in the prompt", which
+        # is not true of every template (and a model that cannot reason would have its whole
+        # answer read as reasoning); the model-name tables decide instead (parsers/reasoning.py)
+        body["chat_template_kwargs"] = {"enable_thinking": False}
 
 
 def messages_to_openai(body: dict[str, Any], check: Check, *,

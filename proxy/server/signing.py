@@ -14,6 +14,8 @@ import hmac
 import os
 import secrets
 from pathlib import Path
+from typing import Any
+from weakref import WeakKeyDictionary
 
 KEY_FILE = "signing.key"
 
@@ -76,14 +78,18 @@ class Signer:
         return hmac.compare_digest(self.sign(purpose, data), signature)
 
 
+#: signers made on first use, per app (an app that is already running cannot take a new key
+#: without aiohttp's deprecation warning, and the key file is only read when needed)
+_MADE: WeakKeyDictionary[Any, Signer] = WeakKeyDictionary()
+
+
 def app_signer(app: object) -> Signer:
-    """The app's signer, made on first use (the key file is only touched by a front that
-    signs something)."""
+    """The app's signer: one put under ``SIGNER`` before start, else one made on first use
+    (the key file is only touched by a front that signs something)."""
     from toolmend.server.keys import SETTINGS, SIGNER
 
-    signer = app.get(SIGNER)  # type: ignore[attr-defined]
+    signer = app.get(SIGNER) or _MADE.get(app)  # type: ignore[attr-defined]
     if signer is None:
         settings = app[SETTINGS]  # type: ignore[index]
-        signer = Signer(load_key(settings.signing_key, settings.state_dir))
-        app[SIGNER] = signer  # type: ignore[index]
+        signer = _MADE[app] = Signer(load_key(settings.signing_key, settings.state_dir))
     return signer

@@ -76,7 +76,8 @@ from toolmend.telemetry.sessions import SessionTracker, StepRecord, dumps
 log = logging.getLogger("toolmend.telemetry.tracing")
 
 RECORDED_PATHS = {"/v1/chat/completions": n.OP_CHAT, "/v1/completions": n.OP_TEXT_COMPLETION,
-                  "/api/chat": n.OP_CHAT, "/api/generate": n.OP_CHAT}  # the Ollama front
+                  "/api/chat": n.OP_CHAT, "/api/generate": n.OP_CHAT,  # the Ollama front
+                  "/v1/messages": n.OP_CHAT}  # the Anthropic front
 TRACE_KEY = "trace"  # ctx.extra[TRACE_KEY]: the RequestTrace made by prepare()
 UPSTREAM_HEADERS_KEY = "upstream_headers"  # ctx.extra: extra headers for the upstream call
 SESSION_ID_MAX = 128
