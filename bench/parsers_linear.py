@@ -22,12 +22,10 @@ import time
 
 from _common import replace_section
 
-from toolmend.parsers.formats import make_parser
+from toolmend.parsers.formats import FORMATS, make_parser
 from toolmend.parsers.mender import ChatMender
 from toolmend.parsers.stream import StreamPipeline
 from toolmend.sim.scenario import split_tokens
-
-_DS_CALL = "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>"
 
 
 def _value(n: int) -> str:
@@ -38,47 +36,12 @@ def _value(n: int) -> str:
 
 
 def stream(fmt: str, n: int) -> str:
-    """A reply carrying one call whose arguments are about n characters long."""
-    args = '{"items": ' + _value(n) + "}"
-    if fmt == "hermes":
-        return '<tool_call>\n{"name": "write", "arguments": ' + args + "}\n</tool_call>"
-    if fmt == "llama3_json":
-        return '{"name": "write", "parameters": ' + args + "}"
-    if fmt == "mistral":
-        return "[TOOL_CALLS]write[ARGS]" + args
-    if fmt == "deepseek_v3":
-        return (_DS_CALL + "function<｜tool▁sep｜>write\n```json\n" + args
-                + "\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>")
-    if fmt == "deepseek_v31":
-        return _DS_CALL + "write<｜tool▁sep｜>" + args + "<｜tool▁call▁end｜><｜tool▁calls▁end｜>"
-    if fmt == "qwen3_coder":
-        return ("<tool_call>\n<function=write>\n<parameter=text>\n" + "x" * n
-                + "\n</parameter>\n</function>\n</tool_call>")
-    if fmt == "pythonic":
-        return "[write(items=" + _value(n) + ")]"
-    if fmt == "granite":
-        return '<|tool_call|>[{"name": "write", "arguments": ' + args + "}]"
-    if fmt == "phi4_mini":
-        return 'functools[{"name": "write", "arguments": ' + args + "}]"
-    if fmt == "generic_json":
-        return '{"name": "write", "arguments": ' + args + "}"
-    if fmt == "glm45":
-        return ("<tool_call>write\n<arg_key>text</arg_key>\n<arg_value>" + "x" * n
-                + "</arg_value>\n</tool_call>")
-    if fmt == "minimax_m2":
-        return ('<minimax:tool_call>\n<invoke name="write">\n<parameter name="text">' + "x" * n
-                + "</parameter>\n</invoke>\n</minimax:tool_call>")
-    if fmt == "kimi_k2":
-        return ("<|tool_calls_section_begin|><|tool_call_begin|>functions.write:0"
-                "<|tool_call_argument_begin|>" + args
-                + "<|tool_call_end|><|tool_calls_section_end|>")
-    if fmt == "gpt_oss":
-        return ("<|channel|>commentary to=functions.write <|constrain|>json<|message|>" + args
-                + "<|call|>")
-    if fmt == "functiongemma":
-        return ("<start_function_call>call:write{text:<escape>" + "x" * n
-                + "<escape>}<end_function_call>")
-    raise SystemExit(f"no stream for format {fmt!r}")
+    """A reply carrying one call whose arguments are about n characters long: the sample call
+    the format declares (``ToolFormat.sample``), grown."""
+    if fmt not in FORMATS or not FORMATS[fmt].sample:
+        raise SystemExit(f"no sample call declared for format {fmt!r}")
+    value = _value(n)
+    return FORMATS[fmt].sample_call(args='{"items": ' + value + "}", value=value, text="x" * n)
 
 
 WRITE_TOOL = [{"type": "function", "function": {"name": "write", "parameters": {
@@ -104,9 +67,8 @@ def mender_time(text: str) -> float:
     return time.process_time() - start
 
 
-ALL = ["hermes", "qwen3_coder", "llama3_json", "pythonic", "mistral", "deepseek_v3",
-       "deepseek_v31", "granite", "glm45", "kimi_k2", "gpt_oss", "functiongemma", "phi4_mini",
-       "minimax_m2", "generic_json"]
+#: every registered format, in the registry's order
+ALL = list(FORMATS)
 
 
 # --- reasoning ---------------------------------------------------------------------------------

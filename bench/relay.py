@@ -49,6 +49,15 @@ also made in-process, without sockets or other processes: the per-request work o
 streamed tool-less reply (choosing the mending, the stream pipeline over every event,
 recording), check off and on, alternating, in CPU time. It replaces the ``## Tool-less chat:
 the undeclared-call check`` section.
+
+``--fc`` fits the relay's CPU cost per front as ``cpu(n) = F + n·c``: F the fixed cost of one
+request, c the marginal cost of one chunk. Each path (the bare relay, and toolmend on each
+front it serves: chat, Ollama, Anthropic Messages, Responses) runs replies of 10 and of 250
+tokens at 16 closed-loop streams against one sim per length; the relay process's CPU-seconds
+over a window, divided by the requests completed in it, gives cpu(10) and cpu(250), hence
+c = (cpu(250) − cpu(10)) / 240 and F = cpu(10) − 10·c. Rounds alternate the paths (rotating
+their order), and the medians over rounds are reported beside the bare relay's. It replaces the
+``## Cost per request and per chunk, per front`` section.
 """
 
 from __future__ import annotations
@@ -75,7 +84,12 @@ from aiohttp import web
 SELF = Path(__file__).resolve()
 SECTION = "## Relay overhead"
 UNDECLARED_SECTION = "## Tool-less chat: the undeclared-call check"
-UNDECLARED_MODES = ("off", "on")  # --undeclared-calls pass / refuse
+UNDECLARED_MODES = ("off", "on")
+FC_SECTION = "## Cost per request and per chunk, per front"
+FC_LENGTHS = (10, 250)
+FC_STREAMS = 16
+GOAL_FC_FIXED = 1.5  # toolmend's F within 1.5x the bare relay's, on every front
+GOAL_FC_CHUNK = 1.3  # and c within 1.3x  # --undeclared-calls pass / refuse
 LEVELS = (1, 16, 64, 256)
 MODES = ("direct", "toolmend", "bare")
 DATA = b"data: "
@@ -758,6 +772,180 @@ def render_undeclared(results: dict[int, dict[str, list[Round]]], cfg: argparse.
     return "\n".join(out) + "\n"
 
 
+# --- cost per request (F) and per chunk (c), per front ---------------------------------------
+
+_MSG = b'"messages":[{"role":"user","content":"Say something."}]'
+#: front -> (path, body, bytes that end a complete reply). Every body offers a tool, so the
+#: mender runs, as it does for an agent.
+FC_FRONTS: dict[str, tuple[str, bytes, bytes]] = {
+    "chat": ("/v1/chat/completions",
+             b'{"model":"sim-model","stream":true,' + _MSG + TOOLS + b"}", b"data: [DONE]"),
+    "ollama": ("/api/chat", b'{"model":"sim-model","stream":true,' + _MSG + TOOLS + b"}",
+               b'"done":true'),
+    "anthropic": ("/v1/messages",
+                  b'{"model":"sim-model","stream":true,"max_tokens":1024,' + _MSG
+                  + b',"tools":[{"name":"get_weather","description":"Current weather",'
+                  b'"input_schema":{"type":"object","properties":{"city":{"type":"string"}},'
+                  b'"required":["city"]}}]}', b"message_stop"),
+    "responses": ("/v1/responses",
+                  b'{"model":"sim-model","stream":true,"input":"Say something.",'
+                  b'"tools":[{"type":"function","name":"get_weather","description":"Current '
+                  b'weather","parameters":{"type":"object","properties":{"city":{"type":'
+                  b'"string"}},"required":["city"]}}]}', b"response.completed"),
+}
+
+
+@dataclass
+class FcRound:
+    requests: int = 0
+    cpu: float = 0.0
+    errors: int = 0
+
+    @property
+    def us_per_request(self) -> float:
+        return self.cpu / self.requests * 1e6 if self.requests else float("nan")
+
+
+async def _fc_round(session: aiohttp.ClientSession, url: str, body: bytes, end: bytes,
+                    relay: Proc, window: float) -> FcRound:
+    """16 closed-loop streams; the relay's CPU over the window per request completed in it."""
+    rnd = FcRound()
+    stop_at = time.perf_counter() + window
+    counting = False
+
+    async def one() -> None:
+        async with session.post(url, data=body, headers=HEADERS) as r:
+            raw = await r.read()
+            if r.status != 200 or end not in raw:
+                rnd.errors += 1
+                return
+        if counting:
+            rnd.requests += 1
+
+    async def worker() -> None:
+        while time.perf_counter() < stop_at:
+            await one()
+
+    # the window opens once every stream is running and closes when the last one ends, so
+    # every request counted had all of its CPU inside the window
+    workers = [asyncio.create_task(one()) for _ in range(FC_STREAMS)]
+    await asyncio.gather(*workers)
+    counting = True
+    cpu0 = relay.cpu_seconds()
+    await asyncio.gather(*(worker() for _ in range(FC_STREAMS)))
+    rnd.cpu = relay.cpu_seconds() - cpu0
+    return rnd
+
+
+def _fit(cpu10: float, cpu250: float) -> tuple[float, float]:
+    lo, hi = FC_LENGTHS
+    c = (cpu250 - cpu10) / (hi - lo)
+    return cpu10 - lo * c, c
+
+
+async def run_fc(cfg: argparse.Namespace) -> dict[str, tuple[float, float]]:
+    started = time.strftime("%Y-%m-%d %H:%M %Z")
+    load_before = load_average()
+    log_dir = Path(tempfile.mkdtemp(prefix="toolmend-bench-fc-"))
+    py = sys.executable
+    procs: list[Proc] = []
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                    timeout=aiohttp.ClientTimeout(total=120))
+    ok = False
+    try:
+        relays: dict[tuple[str, int], Proc] = {}
+        for n in FC_LENGTHS:
+            sim = Proc(f"sim{n}", [py, "-m", "toolmend", "sim", "--dialect", "vllm", "--port",
+                                   "0", "--slots", "512", "--ttft", str(cfg.ttft),
+                                   "--token-delay", str(cfg.token_delay), "--tokens", str(n)],
+                       log_dir)
+            procs.append(sim)
+            tm = Proc(f"toolmend{n}", [py, "-m", "toolmend", "serve", "--upstream", sim.url,
+                                       "--backend", "vllm", "--slots", "512", "--port", "0"],
+                      log_dir)
+            bare = Proc(f"bare{n}", [py, str(SELF), "--bare-relay", sim.url], log_dir)
+            procs += [tm, bare]
+            relays[("toolmend", n)] = tm
+            relays[("bare", n)] = bare
+        paths = ["bare"]
+        for front, (path, body, end) in FC_FRONTS.items():
+            async with session.post(relays[("toolmend", 10)].url + path, data=body,
+                                    headers=HEADERS) as r:
+                raw = await r.read()
+            if r.status == 200 and end in raw:
+                paths.append(front)
+            else:
+                print(f"# front {front}: not served ({r.status}); left out", file=sys.stderr)
+        cpu: dict[tuple[str, int], list[float]] = {}
+        errors = 0
+        for i in range(cfg.rounds):
+            order = paths[i % len(paths):] + paths[:i % len(paths)]
+            for p in order:
+                for n in FC_LENGTHS:
+                    if p == "bare":
+                        relay = relays[("bare", n)]
+                        path, body, end = FC_FRONTS["chat"]
+                    else:
+                        relay = relays[("toolmend", n)]
+                        path, body, end = FC_FRONTS[p]
+                    r = await _fc_round(session, relay.url + path, body, end, relay, cfg.window)
+                    errors += r.errors
+                    cpu.setdefault((p, n), []).append(r.us_per_request)
+                    print(f"# round {i + 1} {p:<10} n={n:<4} requests={r.requests:<5} "
+                          f"cpu/request={r.us_per_request:8.0f} us errors={r.errors}",
+                          file=sys.stderr, flush=True)
+        fits = {p: _fit(percentile(cpu[(p, 10)], 0.5), percentile(cpu[(p, 250)], 0.5))
+                for p in paths}
+        table = render_fc(fits, cpu, cfg, started, load_before, errors)
+        print(table)
+        if not cfg.no_write:
+            replace_section(table)
+            print(f"# wrote the {FC_SECTION!r} section of {BENCHMARKS}", file=sys.stderr)
+        ok = errors == 0
+        return fits
+    finally:
+        await session.close()
+        for p in reversed(procs):
+            p.stop()
+        if ok:
+            shutil.rmtree(log_dir, ignore_errors=True)
+
+
+def render_fc(fits: dict[str, tuple[float, float]], cpu: dict[tuple[str, int], list[float]],
+              cfg: argparse.Namespace, started: str, load_before: str, errors: int) -> str:
+    bare_f, bare_c = fits["bare"]
+    lines = [
+        FC_SECTION, "",
+        f"Measured {started} by `python bench/relay.py --fc` ({machine_line()}; load before "
+        f"{load_before}). Method: the relay process's CPU time per request for replies of "
+        f"{FC_LENGTHS[0]} and {FC_LENGTHS[1]} tokens at {FC_STREAMS} closed-loop streams "
+        f"(sim: {cfg.ttft * 1000:g} ms to first token, {cfg.token_delay * 1000:g} ms per "
+        f"token), fitted as `cpu(n) = F + n·c`; medians over {cfg.rounds} rounds, paths "
+        "alternating. Every request offers a tool, so toolmend's mender runs. The bare relay "
+        "relays chat completions; each toolmend front is compared with it.", "",
+        "| path | F per request (µs) | c per chunk (µs) | F / bare | c / bare "
+        f"| cpu({FC_LENGTHS[0]}) µs | cpu({FC_LENGTHS[1]}) µs |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for p, (f, c) in fits.items():
+        name = "bare aiohttp relay" if p == "bare" else f"toolmend, {p} front"
+        ratio_f = "1" if p == "bare" else f"{f / bare_f:.2f}×"
+        ratio_c = "1" if p == "bare" else f"{c / bare_c:.2f}×"
+        lines.append(f"| {name} | {f:,.0f} | {c:.1f} | {ratio_f} | {ratio_c} "
+                     f"| {percentile(cpu[(p, 10)], 0.5):,.0f} "
+                     f"| {percentile(cpu[(p, 250)], 0.5):,.0f} |")
+    lines += ["", f"Goals (DESIGN.md): F within {GOAL_FC_FIXED}× and c within {GOAL_FC_CHUNK}× "
+              "the bare relay's, on every front."]
+    for p, (f, c) in fits.items():
+        if p == "bare":
+            continue
+        okf, okc = f <= GOAL_FC_FIXED * bare_f, c <= GOAL_FC_CHUNK * bare_c
+        lines.append(f"- {p}: F {f / bare_f:.2f}× ({'met' if okf else 'NOT met'}), "
+                     f"c {c / bare_c:.2f}× ({'met' if okc else 'NOT met'})")
+    lines += ["", f"Errors (non-200 or incomplete replies): {errors}.", ""]
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--quick", action="store_true", help="short run (about a minute)")
@@ -777,6 +965,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--undeclared", action="store_true",
                     help="tool-less chat through toolmend with the undeclared-call check off "
                          "and on, side by side")
+    ap.add_argument("--fc", action="store_true",
+                    help="fit CPU per request (F) and per chunk (c) for each front against the "
+                         "bare relay")
     ap.add_argument("--bare-relay", metavar="UPSTREAM", help=argparse.SUPPRESS)
     cfg = ap.parse_args(argv)
     if cfg.rounds is None:
@@ -797,6 +988,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if cfg.undeclared:
         asyncio.run(run_undeclared(cfg))
+        return
+    if cfg.fc:
+        asyncio.run(run_fc(cfg))
         return
     asyncio.run(run(cfg))
 

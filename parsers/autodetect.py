@@ -2,43 +2,95 @@
 
 Until a known start marker appears, text streams through (holding back only a possible marker
 prefix). The first marker picks the format and hands the rest of the output to that format's
-parser. ``<tool_call>`` is shared by Hermes, Qwen3-Coder and GLM: the first non-space character
-after it decides (``{`` Hermes, ``<function=`` Qwen3-Coder, a name GLM).
+parser. The markers are the formats' own (``ToolFormat.markers`` and ``reasoning_markers``, read
+from the registry). A marker several formats declare (``<tool_call>``: Hermes, Qwen3-Coder and
+GLM) is decided by the first non-space text after it, as the formats declare it
+(``ToolFormat.marker_follows``: ``{`` Hermes, ``<function=`` Qwen3-Coder, anything else GLM).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from .events import Event
-from .formats import make_parser
+from .formats import FORMATS, ToolFormat, make_parser
 from .formats._stream import THINK_END, THINK_START, WS_LIMIT, Markers, emit_plain, skip_ws
 from .formats.base import MarkerParser
 
-SHARED_TOOL_CALL = "<tool_call>"
-START_MARKERS: dict[str, str] = {
-    SHARED_TOOL_CALL: "",  # decided by what follows
-    "[TOOL_CALLS]": "mistral",
-    "[THINK]": "mistral",  # Magistral's reasoning
-    "<|python_tag|>": "llama3_json",
-    "<|python_start|>": "pythonic",
-    "<｜tool▁calls▁begin｜>": "deepseek_v31",
-    "<｜tool▁call▁begin｜>": "deepseek_v31",
-    "<|tool_call|>": "granite",
-    "<|tool_calls_section_begin|>": "kimi_k2",
-    "<start_function_call>": "functiongemma",
-    "<minimax:tool_call>": "minimax_m2",
-    "<|channel|>": "gpt_oss",
-}
+
+@dataclass(frozen=True, slots=True)
+class SharedMarker:
+    """How a marker several formats declare is decided by the text after it."""
+
+    follows: tuple[tuple[str, str], ...]  # (what comes next, format), in registry order
+    if_empty: str  # the format when nothing follows the marker
+    otherwise: str  # the format that takes whatever the others do not
+
+    def decide(self, after: str, final: bool) -> str | None:
+        """The format for ``after`` (the text after the marker, without leading whitespace),
+        or None while more text could still change the answer."""
+        if not after:
+            return self.if_empty
+        for prefix, fmt in self.follows:
+            if after.startswith(prefix):
+                return fmt
+        if not final and any(p.startswith(after[:len(p)]) for p, _ in self.follows):
+            return None  # could still become one of the prefixes
+        return self.otherwise
+
+
+def shared_marker(marker: str, owners: list[ToolFormat]) -> SharedMarker:
+    """The rule for a marker the ``owners`` all declare, from their ``marker_follows``."""
+    names = [f.name for f in owners]
+    follows = [(p, f.name) for f in owners for p in f.marker_follows if p]
+    catch_all = [f.name for f in owners if not f.marker_follows]
+    if len(catch_all) != 1:
+        raise ValueError(f"marker {marker!r} is shared by {names}: exactly one of them must "
+                         "leave marker_follows empty (it takes whatever the others do not)")
+    for i, (p, f) in enumerate(follows):
+        for q, g in follows[i + 1:]:
+            if p.startswith(q) or q.startswith(p):
+                raise ValueError(f"marker {marker!r}: {f!r} and {g!r} both claim what starts "
+                                 f"with {min(p, q, key=len)!r}")
+    empty = [f.name for f in owners if "" in f.marker_follows]
+    if len(empty) > 1:
+        raise ValueError(f"marker {marker!r}: {empty} all claim a reply that ends after it")
+    return SharedMarker(tuple(follows), empty[0] if empty else catch_all[0], catch_all[0])
+
+
+def start_markers(formats: Iterable[ToolFormat]) -> tuple[dict[str, str],
+                                                           dict[str, SharedMarker]]:
+    """Start marker -> the format it picks (``""`` for a shared one), and the shared markers'
+    rules."""
+    formats = list(formats)
+    owners: dict[str, list[ToolFormat]] = {}
+    for fmt in formats:
+        for m in fmt.markers:
+            owners.setdefault(m, []).append(fmt)
+    for fmt in formats:
+        for m in fmt.reasoning_markers:
+            if m in owners:
+                raise ValueError(f"reasoning marker {m!r} of {fmt.name!r} is also a marker of "
+                                 f"{[f.name for f in owners[m]]}")
+            owners[m] = [fmt]
+    start = {m: f[0].name if len(f) == 1 else "" for m, f in owners.items()}
+    shared = {m: shared_marker(m, f) for m, f in owners.items() if len(f) > 1}
+    return start, shared
+
+
+#: start marker -> the format it picks ("" when several formats share it: see SHARED_MARKERS)
+START_MARKERS, SHARED_MARKERS = start_markers(FORMATS.values())
 _MARKERS = tuple(START_MARKERS)
 #: formats that do not follow ``<think>`` reasoning: their start marker inside reasoning is
 #: reasoning text, so a call written there can never fire
-_NOT_IN_REASONING = frozenset({"llama3_json", "pythonic", "gpt_oss"})
+_NOT_IN_REASONING = frozenset(f.name for f in FORMATS.values() if not f.calls_in_reasoning)
 # Until a format is chosen, ``<think>`` reasoning is followed here; a start marker met inside it
 # hands the rest to the chosen format still inside reasoning, where the call is a draft.
 _IN_TEXT = Markers(*_MARKERS, THINK_START, THINK_END)
 _IN_THINK = Markers(*_MARKERS, THINK_END)
-_DECIDE_LIMIT = 64  # characters after <tool_call> to wait for a decision
+_DECIDE_LIMIT = 64  # characters after a shared marker to wait for a decision
 
 
 class AutoParser(MarkerParser):
@@ -47,9 +99,9 @@ class AutoParser(MarkerParser):
 
     def __init__(self, tools: list[dict[str, Any]] | None = None) -> None:
         super().__init__(tools)
-        self._buf = ""  # held text: a possible marker prefix, or <tool_call> awaiting decision
+        self._buf = ""  # held text: a possible marker prefix, or a shared marker awaiting decision
         self._inner: MarkerParser | None = None
-        self._deciding = False
+        self._deciding = ""  # the shared marker held until what follows it decides
         self._thinking = False
         self._lead = False  # opened: a <think> at the very start is redundant
         self._boundary = False  # the server's reasoning field ended: decide what follows
@@ -162,24 +214,19 @@ class AutoParser(MarkerParser):
                 self._switch(fmt)
                 out.extend(self._inner.feed(rest))  # type: ignore[union-attr]
                 return out
-            self._deciding = True
+            self._deciding = tok
             return self._decide(rest, out, final)
 
     def _decide(self, buf: str, out: list[Event], final: bool) -> list[Event]:
-        after = buf[len(SHARED_TOOL_CALL):].lstrip()
+        after = buf[len(self._deciding):].lstrip()
         if not after and not final and len(buf) < _DECIDE_LIMIT:
             self._buf = buf
             return out
-        if after.startswith("<function="):
-            fmt = "qwen3_coder"
-        elif after.startswith("{") or not after or after.startswith("["):
-            fmt = "hermes"
-        elif "<function=".startswith(after[:10]) and not final:
-            self._buf = buf  # could still become <function=
+        fmt = SHARED_MARKERS[self._deciding].decide(after, final)
+        if fmt is None:
+            self._buf = buf
             return out
-        else:
-            fmt = "glm45"
-        self._deciding = False
+        self._deciding = ""
         self._buf = ""
         self._switch(fmt)
         out.extend(self._inner.feed(buf))  # type: ignore[union-attr]

@@ -44,9 +44,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .arguments import ArgumentText
-from .autodetect import AutoParser
+from .autodetect import START_MARKERS, AutoParser
 from .events import Event, Reasoning, Text, ToolCallArgs, ToolCallEnd, ToolCallStart
-from .formats import format_for_model, make_parser
+from .formats import FORMATS, format_for_model, make_parser
+from .formats._stream import THINK_START
 from .formats.base import MarkerParser
 from .reasoning import DEFAULT_FIELD, FIELDS, SERVER_FIELDS, ReasoningSignals
 from .repair import (
@@ -70,17 +71,15 @@ MAX_ARGUMENT_CHARS = 1 << 20
 #: out: marker strings, names, whitespace.
 _MARKUP_ALLOWANCE = 64 * 1024
 
-# Bytes that can begin a marker, per format (searched in the raw event after "content").
+# Bytes that can begin a marker, per format (searched in the raw event after "content"), as
+# each format declares them (``ToolFormat.triggers``); for detection by markers ("auto"), the
+# first character of every start marker and of ``<think>``.
 # A JSON-escaped character (\uXXXX) always sends the event to the parser.
-TRIGGERS: dict[str, tuple[bytes, ...]] = {
-    "llama3_json": (b"<", b"{"),
-    "pythonic": (b"<", b"["),
-    "mistral": (b"[",),
-    "phi4_mini": (b"f",),  # single characters only: a marker may be split across deltas
-    "generic_json": (b"{", b"[", b"`"),
-    "auto": (b"<", b"["),
-}
 DEFAULT_TRIGGERS = (b"<",)
+TRIGGERS: dict[str, tuple[bytes, ...]] = {
+    **{name: fmt.triggers for name, fmt in FORMATS.items()},
+    "auto": tuple(sorted({m[0].encode() for m in (*START_MARKERS, THINK_START)})),
+}
 _ESCAPE = b"\\u"
 _CONTENT = b'"content":'
 _REASONING_KEY = b'"reasoning'  # "reasoning" and "reasoning_content"

@@ -1,4 +1,5 @@
-"""OpenAI SSE (as toolmend sends it to a client) in, Ollama NDJSON out, sans-I/O.
+"""OpenAI SSE (as toolmend sends it to a client) in, Ollama NDJSON out, sans-I/O: the Ollama
+front's encoder of reply events (``reply.py``).
 
 When toolmend answers as an Ollama server, the request runs through the same pipeline as
 ``/v1/chat/completions``; this emitter sits where the client socket would be and rewrites the
@@ -19,7 +20,18 @@ from typing import Any
 import orjson
 
 from .ollama import done_reason_from_finish
-from .sse import DONE, SSEComment, SSEDecoder
+from .reply import (
+    ChatReplyDecoder,
+    Error,
+    Finish,
+    Reasoning,
+    ReplyEvent,
+    Text,
+    ToolCallArgs,
+    ToolCallEnd,
+    ToolCallStart,
+    Usage,
+)
 
 
 @dataclass(slots=True)
@@ -55,11 +67,13 @@ def arguments_object(text: str) -> Any:
 class OllamaEmitter:
     """``feed`` client-bound SSE bytes, get NDJSON bytes; ``finish`` gives the closing line.
 
-    ``kind`` is ``chat`` (``message`` objects) or ``generate`` (``response`` text). With
-    ``stream=False`` nothing is emitted until ``finish``, which returns the whole reply.
+    The stream is read as reply events (:class:`~.reply.ChatReplyDecoder`); this class is the
+    Ollama encoder of those events. ``kind`` is ``chat`` (``message`` objects) or ``generate``
+    (``response`` text). With ``stream=False`` nothing is emitted until ``finish``, which
+    returns the whole reply.
     """
 
-    __slots__ = ("_calls", "_content", "_created_at", "_decoder", "_emitted_calls", "_finish",
+    __slots__ = ("_call", "_content", "_created_at", "_decoder", "_emitted_calls", "_finish",
                  "_kind", "_model", "_out_calls", "_stream", "_thinking", "_usage",
                  "chunks", "error")
 
@@ -70,88 +84,63 @@ class OllamaEmitter:
         self._model = model
         self._created_at = created_at
         self._stream = stream
-        self._decoder = SSEDecoder()
-        self._calls: dict[int, _Call] = {}
+        self._decoder = ChatReplyDecoder()
+        self._call: _Call | None = None  # the call being assembled
         self._out_calls: list[dict[str, Any]] = []
         self._emitted_calls = 0
         self._content: list[str] = []
         self._thinking: list[str] = []
         self._finish: str | None = None
-        self._usage: dict[str, Any] | None = None
+        self._usage: Usage | None = None
         self.chunks = 0  # content/thinking pieces seen: the token estimate without usage
         self.error: str | None = None  # an in-stream error event that went by
 
     # --- input -------------------------------------------------------------------------------
     def feed(self, data: bytes) -> bytes:
         parts: list[bytes] = []
-        for ev in self._decoder.feed(data):
-            if type(ev) is SSEComment or ev.data == DONE:
-                continue  # keep-alives and repair notes have no NDJSON form
-            try:
-                obj = orjson.loads(ev.data)
-            except orjson.JSONDecodeError:
-                continue
-            if isinstance(obj, dict):
-                self._chunk(obj, parts)
+        self._events(self._decoder.feed(data), parts)
         return b"".join(parts)
 
-    def _chunk(self, obj: dict[str, Any], parts: list[bytes]) -> None:
-        if obj.get("error") is not None:
-            err = obj["error"]
-            self.error = err.get("message") if isinstance(err, dict) else str(err)
-            return
-        if isinstance(obj.get("usage"), dict):
-            self._usage = obj["usage"]
-        for choice in obj.get("choices") or ():
-            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
-                continue
-            delta = choice.get("delta") or {}
-            thinking = delta.get("reasoning_content") or delta.get("reasoning")
-            if thinking:
+    def _events(self, events: list[ReplyEvent], parts: list[bytes]) -> None:
+        for ev in events:
+            kind = type(ev)
+            if kind is Text:
                 self.chunks += 1
-                self._thinking.append(thinking)
-                self._line({"thinking": thinking}, parts)
-            if delta.get("content"):
+                self._content.append(ev.text)
+                self._line({"content": ev.text}, parts)
+            elif kind is Reasoning:
                 self.chunks += 1
-                self._content.append(delta["content"])
-                self._line({"content": delta["content"]}, parts)
-            for tc in delta.get("tool_calls") or ():
-                self._tool_delta(tc, parts)
-            if choice.get("finish_reason"):
-                self._finish = choice["finish_reason"]
-                self._flush_calls(None, parts)
+                self._thinking.append(ev.text)
+                self._line({"thinking": ev.text}, parts)
+            elif kind is ToolCallStart:
+                self._call = _Call(ev.id or f"call_{ev.index}", ev.name, [])
+            elif kind is ToolCallArgs:
+                if self._call is not None:
+                    self._call.arguments.append(ev.fragment)
+            elif kind is ToolCallEnd:
+                self._emit_call(parts)
+            elif kind is Usage:
+                self._usage = ev
+            elif kind is Finish:
+                self._finish = ev.reason
+            elif kind is Error:
+                # a broken upstream event the relay passed on: the reply ends with Ollama's
+                # error line, and nothing follows it (``finish`` adds no done line)
+                self.error = ev.message
+                if self._stream:
+                    parts.append(self.error_line(ev.message))
 
-    def _tool_delta(self, tc: Any, parts: list[bytes]) -> None:
-        if not isinstance(tc, dict):
+    def _emit_call(self, parts: list[bytes]) -> None:
+        """Ollama sends each tool call whole, ``arguments`` an object, once it is complete."""
+        c, self._call = self._call, None
+        if c is None:
             return
-        index = tc.get("index", 0)
-        fn = tc.get("function") or {}
-        call = self._calls.get(index)
-        if call is None:
-            # a new call: every lower-indexed one is complete, so it can go out now
-            self._flush_calls(index, parts)
-            call = self._calls[index] = _Call(tc.get("id") or f"call_{index}", "", [])
-        elif tc.get("id") and not call.id:
-            call.id = tc["id"]
-        if fn.get("name"):
-            call.name += fn["name"]
-        if fn.get("arguments"):
-            call.arguments.append(fn["arguments"])
-
-    def _flush_calls(self, below: int | None, parts: list[bytes]) -> None:
-        ready = sorted(i for i in self._calls if below is None or i < below)
-        if not ready:
-            return
-        objs = []
-        for i in ready:
-            c = self._calls.pop(i)
-            objs.append({"id": c.id, "function": {"index": self._emitted_calls, "name": c.name,
-                                                  "arguments": arguments_object(
-                                                      "".join(c.arguments))}})
-            self._emitted_calls += 1
-        self._out_calls += objs
+        obj = {"id": c.id, "function": {"index": self._emitted_calls, "name": c.name,
+                                        "arguments": arguments_object("".join(c.arguments))}}
+        self._emitted_calls += 1
+        self._out_calls.append(obj)
         if self._kind == "chat":
-            self._line({"content": "", "tool_calls": objs}, parts)
+            self._line({"content": "", "tool_calls": [obj]}, parts)
 
     def _line(self, fields: dict[str, Any], parts: list[bytes]) -> None:
         if not self._stream:
@@ -174,11 +163,15 @@ class OllamaEmitter:
     def finish(self, durations: Durations | None = None) -> bytes:
         """The closing ``done: true`` line (streaming) or the whole reply object."""
         parts: list[bytes] = []
-        self._flush_calls(None, parts)
+        if self.error is not None:
+            return b""
+        self._events(self._decoder.finish(), parts)
+        if self.error is not None:
+            return b"".join(parts)
         d = durations or Durations()
-        usage = self._usage or {}
-        prompt = usage.get("prompt_tokens")
-        completion = usage.get("completion_tokens")
+        usage = self._usage or Usage()
+        prompt = usage.prompt_tokens
+        completion = usage.completion_tokens
         doc: dict[str, Any] = {"model": self._model, "created_at": self._created_at}
         whole = not self._stream
         if self._kind == "chat":

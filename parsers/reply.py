@@ -150,20 +150,37 @@ class ChatReplyDecoder:
     # --- input ---------------------------------------------------------------------------------
     def feed(self, data: bytes) -> list[ReplyEvent]:
         out: list[ReplyEvent] = []
+        # The usual chunk is whole one-line events (``data: {...}\n\n``), as toolmend's own
+        # stream writes them: split it here, without the general decoder's line machinery.
+        if data[-2:] == b"\n\n" and b"\r" not in data and self._sse.idle:
+            pieces = data.split(b"\n\n")
+            pieces.pop()
+            payloads = []
+            for piece in pieces:
+                if piece[:6] != b"data: " or b"\n" in piece:
+                    break
+                payloads.append(piece[6:])
+            else:
+                for payload in payloads:
+                    self._data(payload, out)
+                return out
         for ev in self._sse.feed(data):
             if type(ev) is SSEComment:
                 if ev.text.startswith(_NOTE_PREFIX):
                     out.append(Note(ev.text[len(_NOTE_PREFIX):].decode("utf-8", "replace")))
                 continue
-            if ev.data == DONE:
-                continue
-            try:
-                obj = orjson.loads(ev.data)
-            except orjson.JSONDecodeError:
-                continue
-            if isinstance(obj, dict):
-                self.chunk(obj, out)
+            self._data(ev.data, out)
         return out
+
+    def _data(self, payload: bytes, out: list[ReplyEvent]) -> None:
+        if payload == DONE:
+            return
+        try:
+            obj = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return
+        if isinstance(obj, dict):
+            self.chunk(obj, out)
 
     def chunk(self, obj: dict[str, Any], out: list[ReplyEvent]) -> None:
         """One chunk object (already parsed)."""
@@ -188,10 +205,16 @@ class ChatReplyDecoder:
         if self._finish is not None:
             return
         delta = choice.get("delta")
-        if not isinstance(delta, dict):
+        if delta is None:
             delta = choice.get("message")  # a whole reply read as one chunk
-            if not isinstance(delta, dict):
+            if delta is None:
                 delta = {}
+        if not isinstance(delta, dict):
+            self._close_call(out)
+            out.append(Error("upstream sent a malformed chunk: its delta is not an object",
+                             code="upstream_bad_response", type="upstream_error", status=502))
+            self._done = True
+            return
         thinking = delta.get("reasoning_content") or delta.get("reasoning")
         if isinstance(thinking, str) and thinking:
             self._close_call(out)

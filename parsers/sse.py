@@ -91,6 +91,13 @@ class SSEDecoder:
         self._max_line = max_line_bytes
         self._max_event = max_line_bytes if max_event_bytes is None else max_event_bytes
 
+    @property
+    def idle(self) -> bool:
+        """Between events: nothing of a line or an event is buffered, so a chunk made of whole
+        events may be split by whoever knows it is (see ``reply.py``'s fast path)."""
+        return (not self._parts and self._data is None and not self._pending_cr
+                and self._event is None and self._id is None and self._retry is None)
+
     def feed(self, chunk: bytes) -> list[SSEEvent | SSEComment]:
         if not chunk:
             return []

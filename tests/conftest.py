@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from toolmend.server.app import build_app, start_server
 from toolmend.server.config import Settings
@@ -18,6 +19,7 @@ class Stack:
     sim: SimBackend
     url: str  # toolmend base URL, e.g. http://127.0.0.1:PORT
     settings: Settings
+    app: web.Application | None = None  # toolmend's app, for tests that wait on its state
 
     @property
     def v1(self) -> str:
@@ -41,7 +43,7 @@ async def make_stack() -> AsyncIterator[StackFactory]:
         app = build_app(settings, [sim.url])
         runner, port = await start_server(app, "127.0.0.1", 0)
         cleanups.append(runner.cleanup)
-        return Stack(sim, f"http://127.0.0.1:{port}", settings)
+        return Stack(sim, f"http://127.0.0.1:{port}", settings, app)
 
     yield factory
     for fn in reversed(cleanups):

@@ -4,9 +4,12 @@ Fixture files live in ``fixtures/formats/<format>.json``: a list of cases
 ``{"name", "output", "tools"?, "expected": {"content", "reasoning"?, "tool_calls": [
 {"name", "arguments", "id"?, "truncated"?}]}}``. ``arguments`` is the JSON value the
 concatenated fragments must parse to; when the model's text is not valid JSON (malformed or
-truncated cases), ``arguments_raw`` gives the exact expected text instead. Two optional keys
-say how the reply was produced: ``"reasoning_open": true`` (the chat template opened reasoning,
-so the reply starts inside it) and ``"finish_reason"`` (``"length"``: the reply was cut off).
+truncated cases), ``arguments_raw`` gives the exact expected text instead, and ``repaired`` the
+arguments the client gets once toolmend repaired it. A case toolmend must refuse (a call it
+cannot repair, or one that breaks its tool's schema) says why in ``"refused"``; the end-to-end
+tests (``test_e2e_formats.py``) check both. Two optional keys say how the reply was produced:
+``"reasoning_open": true`` (the chat template opened reasoning, so the reply starts inside it)
+and ``"finish_reason"`` (``"length"``: the reply was cut off).
 """
 
 from __future__ import annotations

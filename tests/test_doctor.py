@@ -42,7 +42,8 @@ def test_nvidia_several_agents_gets_vllm() -> None:
     assert r.stack == "vllm"
     cmd = shlex.join(r.backend_command)
     for flag in ("--gpu-memory-utilization 0.90", "--max-model-len",
-                 "--enable-auto-tool-choice", "--tool-call-parser hermes"):
+                 "--enable-auto-tool-choice", "--tool-call-parser hermes",
+                 "--scheduling-policy priority"):
         assert flag in cmd
     assert r.model == "Qwen/Qwen3-32B"
     assert r.toolmend_command[-2:] == ["--backend", "vllm"]

@@ -3,6 +3,10 @@ the openai SDK through toolmend as exactly the expected tool calls.
 
 The accumulator concatenates every fragment of every field per call index, as naive SDK
 accumulators do, so a name or id repeated by the backend would show up as a doubled name.
+
+What the client gets is written in the fixtures: a call's ``arguments`` (or, for arguments the
+model wrote as broken JSON, ``repaired``: the arguments after repair), and a case's
+``refused`` (why toolmend refuses the reply instead of passing a call on).
 """
 
 from __future__ import annotations
@@ -15,10 +19,6 @@ import openai
 import orjson
 import pytest
 
-from toolmend.parsers.repair import repair_arguments
-from toolmend.parsers.schemas import compile_tools
-from toolmend.parsers.validation import validate_call
-
 from .conftest import StackFactory
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "formats"
@@ -26,11 +26,9 @@ DIALECTS = ["vllm", "llamacpp", "ollama"]
 
 
 def _cases() -> list[tuple[str, dict[str, Any]]]:
-    out = []
-    for f in sorted(FIXTURES.glob("*.json")):
-        for case in json.loads(f.read_text()):
-            out.append((f.stem, case))
-    return out
+    files = sorted(FIXTURES.glob("*.json"))
+    assert files, f"no format fixtures in {FIXTURES}"  # a missing folder fails, never skips
+    return [(f.stem, case) for f in files for case in json.loads(f.read_text())]
 
 
 CASES = _cases()
@@ -66,10 +64,28 @@ async def accumulate(stream: Any) -> dict[str, Any]:
             "finish": finish}
 
 
-@pytest.mark.skipif(not CASES, reason="no format fixtures")
+def expected_arguments(call: dict[str, Any]) -> Any:
+    """The arguments the client gets for one expected call: ``repaired`` when the model wrote
+    broken JSON (``arguments_raw``), else ``arguments``."""
+    if "arguments_raw" in call:
+        assert "repaired" in call, f"fixture call {call['name']!r}: no 'repaired' arguments"
+        return call["repaired"]
+    return call["arguments"]
+
+
+def test_fixtures_say_what_the_client_gets() -> None:
+    assert len(CASES) > 150
+    for fmt, case in CASES:
+        refused = case.get("refused")
+        assert refused is None or (isinstance(refused, str) and refused), (fmt, case["name"])
+        if not refused:
+            for call in case["expected"].get("tool_calls", []):
+                assert call["name"], (fmt, case["name"])
+                expected_arguments(call)
+
+
 @pytest.mark.parametrize("dialect", DIALECTS)
-@pytest.mark.parametrize(("fmt", "case"), CASES,
-                         ids=[f"{f}-{c['name']}" for f, c in CASES] if CASES else None)
+@pytest.mark.parametrize(("fmt", "case"), CASES, ids=[f"{f}-{c['name']}" for f, c in CASES])
 async def test_fixture_through_toolmend(make_stack: StackFactory, dialect: str, fmt: str,
                                         case: dict[str, Any]) -> None:
     stack = await make_stack(dialect, tool_format=fmt)
@@ -84,23 +100,11 @@ async def test_fixture_through_toolmend(make_stack: StackFactory, dialect: str, 
     c = openai.AsyncOpenAI(base_url=stack.v1, api_key="x", max_retries=0, timeout=20)
     expected = case["expected"]
     exp_calls = expected.get("tool_calls", [])
-    # a call the format parser sees as not-JSON must be repaired or refused, never passed on
-    unrepairable = [e for e in exp_calls if not e["name"] or ("arguments_raw" in e and
-                    not repair_arguments(e["arguments_raw"], e.get("truncated", False)).ok)]
-    # a fixture's call that parses but breaks its tool's schema is retried, then refused
-    tools = tools_for(case)
-    if not unrepairable and exp_calls and tools is not openai.omit:
-        toolset = compile_tools(tools)
-        for e in exp_calls:
-            raw = e.get("arguments_raw")
-            text = repair_arguments(raw, e.get("truncated", False)).text if raw is not None \
-                else json.dumps(e["arguments"])
-            if not validate_call(e["name"], text, toolset, coerce=True).ok:
-                unrepairable.append(e)
     request = c.chat.completions.create(
-        model="sim-model", messages=[{"role": "user", "content": "go"}], tools=tools,
+        model="sim-model", messages=[{"role": "user", "content": "go"}], tools=tools_for(case),
         stream=True, extra_body=extra)
-    if unrepairable:
+    if case.get("refused"):
+        # a call that cannot be mended, or breaks its tool's schema, is never passed on
         with pytest.raises(openai.APIError) as ei:
             await accumulate(await request)
         assert "invalid_tool_call" in str(ei.value.body) or "tool call" in ei.value.message
@@ -112,10 +116,7 @@ async def test_fixture_through_toolmend(make_stack: StackFactory, dialect: str, 
         assert g["id"], "every call has an id"
         if "id" in e:
             assert g["id"] == e["id"]
-        value = orjson.loads(g["arguments"])  # always valid JSON for the client
-        if "arguments" in e:
-            assert value == e["arguments"]
-        else:
-            assert isinstance(value, dict)
+        # always valid JSON for the client, and exactly the expected arguments
+        assert orjson.loads(g["arguments"]) == expected_arguments(e), g["arguments"]
     if exp_calls:
         assert got["finish"] == "tool_calls"

@@ -95,7 +95,9 @@ async def make_fstack() -> AsyncIterator[Callable[..., Any]]:
         status, _ = await post(st, {"messages": MSG, "stream": True})
         assert status == 200
         sim.stats.requests = 0
-        await asyncio.sleep(0.05)
+        # the warm-up is over once its slot, its upstream connection and the sim are released
+        await _until(lambda: app[SCHEDULER].in_flight == 0 and sim.stats.in_flight == 0
+                     and not st.connector._acquired)
         st.mark_baseline()
         return st
 

@@ -11,6 +11,7 @@ runs the same targets with enough examples for a six-figure total and prints the
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -84,16 +85,17 @@ def test_sse_decoder(data: bytes, points: list[int]) -> None:
 
 # --- marker parsers ----------------------------------------------------------------------------
 
-def _fixture_outputs() -> dict[str, list[tuple[str, list[dict[str, Any]] | None]]]:
-    out: dict[str, list[tuple[str, list[dict[str, Any]] | None]]] = {}
-    for fmt in FORMATS:
-        path = FIXTURES / f"{fmt}.json"
-        cases = json.loads(path.read_text()) if path.exists() else []
-        out[fmt] = [(c["output"], c.get("tools")) for c in cases] or [("", None)]
-    return out
+@functools.cache
+def fixture_outputs(fmt: str) -> list[tuple[str, list[dict[str, Any]] | None]]:
+    """The model outputs (and tools) of a format's fixture cases, the seeds of its fuzzing: a
+    format without them fails here rather than being fuzzed from nothing."""
+    path = FIXTURES / f"{fmt}.json"
+    assert path.is_file(), f"{fmt}: no fixture file at {path} to fuzz from"
+    cases = json.loads(path.read_text())
+    assert cases, f"{fmt}: {path} holds no cases to fuzz from"
+    return [(c["output"], c.get("tools")) for c in cases]
 
 
-OUTPUTS = _fixture_outputs()
 NOISE = ["<", ">", "</", "{", "}", "[", "]", '"', "\\", "\\u00", ":", ",", "\n", " ", "é", "🌍",
          "<|", "|>", "```", "null", "true", "1e9", "\ud800"[:0] + "\u2028"]
 
@@ -101,7 +103,7 @@ NOISE = ["<", ">", "</", "{", "}", "[", "]", '"', "\\", "\\u00", ":", ",", "\n",
 @st.composite
 def mutated_output(draw: st.DrawFn, fmt: str) -> tuple[str, list[dict[str, Any]] | None]:
     """A fixture's model output, mutated a few times (or pure noise built from its pieces)."""
-    outputs = OUTPUTS[fmt]
+    outputs = fixture_outputs(fmt)
     text, tools = outputs[draw(st.integers(0, len(outputs) - 1))]
     rng = random.Random(draw(st.integers(0, 2**32 - 1)))
     for _ in range(draw(st.integers(0, 4))):
@@ -128,6 +130,8 @@ def mutated_output(draw: st.DrawFn, fmt: str) -> tuple[str, list[dict[str, Any]]
 
 
 def _format_target(fmt: str) -> Any:
+    fixture_outputs(fmt)  # no seeds is a failure of its own, before any fuzzing
+
     @FUZZ
     @given(case=mutated_output(fmt), points=points_st)
     def target(case: tuple[str, list[dict[str, Any]] | None], points: list[int]) -> None:

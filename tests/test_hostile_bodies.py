@@ -130,3 +130,34 @@ async def test_a_body_large_only_in_its_upper_bound_gives_its_permit_back(
     held.hold.set()
     status, _, _ = await first
     assert status == 200
+
+
+async def test_a_body_of_too_many_values_is_refused_before_it_is_parsed(
+        proxy: Callable[..., Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The parse of a body of hundreds of thousands of values holds the event loop for
+    hundreds of ms; past ``max_body_values`` (estimated from the raw text) it never starts."""
+    import toolmend.server.request_body as rb
+
+    parsed: list[int] = []
+    real_loads = rb.orjson.loads
+
+    class CountingOrjson:
+        JSONDecodeError = orjson.JSONDecodeError
+
+        @staticmethod
+        def loads(raw: bytes) -> Any:
+            parsed.append(len(raw))
+            return real_loads(raw)
+
+    monkeypatch.setattr(rb, "orjson", CountingOrjson)
+    up, url, app = await proxy(max_body_values=30_000)
+    status, _, raw = await send(url, body())  # 40,000 values
+    assert status == 413
+    err = orjson.loads(raw)["error"]
+    assert (err["code"], err["type"]) == ("too_many_values", "invalid_request_error")
+    assert "max_body_values" in err["message"] and "30000" in err["message"]
+    assert parsed == []  # refused without a parse
+    assert app[LARGE_BODIES].held == 0
+    up.replies.append(whole_answer())
+    status, _, _ = await send(url, {"messages": MSG, "metadata_blob": {"k": 1}})
+    assert status == 200 and len(parsed) == 1  # a small body is parsed and served

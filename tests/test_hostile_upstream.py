@@ -587,8 +587,8 @@ async def test_exception_escaping_the_handler_ends_the_stream(
 
 async def test_ollama_front_malformed_delta_after_output(make_hstack: Callable[..., Any]
                                                          ) -> None:
-    """A delta that is not an object went through the relay untouched and broke the NDJSON
-    writer after its first line: Ollama's error line ends the reply."""
+    """A delta that is not an object goes through the relay untouched; the Ollama front's
+    decoder names it, and Ollama's error line ends the reply."""
     st = await make_hstack()
     up = hostile(st)
     up.push(scripted(content("hi"), None,
@@ -597,9 +597,23 @@ async def test_ollama_front_malformed_delta_after_output(make_hstack: Callable[.
                        open_gate=(b'"content":"hi"', up.gate))
     lines = [orjson.loads(ln) for ln in r.body.splitlines()]
     assert r.status == 200 and lines[0]["message"]["content"] == "hi"
-    assert set(lines[-1]) == {"error"} and "internal error" in lines[-1]["error"]
+    assert lines[-1] == {"error": "upstream sent a malformed chunk: its delta is not an object"}
     await st.assert_baseline()
 
+
+
+async def test_ollama_front_malformed_delta_whole_reply(make_hstack: Callable[..., Any]
+                                                        ) -> None:
+    """The same broken delta with ``stream: false``: a 502 in Ollama's shape, no half reply."""
+    st = await make_hstack()
+    up = hostile(st)
+    up.push(scripted(content("hi"),
+                     b'data: {"id":"x","choices":[{"index":0,"delta":"oops"}]}\n\n', FINISH))
+    r = await raw_post(st.url, "/api/chat", {"model": "m", "messages": MSG, "stream": False})
+    assert r.status == 502
+    assert orjson.loads(r.body) == {
+        "error": "upstream sent a malformed chunk: its delta is not an object"}
+    await st.assert_baseline()
 
 SCOPED_REF_TOOL = {"type": "function", "function": {"name": "lookup", "parameters": {
     "$id": "https://example.com/root.json", "type": "object",

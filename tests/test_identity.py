@@ -241,6 +241,31 @@ def test_fingerprints_are_bounded() -> None:
     assert sum(len(q) for q in fp._by_last.values()) == 3
 
 
+def test_a_failed_step_among_many_identical_runs_is_resent_in_its_own_session() -> None:
+    """Many runs of one task share their opening; the one whose step failed gets its resend,
+    and the others stay where they were (and the failed index is emptied by the resend)."""
+    fp = FingerprintSessions(limit=1000)
+    body = {"messages": [{"role": "user", "content": "fix the bug"}]}
+    claims = [fp.claim("a", body) for _ in range(500)]
+    assert len({c.session for c in claims}) == 500
+    for i, c in enumerate(claims):
+        fp.finished(c, ok=(i != 317))
+    again = fp.claim("a", body)
+    assert (again.session, again.step, again.resend) == (claims[317].session, 1, True)
+    fresh = fp.claim("a", body)  # no failed step left: a new run
+    assert fresh.resend is False and fresh.session not in {c.session for c in claims}
+
+
+def test_forgetting_a_failed_session_forgets_its_resend() -> None:
+    fp = FingerprintSessions(limit=2)
+    body = {"messages": [{"role": "user", "content": "go"}]}
+    first = fp.claim("a", body)
+    fp.finished(first, ok=False)
+    fp.claim("a", {"messages": [{"role": "user", "content": "other"}]})
+    fp.claim("a", {"messages": [{"role": "user", "content": "third"}]})  # evicts the first
+    assert fp.claim("a", body).resend is False
+
+
 def test_history_digests_are_prefix_digests() -> None:
     d_long, roles = history_digests("h", {"messages": run_messages(2)})
     d_short, _ = history_digests("h", {"messages": run_messages(1)})

@@ -52,7 +52,7 @@ def test_vllm_command_has_the_tool_flags_and_matching_format() -> None:
     assert plan.argv[:3] == ["vllm", "serve", "Qwen/Qwen3-14B"]
     for flag in ("--enable-auto-tool-choice", "--tool-call-parser hermes",
                  "--gpu-memory-utilization 0.90", "--max-model-len 32768",
-                 "--host 127.0.0.1", "--port 8123"):
+                 "--scheduling-policy priority", "--host 127.0.0.1", "--port 8123"):
         assert flag in cmd
     assert (plan.backend, plan.tool_format) == ("vllm", "hermes")
     assert plan.slots == int(flag_value(plan.argv, "--max-num-seqs") or 0) == 16

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import aiohttp
 import openai
@@ -223,12 +224,14 @@ async def test_error_after_streaming_began_is_an_event_then_done(
 async def test_first_byte_timeout(make_stack: StackFactory) -> None:
     stack = await make_stack(first_byte_timeout=0.3, keepalive_interval=5)
     stack.sim.push({"content": "late", "ttft": 3})
-    t0 = time.monotonic()
+    # had toolmend waited for the reply, the client would have got "late" after 3 s
     with pytest.raises(openai.APIStatusError) as ei:
         await client(stack).chat.completions.create(model="m", messages=MSG, stream=True)
     assert ei.value.status_code == 504
     assert "sent nothing within 0.3 s" in ei.value.message
-    assert time.monotonic() - t0 < 2.5
+    # and it gave up on the upstream request, before the upstream sent anything
+    await _wait_for(lambda: bool(stack.sim.stats.disconnects))
+    assert stack.sim.stats.chunks_sent == 0
 
 
 async def test_idle_timeout_mid_stream(make_stack: StackFactory) -> None:
@@ -305,7 +308,7 @@ async def test_keepalive_comments_before_first_token(make_stack: StackFactory) -
     assert b"\"content\":\"ok\"" in rest
 
 
-async def _wait_for(pred, timeout: float = 2.0) -> None:  # type: ignore[no-untyped-def]
+async def _wait_for(pred: Callable[[], bool], timeout: float = 5.0) -> None:
     end = time.monotonic() + timeout
     while not pred():
         if time.monotonic() > end:
@@ -314,9 +317,10 @@ async def _wait_for(pred, timeout: float = 2.0) -> None:  # type: ignore[no-unty
 
 
 @pytest.mark.parametrize("phase", ["prefill", "mid-stream"])
-async def test_client_disconnect_closes_upstream_within_100ms(stack: Stack, phase: str) -> None:
+async def test_client_disconnect_closes_upstream(stack: Stack, phase: str) -> None:
+    # neither upstream reply would ever end by itself: only toolmend can close it
     if phase == "prefill":
-        stack.sim.push({"content": "never", "ttft": 10})
+        stack.sim.push({"content": "never", "ttft": 3600})
     else:
         stack.sim.push({"fault": {"kind": "endless"}, "token_delay": 0.01})
     session = aiohttp.ClientSession()
@@ -325,17 +329,29 @@ async def test_client_disconnect_closes_upstream_within_100ms(stack: Stack, phas
     if phase == "mid-stream":
         resp = await request
         await resp.content.readuntil(b"tick")
-        closed_at = time.monotonic()
         resp.close()
     else:
         # no response headers yet: toolmend holds them until output or a keep-alive is due
         await _wait_for(lambda: stack.sim.stats.in_flight == 1)
-        closed_at = time.monotonic()
         request.cancel()
     await session.close()
-    await _wait_for(lambda: bool(stack.sim.stats.disconnects))
-    assert stack.sim.stats.disconnects[0] - closed_at < 0.1
+    await _wait_for(lambda: bool(stack.sim.stats.disconnects), timeout=10)
     await _wait_for(lambda: stack.sim.stats.in_flight == 0)
+    assert len(stack.sim.stats.disconnects) == 1
+
+
+async def _until_still(read: Callable[[], int], turns: int = 200) -> int:
+    """Wait until ``read()`` stops changing: the same value over ``turns`` event-loop turns in
+    a row (each turn handles every socket that is ready, so a flow that can move does)."""
+    last, still = read(), 0
+    for _ in range(1_000_000):
+        await asyncio.sleep(0)
+        now = read()
+        still = still + 1 if now == last else 0
+        last = now
+        if still >= turns:
+            return now
+    raise AssertionError("the value never settled")
 
 
 async def test_slow_reader_does_not_grow_memory(stack: Stack) -> None:
@@ -346,9 +362,10 @@ async def test_slow_reader_does_not_grow_memory(stack: Stack) -> None:
     resp = await session.post(stack.v1 + "/chat/completions",
                               json={"messages": MSG, "stream": True})
     await resp.content.readexactly(1000)
-    await asyncio.sleep(1.0)  # not reading
-    sent_while_paused = stack.sim.stats.bytes_sent
+    # not reading: the upstream moves until every buffer on the way is full, then stops
+    sent_while_paused = await _until_still(lambda: stack.sim.stats.bytes_sent)
     assert sent_while_paused < 25_000_000, sent_while_paused
+    assert stack.sim.stats.in_flight == 1  # stalled, not finished
     resp.close()
     await session.close()
 

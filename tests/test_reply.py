@@ -144,3 +144,11 @@ def test_a_whole_reply_object_gives_the_same_events() -> None:
 def test_random_bytes_never_crash(data: bytes) -> None:
     events = _decode([data])
     assert isinstance(events[-1], Finish | Error)
+
+
+def test_a_delta_that_is_not_an_object_is_an_error() -> None:
+    reply = _sse(_delta({"content": "hi"})) .replace(b"data: [DONE]\n\n", b"") + \
+        b'data: {"choices":[{"index":0,"delta":"oops"}]}\n\n'
+    assert _decode([reply]) == [
+        Text("hi"), Error("upstream sent a malformed chunk: its delta is not an object",
+                          code="upstream_bad_response", type="upstream_error", status=502)]

@@ -45,6 +45,27 @@ async def test_backend_never_sees_more_than_its_slots(make_stack: StackFactory,
     assert stack.sim.stats.max_in_flight == slots
 
 
+async def test_one_agent_alone_keeps_every_slot_busy(make_stack: StackFactory) -> None:
+    """Its own small loop steps never make toolmend hold a slot back from its long requests."""
+    stack = await make_stack(slots=3, sim_kwargs={"slots": 64, "token_delay": 0.01,
+                                                  "ttft": 0.01})
+    async with aiohttp.ClientSession() as s:
+        for _ in range(3):  # a tool loop: small steps with a tool time between them
+            status, _, _ = await _call(s, stack, "solo", tokens=3,
+                                       headers={"X-Session-Id": "loop"})
+            assert status == 200
+        results = await asyncio.gather(*(
+            _call(s, stack, "solo", tokens=30, headers={"X-Session-Id": "batch"})
+            for _ in range(6)))
+    assert [r[0] for r in results] == [200] * 6
+    assert stack.sim.stats.max_in_flight == 3
+
+
+def _scheduler(stack: Stack) -> Any:
+    assert stack.app is not None
+    return stack.app[SCHEDULER]
+
+
 async def _wait_until(cond: Any, timeout: float = 5.0) -> None:
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout
@@ -61,10 +82,11 @@ async def test_disconnect_while_queued_never_reaches_the_backend(make_stack: Sta
         long = asyncio.create_task(_call(s, stack, "a", tokens=20))  # ~0.6 s
         await _wait_until(lambda: stack.sim.stats.in_flight == 1)
         gone = asyncio.create_task(_call(s, stack, "b", stream=stream))
-        await asyncio.sleep(0.1)
+        await _wait_until(lambda: _scheduler(stack).queued == 1)
         gone.cancel()  # the client gives up while its request waits for the slot
         with pytest.raises(asyncio.CancelledError):
             await gone
+        await _wait_until(lambda: _scheduler(stack).queued == 0)  # its place is given up
         after = await _call(s, stack, "c")
         assert after[0] == 200 and (await long)[0] == 200
     assert stack.sim.stats.requests == 2  # a and c; b never left toolmend
@@ -77,13 +99,13 @@ async def test_full_queue_is_429_with_retry_after(make_stack: StackFactory) -> N
         running = asyncio.create_task(_call(s, stack, "a", tokens=15))
         await _wait_until(lambda: stack.sim.stats.in_flight == 1)
         waiting = asyncio.create_task(_call(s, stack, "a"))
-        await asyncio.sleep(0.05)
+        await _wait_until(lambda: _scheduler(stack).queued == 1)
         status, headers, raw = await _call(s, stack, "a")
         assert status == 429 and int(headers["Retry-After"]) >= 1
         err = orjson.loads(raw)["error"]
         assert err["code"] == "agent_queue_full" and err["type"] == "rate_limit_error"
         other = asyncio.create_task(_call(s, stack, "b"))  # another agent may still queue
-        await asyncio.sleep(0.05)
+        await _wait_until(lambda: _scheduler(stack).queued == 2)
         status, headers, raw = await _call(s, stack, "c", stream=False)
         assert status == 429 and b"queue_full" in raw and "Retry-After" in headers
         assert [(await t)[0] for t in (running, waiting, other)] == [200, 200, 200]
@@ -126,7 +148,8 @@ async def test_slots_from_llama_server_props_and_vllm_priority() -> None:
                 f"http://127.0.0.1:{port}/v1/chat/completions", json=_body(stream=False),
                 headers={"X-Priority": "-2"}) as r:
             assert r.status == 200
-        assert sim.stats.bodies[-1]["priority"] == 2
+        # class -2 is vLLM's 4 (lower first); a small first step goes one ahead of it: 3
+        assert sim.stats.bodies[-1]["priority"] == 3
     finally:
         await runner.cleanup()
         await sim.stop()

@@ -7,6 +7,7 @@ import logging
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from importlib.resources import files
 from pathlib import Path
 
@@ -52,17 +53,42 @@ async def test_dialect_first_chunk_and_tool_ids(dialect: str, first_delta: dict,
         await sim.stop()
 
 
+async def _until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "condition not reached"
+        await asyncio.sleep(0.005)
+
+
 async def test_slots_are_fifo_and_bounded() -> None:
-    sim = SimBackend("llamacpp", slots=2, ttft=0.05, token_delay=0.01)
+    sim = SimBackend("llamacpp", slots=2, ttft=0, token_delay=0.001)
     await sim.start()
+    held: list[asyncio.Task[list[dict]]] = []
     try:
         body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 5}
-        t0 = time.monotonic()
-        await asyncio.gather(*[_stream(sim.url, body) for _ in range(6)])
-        elapsed = time.monotonic() - t0
-        assert sim.stats.max_in_flight == 2
-        assert elapsed >= 3 * 0.05  # three waves of two
+        # two requests hold both slots (stalled before their first token) until they leave
+        sim.push(*[{"content": "held", "fault": {"kind": "stall", "after": 0}}] * 2,
+                 *[{"content": f"w{i}"} for i in range(1, 5)])
+        held = [asyncio.create_task(_stream(sim.url, body)) for _ in range(2)]
+        await _until(lambda: sim.stats.in_flight == 2)
+        finished: list[str] = []
+        waiting = []
+        for i in range(1, 5):  # one at a time, so that they queue in this order
+            task = asyncio.create_task(_stream(sim.url, body))
+            task.add_done_callback(lambda t: finished.append(
+                "".join(c["choices"][0]["delta"].get("content") or ""
+                        for c in t.result() if c["choices"])))
+            waiting.append(task)
+            await _until(lambda i=i: sim.stats.queued == i)
+        assert sim.stats.in_flight == 2 and sim.stats.requests == 6
+        held[0].cancel()  # one slot frees: the four go through it one after another
+        await asyncio.gather(*waiting)
+        assert finished == ["w1", "w2", "w3", "w4"]  # in the order they came
+        assert sim.stats.max_in_flight == 2 and sim.stats.queued == 0
     finally:
+        for task in held:
+            task.cancel()
+        await asyncio.gather(*held, return_exceptions=True)
         await sim.stop()
 
 

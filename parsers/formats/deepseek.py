@@ -24,6 +24,7 @@ from __future__ import annotations
 import re
 
 from ..events import Event
+from ._declaration import ToolFormat
 from ._stream import (
     MORE,
     THINK_END,
@@ -192,3 +193,29 @@ class DeepSeekV31Parser(DeepSeekV3Parser):
 
     name = "deepseek_v31"
     _typed = False
+
+
+_CALL_OPEN = CALLS_BEGIN + CALL_BEGIN
+
+FORMAT_V3 = ToolFormat(
+    name="deepseek_v3",
+    parser=DeepSeekV3Parser,
+    models=(r"deepseek",),
+    rank=40,  # after V3.1
+    examples=("deepseek-ai/DeepSeek-V3-0324", "deepseek-ai/DeepSeek-R1"),
+    vllm_parser="deepseek_v3",
+    sample=(_CALL_OPEN + "function" + TOOL_SEP + "write\n```json\n$ARGS\n```" + CALL_END
+            + CALLS_END),
+)
+
+FORMAT_V31 = ToolFormat(
+    name="deepseek_v31",
+    parser=DeepSeekV31Parser,
+    models=(r"deepseek-?v3\.[1-9]|deepseek-?v3-?1|deepseek-?v3\.2",),
+    rank=30,  # before V3
+    examples=("deepseek-ai/DeepSeek-V3.1", "deepseek-ai/DeepSeek-V3.2-Exp"),
+    # V3 writes the same markers: when nothing but the markers tells, they are read as V3.1
+    markers=(CALLS_BEGIN, CALL_BEGIN),
+    vllm_parser="deepseek_v31",
+    sample=_CALL_OPEN + "write" + TOOL_SEP + "$ARGS" + CALL_END + CALLS_END,
+)

@@ -21,6 +21,7 @@ import re
 from typing import Any
 
 from ..events import Event, ToolCallArgs, ToolCallEnd, ToolCallStart
+from ._declaration import ToolFormat
 from ._stream import Collector, Markers, StreamParser, emit_plain
 
 CALL_START = "<start_function_call>"
@@ -212,3 +213,15 @@ class FunctionGemmaParser(StreamParser):
             else:
                 token.append(c)
         return "".join(out)
+
+
+FORMAT = ToolFormat(
+    name="functiongemma",
+    parser=FunctionGemmaParser,
+    models=(r"functiongemma",),
+    rank=120,
+    examples=("google/functiongemma-270m-it",),
+    markers=(CALL_START,),
+    vllm_parser="functiongemma",
+    sample="<start_function_call>call:write{text:<escape>$TEXT<escape>}<end_function_call>",
+)

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..events import Event, Text, ToolCallStart
+from ._declaration import ToolFormat
 from ._stream import CallListReader
 from .base import JsonScanner, MarkerParser, text_event
 
@@ -147,3 +148,11 @@ class GenericJsonParser(MarkerParser):
             self._state = _PASS
             text_event(rest, out)
         return len(text)
+
+
+FORMAT = ToolFormat(
+    name="generic_json",
+    parser=GenericJsonParser,  # no model names, no markers: only by --tool-format
+    triggers=(b"{", b"[", b"`"),
+    sample='{"name": "write", "arguments": $ARGS}',
+)

@@ -23,6 +23,7 @@ import json
 from typing import Any
 
 from ..events import Event
+from ._declaration import ToolFormat
 from ._stream import (
     THINK_START,
     Collector,
@@ -182,3 +183,15 @@ class Glm45Parser(StreamParser):
             self._call.truncate(self._key if in_value else None, text if in_value else None,
                                 out)
             self._call = None
+
+
+FORMAT = ToolFormat(
+    name="glm45",
+    parser=Glm45Parser,
+    models=(r"glm-?4\.[5-9]|glm-?4-?(5|6|7)",),
+    rank=90,
+    examples=("zai-org/GLM-4.5", "zai-org/GLM-4.7"),
+    markers=(CALL_START,),  # shared: GLM's is the one followed by a name
+    vllm_parser="glm45",
+    sample="<tool_call>write\n<arg_key>text</arg_key>\n<arg_value>$TEXT</arg_value>\n</tool_call>",
+)

@@ -25,6 +25,7 @@ import re
 from typing import Any
 
 from ..events import Event, ToolCallStart
+from ._declaration import ToolFormat
 from ._stream import JsonArgs, Markers, StreamParser, emit_plain
 
 START = "<|start|>"
@@ -146,3 +147,16 @@ class GptOssParser(StreamParser):
         elif self._args is not None:
             self._args.finish(out)
             self._args = None
+
+
+FORMAT = ToolFormat(
+    name="gpt_oss",
+    parser=GptOssParser,
+    models=(r"gpt-?oss",),
+    rank=110,
+    examples=("openai/gpt-oss-20b",),
+    markers=(CHANNEL,),
+    calls_in_reasoning=False,
+    vllm_parser="openai",
+    sample="<|channel|>commentary to=functions.write <|constrain|>json<|message|>$ARGS<|call|>",
+)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from ..events import Event
+from ._declaration import ToolFormat
 from ._stream import CallListReader, Markers, StreamParser
 
 TOOL_CALL = "<|tool_call|>"
@@ -68,3 +69,15 @@ class GraniteParser(StreamParser):
         if self._list is not None:
             self._list.finish(out)
             self._list = None
+
+
+FORMAT = ToolFormat(
+    name="granite",
+    parser=GraniteParser,
+    models=(r"granite",),
+    rank=80,
+    examples=("ibm-granite/granite-3.3-8b-instruct",),
+    markers=(TOOL_CALL,),
+    vllm_parser="granite",
+    sample='<|tool_call|>[{"name": "write", "arguments": $ARGS}]',
+)

@@ -10,6 +10,7 @@ when its JSON does.
 from __future__ import annotations
 
 from ..events import Event
+from ._declaration import ToolFormat
 from ._stream import (
     MORE,
     STOP,
@@ -77,3 +78,16 @@ class HermesParser(StreamParser):
         if hit == TOOL_CALL_END:
             return j + len(TOOL_CALL_END), False
         return pos, False  # no closing tag: what follows is text (or reasoning) again
+
+
+FORMAT = ToolFormat(
+    name="hermes",
+    parser=HermesParser,
+    models=(r"qwen|qwq|hermes|nous",),
+    rank=20,
+    examples=("Qwen/Qwen3-8B", "Qwen/QwQ-32B", "NousResearch/Hermes-3-Llama-3.1-8B"),
+    markers=(TOOL_CALL_START,),
+    marker_follows=("{", "[", ""),
+    vllm_parser="hermes",
+    sample='<tool_call>\n{"name": "write", "arguments": $ARGS}\n</tool_call>',
+)

@@ -27,6 +27,7 @@ import re
 from typing import Any
 
 from ..events import Event, ToolCallArgs, ToolCallEnd, ToolCallStart
+from ._declaration import ToolFormat
 from ._stream import THINK_END, THINK_START, Collector, JsonArgs, Markers, StreamParser
 
 SECTION_BEGIN = "<|tool_calls_section_begin|>"
@@ -127,3 +128,16 @@ class KimiK2Parser(StreamParser):
         elif self._args is not None:
             self._args.finish(out)
             self._args = None
+
+
+FORMAT = ToolFormat(
+    name="kimi_k2",
+    parser=KimiK2Parser,
+    models=(r"kimi",),
+    rank=100,
+    examples=("moonshotai/Kimi-K2-Instruct", "moonshotai/Kimi-K2-Thinking"),
+    markers=(SECTION_BEGIN,),
+    vllm_parser="kimi_k2",
+    sample=("<|tool_calls_section_begin|><|tool_call_begin|>functions.write:0"
+            "<|tool_call_argument_begin|>$ARGS<|tool_call_end|><|tool_calls_section_end|>"),
+)

@@ -13,6 +13,7 @@ that answers with a plain JSON document is not turned into a nameless tool call.
 from __future__ import annotations
 
 from ..events import Event
+from ._declaration import ToolFormat
 from ._stream import (
     MORE,
     NOT_A_CALL,
@@ -90,3 +91,18 @@ class Llama3JsonParser(StreamParser):
         # prose (before any call, or after the calls)
         self._state = _TEXT
         return pos, False
+
+
+FORMAT = ToolFormat(
+    name="llama3_json",
+    parser=Llama3JsonParser,
+    models=(r"llama",),
+    rank=60,  # after Llama 3.2 small and Llama 4 (pythonic)
+    examples=("meta-llama/Llama-3.1-8B-Instruct", "meta-llama/Llama-3.3-70B-Instruct"),
+    markers=(PYTHON_TAG,),
+    calls_in_reasoning=False,
+    triggers=(b"<", b"{"),
+    vllm_parser="llama3_json",
+    vllm_aliases=("llama4_json",),
+    sample='{"name": "write", "parameters": $ARGS}',
+)

@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..events import Event
+from ._declaration import ToolFormat
 from ._stream import THINK_START, Collector, Markers, StreamParser, XmlArgs
 from .glm45 import GLM_VALUES
 
@@ -112,3 +113,16 @@ class MiniMaxM2Parser(StreamParser):
             key = self._key if in_value else (_attr(text) if st == _PARAM_NAME else None)
             self._call.truncate(key, text if in_value else None, out)
             self._call = None
+
+
+FORMAT = ToolFormat(
+    name="minimax_m2",
+    parser=MiniMaxM2Parser,
+    models=(r"minimax",),
+    rank=140,
+    examples=("MiniMaxAI/MiniMax-M2",),
+    markers=(SECTION_START,),
+    vllm_parser="minimax_m2",
+    sample=('<minimax:tool_call>\n<invoke name="write">\n<parameter name="text">$TEXT'
+            "</parameter>\n</invoke>\n</minimax:tool_call>"),
+)

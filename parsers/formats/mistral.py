@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 
 from ..events import Event
+from ._declaration import ToolFormat
 from ._stream import (
     MORE,
     STOP,
@@ -194,3 +195,17 @@ class MistralParser(StreamParser):
             self._collect = None
             self._reader = CallReader(self, None, name=self._call_name)
         super()._close(out)
+
+
+FORMAT = ToolFormat(
+    name="mistral",
+    parser=MistralParser,
+    models=(r"mistral|mixtral|ministral|magistral|devstral|codestral",),
+    rank=70,
+    examples=("mistralai/Mistral-7B-Instruct-v0.3", "mistralai/Magistral-Small-2506"),
+    markers=(TOOL_CALLS,),
+    reasoning_markers=(THINK_START,),  # Magistral's
+    triggers=(b"[",),
+    vllm_parser="mistral",
+    sample="[TOOL_CALLS]write[ARGS]$ARGS",
+)

@@ -31,6 +31,7 @@ import warnings
 from typing import Any
 
 from ..events import Event, Text, ToolCallArgs, ToolCallEnd, ToolCallStart
+from ._declaration import ToolFormat
 from ._stream import WS_LIMIT, Markers, StreamParser, emit_plain, literal_eval_quiet, skip_ws
 
 PYTHON_START = "<|python_start|>"
@@ -384,3 +385,18 @@ class PythonicParser(StreamParser):
             else:
                 self._release_block(out)
         self._state = _TEXT
+
+
+FORMAT = ToolFormat(
+    name="pythonic",
+    parser=PythonicParser,
+    models=(r"llama-?4", r"llama-?3\.2-?(1|3)b"),
+    rank=50,  # before Llama 3 JSON
+    examples=("meta-llama/Llama-4-Scout-17B-16E-Instruct", "meta-llama/Llama-3.2-3B-Instruct"),
+    markers=(PYTHON_START,),
+    calls_in_reasoning=False,
+    triggers=(b"<", b"["),
+    vllm_parser="pythonic",
+    vllm_aliases=("llama4_pythonic",),
+    sample="[write(items=$VALUE)]",
+)

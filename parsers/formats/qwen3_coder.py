@@ -27,6 +27,7 @@ call inside ``<tool_call>`` (Qwen3-Coder falls back to it now and then).
 from __future__ import annotations
 
 from ..events import Event
+from ._declaration import ToolFormat
 from ._stream import (
     FITTED,
     MORE,
@@ -190,3 +191,18 @@ class Qwen3CoderParser(StreamParser):
             self._call.truncate(self._pname if in_value else None, text if in_value else None,
                                 out)
             self._call = None
+
+
+FORMAT = ToolFormat(
+    name="qwen3_coder",
+    parser=Qwen3CoderParser,
+    models=(r"qwen3-?coder",),
+    rank=10,  # before Qwen (hermes)
+    examples=("Qwen/Qwen3-Coder-30B-A3B-Instruct",),
+    markers=(TOOL_CALL_START,),
+    marker_follows=(FUNCTION_START,),
+    vllm_parser="qwen3_coder",
+    vllm_aliases=("qwen3_xml",),
+    sample=("<tool_call>\n<function=write>\n<parameter=text>\n$TEXT\n</parameter>\n"
+            "</function>\n</tool_call>"),
+)

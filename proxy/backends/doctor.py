@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from toolmend.backends.detect import Detected, detect
+from toolmend.parsers.formats import FORMATS, format_for_model
 
 STRIX_HALO_ARCH = "gfx1151"
 TOOLMEND_PORT = 8080
@@ -235,24 +236,19 @@ def recommend(hw: Hardware, agents: int = 1,
 
 
 #: toolmend tool format -> the vLLM ``--tool-call-parser`` that handles it, so the backend and
-#: toolmend read the model's calls the same way.
-VLLM_TOOL_PARSERS = {
-    "hermes": "hermes", "qwen3_coder": "qwen3_coder", "llama3_json": "llama3_json",
-    "pythonic": "pythonic", "mistral": "mistral", "deepseek_v3": "deepseek_v3",
-    "deepseek_v31": "deepseek_v31", "granite": "granite", "glm45": "glm45",
-    "kimi_k2": "kimi_k2", "gpt_oss": "openai", "phi4_mini": "phi4_mini_json",
-    "minimax_m2": "minimax_m2", "functiongemma": "functiongemma",
-}
-#: The reverse: a ``--tool-call-parser`` given by hand -> the toolmend format to match it.
-TOOL_FORMAT_FOR_VLLM_PARSER = {v: k for k, v in VLLM_TOOL_PARSERS.items()} | {
-    "llama4_pythonic": "pythonic", "llama4_json": "llama3_json", "qwen3_xml": "qwen3_coder"}
+#: toolmend read the model's calls the same way (each format declares its own:
+#: ``ToolFormat.vllm_parser``)
+VLLM_TOOL_PARSERS: dict[str, str] = {
+    name: fmt.vllm_parser for name, fmt in FORMATS.items() if fmt.vllm_parser}
+#: The reverse: a ``--tool-call-parser`` given by hand -> the toolmend format to match it (with
+#: the other vLLM names each format declares, ``ToolFormat.vllm_aliases``).
+TOOL_FORMAT_FOR_VLLM_PARSER: dict[str, str] = {v: k for k, v in VLLM_TOOL_PARSERS.items()} | {
+    alias: name for name, fmt in FORMATS.items() for alias in fmt.vllm_aliases}
 
 
 def vllm_tool_parser(model: str) -> str:
     """The ``--tool-call-parser`` for a model, from its name; hermes when the name says nothing
     (the most common format, and what a Hermes-style chat template produces)."""
-    from toolmend.parsers.formats import format_for_model
-
     return VLLM_TOOL_PARSERS.get(format_for_model(model) or "hermes", "hermes")
 
 
@@ -269,10 +265,13 @@ def _vllm(hw: Hardware, agents: int, model: str | None, port: int | None = None
                                               (20, "Qwen/Qwen3-8B"), (0, "Qwen/Qwen3-4B")])
     parser = vllm_tool_parser(m)
     tool_flag = f"--enable-auto-tool-choice --tool-call-parser {parser}"
+    priority = ("--scheduling-policy priority", "serves waiting requests by the priority "
+                "toolmend sends (an agent's loop steps before long requests) and preempts long "
+                "ones for them; without it vLLM serves in arrival order")
     if amd:
         flags = [("--gpu-memory-utilization 0.90", "KV cache for all agents"),
                  ("--max-model-len 32768", "so several agents fit"),
-                 (tool_flag, "structured calls")]
+                 (tool_flag, "structured calls"), priority]
     else:
         flags = [("--gpu-memory-utilization 0.90", "leaves headroom for the CUDA context; the "
                   "rest becomes KV cache shared by all agents"),
@@ -282,7 +281,7 @@ def _vllm(hw: Hardware, agents: int, model: str | None, port: int | None = None
                   f"({parser} is right for {m.rsplit('/', 1)[-1]}; pick the parser for your "
                   "model family)"),
                  (f"--max-num-seqs {max(8, agents * 2)}", "enough sequences for every agent "
-                  "plus retries")]
+                  "plus retries"), priority]
     cmd = ["vllm", "serve", m, "--host", "127.0.0.1", "--port", str(port)]
     for f, _ in flags:
         cmd += f.split()
@@ -436,6 +435,22 @@ def format_report(hw: Hardware, agents: int, upstreams: list[tuple[str, Detected
     return "\n".join(lines)
 
 
+async def _priority_notes(urls: list[str], found: list[tuple[str, Detected]]) -> list[str]:
+    """Whether each running vLLM takes request priorities (one probe each)."""
+    import aiohttp
+
+    from toolmend.backends import vllm_priority
+
+    notes = []
+    async with aiohttp.ClientSession() as s:
+        for url, (shown, d) in zip(urls, found, strict=True):
+            if d.kind == "vllm":
+                note = vllm_priority.doctor_note(await vllm_priority.probe(s, url, d.model))
+                if note:
+                    notes.append(f"{shown}: {note}")
+    return notes
+
+
 async def run_doctor(agents: int, upstreams: list[str], model: str | None = None,
                      as_json: bool = False) -> str:
     hw = await asyncio.to_thread(probe_hardware)
@@ -446,6 +461,7 @@ async def run_doctor(agents: int, upstreams: list[str], model: str | None = None
                                                                 or list(DEFAULT_PROBES))]
     shown = found if upstreams else [(u, d) for u, d in found if d.kind != "unknown"]
     rec = recommend(hw, agents, found, model)
+    rec.notes += await _priority_notes(upstreams or list(DEFAULT_PROBES), found)
     if as_json:
         import orjson
 

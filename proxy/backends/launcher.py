@@ -212,6 +212,8 @@ def apply_plan(settings: Settings, plan: LaunchPlan) -> None:
         settings.tool_format = plan.tool_format
     if settings.slots <= 0:
         settings.slots = plan.slots
+    if plan.stack == "vllm" and flag_value(plan.argv, "--scheduling-policy") == "priority":
+        settings.vllm_priority = True  # it was started to take them (vllm_priority.py)
 
 
 def _stderr_sink(line: str) -> None:

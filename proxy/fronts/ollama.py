@@ -107,6 +107,11 @@ class OllamaDownstream(Downstream):
 
     async def close(self) -> web.StreamResponse:
         tail = self.emitter.finish(self._durations())
+        if self.whole and self.emitter.error is not None:
+            self.ctx.status = 502
+            self.ctx.error_code = "upstream_bad_response"
+            return ollama_error(ProxyError(502, self.emitter.error,
+                                           code="upstream_bad_response"))
         if self.whole:
             self.ctx.status = 200
             self.ctx.bytes_out += len(tail)

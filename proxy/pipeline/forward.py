@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from toolmend.backends.vllm_priority import upstream_priority
 from toolmend.parsers.stream import StreamPipeline
 from toolmend.pipeline.downstream import Downstream
 from toolmend.pipeline.mending import ChatMending
@@ -26,6 +27,7 @@ from toolmend.scheduling.scheduler import (
     PRIORITY_HEADER,
     estimate_cost,
     parse_deadline,
+    request_cost,
 )
 from toolmend.server import auth, identity
 from toolmend.server.context import RequestContext
@@ -70,11 +72,12 @@ async def read_json_request(request: web.Request, *, any_content_type: bool = Fa
              else request.headers.get("Content-Type", "application/json"))
     body = await read_json_body(raw, ctype,
                                 admit=lambda size: request.app[LARGE_BODIES].admit(request,
-                                                                                    size))
+                                                                                    size),
+                                max_values=settings.max_body_values)
     ctx: RequestContext = request[CTX]
     ident = identity.resolve(request, body)  # the trust table: see identity.py
     ctx.agent_id, ctx.session_id = ident.agent, ident.session
-    ctx.extra[identity.IDENTITY_KEY] = ident
+    ctx.identity = ident
     auth.check_body(request, body)
     model = body.get("model")
     ctx.model = model if isinstance(model, str) else None
@@ -97,13 +100,18 @@ async def forward(request: web.Request, body: dict[str, Any], path: str,
     # cost estimate, the mender (retries copy the body) and the upstream wire's own translation
     # (Ollama's native API reads these fields), so no front or wire can bypass it.
     detected = up.detected
+    if detected is not None and detected.kind not in ("unknown", "loading"):
+        ctx.backend = detected.kind
+    elif settings.backend != "auto":
+        ctx.backend = settings.backend
     cap_output_tokens(body, auth.output_cap(request),
                       detected.context_length if detected is not None else None)
     request.app[TELEMETRY].prepare(request, ctx, body)
     priority = sched.resolve_priority(ctx.agent_id, request.headers.get(PRIORITY_HEADER))
     deadline = parse_deadline(request.headers.get(DEADLINE_HEADER), sched.clock())
-    if settings.vllm_priority:
-        body["priority"] = -priority  # vLLM serves lower values first
+    if settings.vllm_priority:  # the class, and loop steps first within it (vllm_priority.py)
+        body["priority"] = upstream_priority(priority, sched.loop_step(
+            ctx.agent_id, ctx.session_id, request_cost(body, request.content_length)))
     else:  # a client's own "priority" would reach a priority-scheduling server past the
         body.pop("priority", None)  # policy that X-Priority is held to
     mending = None
@@ -113,6 +121,8 @@ async def forward(request: web.Request, body: dict[str, Any], path: str,
         backend = settings.backend if settings.backend != "auto" or not body.get("tools") \
             else (await up.detect()).kind
         toolset = await request_toolset(request.app, body, settings)  # off the loop if large
+        if backend != "auto":
+            ctx.backend = backend
         mending = ChatMending.for_request(settings, body, ctx, request.headers, backend, toolset)
     if not ctx.stream:
         raw = orjson.dumps(mending.upstream_body() if mending else body)

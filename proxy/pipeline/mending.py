@@ -79,7 +79,7 @@ class ChatMending:
         self.bypass = bypasses_server_parser(settings.server_tool_parser, backend, body)
         self.resplit_server_reasoning = self.bypass
         if self.bypass:
-            ctx.extra["server_tool_parser"] = "bypass"
+            ctx.server_tool_parser = "bypass"
         # no schema to compile without tools: the limits are not even built (plain chat's path)
         limits = DEFAULT_LIMITS if self.structured_only else schema_limits(settings)
         self._mender: ChatMender | None = None
@@ -137,7 +137,7 @@ class ChatMending:
                        structured_only=self.structured_only,
                        max_argument_chars=self.max_argument_chars,
                        max_argument_depth=self.max_argument_depth)
-        # kept here, not in ctx.extra: the mender holds the validation, which holds the ctx, and
+        # kept here, not on the ctx: the mender holds the validation, which holds the ctx, and
         # that cycle kept each request's compiled schemas (megabytes of Rust validators for a
         # large one) alive until a full garbage collection
         self._mender = m
@@ -199,7 +199,7 @@ class ChatMending:
                 notes_out += notes
                 record(self.ctx, mender)
             if notes_out:
-                self.ctx.extra["repair_notes"] = notes_out
+                self.ctx.repair_notes = notes_out
             return obj
 
         return transform
@@ -226,12 +226,12 @@ def bypasses_server_parser(setting: str, backend: str, body: dict[str, Any]) -> 
 def record(ctx: RequestContext, mender: ChatMender | None) -> None:
     if mender is None:
         return
-    recorded = ctx.extra.get("_recorded")
+    recorded = ctx.mending_recorded
     if recorded is not None and recorded() is mender:
         return
     # a weak reference: aiohttp keeps a keep-alive connection's last request (and so its ctx)
     # alive until the next one, and the mender holds the request's compiled schemas
-    ctx.extra["_recorded"] = weakref.ref(mender)
+    ctx.mending_recorded = weakref.ref(mender)
     ctx.repairs.extend(mender.repairs)
     ctx.tool_names.extend(mender.tool_names)
-    ctx.extra["tool_format"] = mender.format
+    ctx.tool_format = mender.format

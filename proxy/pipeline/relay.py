@@ -48,7 +48,7 @@ async def relay_stream(request: web.Request, ctx: RequestContext, up: UpstreamCl
         down.start_keepalive()
     stats = pipeline.stats
     try:
-        async with up.call(path, body, headers=ctx.extra.get("upstream_headers")) as call:
+        async with up.call(path, body, headers=ctx.upstream_headers) as call:
             ctx.upstream_headers_at = loop.time()
             if call.status >= 400:
                 return await down.fail(await call.error())
@@ -105,7 +105,7 @@ async def relay_json(ctx: RequestContext, up: UpstreamClient, path: str, body: b
     is folded into the reply object first (see ``whole_reply.py``)."""
     loop = asyncio.get_running_loop()
     try:
-        async with up.call(path, body, headers=ctx.extra.get("upstream_headers")) as call:
+        async with up.call(path, body, headers=ctx.upstream_headers) as call:
             ctx.upstream_headers_at = loop.time()
             raw = await call.read_all()
             status = call.status
@@ -134,8 +134,8 @@ async def relay_json(ctx: RequestContext, up: UpstreamClient, path: str, body: b
                 ctx.finish_reasons.append(c["finish_reason"])
         ctx.status = 200
         headers = {"X-Request-Id": ctx.request_id}
-        notes = ctx.extra.get("repair_notes") or []
-        if ctx.extra.get(INVALID_UTF8):
+        notes = ctx.repair_notes
+        if ctx.invalid_utf8:
             notes = [INVALID_UTF8_NOTE, *notes]
         if notes:
             headers["X-Toolmend-Repairs"] = "; ".join(notes)[:4000].replace("\n", " ")
@@ -174,17 +174,17 @@ def note_invalid_utf8(ctx: RequestContext, events: int) -> None:
     """Record replaced invalid UTF-8: a count for the metric, one repair for the trace."""
     if not events:
         return
-    if not ctx.extra.get(INVALID_UTF8):
+    if not ctx.invalid_utf8:
         ctx.repairs.append({"kind": INVALID_UTF8, "events": events})
-    ctx.extra[INVALID_UTF8] = events
+    ctx.invalid_utf8 = events
 
 
 def _record(ctx: RequestContext, pipeline: StreamPipeline) -> None:
     st = pipeline.stats
     ctx.usage = st.usage
     ctx.finish_reasons = st.finish_reasons
-    if st.model and not ctx.extra.get("response_model"):
-        ctx.extra["response_model"] = st.model
+    if st.model and not ctx.response_model:
+        ctx.response_model = st.model
     note_invalid_utf8(ctx, st.invalid_utf8)
 
 

@@ -45,7 +45,7 @@ SCHEMAS = web.AppKey("schemas", SchemaCompiler)
 
 
 def _records(ctx: RequestContext) -> list[dict[str, Any]]:
-    return ctx.extra.setdefault("validation", [])
+    return ctx.validation
 
 
 class RequestValidation:
@@ -147,7 +147,7 @@ class RequestValidation:
             retry_body["stream"] = False
             retry_body.pop("stream_options", None)
             self.ctx.retries += 1
-            self.ctx.extra.setdefault("retry_times", []).append(loop.time())
+            self.ctx.retry_times.append(loop.time())
             name, arguments, content = await self._ask(up, path, retry_body, plan)
             attempt += 1
             if name is None:
@@ -178,7 +178,7 @@ class RequestValidation:
         """One non-streaming retry request; the reply is mended like any other."""
         from toolmend.parsers.mender import mend_message
 
-        headers = self.ctx.extra.get("upstream_headers")
+        headers = self.ctx.upstream_headers
         async with up.call(path, orjson.dumps(retry_body), headers=headers) as call:
             raw = await call.read_all()
             status = call.status

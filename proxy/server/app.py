@@ -15,6 +15,7 @@ import orjson
 from aiohttp import web
 
 from toolmend import fronts
+from toolmend.backends import vllm_priority
 from toolmend.backends.detect import detect
 from toolmend.backends.launcher import LAUNCHED
 from toolmend.backends.upstream import UpstreamClient
@@ -210,6 +211,9 @@ async def _size_scheduler(app: web.Application) -> None:
     async with aiohttp.ClientSession() as probes:
         up.detected = await detect(up.base_url(), up.backend, session=probes,
                                    api_key=app[SETTINGS].api_key)
+        if up.detected.kind == "vllm" and app[SETTINGS].vllm_priority:  # does it take them?
+            await vllm_priority.configure(app[SETTINGS], probes, up.base_url(),
+                                          up.detected.model)
     slots = await probe_slots(up, app[SETTINGS])
     app[SCHEDULER].set_slots(slots)
     log.info("fair queue: %d backend slots", slots)

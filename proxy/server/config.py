@@ -107,24 +107,22 @@ class Settings:
                                    "429); [agents.NAME] max_queue overrides it")
     queue_ttl: float = opt(300.0, "seconds a request may wait for a slot before it gets 503 "
                            "(X-Toolmend-Deadline-Ms can shorten it per request)", metavar="S")
-    agent_cap: bool = opt(True, "while more than one agent is active, no agent holds more than "
-                          "slots - 1 slots, so a tool-loop agent is never stuck behind a burst "
-                          "(needs slots >= 2)")
-    express_slot: bool = opt(True, "keep one slot for small requests (short prompt growth, "
-                             "small max_tokens), so agent loop steps skip the queue (needs "
-                             "slots >= 2)")
-    express_max_prompt_tokens: int = opt(512, "largest prompt growth since the agent's previous "
-                                         "request (estimated tokens) that counts as small")
-    express_max_tokens: int = opt(256, "largest max_tokens that counts as small (requests "
+    express_slot: bool = opt(True, "hold a free slot back for another agent's loop step when "
+                             "the agent is expected back (from its measured tool time) before "
+                             "the long request that would take the slot would finish, and no "
+                             "other slot frees up sooner")
+    express_max_prompt_tokens: int = opt(512, "largest prompt growth since the session's "
+                                         "previous step (estimated tokens) that counts as a "
+                                         "loop step")
+    express_max_tokens: int = opt(256, "largest max_tokens that counts as a loop step (requests "
                                   "without max_tokens never do)")
-    express_lend_after: float = opt(0.0, "lend the express slot to long requests after this "
-                                    "many seconds without a small one (0: never lend; the "
-                                    "slot stays free for the next agent step)", metavar="S")
-    agent_idle_after: float = opt(10.0, "seconds after its last request that an agent still "
-                                  "counts as active (tool loops pause between steps)",
-                                  metavar="S")
-    vllm_priority: bool = opt(False, "send each request's priority class in vLLM's 'priority' "
-                              "field (vLLM started with --scheduling-policy priority)")
+    agent_idle_after: float = opt(10.0, "seconds after its last step that a session is still in "
+                                  "its loop (its counter is not lifted; the predicted tool time "
+                                  "before any is measured)", metavar="S")
+    vllm_priority: bool = opt(False, "send each request's priority class to vLLM, loop steps "
+                              "first within a class (vLLM started with --scheduling-policy "
+                              "priority; checked at start-up, none are sent to a vLLM that "
+                              "refuses them; --launch vllm turns both on)")
     otlp_endpoint: str = opt("", "OTLP/HTTP endpoint for traces, e.g. http://127.0.0.1:4318",
                              metavar="URL")
     otlp_protocol: str = opt("auto", "OTLP transport (auto: OTEL_EXPORTER_OTLP_PROTOCOL, else "
@@ -199,6 +197,10 @@ class Settings:
     large_body_bytes: int = opt(16 * 1024 * 1024, "a request body whose parsed form is "
                                 "estimated larger than this counts as large (JSON with many "
                                 "small values grows ~10x when parsed)", metavar="BYTES")
+    max_body_values: int = opt(200_000, "most JSON values in one request body, estimated from "
+                               "its commas and colons before it is parsed (beyond: 413 "
+                               "too_many_values): the parse holds the event loop, 150-200 ms "
+                               "for 350,000 values")
     max_large_bodies: int = opt(2, "large request bodies held at once (beyond: 503 "
                                 "too_many_large_bodies with Retry-After)")
     max_connections: int = opt(1024, "upstream connection pool size")

@@ -2,13 +2,19 @@
 
 Stages (scheduler, relay, mender, telemetry) never call each other through it; they only record
 what happened, and telemetry reads it at the end. Timestamps are ``loop.time()`` seconds.
+
+Every field is typed and named here, and every field a span or metric reads is written by some
+stage (tests/test_context.py checks both), so a reader can never wait for a key nobody sets.
 """
 
 from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from toolmend.server.identity import Identity
 
 
 def new_request_id() -> str:
@@ -42,7 +48,23 @@ class RequestContext:
     repairs: list[dict[str, Any]] = field(default_factory=list)
     retries: int = 0
     bytes_out: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    # who asked, and where the request ran (front, scheduler)
+    identity: Identity | None = None
+    priority: int | None = None  # the priority class the scheduler served it in
+    slot: int | None = None  # which of the backend's slots (0-based) it held
+    backend: str | None = None  # the kind of server it was sent to (vllm, llamacpp, ...)
+    # upstream call and reply
+    upstream_headers: dict[str, str] | None = None  # extra headers (trace context) upstream
+    response_model: str | None = None  # the model the backend says answered
+    invalid_utf8: int = 0  # upstream events that held invalid UTF-8 (replaced)
+    # mending and validation
+    tool_format: str | None = None
+    server_tool_parser: str | None = None  # "bypass" when toolmend parsed the raw text itself
+    repair_notes: list[str] = field(default_factory=list)
+    validation: list[dict[str, Any]] = field(default_factory=list)  # one verdict per check
+    retry_times: list[float] = field(default_factory=list)  # loop.time() of each retry sent
+    mending_recorded: Any = None  # weak reference to the mender already recorded
+    trace: Any = None  # telemetry's RequestTrace for this request (telemetry/tracing.py)
 
     def ms(self, t: float | None, since: float | None = None) -> float | None:
         if t is None:

@@ -35,7 +35,6 @@ if TYPE_CHECKING:
 
 AGENT_ID_MAX = 128  # as for X-Agent-Id since the start
 SESSION_ID_MAX = 128  # as telemetry.SESSION_ID_MAX
-IDENTITY_KEY = "identity"  # ctx.extra key of the Identity
 MAX_FINGERPRINTS = 4096  # sessions tracked by the fingerprint fallback, least recent dropped
 
 #: The trust table: (rank, source, what names the agent, what names the session). Read top
@@ -225,6 +224,9 @@ class FingerprintSessions:
         self.limit = limit
         self._sessions: OrderedDict[str, _Tracked] = OrderedDict()
         self._by_last: dict[bytes, deque[str]] = {}
+        # failed steps by their history, apart: identical openings (many runs of one task)
+        # share a digest, and looking for a failed one among them was O(runs) per request
+        self._failed: dict[bytes, list[str]] = {}
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -233,12 +235,15 @@ class FingerprintSessions:
         digests, roles = history_digests(scope, body)
         full = digests[-1]
         # a resend of a step that failed (429, dropped connection): the same session and step
-        for sid in self._by_last.get(full, ()):
+        failed = self._failed.get(full)
+        if failed:
+            sid = failed.pop()
+            if not failed:
+                del self._failed[full]
             t = self._sessions[sid]
-            if t.state == "failed":
-                t.state = "in_flight"
-                self._sessions.move_to_end(sid)
-                return FingerprintClaim(sid, t.step, True, full)
+            t.state = "in_flight"
+            self._sessions.move_to_end(sid)
+            return FingerprintClaim(sid, t.step, True, full)
         # a continuation: the last step's history, then the assistant's reply and what followed
         for k in range(len(roles) - 1, 0, -1):
             if roles[k] != "assistant":
@@ -264,11 +269,20 @@ class FingerprintSessions:
     def finished(self, claim: FingerprintClaim, ok: bool) -> None:
         """The step's outcome: a failed step may be resent and stay the same step."""
         t = self._sessions.get(claim.session)
-        if t is not None and t.last == claim.last and t.step == claim.step:
+        if t is not None and t.last == claim.last and t.step == claim.step \
+                and t.state == "in_flight":
             t.state = "done" if ok else "failed"
+            if not ok:
+                self._failed.setdefault(t.last, []).append(t.session)
 
     def _forget(self, sid: str) -> None:
         t = self._sessions.pop(sid)
+        if t.state == "failed":
+            failed = self._failed.get(t.last)
+            if failed is not None:
+                failed.remove(sid)
+                if not failed:
+                    del self._failed[t.last]
         waiting = self._by_last.get(t.last)
         if waiting is not None:
             try:

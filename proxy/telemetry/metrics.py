@@ -63,9 +63,11 @@ class Metrics:
         self.models = BoundedLabel(32)
         self.codes = BoundedLabel(64)
         self.kinds = BoundedLabel(64)
-        self.ttft = Histogram(pn(n.M_TTFT), "Time to first token as the client saw it",
-                              (op, prov, model), unit="seconds", registry=r,
-                              buckets=n.TTFT_BUCKETS)
+        # from the request's arrival: the wait for a slot and the backend's prefill, as the
+        # convention's server-side time to first token counts it; by the API the agent spoke
+        self.ttft = Histogram(pn(n.M_TTFT), "Time to first token from the request's arrival "
+                              "(queue wait and prefill)", (op, prov, model, pn(n.TM_FRONT)),
+                              unit="seconds", registry=r, buckets=n.TTFT_BUCKETS)
         self.duration = Histogram(pn(n.M_REQUEST_DURATION), "Request duration to the last byte",
                                   (op, prov, model, pn(n.ERROR_TYPE)), unit="seconds",
                                   registry=r, buckets=n.DURATION_BUCKETS)
@@ -76,21 +78,21 @@ class Metrics:
                                     (), unit="seconds", registry=r, buckets=n.QUEUE_BUCKETS)
         self.in_flight = Gauge(pn(n.M_IN_FLIGHT), "Requests being handled now", registry=r)
         self.requests = Counter(pn(n.M_REQUESTS), "Finished requests by operation and status",
-                                (op, "status"), registry=r)
-        self.repairs = Counter(pn(n.M_REPAIRS), "Tool-call repairs by kind", ("kind",),
+                                (op, n.LABEL_STATUS), registry=r)
+        self.repairs = Counter(pn(n.M_REPAIRS), "Tool-call repairs by kind", (n.LABEL_KIND,),
                                registry=r)
         self.validation_failures = Counter(pn(n.M_VALIDATION_FAILURES),
                                            "Tool calls that failed schema validation", registry=r)
         self.retries = Counter(pn(n.M_RETRIES), "Upstream retries for invalid tool calls",
                                registry=r)
         self.upstream_errors = Counter(pn(n.M_UPSTREAM_ERRORS), "Upstream failures by code",
-                                       ("code",), registry=r)
+                                       (n.LABEL_CODE,), registry=r)
         self.invalid_utf8 = Counter(pn(n.M_INVALID_UTF8), "Upstream events (or whole replies) "
                                     "whose invalid UTF-8 was replaced with U+FFFD", registry=r)
         r.register(_QueueDepth(queue_depth or (lambda: 0)))
 
     def observe(self, *, operation: str, provider: str, model: str | None, status: int,
-                error_code: str | None, duration: float, ttft: float | None,
+                error_code: str | None, duration: float, ttft: float | None, front: str,
                 queue_wait: float | None, usage: dict[str, Any] | None,
                 repair_kinds: list[str], validation_failures: int, retries: int,
                 invalid_utf8: int = 0) -> None:
@@ -98,7 +100,7 @@ class Metrics:
         err = self.codes(error_code) if error_code else ""
         self.duration.labels(operation, provider, m, err).observe(duration)
         if ttft is not None and status < 400:
-            self.ttft.labels(operation, provider, m).observe(ttft)
+            self.ttft.labels(operation, provider, m, front).observe(ttft)
         if queue_wait is not None:
             self.queue_wait.observe(queue_wait)
         if usage:

@@ -133,6 +133,11 @@ class SessionTracker:
             return None
         return round((started - s.last_ended) * 1000, 3)
 
+    def last_ended(self, agent_id: str, session_id: str) -> float | None:
+        """When the session's latest step ended (epoch seconds), if it is known."""
+        s = self._sessions.get((text(agent_id), text(session_id)))
+        return None if s is None else s.last_ended
+
     def record(self, session_id: str, agent_id: str, source: str, step: StepRecord) -> None:
         key = (text(agent_id), text(session_id))
         s = self._sessions.get(key)

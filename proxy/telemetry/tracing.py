@@ -67,7 +67,7 @@ from toolmend.server.auth import SESSION_HEADER, header_text
 from toolmend.server.config import Settings
 from toolmend.server.context import RequestContext
 from toolmend.server.errors import ProxyError
-from toolmend.server.identity import IDENTITY_KEY, Identity, tracker
+from toolmend.server.identity import Identity, tracker
 from toolmend.server.keys import SCHEDULER, UPSTREAM
 from toolmend.telemetry import names as n
 from toolmend.telemetry.metrics import Metrics
@@ -77,9 +77,13 @@ log = logging.getLogger("toolmend.telemetry.tracing")
 
 RECORDED_PATHS = {"/v1/chat/completions": n.OP_CHAT, "/v1/completions": n.OP_TEXT_COMPLETION,
                   "/api/chat": n.OP_CHAT, "/api/generate": n.OP_CHAT,  # the Ollama front
-                  "/v1/messages": n.OP_CHAT}  # the Anthropic front
-TRACE_KEY = "trace"  # ctx.extra[TRACE_KEY]: the RequestTrace made by prepare()
-UPSTREAM_HEADERS_KEY = "upstream_headers"  # ctx.extra: extra headers for the upstream call
+                  "/v1/messages": n.OP_CHAT, "/v1/responses": n.OP_CHAT}
+#: the API the agent spoke, by path: the ``toolmend.front`` attribute and metric label
+FRONTS = {"/v1/chat/completions": "openai_chat", "/v1/completions": "openai_completions",
+          "/api/chat": "ollama", "/api/generate": "ollama", "/v1/messages": "anthropic",
+          "/v1/responses": "openai_responses"}
+TOOL_RESULTS_MAX = 64  # execute_tool spans one step may bring (one per tool result)
+TOOL_NAME_MAX = 128
 SESSION_ID_MAX = 128
 FINGERPRINT_BYTES = 8192  # of each message hashed into the fingerprint: bounded cost per request
 CONTENT_MAX = 64 * 1024  # captured input messages, when the opt-in is on
@@ -90,7 +94,7 @@ _TRUE = ("1", "true", "yes", "on", "span_only", "span_and_event")
 
 @dataclass(slots=True)
 class RequestTrace:
-    """What one request's telemetry knows before the upstream call; kept in ``ctx.extra``."""
+    """What one request's telemetry knows before the upstream call; kept in ``ctx.trace``."""
 
     session_id: str | None
     session_source: str  # header | trace | fingerprint | none
@@ -104,6 +108,8 @@ class RequestTrace:
     upstream_start: float | None = None  # loop time; ctx.dispatched_at wins when a queue exists
     input_messages: str | None = None  # only with the content-capture opt-in
     session_span: SessionSpan | None = None  # the open session span this step is a child of
+    # the tool calls whose results this request brings: (call id, tool name)
+    tool_results: list[tuple[str | None, str]] | None = None
 
 
 @dataclass(slots=True)
@@ -199,6 +205,43 @@ def loop_step(body: dict[str, Any] | None) -> int:
     if not isinstance(msgs, list):
         return 1
     return 1 + sum(1 for m in msgs if isinstance(m, dict) and m.get("role") == "assistant")
+
+
+def tool_results(body: dict[str, Any] | None) -> list[tuple[str | None, str]]:
+    """The tool calls a request brings the results of: (call id, tool name), in order.
+
+    A chat request that follows a tool call ends with the assistant message that asked for the
+    calls, then one ``tool`` message per result (and perhaps a user message). Only that tail is
+    read, from the end, so the cost does not grow with the conversation.
+    """
+    msgs = body.get("messages") if body else None
+    if not isinstance(msgs, list):
+        return []
+    i = len(msgs) - 1
+    while i >= 0 and isinstance(msgs[i], dict) and msgs[i].get("role") == "user":
+        i -= 1
+    results: list[dict[str, Any]] = []
+    while i >= 0 and isinstance(msgs[i], dict) and msgs[i].get("role") == "tool":
+        results.append(msgs[i])
+        i -= 1
+    if not results or i < 0 or not isinstance(msgs[i], dict) \
+            or msgs[i].get("role") != "assistant":
+        return []
+    names: dict[str, str] = {}
+    calls = msgs[i].get("tool_calls")
+    for call in calls if isinstance(calls, list) else ():
+        fn = call.get("function") if isinstance(call, dict) else None
+        if isinstance(fn, dict) and isinstance(call.get("id"), str) \
+                and isinstance(fn.get("name"), str):
+            names[call["id"]] = fn["name"]
+    out: list[tuple[str | None, str]] = []
+    for m in reversed(results[-TOOL_RESULTS_MAX:]):
+        cid = m.get("tool_call_id")
+        cid = cid[:TOOL_NAME_MAX] if isinstance(cid, str) and cid else None
+        name = names.get(cid or "") or m.get("name")
+        if isinstance(name, str) and name:
+            out.append((cid, name[:TOOL_NAME_MAX]))
+    return out
 
 
 def _rand_id(bits: int) -> int:
@@ -367,13 +410,15 @@ class Telemetry:
         """
         tr = self._trace_info(request, ctx, body)
         tr.upstream_start = asyncio.get_running_loop().time()
+        if self.tracing:
+            tr.tool_results = tool_results(body)
         if self.tracing and tr.sampled and tr.session_id and tr.parent_span_id is None:
             tr.session_span = self._session_span(tr, ctx.agent_id, tr.upstream_start)
         if self.capture_content and body is not None:
             msgs = body.get("messages", body.get("prompt"))
             if msgs is not None:
                 tr.input_messages = orjson.dumps(msgs).decode()[:CONTENT_MAX]
-        ctx.extra[TRACE_KEY] = tr
+        ctx.trace = tr
         if self.tracing:
             headers = {n.TRACEPARENT: format_traceparent(tr.trace_id, tr.client_span_id,
                                                          tr.sampled)}
@@ -385,7 +430,7 @@ class Telemetry:
         if headers:
             if tr.tracestate:
                 headers[n.TRACESTATE] = tr.tracestate
-            ctx.extra.setdefault(UPSTREAM_HEADERS_KEY, {}).update(headers)
+            ctx.upstream_headers = {**(ctx.upstream_headers or {}), **headers}
         return tr
 
     def _trace_info(self, request: web.Request, ctx: RequestContext,
@@ -393,7 +438,7 @@ class Telemetry:
         incoming = parse_traceparent(request.headers.get(n.TRACEPARENT))
         # the header is read through header_text: a request refused at the door for a session
         # id that is not text is still recorded, without it
-        ident = ctx.extra.get(IDENTITY_KEY)
+        ident = ctx.identity
         session = (ctx.session_id or header_text(request, SESSION_HEADER) or "").strip()
         session = session[:SESSION_ID_MAX]
         if session:
@@ -438,7 +483,7 @@ class Telemetry:
         now_loop = loop.time()
         offset_ns = time.time_ns() - int(now_loop * 1e9)
         end = ctx.finished_at or now_loop
-        tr = ctx.extra.get(TRACE_KEY)
+        tr = ctx.trace
         if not isinstance(tr, RequestTrace):
             tr = self._trace_info(request, ctx, None)
         group = tr.session_span
@@ -447,7 +492,7 @@ class Telemetry:
             group.last_active = now_loop
         provider = self._provider(ctx)
         status = ctx.status or 0
-        ident = ctx.extra.get(IDENTITY_KEY)
+        ident = ctx.identity
         if isinstance(ident, Identity) and ident.fingerprint is not None:
             tracker(request.app).finished(ident.fingerprint, 200 <= status < 400
                                           and ctx.error_code is None)
@@ -470,19 +515,21 @@ class Telemetry:
         to_tool = sec(ctx.first_tool_call_at)
         kinds = [_repair_kind(r) for r in ctx.repairs]
         failures = sum(1 for k in kinds if k.startswith(("validation", "schema")))
-        failures += _int(ctx.extra.get("validation_failures"))
         failures += sum(1 for r in _validation_records(ctx) if r.get("ok") is False)
         validation = _validation_outcome(ctx, kinds, failures)
         started_epoch = (ctx.started * 1e9 + offset_ns) / 1e9
         ended_epoch = (end * 1e9 + offset_ns) / 1e9
         tool_time = (self.sessions.tool_time_ms(ctx.agent_id, tr.session_id, started_epoch)
                      if tr.session_id else None)
+        prev_end = (self.sessions.last_ended(ctx.agent_id, tr.session_id)
+                    if tr.session_id and tool_time is not None else None)
+        front = FRONTS.get(ctx.path, FRONTS["/v1/chat/completions"])
 
         self.metrics.observe(operation=operation, provider=provider, model=ctx.model,
                              status=status, error_code=ctx.error_code, duration=duration,
-                             ttft=ttft, queue_wait=queue, usage=ctx.usage, repair_kinds=kinds,
-                             validation_failures=failures, retries=ctx.retries,
-                             invalid_utf8=_int(ctx.extra.get("invalid_utf8")))
+                             ttft=ttft, front=front, queue_wait=queue, usage=ctx.usage,
+                             repair_kinds=kinds, validation_failures=failures,
+                             retries=ctx.retries, invalid_utf8=ctx.invalid_utf8)
         usage = ctx.usage or {}
         if tr.session_id:
             self.sessions.record(tr.session_id, ctx.agent_id, tr.session_source, StepRecord(
@@ -503,7 +550,7 @@ class Telemetry:
             return int(t * 1e9) + offset_ns
 
         model = ctx.model or "unknown"
-        response_model = ctx.extra.get("response_model")
+        response_model = ctx.response_model
         common: dict[str, Any] = {
             n.GEN_AI_OPERATION_NAME: operation, n.GEN_AI_PROVIDER_NAME: provider,
             n.GEN_AI_REQUEST_MODEL: ctx.model, n.GEN_AI_RESPONSE_MODEL: response_model,
@@ -517,6 +564,9 @@ class Telemetry:
         error_type = ctx.error_code or (str(status) if status >= 500 else None)
         server_attrs = common | {
             n.GEN_AI_CONVERSATION_ID: tr.session_id, n.GEN_AI_AGENT_ID: ctx.agent_id,
+            # the agent's view: from its request's arrival to the first chunk it was sent
+            n.GEN_AI_RESPONSE_TIME_TO_FIRST_CHUNK: ttft if ctx.stream else None,
+            n.TM_FRONT: front,
             n.HTTP_RESPONSE_STATUS_CODE: status or None,
             n.ERROR_TYPE: error_type if failed else None,
             n.TM_ERROR_CODE: ctx.error_code,
@@ -530,8 +580,8 @@ class Telemetry:
             # counters are left out when zero: absent reads as "none" and costs no encoding
             n.TM_REPAIRS: len(kinds) or None, n.TM_REPAIR_KINDS: sorted(set(kinds)) or None,
             n.TM_VALIDATION: validation, n.TM_RETRIES: ctx.retries or None,
-            n.TM_PRIORITY: _opt_int(_ctx_value(ctx, "priority")),
-            n.TM_SLOT: _opt_int(_ctx_value(ctx, "slot")),
+            n.TM_PRIORITY: ctx.priority,
+            n.TM_SLOT: ctx.slot,
         }
         if tr.input_messages is not None:
             server_attrs[n.GEN_AI_INPUT_MESSAGES] = tr.input_messages
@@ -555,11 +605,15 @@ class Telemetry:
                               events, (), SpanKind.SERVER, status=status_obj,
                               start_time=ns(ctx.started), end_time=ns(end),
                               instrumentation_scope=self._scope)]
-        if up_start is not None and ctx.extra.get(TRACE_KEY) is tr:
+        if up_start is not None and ctx.trace is tr:
             # usage, finish reasons and models are on the parent: no need to encode them twice
             client_attrs = {
                 n.GEN_AI_OPERATION_NAME: operation, n.GEN_AI_PROVIDER_NAME: provider,
-                n.GEN_AI_REQUEST_MODEL: ctx.model, n.TM_UPSTREAM_TTFT_MS: ms(up_ttft),
+                n.GEN_AI_REQUEST_MODEL: ctx.model, n.GEN_AI_REQUEST_STREAM: ctx.stream,
+                n.GEN_AI_CONVERSATION_ID: tr.session_id,
+                # toolmend as the backend's client: from the upstream call to its first chunk
+                n.GEN_AI_RESPONSE_TIME_TO_FIRST_CHUNK: up_ttft if ctx.stream else None,
+                n.TM_UPSTREAM_TTFT_MS: ms(up_ttft),
                 n.ERROR_TYPE: error_type if failed else None,
             } | self._server_address()
             client_events = []
@@ -571,8 +625,33 @@ class Telemetry:
                 server_ctx, self._resource, _clean(client_attrs), client_events, (),
                 SpanKind.CLIENT, status=status_obj, start_time=ns(max(up_start, ctx.started)),
                 end_time=ns(end), instrumentation_scope=self._scope))
+        if group is not None and prev_end is not None and tr.tool_results:
+            spans.extend(self._tool_spans(tr, group, int(prev_end * 1e9), ns(ctx.started)))
         for span in spans:
             self._processor.on_end(span)
+
+    def _tool_spans(self, tr: RequestTrace, group: SessionSpan, start_ns: int,
+                    end_ns: int) -> list[ReadableSpan]:
+        """The agent's tool time between its previous step and this one, as ``execute_tool``
+        spans under the session: one per tool call whose result this request brings. toolmend
+        sees the gap, not the tools, so calls run in one gap share its start and end."""
+        if end_ns <= start_ns:
+            return []
+        flags = TraceFlags(TraceFlags.SAMPLED)
+        parent = SpanContext(tr.trace_id, group.span_id, False, flags)
+        out = []
+        for call_id, tool in tr.tool_results or ():
+            attrs = _clean({n.GEN_AI_OPERATION_NAME: n.OP_EXECUTE_TOOL, n.GEN_AI_TOOL_NAME: tool,
+                            n.GEN_AI_TOOL_CALL_ID: call_id,
+                            n.GEN_AI_TOOL_TYPE: n.TOOL_TYPE_FUNCTION,
+                            n.GEN_AI_CONVERSATION_ID: tr.session_id})
+            ctx = SpanContext(tr.trace_id, _rand_id(64), False, flags)
+            out.append(ReadableSpan(
+                f"{n.OP_EXECUTE_TOOL} {tool}", ctx, parent, self._resource, attrs, (), (),
+                SpanKind.INTERNAL, status=Status(StatusCode.UNSET), start_time=start_ns,
+                end_time=end_ns, instrumentation_scope=self._scope))
+        group.start_ns = min(group.start_ns, start_ns) if group.steps else start_ns
+        return out
 
     # --- session spans ---------------------------------------------------------------------------
     def _session_span(self, tr: RequestTrace, agent_id: str, now: float) -> SessionSpan:
@@ -659,7 +738,8 @@ class Telemetry:
             start = end = time.time_ns()
         attrs = _clean({
             n.GEN_AI_OPERATION_NAME: n.OP_INVOKE_AGENT, n.GEN_AI_CONVERSATION_ID: group.session_id,
-            n.GEN_AI_AGENT_ID: group.agent_id, n.TM_SESSION_SOURCE: group.source,
+            n.GEN_AI_AGENT_NAME: group.agent_id, n.GEN_AI_AGENT_ID: group.agent_id,
+            n.TM_SESSION_SOURCE: group.source,
             n.TM_SESSION_STEPS: group.steps, n.TM_SESSION_FIRST_STEP: group.first_step,
             n.TM_SESSION_LAST_STEP: group.last_step, n.TM_REPAIRS: group.repairs or None,
             n.TM_RETRIES: group.retries or None, n.TM_SESSION_ERRORS: group.errors or None,
@@ -672,7 +752,7 @@ class Telemetry:
 
     def _provider(self, ctx: RequestContext) -> str:
         """The detected backend kind (``vllm``, ``ollama``...), else the configured one."""
-        backend = ctx.extra.get("backend")
+        backend = ctx.backend
         if not backend and self.app is not None:
             detected = getattr(self.app.get(UPSTREAM), "detected", None)
             backend = getattr(detected, "kind", None)
@@ -747,18 +827,8 @@ def _clean(attrs: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in attrs.items() if v is not None}
 
 
-def _int(v: Any) -> int:
-    return v if isinstance(v, int) and not isinstance(v, bool) else 0
-
-
 def _opt_int(v: Any) -> int | None:
     return v if isinstance(v, int) and not isinstance(v, bool) else None
-
-
-def _ctx_value(ctx: RequestContext, name: str) -> Any:
-    """A field another stage may set, as an attribute or in ``ctx.extra``."""
-    v = getattr(ctx, name, None)
-    return ctx.extra.get(name) if v is None else v
 
 
 def _repair_kind(r: Any) -> str:
@@ -774,14 +844,10 @@ def _repair_time(r: Any) -> float | None:
 def _validation_records(ctx: RequestContext) -> list[dict[str, Any]]:
     """The validator's verdicts, one per check, in order (``tool``, ``ok``, ``outcome``,
     ``attempt``, ``pointer``): what the retry events are made of."""
-    recs = ctx.extra.get("validation")
-    return [r for r in recs if isinstance(r, dict)] if isinstance(recs, list) else []
+    return [r for r in ctx.validation if isinstance(r, dict)]
 
 
 def _validation_outcome(ctx: RequestContext, kinds: list[str], failures: int) -> str | None:
-    explicit = _ctx_value(ctx, "validation")
-    if isinstance(explicit, str):
-        return explicit
     if failures:
         if ctx.status >= 400 or ctx.error_code:
             return "failed"
@@ -811,8 +877,7 @@ def _events(ctx: RequestContext, kinds: list[str], end: float,
     # Each failed verdict is a validation_failed event; each one that led to a retry is
     # followed by a retried event at the moment the retry was sent (the failure was decided
     # just before it). Both name the tool and the JSON pointer of the problem, never a value.
-    retry_times = [float(t) for t in ctx.extra.get("retry_times") or ()
-                   if isinstance(t, float | int) and not isinstance(t, bool)]
+    retry_times = list(ctx.retry_times)
     retries = 0
     for r in _validation_records(ctx):
         if r.get("ok") is not False:

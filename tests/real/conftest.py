@@ -50,8 +50,10 @@ def llama_server() -> Iterator[stacks.Server]:
 @pytest.fixture(scope="session")
 def vllm() -> Iterator[stacks.Server]:
     """vLLM's CPU build with its hermes tool parser, its qwen3 reasoning parser and the
-    converted Gemma model: one launch (about 2.5 minutes) shared by every vLLM test."""
-    yield from _serve("vllm", stacks.start_vllm)
+    converted Gemma model: one launch (about 2.5 minutes) shared by every vLLM test. It
+    schedules by request priority and runs two sequences at once (:data:`stacks.VLLM_QUEUE_ARGS`),
+    so a third request waits in vLLM's own queue, where priorities order it."""
+    yield from _serve("vllm", lambda: stacks.start_vllm(extra_args=stacks.VLLM_QUEUE_ARGS))
 
 
 @pytest.fixture

@@ -400,6 +400,11 @@ def _offline_env() -> dict[str, str]:
             "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
+#: vLLM that orders its waiting requests by priority, and lets two run at once (so that a few
+#: requests already queue inside it)
+VLLM_QUEUE_ARGS = ("--scheduling-policy", "priority", "--max-num-seqs", "2")
+
+
 def start_vllm(*, max_model_len: int = 1024, ready_timeout: float = 1800,
                extra_args: Sequence[str] = ()) -> Server:
     """vLLM's OpenAI server with its hermes tool parser, its qwen3 reasoning parser
@@ -432,7 +437,7 @@ def start_vllm(*, max_model_len: int = 1024, ready_timeout: float = 1800,
 
 
 STARTERS = {"llama-cpp-python": start_llama_cpp_python, "llama-server": start_llama_server,
-            "vllm": start_vllm}
+            "vllm": lambda: start_vllm(extra_args=VLLM_QUEUE_ARGS)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

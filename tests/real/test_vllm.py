@@ -10,13 +10,16 @@ invented ``{}``; unknown tool names pass; a named ``tool_choice`` ends with ``fi
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
+import aiohttp
 import jsonschema
 import pytest
 
 from toolmend.backends.detect import detect
+from toolmend.server.keys import SETTINGS
 
 from .helpers import (
     ASK,
@@ -256,3 +259,46 @@ async def test_constrained_retry_validates(make_proxy: Any, vllm: Server) -> Non
     calls = raw.tool_calls()
     assert [c["name"] for c in calls] == ["get_weather"]
     jsonschema.validate(json.loads(calls[0]["arguments"]), WEATHER_SCHEMA)
+
+
+# --- request priorities (vLLM started with --scheduling-policy priority --max-num-seqs 2) ----
+
+async def _vllm_gauge(url: str, name: str) -> float:
+    async with aiohttp.ClientSession() as s, s.get(url + "/metrics") as r:
+        text = await r.text()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") or line.startswith(name + " "))
+
+
+async def test_a_loop_step_overtakes_long_requests_waiting_inside_vllm(
+        make_proxy: Any, vllm: Server) -> None:
+    """toolmend lets 8 requests through to a vLLM that runs 2: the rest wait in vLLM's queue.
+    A light agent's loop step, sent after a heavy agent's six long requests, finishes before
+    the third of them: its priority put it ahead of the four that were waiting."""
+    proxy = await make_proxy(vllm, slots=8, vllm_priority=True)
+    assert proxy.app[SETTINGS].vllm_priority is True  # the start-up probe was accepted
+    done: list[str] = []
+
+    async def ask(agent: str, tokens: int, tag: str) -> None:
+        body = {"model": "gemma", "max_tokens": tokens, "temperature": 0, "ignore_eos": True,
+                "messages": [{"role": "user", "content": f"Count slowly. ({tag})"}]}
+        async with aiohttp.ClientSession() as s, s.post(
+                proxy.v1 + "/chat/completions", json=body,
+                headers={"X-Agent-Id": agent, "X-Session-Id": f"{agent}-{tag}"}) as r:
+            assert r.status == 200, await r.text()
+            await r.read()
+        done.append(tag)
+
+    # long: more max_tokens than a loop step may ask for (express_max_tokens, 256)
+    heavy = [asyncio.create_task(ask("heavy", 300, f"h{i}")) for i in range(6)]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 120
+    while await _vllm_gauge(vllm.url, "vllm:num_requests_waiting") < 4:
+        assert loop.time() < deadline, "the heavy requests never queued inside vLLM"
+        await asyncio.sleep(0.05)
+    assert await _vllm_gauge(vllm.url, "vllm:num_requests_running") == 2
+    await ask("light", 4, "light")
+    finished_before = [t for t in done if t != "light"]
+    await asyncio.gather(*heavy)
+    assert len(finished_before) <= 2, done  # only the two that were running when it came
+    assert done.index("light") <= 2

@@ -157,7 +157,8 @@ async def test_agent_session_in_phoenix(make_toolmend: Callable[..., Any],
     # Nobody ends the session: it goes idle after 1 s and its span is exported then.
     def complete(spans: list[dict[str, Any]]) -> bool:
         mine = [s for s in spans if s["attributes"].get("gen_ai.conversation.id") == sid]
-        return any(s["span_kind"] == "AGENT" for s in mine) and len(mine) == 4
+        # the session, its 3 steps, their 3 upstream calls, and the 2 tool runs between them
+        return any(s["span_kind"] == "AGENT" for s in mine) and len(mine) == 9
 
     spans = await until_spans(phoenix, tm.project, complete)
 
@@ -175,21 +176,31 @@ async def test_agent_session_in_phoenix(make_toolmend: Callable[..., Any],
             http.get(f"{tm.url}/toolmend/v1/sessions/{sid}") as resp:
         assert (await resp.json())["trace_ids"] == [trace_id]
 
-    # the trace: the session's span, its three steps, and each step's upstream call
+    # the trace: the session's span, its three steps, each step's upstream call, and the
+    # agent's two tool runs between the steps
     in_trace = [s for s in spans if s["context"]["trace_id"] == trace_id]
-    assert len(in_trace) == 7
+    assert len(in_trace) == 9
     (root,) = [s for s in in_trace if s["parent_id"] is None]
     assert root["span_kind"] == "AGENT"
     assert root["name"] == "invoke_agent planner"
     root_id = root["context"]["span_id"]
-    steps = sorted((s for s in in_trace if s["parent_id"] == root_id),
+    tools = sorted((s for s in in_trace if s["name"].startswith("execute_tool ")),
+                   key=lambda s: ts(s["start_time"]))
+    steps = sorted((s for s in in_trace if s["parent_id"] == root_id and s not in tools),
                    key=lambda s: ts(s["start_time"]))
     assert [s["attributes"]["toolmend.loop.step"] for s in steps] == [1, 2, 3]
     assert all(s["span_kind"] == "LLM" and s["name"] == "chat sim-model" for s in steps)
     for a, b in itertools.pairwise(steps):
         assert ts(a["end_time"]) <= ts(b["start_time"])
-    calls = {s["parent_id"]: s for s in in_trace if s not in steps and s is not root}
+    calls = {s["parent_id"]: s for s in in_trace
+             if s not in steps and s not in tools and s is not root}
     assert set(calls) == {s["context"]["span_id"] for s in steps}
+    assert [t["name"] for t in tools] == ["execute_tool get_weather",
+                                          "execute_tool find_restaurant"]
+    for t, (a, b) in zip(tools, itertools.pairwise(steps), strict=True):
+        assert t["parent_id"] == root_id
+        assert ts(a["end_time"]) <= ts(t["start_time"]) <= ts(t["end_time"]) \
+            <= ts(b["start_time"])
     assert ts(root["start_time"]) == ts(steps[0]["start_time"])
     assert ts(root["end_time"]) == ts(steps[2]["end_time"])
     r = root["attributes"]
@@ -230,16 +241,16 @@ async def test_agent_session_in_phoenix(make_toolmend: Callable[..., Any],
         ("repaired", "retried")
 
     # the searches docs/tracing.md gives find it: by session id, by agent, by step
+    everyone = {s["context"]["span_id"] for s in in_trace}
     by_session = spans_of(phoenix, tm.project, attribute=f"gen_ai.conversation.id:{sid}")
-    assert sorted(s["context"]["span_id"] for s in by_session) == \
-        sorted([root_id, *(s["context"]["span_id"] for s in steps)])
+    assert {s["context"]["span_id"] for s in by_session} == everyone
     by_agent = spans_of(phoenix, tm.project, attribute="gen_ai.agent.id:planner")
     assert {s["context"]["span_id"] for s in by_agent} == \
         {root_id, *(s["context"]["span_id"] for s in steps)}
     # ... and so do the expressions it gives for the filter bar of Phoenix's span table
     step_ids = [s["context"]["span_id"] for s in steps]
     for expression, expected in (
-            (f"session.id == '{sid}'", {root_id, *step_ids}),
+            (f"session.id == '{sid}'", everyone),
             ("gen_ai.agent.id == 'planner'", {root_id, *step_ids}),
             ("toolmend.loop.step == 2", {step_ids[1]}),
             ("toolmend.validation.outcome == 'retried'", {step_ids[1]}),

@@ -1,0 +1,378 @@
+"""The format registry is the format files: every file on disk is registered, detected,
+covered by fixtures and benchmarked, and a bad declaration is a clear error.
+
+The files are found by listing ``parsers/formats/`` here, independently of the registry's own
+walk. Which format a model name or a marker picks is written down literally below, as toolmend
+has always mapped them; a new format adds its row.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from toolmend.parsers.autodetect import AutoParser, shared_marker, start_markers
+from toolmend.parsers.formats import FORMATS, ToolFormat, collect, format_for_model, make_parser
+from toolmend.parsers.formats.base import MarkerParser
+from toolmend.parsers.mender import TRIGGERS
+
+from . import test_formats_a, test_formats_b
+from .format_harness import FIXTURES, run
+
+ROOT = Path(__file__).resolve().parent.parent
+FORMATS_DIR = ROOT / "parsers" / "formats"
+#: files of the formats folder that are not format files (``_*.py`` are helpers too)
+NOT_FORMAT_FILES = {"__init__.py", "base.py"}
+
+#: model name -> the format it picks (None: the name says nothing, markers decide)
+MODEL_NAMES: dict[str, str | None] = {
+    "Qwen/Qwen3-8B": "hermes",
+    "Qwen/Qwen2.5-7B-Instruct": "hermes",
+    "Qwen/QwQ-32B": "hermes",
+    "qwen3:8b": "hermes",
+    "mlx-community/Qwen3-8B-4bit": "hermes",
+    "Qwen/Qwen3-30B-A3B-GGUF:Q4_K_M": "hermes",
+    "NousResearch/Hermes-3-Llama-3.1-8B": "hermes",
+    "NousResearch/Nous-Hermes-2-Mixtral-8x7B-DPO": "hermes",
+    "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B": "hermes",
+    "Qwen/Qwen3-Coder-30B-A3B-Instruct": "qwen3_coder",
+    "qwen3coder": "qwen3_coder",
+    "deepseek-ai/DeepSeek-V3.1": "deepseek_v31",
+    "deepseek-ai/DeepSeek-V3.2-Exp": "deepseek_v31",
+    "deepseek-v3-1": "deepseek_v31",
+    "deepseek-ai/DeepSeek-V3-0324": "deepseek_v3",
+    "deepseek-ai/DeepSeek-R1": "deepseek_v3",
+    "deepseek-ai/DeepSeek-R1-Distill-Llama-8B": "deepseek_v3",
+    "meta-llama/Llama-4-Scout-17B-16E-Instruct": "pythonic",
+    "meta-llama/Llama-3.2-3B-Instruct": "pythonic",
+    "meta-llama/Llama-3.2-1B-Instruct": "pythonic",
+    "unsloth/Llama-3.2-3B-Instruct-GGUF": "pythonic",
+    "llama4": "pythonic",
+    "meta-llama/Llama-3.1-8B-Instruct": "llama3_json",
+    "meta-llama/Llama-3.3-70B-Instruct": "llama3_json",
+    "llama3.1:8b": "llama3_json",
+    "llama3.2:3b": "llama3_json",
+    "mistralai/Mistral-7B-Instruct-v0.3": "mistral",
+    "mistralai/Mixtral-8x7B-Instruct-v0.1": "mistral",
+    "mistralai/Magistral-Small-2506": "mistral",
+    "mistralai/Devstral-Small-2505": "mistral",
+    "mistralai/Ministral-8B-Instruct-2410": "mistral",
+    "codestral": "mistral",
+    "ibm-granite/granite-3.3-8b-instruct": "granite",
+    "zai-org/GLM-4.5": "glm45",
+    "zai-org/GLM-4.6": "glm45",
+    "zai-org/GLM-4.7": "glm45",
+    "glm-4-5": "glm45",
+    "moonshotai/Kimi-K2-Instruct": "kimi_k2",
+    "moonshotai/Kimi-K2-Thinking": "kimi_k2",
+    "openai/gpt-oss-20b": "gpt_oss",
+    "gpt-oss:120b": "gpt_oss",
+    "google/functiongemma-270m-it": "functiongemma",
+    "microsoft/Phi-4-mini-instruct": "phi4_mini",
+    "phi4-mini": "phi4_mini",
+    "MiniMaxAI/MiniMax-M2": "minimax_m2",
+    "THUDM/glm-4-9b": None,
+    "microsoft/phi-4": None,
+    "google/gemma-3-4b-it": None,
+    "sim-model": None,
+    "default": None,
+}
+#: formats no model name picks: only ``--tool-format`` does
+ONLY_BY_FLAG = {"generic_json"}
+
+#: reply -> the format marker detection picks for a model whose name says nothing (None: none)
+MARKER_TEXTS: dict[str, str | None] = {
+    '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>': "hermes",
+    '<tool_call>[{"name": "f", "arguments": {}}]</tool_call>': "hermes",
+    "<tool_call>": "hermes",
+    "<tool_call>\n<function=f>\n</function>\n</tool_call>": "qwen3_coder",
+    "<tool_call>\n<fun": "glm45",
+    "<tool_call>f\n<arg_key>a</arg_key>\n<arg_value>1</arg_value>\n</tool_call>": "glm45",
+    "[TOOL_CALLS]f[ARGS]{}": "mistral",
+    "[THINK]a plan[/THINK]done": "mistral",
+    "<think>plan [TOOL_CALLS]f[ARGS]{}": "mistral",
+    '<|python_tag|>{"name": "f", "parameters": {}}': "llama3_json",
+    "<|python_start|>[f()]<|python_end|>": "pythonic",
+    "<think>plan <|python_start|>[f()]": None,
+    "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>f<｜tool▁sep｜>{}"
+    "<｜tool▁call▁end｜>": "deepseek_v31",
+    "<｜tool▁call▁begin｜>f<｜tool▁sep｜>{}<｜tool▁call▁end｜>": "deepseek_v31",
+    '<|tool_call|>[{"name": "f", "arguments": {}}]': "granite",
+    "<|tool_calls_section_begin|><|tool_call_begin|>functions.f:0<|tool_call_argument_begin|>"
+    "{}<|tool_call_end|><|tool_calls_section_end|>": "kimi_k2",
+    "<|channel|>commentary to=functions.f <|constrain|>json<|message|>{}<|call|>": "gpt_oss",
+    "<think>plan <|channel|>commentary": None,
+    "<start_function_call>call:f{}<end_function_call>": "functiongemma",
+    '<minimax:tool_call>\n<invoke name="f">\n</invoke>\n</minimax:tool_call>': "minimax_m2",
+    'Sure: {"name": "f"} and [f()] and functools[{}]': None,
+}
+
+#: the arguments a format's sample call carries once filled in by the benchmark (n = 100)
+ITEMS = [{"path": 'src/a"b".py', "lines": [1, 2, 3], "text": "x < y </tool_call>"}]
+TEXT = "x" * 100
+
+
+def files_on_disk() -> dict[str, Path]:
+    """Format files by module name, listed from the folder."""
+    return {p.stem: p for p in sorted(FORMATS_DIR.glob("*.py"))
+            if p.name not in NOT_FORMAT_FILES and not p.name.startswith("_")}
+
+
+def formats_in(module: str) -> list[str]:
+    return [name for name, fmt in FORMATS.items()
+            if fmt.parser.__module__ == f"toolmend.parsers.formats.{module}"]
+
+
+FILES = files_on_disk()
+ON_DISK = sorted(name for module in FILES for name in formats_in(module))
+
+
+def test_the_folder_holds_the_format_files() -> None:
+    assert len(FILES) >= 14, sorted(FILES)
+    assert "hermes" in FILES and "deepseek" in FILES
+
+
+@pytest.mark.parametrize("module", sorted(FILES))
+def test_every_format_file_is_registered(module: str) -> None:
+    names = formats_in(module)
+    assert names, f"parsers/formats/{module}.py declares no registered format"
+    for name in names:
+        fmt = FORMATS[name]
+        assert make_parser(name).name == name
+        assert isinstance(make_parser(name), MarkerParser)
+        assert fmt.sample, f"{name}: no sample call (the benchmarks need one)"
+
+
+def test_every_registered_format_comes_from_a_file_on_disk() -> None:
+    assert sorted(FORMATS) == ON_DISK
+
+
+@pytest.mark.parametrize("name", ON_DISK)
+def test_every_format_is_detected_by_a_model_name(name: str) -> None:
+    fmt = FORMATS[name]
+    rows = [m for m, f in MODEL_NAMES.items() if f == name]
+    if name in ONLY_BY_FLAG:
+        assert not fmt.models and not rows
+        return
+    assert rows, f"{name}: add a model name that picks it to MODEL_NAMES"
+    assert fmt.examples, f"{name}: declares no example model names"
+    for model in (*rows, *fmt.examples):
+        assert format_for_model(model) == name, model
+
+
+@pytest.mark.parametrize(("model", "expected"), list(MODEL_NAMES.items()))
+def test_model_names_pick_their_format(model: str, expected: str | None) -> None:
+    assert format_for_model(model) == expected
+    assert format_for_model(model.upper()) == expected
+
+
+def test_no_model_name_no_format() -> None:
+    assert format_for_model(None) is None and format_for_model("") is None
+
+
+def detected(text: str, pieces: list[str] | None = None) -> str | None:
+    parser = AutoParser()
+    for p in pieces if pieces is not None else [text]:
+        parser.feed(p)
+    parser.finish()
+    return parser.chosen
+
+
+@pytest.mark.parametrize(("text", "expected"), list(MARKER_TEXTS.items()))
+def test_markers_pick_their_format(text: str, expected: str | None) -> None:
+    assert detected(text) == expected
+    assert detected(text, list(text)) == expected  # one character at a time: the same
+
+
+@pytest.mark.parametrize("name", ON_DISK)
+def test_every_format_with_markers_is_detected_by_them(name: str) -> None:
+    fmt = FORMATS[name]
+    if fmt.markers or fmt.reasoning_markers:
+        assert name in MARKER_TEXTS.values(), f"{name}: add a reply to MARKER_TEXTS"
+
+
+@pytest.mark.parametrize("name", ON_DISK)
+def test_every_format_has_fixtures_that_run(name: str) -> None:
+    path = FIXTURES / f"{name}.json"
+    assert path.is_file(), f"no fixtures at {path}"
+    cases = json.loads(path.read_text())
+    assert len(cases) >= 10
+    for case in cases:
+        assert {"name", "output", "expected"} <= set(case), case.get("name")
+    # the parser tests replay them under every split
+    assert name in {*test_formats_a.FORMATS, *test_formats_b.FORMATS}, \
+        f"{name}: add it to FORMATS (and its markers to MARKERS) in tests/test_formats_b.py"
+
+
+@pytest.fixture(scope="module")
+def bench() -> Iterator[Any]:
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import parsers_linear
+        yield parsers_linear
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+
+
+@pytest.mark.parametrize("name", ON_DISK)
+def test_every_format_is_benchmarked(bench: Any, name: str) -> None:
+    assert name in bench.ALL
+    # the benchmark's reply is one complete call to `write`, read as such by the parser
+    res = run(name, [bench.stream(name, 100)], bench.WRITE_TOOL)
+    assert res.content == "" and res.reasoning == ""
+    assert [(c.name, c.ended, c.truncated) for c in res.calls] == [("write", True, False)]
+    expected = {"text": TEXT} if "$TEXT" in FORMATS[name].sample else {"items": ITEMS}
+    assert json.loads(res.calls[0].arguments) == expected
+
+
+def test_the_mender_watches_each_formats_triggers() -> None:
+    assert TRIGGERS["hermes"] == (b"<",)
+    assert TRIGGERS["mistral"] == (b"[",)
+    assert TRIGGERS["phi4_mini"] == (b"f",)
+    assert TRIGGERS["llama3_json"] == (b"<", b"{")
+    assert TRIGGERS["generic_json"] == (b"{", b"[", b"`")
+    assert TRIGGERS["auto"] == (b"<", b"[")
+    assert set(TRIGGERS) == {*FORMATS, "auto"}
+
+
+def test_doctor_reads_the_vllm_parsers_from_the_declarations() -> None:
+    from toolmend.backends.doctor import TOOL_FORMAT_FOR_VLLM_PARSER, VLLM_TOOL_PARSERS
+
+    assert VLLM_TOOL_PARSERS == {
+        "hermes": "hermes", "qwen3_coder": "qwen3_coder", "llama3_json": "llama3_json",
+        "pythonic": "pythonic", "mistral": "mistral", "deepseek_v3": "deepseek_v3",
+        "deepseek_v31": "deepseek_v31", "granite": "granite", "glm45": "glm45",
+        "kimi_k2": "kimi_k2", "gpt_oss": "openai", "phi4_mini": "phi4_mini_json",
+        "minimax_m2": "minimax_m2", "functiongemma": "functiongemma"}
+    assert TOOL_FORMAT_FOR_VLLM_PARSER["llama4_pythonic"] == "pythonic"
+    assert TOOL_FORMAT_FOR_VLLM_PARSER["llama4_json"] == "llama3_json"
+    assert TOOL_FORMAT_FOR_VLLM_PARSER["qwen3_xml"] == "qwen3_coder"
+    assert TOOL_FORMAT_FOR_VLLM_PARSER["openai"] == "gpt_oss"
+    assert len(TOOL_FORMAT_FOR_VLLM_PARSER) == 17
+
+
+# --- bad declarations ----------------------------------------------------------------------------
+
+class _Parser(MarkerParser):
+    name = "demo"
+
+    def feed(self, text: str) -> list[Any]:
+        return []
+
+    def finish(self) -> list[Any]:
+        return []
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"name": "other"}, "its parser _Parser is named 'demo'"),
+    ({"models": ("qwen(",)}, "model pattern 'qwen('"),
+    ({"triggers": (b"<|",)}, "triggers must be single bytes"),
+    ({"marker_follows": ("{",)}, "marker_follows without markers"),
+    ({"sample": "<call>write</call>"}, "the sample needs exactly one of"),
+    ({"sample": "$ARGS $TEXT"}, "the sample needs exactly one of"),
+])
+def test_a_bad_declaration_is_a_clear_error(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("|", r"\|")):
+        ToolFormat(**{"name": "demo", "parser": _Parser, **kwargs})
+
+
+def _fmt(name: str, **kw: Any) -> ToolFormat:
+    cls = type(f"P_{name}", (_Parser,), {"name": name})
+    return ToolFormat(name=name, parser=cls, **kw)
+
+
+def test_a_shared_marker_needs_one_format_taking_the_rest() -> None:
+    with pytest.raises(ValueError, match="exactly one of them must leave marker_follows empty"):
+        shared_marker("<x>", [_fmt("a", markers=("<x>",)), _fmt("b", markers=("<x>",))])
+    with pytest.raises(ValueError, match="exactly one of them must leave marker_follows empty"):
+        shared_marker("<x>", [_fmt("a", markers=("<x>",), marker_follows=("{",)),
+                              _fmt("b", markers=("<x>",), marker_follows=("[",))])
+    with pytest.raises(ValueError, match="'a' and 'b' both claim what starts with '<f'"):
+        shared_marker("<x>", [_fmt("a", markers=("<x>",), marker_follows=("<f",)),
+                              _fmt("b", markers=("<x>",), marker_follows=("<fun",)),
+                              _fmt("c", markers=("<x>",))])
+
+
+def test_a_shared_marker_is_decided_by_what_follows() -> None:
+    rule = shared_marker("<x>", [_fmt("a", markers=("<x>",), marker_follows=("{", "")),
+                                 _fmt("b", markers=("<x>",), marker_follows=("<fn=",)),
+                                 _fmt("c", markers=("<x>",))])
+    assert rule.decide("", final=True) == "a"
+    assert rule.decide("{}", final=False) == "a"
+    assert rule.decide("<fn=g>", final=False) == "b"
+    assert rule.decide("<f", final=False) is None  # could still be <fn=
+    assert rule.decide("<f", final=True) == "c"
+    assert rule.decide("name", final=False) == "c"
+
+
+def test_a_reasoning_marker_cannot_also_be_a_start_marker() -> None:
+    with pytest.raises(ValueError, match=r"reasoning marker '\[T\]' of 'b' is also a marker"):
+        start_markers([_fmt("a", markers=("[T]",)), _fmt("b", reasoning_markers=("[T]",))])
+    start, shared = start_markers([_fmt("a", markers=("[A]",)),
+                                   _fmt("b", reasoning_markers=("[T]",))])
+    assert start == {"[A]": "a", "[T]": "b"} and shared == {}
+
+
+@pytest.fixture
+def package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """An empty package of format files on ``sys.path``: the registry's walk pointed at it."""
+    pkg = tmp_path / "fake_formats"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield pkg
+    for mod in [m for m in sys.modules if m == "fake_formats" or m.startswith("fake_formats.")]:
+        del sys.modules[mod]
+
+
+def _format_file(name: str, rank: int = 10, decl: str = "FORMAT") -> str:
+    return textwrap.dedent(f"""
+        from toolmend.parsers.formats import ToolFormat
+        from toolmend.parsers.formats.base import MarkerParser
+
+        class P(MarkerParser):
+            name = "{name}"
+            def feed(self, text): return []
+            def finish(self): return []
+
+        {decl} = ToolFormat(name="{name}", parser=P, models=("{name}",), rank={rank})
+        """)
+
+
+def test_the_walk_finds_every_declaration(package: Path) -> None:
+    (package / "one.py").write_text(_format_file("one"))
+    (package / "two.py").write_text(_format_file("two", rank=20, decl="ANY_NAME"))
+    (package / "_helper.py").write_text("X = 1\n")
+    assert sorted(collect("fake_formats")) == ["one", "two"]
+
+
+def test_a_file_without_a_declaration_is_a_clear_error(package: Path) -> None:
+    (package / "one.py").write_text(_format_file("one"))
+    (package / "helper.py").write_text("X = 1\n")
+    with pytest.raises(LookupError, match=r"format file helper\.py declares no ToolFormat"):
+        collect("fake_formats")
+
+
+def test_two_declarations_of_one_name_are_a_clear_error(package: Path) -> None:
+    (package / "one.py").write_text(_format_file("same"))
+    (package / "two.py").write_text(_format_file("same", rank=20))
+    with pytest.raises(ValueError, match="tool format 'same' is declared twice"):
+        collect("fake_formats")
+
+
+def test_two_formats_of_one_rank_are_a_clear_error(package: Path) -> None:
+    (package / "one.py").write_text(_format_file("one"))
+    (package / "two.py").write_text(_format_file("two"))
+    with pytest.raises(ValueError, match="'one' and 'two' share the model-pattern rank 10"):
+        collect("fake_formats")
+
+
+def test_an_unknown_format_name_lists_the_known_ones() -> None:
+    with pytest.raises(ValueError, match=r"unknown tool format 'nope'; one of \['deepseek_v3'"):
+        make_parser("nope")
