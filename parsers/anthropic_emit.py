@@ -93,7 +93,7 @@ class MessagesEncoder:
 
     __slots__ = ("_block", "_blocks", "_done", "_finish", "_hide", "_index", "_input_estimate",
                  "_mac", "_model", "_new_tool_id", "_pieces", "_started", "_stops", "_stream",
-                 "_thinking", "_thought", "_tool_use", "_usage", "id", "notes")
+                 "_thinking", "_thought", "_tool_use", "_usage", "failure", "id", "notes")
 
     def __init__(self, message_id: str, model: str, *, mac: Mac,
                  new_tool_id: Callable[[], str], stream: bool = True, thinking: bool = False,
@@ -119,6 +119,9 @@ class MessagesEncoder:
         self._usage: Usage | None = None
         self._pieces = 0  # text, reasoning and argument pieces: the count when usage is missing
         self.notes: list[str] = []  # repair notes (whole mode puts them in a header)
+        #: an error the stream itself carried (a malformed upstream chunk): the reply failed,
+        #: and a whole reply is answered with it instead of a half message
+        self.failure: Error | None = None
 
     # --- input ---------------------------------------------------------------------------------
     def feed(self, events: Iterable[ReplyEvent]) -> bytes:
@@ -147,6 +150,7 @@ class MessagesEncoder:
                     note = ev.text.replace("\n", " ").replace("\r", " ")
                     parts.append(b": toolmend " + note.encode() + b"\n\n")
             elif isinstance(ev, Error):
+                self.failure = ev
                 parts.append(self.error(ev.status, ev.message, {"code": ev.code}))
         return b"".join(parts)
 

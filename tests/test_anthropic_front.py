@@ -16,6 +16,7 @@ import aiohttp
 import anthropic
 import orjson
 import pytest
+from aiohttp import web
 
 from toolmend.server import auth
 from toolmend.server.app import build_app, start_server
@@ -654,3 +655,54 @@ async def test_claude_code_session_names_session_and_agent(make_stack: StackFact
     got = sorted((d["id"], d["agent_id"], d["source"]) for d in data)
     assert got == [("cc-head-9", "cc-head-9", "claude-code"),
                    ("cc-meta-9", "cc-meta-9", "claude-code")]
+
+
+# --- a malformed upstream chunk ----------------------------------------------------------------
+MALFORMED = (b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+             b'data: {"id":"x","choices":[{"index":0,"delta":"oops"}]}\n\n'
+             b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'
+             b"data: [DONE]\n\n")
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
+async def test_malformed_upstream_chunk(tmp_path: Path, stream: bool) -> None:
+    """A delta that is not an object passes the relay untouched; the front's decoder names
+    it: an ``error`` event after the text already sent, or a 502 and no half message."""
+    async def models(_: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "m", "object": "model"}]})
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(MALFORMED)
+        await resp.write_eof()
+        return resp
+
+    up = web.Application()
+    up.router.add_get("/v1/models", models)
+    up.router.add_post("/v1/chat/completions", chat)
+    up_runner, up_port = await start_server(up, "127.0.0.1", 0)
+    app = build_app(Settings(log_requests=False, state_dir=str(tmp_path)),
+                    [f"http://127.0.0.1:{up_port}"])
+    runner, port = await start_server(app, "127.0.0.1", 0)
+    try:
+        async with aiohttp.ClientSession() as s, s.post(
+                f"http://127.0.0.1:{port}/v1/messages",
+                json={"max_tokens": 5, "messages": MSG, "stream": stream}) as r:
+            status, raw = r.status, await r.read()
+    finally:
+        await runner.cleanup()
+        await up_runner.cleanup()
+    message = "upstream sent a malformed chunk: its delta is not an object"
+    if not stream:
+        assert status == 502
+        assert orjson.loads(raw) == {"type": "error", "error": {
+            "type": "api_error", "message": message, "code": "upstream_bad_response"}}
+        return
+    events = sse_events(raw)
+    assert status == 200
+    assert [n for n, _ in events] == ["message_start", "content_block_start",
+                                      "content_block_delta", "error"]
+    assert events[2][1]["delta"]["text"] == "hi"
+    assert events[-1][1]["error"] == {"type": "api_error", "message": message,
+                                      "code": "upstream_bad_response"}

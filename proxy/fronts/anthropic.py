@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-import string
 from typing import Any
 
 import orjson
@@ -47,15 +46,10 @@ ERROR_PATHS = ("/v1/messages",)
 IGNORED_HEADER = "X-Toolmend-Ignored"
 #: ``tokenizer`` (the backend counted) or ``estimate`` (about four characters a token)
 COUNT_HEADER = "X-Toolmend-Token-Count"
-_ALNUM = string.ascii_letters + string.digits
-
-
-def _rand(n: int) -> str:
-    return "".join(secrets.choice(_ALNUM) for _ in range(n))
 
 
 def new_tool_id() -> str:
-    return "toolu_" + _rand(24)
+    return "toolu_" + secrets.token_hex(12)
 
 
 def anthropic_error(err: ProxyError) -> web.Response:
@@ -131,6 +125,11 @@ class MessagesDownstream(Downstream):
     async def close(self) -> web.StreamResponse:
         await self.stop_keepalive()
         tail = self.encoder.feed(self.decoder.finish())
+        failure = self.encoder.failure
+        if self.whole and failure is not None:  # no half reply: the error, with its status
+            self.ctx.status, self.ctx.error_code = failure.status, failure.code
+            return await self.fail(ProxyError(failure.status, failure.message,
+                                              code=failure.code))
         if self.whole:
             self.ctx.status = 200
             raw = orjson.dumps(self.encoder.message())
@@ -194,7 +193,8 @@ async def messages(request: web.Request) -> web.StreamResponse:
     asked = body.get("model")
     signer = app_signer(request.app)
     encoder = MessagesEncoder(
-        "msg_" + _rand(24), asked if isinstance(asked, str) and asked else chat.get("model", ""),
+        "msg_" + secrets.token_hex(12),
+        asked if isinstance(asked, str) and asked else chat.get("model", ""),
         mac=_mac(signer), new_tool_id=new_tool_id, stream=tr.stream, thinking=tr.thinking,
         hide_thinking=tr.hide_thinking, stop_sequences=tr.stop_sequences,
         input_estimate=(request.content_length or 0) // 4)
