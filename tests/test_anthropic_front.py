@@ -398,14 +398,15 @@ async def test_what_claude_code_sends_is_accepted(make_stack: StackFactory,
         "metadata": {"user_id": '{"device_id":"d","session_id":"cc-s-1"}'},
         "thinking": {"type": "adaptive", "display": "omitted"},
         "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
-        "output_config": {"effort": "medium"}, "speculative_future_field": 1}
+        "output_config": {"effort": "medium"}, "speculative_future_field": 1, "b\r\nX: é": 2}
     status, raw, headers = await raw_post(
         stack, body, path="/v1/messages?beta=true",
         headers={"anthropic-beta": "claude-code-20250219,context-management-2025-06-27",
                  "anthropic-version": "2023-06-01", "x-api-key": "dummy"})
     assert status == 200, raw
     assert [n for n, _ in sse_events(raw)][-1] == "message_stop"
-    assert headers["X-Toolmend-Ignored"] == "server tool web_search, speculative_future_field"
+    assert headers["X-Toolmend-Ignored"] == \
+        "server tool web_search, speculative_future_field, b??X: ?"
     sent = stack.sim.stats.bodies[-1]
     assert sent["messages"] == [
         {"role": "system", "content": "You are Claude Code."},

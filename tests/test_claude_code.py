@@ -27,6 +27,7 @@ import orjson
 import pytest
 from aiohttp import web
 
+from toolmend.server import auth
 from toolmend.server.app import build_app, start_server
 from toolmend.server.config import Settings
 from toolmend.sim.scenario import Scenario
@@ -35,6 +36,7 @@ from toolmend.sim.server import SimBackend
 from .clients.install import install, pinned_version
 
 PROMPT = "Read the file token.txt and tell me the token it holds."
+KEY = "tm-claude-code-key-3c3c3c3c"
 
 
 def leaked_read(path: str) -> list[str]:
@@ -88,10 +90,13 @@ def claude_binary() -> Path:
     return install("claude-code")
 
 
-@pytest.mark.parametrize("dialect", ["llamacpp", "vllm"])
+@pytest.mark.parametrize(("dialect", "keyed"), [("llamacpp", False), ("vllm", True)],
+                         ids=["llamacpp", "vllm-keyed"])
 async def test_claude_code_reads_a_file_through_a_leaked_split_call(
         claude_binary: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
-        dialect: str) -> None:
+        dialect: str, keyed: bool) -> None:
+    """``keyed``: toolmend requires a key; the CLI sends its ANTHROPIC_API_KEY as
+    ``x-api-key``, and the key names the agent."""
     token = "tok-" + secrets.token_hex(12)
     work = tmp_path / "work"
     work.mkdir()
@@ -104,7 +109,12 @@ async def test_claude_code_reads_a_file_through_a_leaked_split_call(
                                                 "step": 1,
                                                 "content": f"The token is {token}."})
     await sim.start()
-    app = build_app(Settings(log_requests=True, state_dir=str(tmp_path / "state")), [sim.url])
+    settings = Settings(log_requests=True, state_dir=str(tmp_path / "state"))
+    if keyed:
+        cfg = tmp_path / "toolmend.toml"
+        cfg.write_text(f'[keys."{auth.hash_key(KEY)}"]\nagent = "claude-agent"\n')
+        settings.config_path = str(cfg)
+    app = build_app(settings, [sim.url])
     received: list[dict[str, Any]] = []
 
     @web.middleware
@@ -118,7 +128,8 @@ async def test_claude_code_reads_a_file_through_a_leaked_split_call(
     caplog.set_level(logging.INFO, logger="toolmend.access")
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("ANTHROPIC_", "CLAUDE_", "OTEL_"))}
-    env.update({"HOME": str(tmp_path / "home"), "ANTHROPIC_API_KEY": "dummy-key",
+    env.update({"HOME": str(tmp_path / "home"),
+                "ANTHROPIC_API_KEY": KEY if keyed else "dummy-key",
                 "ANTHROPIC_BASE_URL": f"http://127.0.0.1:{port}",
                 "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"})
     try:
@@ -152,8 +163,9 @@ async def test_claude_code_reads_a_file_through_a_leaked_split_call(
     assert all(ln["status"] == 200 and ln["error"] is None for ln in lines), lines
     # both steps are one session of one agent, named by the CLI's own session id
     assert [(s["source"], s["steps"]) for s in sessions] == [("claude-code", 2)]
-    assert sessions[0]["agent_id"] == sessions[0]["id"] == \
-        received[0]["metadata"]["user_id"].split('"session_id":"')[1].split('"')[0]
+    cli_session = orjson.loads(received[0]["metadata"]["user_id"])["session_id"]
+    assert sessions[0]["id"] == cli_session
+    assert sessions[0]["agent_id"] == ("claude-agent" if keyed else cli_session)
 
 
 def test_the_cli_is_the_pinned_version(claude_binary: Path) -> None:

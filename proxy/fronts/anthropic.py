@@ -181,7 +181,9 @@ def _headers(ctx: RequestContext, tr: Translated) -> dict[str, str]:
     if tr.dropped_thinking:
         ignored.append(f"{tr.dropped_thinking} thinking blocks not signed by toolmend")
     if ignored:
-        headers[IGNORED_HEADER] = ", ".join(ignored)[:2000]
+        # names the client chose (fields, block types): printable ASCII only in a header
+        text = ", ".join(ignored)[:2000]
+        headers[IGNORED_HEADER] = "".join(c if " " <= c <= "~" else "?" for c in text)
     return headers
 
 
