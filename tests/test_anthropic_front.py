@@ -707,3 +707,14 @@ async def test_malformed_upstream_chunk(tmp_path: Path, stream: bool) -> None:
     assert events[2][1]["delta"]["text"] == "hi"
     assert events[-1][1]["error"] == {"type": "api_error", "message": message,
                                       "code": "upstream_bad_response"}
+
+
+async def test_signing_key_is_made_only_when_thinking_is_signed(make_stack: StackFactory,
+                                                                tmp_path: Path) -> None:
+    stack = await backend(make_stack, tmp_path)
+    stack.sim.push(call({"city": "Oslo"}))
+    await ask(stack, True, tools=TOOLS)
+    assert not (tmp_path / "signing.key").exists()
+    stack.sim.push(REASONED)
+    await ask(stack, True, tools=TOOLS, thinking={"type": "enabled", "budget_tokens": 1024})
+    assert (tmp_path / "signing.key").exists()

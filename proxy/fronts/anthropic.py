@@ -38,7 +38,7 @@ from toolmend.server.context import RequestContext
 from toolmend.server.errors import ProxyError, normalize_upstream_error
 from toolmend.server.keys import CTX, SETTINGS, UPSTREAM
 from toolmend.server.request_body import check_chat_body, check_counts
-from toolmend.server.signing import Signer, app_signer
+from toolmend.server.signing import app_signer
 
 #: errors on these paths take Anthropic's shape, wherever they are raised (fronts/__init__.py)
 ERROR_PATHS = ("/v1/messages",)
@@ -147,9 +147,8 @@ class MessagesDownstream(Downstream):
 
 def _translate(request: web.Request, body: dict[str, Any], *, count_only: bool = False
                ) -> Translated:
-    signer = app_signer(request.app)
     try:
-        tr = messages_to_openai(body, _checker(signer), count_only=count_only)
+        tr = messages_to_openai(body, _checker(request.app), count_only=count_only)
     except AnthropicRequestError as e:
         raise ProxyError(400, str(e), param=e.param, code="invalid_request") from None
     # Claude Code asks for Anthropic's model names (claude-...); the backend serves its own
@@ -163,15 +162,17 @@ def _translate(request: web.Request, body: dict[str, Any], *, count_only: bool =
     return tr
 
 
-def _checker(signer: Signer) -> Any:
+def _checker(app: web.Application) -> Any:
+    """Verifies a thinking signature; the key is loaded only when one comes back."""
     def check(data: bytes, mac: str) -> bool:
-        return signer.verify(THINKING_PURPOSE, data, mac)
+        return app_signer(app).verify(THINKING_PURPOSE, data, mac)
     return check
 
 
-def _mac(signer: Signer) -> Any:
+def _mac(app: web.Application) -> Any:
+    """Signs thinking text; the key is loaded only when there is thinking to sign."""
     def mac(data: bytes) -> str:
-        return signer.sign(THINKING_PURPOSE, data)
+        return app_signer(app).sign(THINKING_PURPOSE, data)
     return mac
 
 
@@ -193,11 +194,10 @@ async def messages(request: web.Request) -> web.StreamResponse:
     tr = _translate(request, body)
     chat = tr.body
     asked = body.get("model")
-    signer = app_signer(request.app)
     encoder = MessagesEncoder(
         "msg_" + secrets.token_hex(12),
         asked if isinstance(asked, str) and asked else chat.get("model", ""),
-        mac=_mac(signer), new_tool_id=new_tool_id, stream=tr.stream, thinking=tr.thinking,
+        mac=_mac(request.app), new_tool_id=new_tool_id, stream=tr.stream, thinking=tr.thinking,
         hide_thinking=tr.hide_thinking, stop_sequences=tr.stop_sequences,
         input_estimate=(request.content_length or 0) // 4)
     chat["stream"] = True  # one path for both: a whole reply is a stream accumulated
