@@ -5,7 +5,8 @@ llama-server ignores a named ``tool_choice``: told to call ``get_time``, Gemma a
 weather question with ``get_weather`` (see test_llama_server.py). Through toolmend's Messages
 front, a ``tool_choice`` of type ``tool`` is held to: the wrong call is retried with the tool's
 schema as llama-server's ``json_schema`` (a grammar), and the SDK gets a ``tool_use`` of the
-tool it named, with schema-valid input.
+tool it named, with schema-valid input (or, as on the chat front, a clear Anthropic-shaped
+``invalid_tool_call`` error; never a call to the other tool).
 
 Claude Code itself runs against the sim (tests/test_claude_code.py): its prompts are 10–25k
 tokens, beyond what this small model can use.
@@ -69,11 +70,20 @@ async def test_named_tool_choice_is_constrained_to_that_tool(make_proxy: Any,
     async with anthropic.AsyncAnthropic(base_url=proxy.url, api_key="unused", max_retries=0,
                                         timeout=300) as c:
         kw = {**ASK, "tool_choice": {"type": "tool", "name": "get_time"}}
-        if stream:
-            async with c.messages.stream(**kw) as s:
-                msg = await s.get_final_message()
-        else:
-            msg = await c.messages.create(**kw)
+        try:
+            if stream:
+                async with c.messages.stream(**kw) as s:
+                    msg = await s.get_final_message()
+            else:
+                msg = await c.messages.create(**kw)
+        except anthropic.APIStatusError as e:
+            # the one other outcome allowed: a clear error in Anthropic's shape, never a call
+            # to the other tool (as on the chat front, test_llama_server.py)
+            body: Any = e.body
+            assert body["type"] == "error", body
+            assert body["error"]["type"] == "api_error", body
+            assert body["error"]["code"] == "invalid_tool_call", body
+            return
     uses = [b for b in msg.content if b.type == "tool_use"]
     assert [u.name for u in uses] == ["get_time"], msg
     jsonschema.validate(uses[0].input, TIME_SCHEMA)
