@@ -410,6 +410,9 @@ def openai_to_ollama_chat(body: dict[str, Any], *, keep_alive: str = "",
             schema = (rf.get("json_schema") or {}).get("schema")
             if isinstance(schema, dict):
                 out["format"] = schema
+    kwargs = body.get("chat_template_kwargs")  # the thinking switch, as Ollama's "think"
+    if isinstance(kwargs, dict) and isinstance(kwargs.get("enable_thinking"), bool):
+        out["think"] = kwargs["enable_thinking"]
     fmt = body.get("format")  # a constrained retry for Ollama sets it (parsers/policy.py)
     if fmt == "json" or isinstance(fmt, dict):
         out["format"] = fmt

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from toolmend.fronts import ollama, openai_chat, responses
+from toolmend.fronts import anthropic, ollama, openai_chat, responses
 from toolmend.server.errors import ProxyError
 
 #: in registration order; a new front is one module and one line here
-FRONTS = (openai_chat, ollama, responses)
+FRONTS = (openai_chat, ollama, anthropic, responses)
 
 
 def add_routes(app: web.Application) -> None:

@@ -2,7 +2,8 @@
 
 Keys are optional. Without any, toolmend trusts its (loopback) network as before: the agent id
 comes from ``X-Agent-Id``. With keys configured, every request outside the health and
-observability endpoints needs ``Authorization: Bearer <key>``, and the key decides the agent:
+observability endpoints needs ``Authorization: Bearer <key>`` (or ``x-api-key: <key>``, as
+Anthropic clients send it), and the key decides the agent:
 
 .. code-block:: toml
 
@@ -62,6 +63,8 @@ log = logging.getLogger("toolmend.server.auth")
 OPEN_PATHS = ("/healthz", "/readyz", "/metrics", "/toolmend/")
 AGENT_HEADER = "X-Agent-Id"
 SESSION_HEADER = "X-Session-Id"
+#: the key header of Anthropic's API (Claude Code, the Anthropic SDKs), checked like Bearer
+API_KEY_HEADER = "x-api-key"
 #: Request headers whose values toolmend reads and may write into logs, session records, span
 #: attributes or error messages: each must be text (see :func:`check_identity_headers`).
 #: (``traceparent`` is matched against a hex pattern and ``tracestate`` is dropped when it is
@@ -190,7 +193,10 @@ async def require_key(request: web.Request, handler: Any) -> web.StreamResponse:
         auth = request.headers.get("Authorization", "")
         scheme, _, token = auth.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise _unauthorized("an API key is required: send 'Authorization: Bearer <key>'")
+            token = request.headers.get(API_KEY_HEADER, "")  # Anthropic clients send this
+        if not token.strip():
+            raise _unauthorized("an API key is required: send 'Authorization: Bearer <key>' "
+                                f"or '{API_KEY_HEADER}: <key>'")
         key = ring.lookup(token.strip())
         if key is None:
             raise _unauthorized("the API key is not valid")

@@ -167,6 +167,8 @@ class SimBackend:
         r.add_get("/api/tags", self.ollama_tags)
         r.add_post("/api/chat", self.ollama_chat)
         r.add_get("/", self.root)
+        r.add_post("/tokenize", self.tokenize)
+        r.add_post("/apply-template", self.apply_template)
         r.add_post("/sim/script", self.script_endpoint)
         r.add_get("/sim/stats", self.stats_endpoint)
         return app
@@ -289,6 +291,48 @@ class SimBackend:
         if self.dialect.name == "ollama":
             return web.Response(text="Ollama is running")
         return _json({"detail": "Not Found"}, 404)
+
+    # tokenizer ---------------------------------------------------------------------------------
+    # The sim's "tokenizer" counts whitespace-separated words of its "chat template" (each
+    # message as ``<|role|>text`` on a line, then ``<|assistant|>``), so a count is easy to
+    # work out by hand. vLLM tokenizes a chat request in one call; llama-server renders the
+    # template (``/apply-template``) and tokenizes the text (``/tokenize``); the others have
+    # neither.
+    @staticmethod
+    def _template(body: dict[str, Any]) -> str:
+        lines = []
+        for m in body.get("messages") or ():
+            if isinstance(m, dict):
+                c = m.get("content")
+                text = c if isinstance(c, str) else " ".join(
+                    p.get("text", "") for p in c or () if isinstance(p, dict))
+                lines.append(f"<|{m.get('role')}|>{text}\n")
+        return "".join(lines) + "<|assistant|>"
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        if self.dialect.name not in ("vllm", "llamacpp"):
+            return _json({"detail": "Not Found"}, 404)
+        try:
+            body = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            return self._error(400, "invalid JSON body")
+        self.stats.bodies.append(body)
+        if self.dialect.name == "vllm":
+            text = self._template(body) if "messages" in body else str(body.get("prompt", ""))
+            n = len(text.split())
+            return _json({"count": n, "max_model_len": self.dialect.context,
+                          "tokens": list(range(n))})
+        return _json({"tokens": list(range(len(str(body.get("content", "")).split())))})
+
+    async def apply_template(self, request: web.Request) -> web.Response:
+        if self.dialect.name != "llamacpp":
+            return _json({"detail": "Not Found"}, 404)
+        try:
+            body = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            return self._error(400, "invalid JSON body")
+        self.stats.bodies.append(body)
+        return _json({"prompt": self._template(body)})
 
     async def script_endpoint(self, request: web.Request) -> web.Response:
         doc = orjson.loads(await request.read())
