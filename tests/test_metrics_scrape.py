@@ -7,20 +7,17 @@ the admin key. Neither opens ``/toolmend/v1/sessions``, whose step timelines say
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from typing import Any
 
-import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
-from toolmend.server.app import build_app, start_server
+from toolmend.server.app import build_app
 from toolmend.server.config import Settings
 from toolmend.server.errors import ProxyError
-from toolmend.sim.server import SimBackend
 from toolmend.telemetry.tracing import metrics_handler, sessions_handler
 
 SETTINGS = dict(admin_key="adm1n", metrics_key="scr4pe", metrics_networks=["10.0.0.0/8"],
@@ -91,38 +88,3 @@ def test_a_bad_network_is_named() -> None:
                         "10.0.0.0/40"], capture_output=True, text=True)
     assert r.returncode == 2
     assert "metrics_networks" in r.stderr and "10.0.0.0/40" in r.stderr
-
-
-def own_address() -> str:
-    """This host's address on its network (no packet is sent: a UDP socket only picks the
-    route). A machine without one cannot run this test: it fails rather than skips."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.connect(("192.0.2.1", 9))
-        addr = s.getsockname()[0]
-    assert not addr.startswith("127."), f"no non-loopback address on this host ({addr})"
-    return addr
-
-
-async def test_a_scrape_from_another_address_over_the_network() -> None:
-    """A real connection from a non-loopback address, as the picker's pod makes one."""
-    addr = own_address()
-    sim = SimBackend("vllm", ttft=0.0)
-    await sim.start()
-    app = build_app(Settings(host="0.0.0.0", log_requests=False, metrics_key="scr4pe",
-                             metrics_networks=[f"{addr}/32"]), [sim.url])
-    runner, port = await start_server(app, "0.0.0.0", 0)
-    closed = build_app(Settings(log_requests=False), [sim.url])
-    runner2, port2 = await start_server(closed, "0.0.0.0", 0)
-    try:
-        async with aiohttp.ClientSession() as s:
-            async with s.get(f"http://{addr}:{port}/metrics") as r:
-                assert r.status == 200
-                assert "vllm:num_requests_waiting" in await r.text()
-            async with s.get(f"http://{addr}:{port}/toolmend/v1/sessions") as r:
-                assert r.status == 403
-            async with s.get(f"http://{addr}:{port2}/metrics") as r:
-                assert r.status == 403
-    finally:
-        await runner2.cleanup()
-        await runner.cleanup()
-        await sim.stop()

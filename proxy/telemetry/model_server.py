@@ -177,9 +177,9 @@ def combine(loads: list[BackendLoad]) -> BackendLoad:
 # --- reading the backend ----------------------------------------------------------------------
 
 class LoadReader:
-    """Reads every replica's load in the background, on a small connection pool of its own
-    (never the requests' pool, so a probe connection can never be one a request picks up
-    stale)."""
+    """Reads every replica's load in the background, on connections of its own that close
+    after each read: never the requests' pool (a probe connection can never be one a request
+    picks up stale), and no idle connection held open at the backend between reads."""
 
     def __init__(self, app: web.Application) -> None:
         self.app = app
@@ -235,7 +235,7 @@ class LoadReader:
             return None
         if self._session is None:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=4),
+                connector=aiohttp.TCPConnector(limit=4, force_close=True),
                 timeout=aiohttp.ClientTimeout(total=max(1.0, min(5.0, 2 * self.interval))))
         loads = await asyncio.gather(*(self._read(r) for r in up.replicas))
         said = [x for x in loads if x is not None]
