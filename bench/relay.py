@@ -888,6 +888,8 @@ async def run_fc(cfg: argparse.Namespace) -> dict[str, tuple[float, float]]:
                     else:
                         relay = relays[("toolmend", n)]
                         path, body, end = FC_FRONTS[p]
+                        # Messages requires max_tokens, and the sim writes that many tokens
+                        body = body.replace(b'"max_tokens":1024', b'"max_tokens":%d' % n)
                     r = await _fc_round(session, relay.url + path, body, end, relay, cfg.window)
                     errors += r.errors
                     cpu.setdefault((p, n), []).append(r.us_per_request)
