@@ -156,7 +156,9 @@ class ChatMending:
             except StreamError as e:
                 import orjson
 
-                raise UpstreamStreamError(502, orjson.dumps(e.body), final=True) from None
+                err = UpstreamStreamError(502, orjson.dumps(e.body), final=True)
+                err.pending = pipeline.emit([], e.notes)  # the retries that were sent
+                raise err from None
             finally:
                 record(self.ctx, mender)
             return pipeline.emit(chunks, notes, done=True)

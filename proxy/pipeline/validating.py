@@ -112,7 +112,10 @@ class RequestValidation:
         _records(self.ctx).append({"tool": verdict.name, "outcome": d.outcome.value,
                                    "ok": verdict.ok, "attempt": attempt,
                                    "pointer": verdict.error.pointer if verdict.error else None})
-        notes = [d.note] if d.note else []
+        # A retry is reported when it is sent (``_retry_one``), not when it is decided: a call
+        # held behind one whose retry failed is never retried, and its "retry 1/1" comment
+        # used to outnumber the retries counted (31 comments for 20 retries on one run).
+        notes = [d.note] if d.note and d.outcome is not Outcome.RETRY else []
         if d.outcome is Outcome.ERROR:
             return CheckResult(False, notes=notes, error=dict(d.error or {}))
         if d.outcome is Outcome.RETRY:
@@ -129,15 +132,22 @@ class RequestValidation:
         call is still invalid after the allowed attempts."""
         chunks: list[dict[str, Any]] = []
         notes: list[str] = []
-        for held in list(mender.held):
-            c, n = await self._retry_one(mender, held, up, path, body)
-            chunks += c
-            notes += n
+        try:
+            for held in list(mender.held):
+                c, n = await self._retry_one(mender, held, up, path, body, notes)
+                chunks += c
+                notes += n
+        except StreamError as e:
+            e.notes = [*notes, *e.notes]  # the retries that were sent are still reported
+            raise
         c, n = mender.close()
         return chunks + c, notes + n
 
     async def _retry_one(self, mender: Any, held: HeldCall, up: UpstreamClient, path: str,
-                         body: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
+                         body: dict[str, Any], sent: list[str]
+                         ) -> tuple[list[dict[str, Any]], list[str]]:
+        """Retry one held call until it is valid or the attempts run out. Each retry's note
+        goes into ``sent`` as the retry is sent, so a failure still reports it."""
         decision = held.retry
         attempt = 0
         loop = asyncio.get_running_loop()
@@ -148,6 +158,8 @@ class RequestValidation:
             retry_body.pop("stream_options", None)
             self.ctx.retries += 1
             self.ctx.retry_times.append(loop.time())
+            if decision.note:
+                sent.append(decision.note)
             name, arguments, content = await self._ask(up, path, retry_body, plan)
             attempt += 1
             if name is None:
