@@ -1,4 +1,4 @@
-"""The ``format`` values toolmend asserts on tool arguments, each an explicit, dependency-free check.
+"""The ``format`` values toolmend asserts on tool arguments, each an explicit check.
 
 JSON Schema leaves ``format`` as an annotation unless a validator asserts it, and
 :mod:`jsonschema`'s own checkers for ``time``, ``date-time``, ``uri`` and others need optional

@@ -88,7 +88,8 @@ class ChatMending:
         self.validation = RequestValidation.prepare(body, headers, settings.on_invalid, backend,
                                                     settings.max_retries, mode, ctx, limits,
                                                     toolset, settings.max_argument_depth,
-                                                    settings.max_argument_chars)
+                                                    settings.max_argument_chars,
+                                                    settings.retry_samples)
 
     @classmethod
     def for_request(cls, settings: Settings, body: dict[str, Any], ctx: RequestContext,

@@ -39,6 +39,11 @@ from toolmend.server.context import RequestContext
 from toolmend.server.errors import ProxyError
 
 ON_INVALID_HEADER = "X-Toolmend-On-Invalid"
+#: backends whose chat API samples ``n`` choices in one request (best-of-n retries)
+SAMPLING_BACKENDS = frozenset({"vllm", "llamacpp", "llama-server"})
+MAX_RETRY_SAMPLES = 8
+#: one retried answer: the call's name and arguments (``None``: no call) and the text
+Answer = tuple[str | None, str | None, str | None]
 #: what a request that declared no tools may call: nothing
 NO_TOOLS = Toolset({})
 SCHEMAS = web.AppKey("schemas", SchemaCompiler)
@@ -53,7 +58,7 @@ class RequestValidation:
 
     def __init__(self, toolset: Toolset, policy: Policy, backend: str, max_retries: int,
                  mode: str, ctx: RequestContext, max_depth: int = MAX_ARGUMENT_DEPTH,
-                 max_argument_chars: int = MAX_ARGUMENT_CHARS) -> None:
+                 max_argument_chars: int = MAX_ARGUMENT_CHARS, samples: int = 1) -> None:
         self.toolset = toolset
         self.policy = policy
         self.backend = backend
@@ -61,13 +66,17 @@ class RequestValidation:
         self.ctx = ctx
         self.max_depth = max_depth
         self.max_argument_chars = max_argument_chars
+        # choices asked per retry (``n``), on backends that sample several in one request
+        self.samples = max(1, min(samples, MAX_RETRY_SAMPLES)) if backend in SAMPLING_BACKENDS \
+            else 1
 
     @classmethod
     def prepare(cls, body: dict[str, Any], headers: Any, default_policy: str, backend: str,
                 max_retries: int, mode: str, ctx: RequestContext,
                 limits: SchemaLimits = DEFAULT_LIMITS, toolset: Toolset | None = None,
                 max_depth: int = MAX_ARGUMENT_DEPTH,
-                max_argument_chars: int = MAX_ARGUMENT_CHARS) -> RequestValidation:
+                max_argument_chars: int = MAX_ARGUMENT_CHARS,
+                samples: int = 1) -> RequestValidation:
         """Compile the tools when the request arrives: a bad schema is the client's 400.
         Without tools there is nothing to compile (nor a ``tool_choice`` to judge): the request
         gets :data:`NO_TOOLS`.
@@ -83,14 +92,14 @@ class RequestValidation:
             raise ProxyError(400, str(e), param=ON_INVALID_HEADER, code="invalid_header") from None
         if not tools:
             return cls(NO_TOOLS, policy, backend, max_retries, mode, ctx, max_depth,
-                       max_argument_chars)
+                       max_argument_chars, samples)
         if toolset is None:
             try:
                 toolset = compile_tools(tools, body.get("tool_choice"), limits=limits)
             except SchemaError as e:
                 raise schema_error(e) from None
         return cls(toolset, policy, backend, max_retries, mode, ctx, max_depth,
-                   max_argument_chars)
+                   max_argument_chars, samples)
 
     # mender callbacks -------------------------------------------------------------------------
     def check_call(self, name: str, arguments: str) -> CheckResult:
@@ -156,23 +165,18 @@ class RequestValidation:
             retry_body = plan.apply(body)
             retry_body["stream"] = False
             retry_body.pop("stream_options", None)
+            if self.samples > 1 and plan.read_as != READ_TEXT:
+                retry_body["n"] = self.samples
             self.ctx.retries += 1
             self.ctx.retry_times.append(loop.time())
             if decision.note:
                 sent.append(decision.note)
-            name, arguments, content = await self._ask(up, path, retry_body, plan)
+            answers = await self._ask(up, path, retry_body, plan)
             attempt += 1
-            if name is None:
-                if plan.read_as == READ_TEXT:  # the plan asked for a plain answer instead
-                    return mender.resolve(held, None, None, text=content)
-                if held.call is None:  # a required call never came
-                    verdict = validate_reply([], self.toolset)
-                else:
-                    verdict = Verdict(False, held.call.name, "", (Issue(
-                        "", "retry", "the retried reply has no tool call"),))
-            else:
-                verdict = validate_call(name, arguments or "", self.toolset,
-                                        coerce=self.policy.coerces, max_depth=self.max_depth)
+            verdict, name, arguments = self._first_valid(held, answers)
+            if name is None and plan.read_as == READ_TEXT:
+                # the plan asked for a plain answer instead
+                return mender.resolve(held, None, None, text=answers[0][2])
             decision = decide(verdict, self.policy, self.toolset, backend=self.backend,
                               attempt=attempt, max_retries=self.max_retries)
             _records(self.ctx).append({"tool": verdict.name, "outcome": decision.outcome.value,
@@ -185,21 +189,52 @@ class RequestValidation:
             if decision.outcome is Outcome.ERROR:
                 raise StreamError(dict(decision.error or {}))
 
-    async def _ask(self, up: UpstreamClient, path: str, retry_body: dict[str, Any],
-                   plan: Any) -> tuple[str | None, str | None, str | None]:
-        """One non-streaming retry request; the reply is mended like any other."""
-        from toolmend.parsers.mender import mend_message
+    def _first_valid(self, held: HeldCall, answers: list[Answer]
+                     ) -> tuple[Verdict, str | None, str | None]:
+        """The verdict on the first valid answer (best of ``n``), else on the first one (its
+        errors make the next correction)."""
+        first: tuple[Verdict, str | None, str | None] | None = None
+        for name, arguments, _content in answers:
+            if name is None:
+                if held.call is None:  # a required call never came
+                    verdict = validate_reply([], self.toolset)
+                else:
+                    verdict = Verdict(False, held.call.name, "", (Issue(
+                        "", "retry", "the retried reply has no tool call"),))
+            else:
+                verdict = validate_call(name, arguments or "", self.toolset,
+                                        coerce=self.policy.coerces, max_depth=self.max_depth)
+            if verdict.ok:
+                return verdict, name, arguments
+            first = first or (verdict, name, arguments)
+        assert first is not None  # _ask answers at least one (empty) answer
+        return first
 
+    async def _ask(self, up: UpstreamClient, path: str, retry_body: dict[str, Any],
+                   plan: Any) -> list[Answer]:
+        """One non-streaming retry request: ``(name, arguments, content)`` for each of its
+        choices (one unless ``n`` was asked), each mended like any other reply."""
         headers = self.ctx.upstream_headers
         async with up.call(path, orjson.dumps(retry_body), headers=headers) as call:
             raw = await call.read_all()
             status = call.status
+        nothing: list[Answer] = [(None, None, None)]
         if status >= 400:
-            return None, None, None
+            return nothing
         try:
             doc = orjson.loads(raw)
-            msg = doc["choices"][0]["message"]
+            choices = [c["message"] for c in doc["choices"][: max(1, self.samples)]]
         except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
+            return nothing
+        if not choices:
+            return nothing
+        return [self._read(msg, doc, retry_body, plan) for msg in choices]
+
+    def _read(self, msg: Any, doc: dict[str, Any], retry_body: dict[str, Any],
+              plan: Any) -> Answer:
+        from toolmend.parsers.mender import mend_message
+
+        if not isinstance(msg, dict):
             return None, None, None
         tools = retry_body.get("tools") or body_tools(self.toolset)
         try:
