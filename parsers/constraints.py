@@ -107,12 +107,15 @@ FORMAT_PATTERNS: Final[dict[str, str]] = {
     "time": rf"^{_TIME}$",
     "date-time": rf"^{_DATE}T{_TIME}$",
     "uuid": r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$",
-    "email": rf"^[a-z0-9_+-]+(?:\.[a-z0-9_+-]+)*@{_LABEL}(?:\.{_LABEL})*\.[a-z]{{2,24}}$",
-    "hostname": rf"^{_LABEL}(?:\.{_LABEL}){{0,8}}$",
+    # lengths bounded so that every value fits the limits (64 before the @, 253 in a name)
+    "email": rf"^[a-z0-9_+-]{{1,32}}(?:\.[a-z0-9_+-]{{1,24}})?@{_LABEL}(?:\.{_LABEL}){{0,2}}"
+             rf"\.[a-z]{{2,24}}$",
+    "hostname": rf"^{_LABEL}(?:\.{_LABEL}){{0,2}}$",
     "ipv4": rf"^{_OCTET}(?:\.{_OCTET}){{3}}$",
     "ipv6": rf"^(?:{_HEX4}:){{7}}{_HEX4}$",
-    "uri": rf"^https://{_LABEL}(?:\.{_LABEL})+(?:/[a-zA-Z0-9._~%-]*)*$",
-    "duration": r"^P(?:[0-9]{1,4}D|T[0-9]{1,4}[HMS]|[0-9]{1,4}D?T[0-9]{1,4}H(?:[0-9]{1,4}M)?)$",
+    "uri": rf"^https://{_LABEL}(?:\.{_LABEL}){{1,2}}(?:/[a-zA-Z0-9._~-]*)*$",
+    "duration": r"^P(?:[0-9]{1,4}D|(?:[0-9]{1,4}D)?T[0-9]{1,4}H(?:[0-9]{1,4}M)?"
+                r"|T[0-9]{1,4}[HMS])$",
 }
 
 #: values each format must accept; a ``pattern`` accepting them all is taken to be no stricter
