@@ -15,7 +15,8 @@ Paths, side by side on the same requests:
   by the tool's schema translated for the backend's grammar engine;
 * ``retry2``: the same with ``--max-retries 2``: a second attempt whose correction quotes the
   validator's message and the value, for what the grammar cannot hold;
-* ``best3``: one retry asking ``n: 3`` choices (``--retry-samples 3``); the first valid wins.
+* ``best2``/``best3``: one retry asking ``n: 2``/``n: 3`` choices (``--retry-samples``); the
+  first valid wins (llama-server allows ``n`` up to its slot count: 2 here).
 
 Every delivered call is judged by ``retry_workload.judge`` (the jsonschema library with format
 functions of its own, not toolmend's). Per path: valid calls, invalid calls delivered, clear
@@ -55,7 +56,7 @@ from toolmend.server.app import build_app, start_server  # noqa: E402
 from toolmend.server.config import Settings  # noqa: E402
 
 SECTION = "## Constrained retries"
-PATHS = {"direct": None, "retry": (1, 1), "retry2": (2, 1), "best3": (1, 3)}
+PATHS = {"direct": None, "retry": (1, 1), "retry2": (2, 1), "best2": (1, 2), "best3": (1, 3)}
 
 
 @dataclass
@@ -249,7 +250,7 @@ def main() -> None:
     p.add_argument("--backends", default="llama-server")
     p.add_argument("--requests", type=int, default=240)
     p.add_argument("--first-seed", type=int, default=1000)
-    p.add_argument("--paths", default="direct,retry,retry2,best3")
+    p.add_argument("--paths", default="direct,retry,retry2,best2")
     p.add_argument("--concurrency", type=int, default=2)
     p.add_argument("--url", help="an already running backend (one --backends) instead of "
                                  "starting one")
@@ -295,7 +296,7 @@ def main() -> None:
             "the same body on every path; calls are judged by the jsonschema library with "
             "format functions written in the benchmark (not toolmend's). Paths: `retry` = one "
             "retry constrained by the translated schema; `retry2` = up to two, the second "
-            "quoting the validator's message and value; `best3` = one retry with `n: 3`. "
+            "quoting the validator's message and value; `best2` = one retry with `n: 2`. "
             "Added latency: the request through toolmend minus the same seeded request direct, "
             "over the retried requests.\n\n" + "\n".join(sections))
     replace_section(body, BENCHMARKS)

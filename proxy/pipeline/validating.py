@@ -218,6 +218,13 @@ class RequestValidation:
         async with up.call(path, orjson.dumps(retry_body), headers=headers) as call:
             raw = await call.read_all()
             status = call.status
+        if status == 400 and retry_body.get("n", 1) > 1:
+            # llama-server refuses more choices than it has slots ("Field 'n': value must be
+            # between 1 <= value <= 2"): ask for one rather than lose the retry
+            retry_body = {k: v for k, v in retry_body.items() if k != "n"}
+            async with up.call(path, orjson.dumps(retry_body), headers=headers) as call:
+                raw = await call.read_all()
+                status = call.status
         nothing: list[Answer] = [(None, None, None)]
         if status >= 400:
             return nothing

@@ -170,28 +170,30 @@ def _shot(i: int, question: str, name: str, args: dict[str, Any], result: str,
 
 
 SYSTEM = "You are a booking assistant. Use the tools to act on the user's requests."
+#: Earlier steps of the agent's loop. A base model makes real, unforced calls after a few
+#: (measured on Gemma 270M). Their arguments were written the way the user said them, as by
+#: an agent with nothing validating its calls: ``7.30pm``, ``Oct 5``, ``Oslo`` for an airport.
+#: The model then writes most of its own calls that way too, so most requests need a retry,
+#: and the retry has to hold against a history that pulls the other way.
 HISTORY: list[dict[str, Any]] = [
     {"role": "system", "content": SYSTEM},
-    *_shot(0, "Get me a table at Nomad for 4 on October 2nd at half past seven in the evening.",
-           "book_table", {"restaurant": "Nomad", "date": "2026-10-02", "time": "19:30",
-                          "party_size": 4, "seating": "indoor"},
-           '{"status": "confirmed", "reference": "NM-2231"}',
-           "Done: Nomad, 2 October at 19:30 for 4 (reference NM-2231)."),
-    *_shot(1, "Fly two of us from Oslo to Paris on the 14th of November, economy.",
-           "book_flight", {"origin": "OSL", "destination": "CDG", "date": "2026-11-14",
-                           "passengers": 2, "cabin": "economy"},
-           '{"status": "booked", "pnr": "X7KQ2P"}',
-           "Booked: OSL to CDG on 14 November for 2 passengers (PNR X7KQ2P)."),
-    *_shot(2, "Remind me to call the dentist on October 5th at 9am, an hour before.",
-           "set_reminder", {"text": "Call the dentist", "when": {"date": "2026-10-05",
-                                                                   "time": "09:00"},
+    *_shot(0, "Get me a table at Nomad for 4 on October 2nd at half past seven.",
+           "book_table", {"restaurant": "Nomad", "date": "October 2nd", "time": "7.30pm",
+                          "party_size": 4},
+           '{"status": "confirmed"}', "Done: Nomad, 2 October at 19:30 for 4."),
+    *_shot(1, "Fly two of us from Oslo to Paris on the 14th of November.",
+           "book_flight", {"origin": "Oslo", "destination": "Paris", "date": "14/11/2026",
+                           "passengers": 2},
+           '{"status": "booked"}', "Booked: Oslo to Paris on 14 November for 2."),
+    *_shot(2, "Remind me to call the dentist on Oct 5 at 9am, an hour before.",
+           "set_reminder", {"text": "Call the dentist", "when": {"date": "Oct 5",
+                                                                   "time": "9am"},
                             "minutes_before": 60},
-           '{"status": "set"}', "Reminder set for 5 October at 09:00, 60 minutes before."),
-    *_shot(3, "Invite ana@example.org to a one-hour sync on October 6 at 3pm UTC.",
-           "send_invite", {"email": "ana@example.org", "start": "2026-10-06T15:00:00Z",
-                           "duration_hours": 1,
-                           "meeting_id": "4f9c2a1e-8b3d-4c7a-9e2f-1a2b3c4d5e6f"},
-           '{"status": "sent"}', "Invitation sent to ana@example.org for 6 October, 15:00 UTC."),
+           '{"status": "set"}', "Reminder set for 5 October at 9am."),
+    *_shot(3, "Invite ana@example.org to a one-hour sync on October 6 at 3pm.",
+           "send_invite", {"email": "ana@example.org", "start": "October 6 3pm",
+                           "duration_hours": 1},
+           '{"status": "sent"}', "Invitation sent to ana@example.org."),
 ]
 
 _RESTAURANTS = ["Noma", "Maaemo", "Le Cinq", "Sushi Saito", "The Ledbury", "Alinea", "Geranium"]
