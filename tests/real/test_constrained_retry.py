@@ -140,3 +140,29 @@ async def test_an_invalid_call_comes_back_valid_through_toolmend(
         "toolmend retry 1/1 book_table: at /time: '7pm' does not match "
         "'^([01]\\\\d|2[0-3]):[0-5]\\\\d$'",
         "toolmend retried book_table: valid on attempt 1"]
+
+
+# --- vLLM ----------------------------------------------------------------------------------------
+# A named tool_choice on a strict tool is how toolmend's retry asks vLLM (structured outputs
+# beside tools are refused). xgrammar's own date and date-time grammars are shapes: a day 30
+# in February passes them. The translated schema's exact pattern does not let it.
+
+async def _vllm_call(server: Server, field: str, schema: dict[str, Any]) -> str:
+    tool = {"type": "function", "function": {"name": "f", "parameters": schema,
+                                             "strict": True}}
+    body = {"messages": [{"role": "user", "content": CASES[field][1]}], "tools": [tool],
+            "tool_choice": {"type": "function", "function": {"name": "f"}},
+            "temperature": 0, "seed": 7, "max_tokens": 60}
+    status, doc = await post_json(server.v1, body)
+    assert status == 200, doc
+    (call,) = doc["choices"][0]["message"]["tool_calls"]
+    return str(call["function"]["arguments"])
+
+
+@pytest.mark.parametrize("field", ["date", "start"])
+async def test_vllm_translated_constraint_holds_where_the_declared_one_did_not(
+        vllm: Server, field: str) -> None:
+    declared = await _vllm_call(vllm, field, _schema(field))
+    assert not _valid(field, declared), f"the declared schema held this time: {declared!r}"
+    translated = await _vllm_call(vllm, field, translate(_schema(field), "vllm").schema)
+    assert _valid(field, translated), translated
