@@ -55,6 +55,7 @@ schema except for what is listed as dropped. Pure functions; no I/O.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -308,6 +309,7 @@ def _for_type(schema: Mapping[str, Any], kind: Any) -> dict[str, Any]:
     return {"type": kind, **{k: v for k, v in schema.items() if k not in skip}}
 
 
+@functools.lru_cache(maxsize=1024)
 def _accepts_probes(pattern: str, fmt: str) -> bool:
     try:
         compiled = re2.compile(pattern)

@@ -30,6 +30,7 @@ tests check that).
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Any, Final
@@ -287,10 +288,12 @@ def _alternative(writer: _Writer, items: Any) -> str:
     return ("" if start else JSON_SAFE_CHAR + "*") + body + ("" if end else JSON_SAFE_CHAR + "*")
 
 
+@functools.lru_cache(maxsize=1024)
 def to_grammar_regex(pattern: str) -> str:
     """``pattern`` in the converters' subset, anchored, meaning the same inside a JSON string
     (see the module's docstring); raises :class:`Untranslatable` naming what has no
-    equivalent. ``^a|b$`` style alternatives are anchored one by one."""
+    equivalent. ``^a|b$`` style alternatives are anchored one by one. Cached: the same few
+    patterns come back with every retry of the same tools."""
     try:
         parsed = _p.parse(pattern)
     except (re.error, RecursionError, OverflowError) as exc:
