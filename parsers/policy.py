@@ -33,10 +33,12 @@ again for a plain-text answer, the tools removed), then refused.
 | invalid, none left     | error             | error             | error  | forward + report |
 
 A retry is constrained to the tool's schema where the backend can do it, so the second answer is
-valid by construction (see :func:`retry_plan`). Backends that constrain *content* rather than the
-tool call (llama-server ``json_schema``, Ollama ``format``, llama-cpp-python ``response_format``)
-are asked for the bare arguments object with ``tools`` removed, because they refuse (or ignore)
-a grammar alongside tools; :meth:`RetryPlan.read` turns that reply back into the call.
+valid by construction (see :func:`retry_plan`), as far as the backend's grammar engine can hold
+it: the schema is translated for the engine first (:mod:`.constraints`). Backends that
+constrain *content* rather than the tool call (llama-server ``json_schema``, Ollama ``format``,
+llama-cpp-python ``response_format``) are asked for the bare arguments object (with ``tools``
+removed where they refuse or ignore a grammar beside tools; llama-server keeps them, under
+``tool_choice: "none"``); :meth:`RetryPlan.read` turns that reply back into the call.
 """
 
 from __future__ import annotations
@@ -270,7 +272,8 @@ def retry_plan(verdict: Verdict, toolset: Toolset, backend: str = Backend.OPENAI
 
     * ``vllm``: ``tool_choice`` naming the tool, the tool itself marked ``strict``;
     * ``openai`` (and SGLang, TGI, vllm-mlx): ``tool_choice`` naming the tool;
-    * ``llamacpp`` (llama-server): ``json_schema``, tools removed, reply read as arguments;
+    * ``llamacpp`` (llama-server): ``json_schema`` and ``tool_choice: "none"``, tools kept
+      (the cached prompt prefix is reused), reply read as arguments;
     * ``ollama``: ``format: schema``, tools removed, reply read as arguments;
     * ``llama-cpp-python``: ``response_format: {"type": "json_object", "schema": schema}``
       (llama-cpp-python compiles it to a grammar; its ``grammar`` field is not JSON), tools
@@ -312,8 +315,12 @@ def retry_plan(verdict: Verdict, toolset: Toolset, backend: str = Backend.OPENAI
     elif kind is Backend.OPENAI:
         set_fields, remove, read_as = {"tool_choice": _named_choice(tool)}, (), READ_TOOL_CALL
     elif kind is Backend.LLAMACPP:
-        set_fields = {"json_schema": schema}
-        remove, read_as = content_only, READ_ARGUMENTS
+        # The tools stay (with tool_choice "none"), so the prompt is the first request's plus
+        # the correction and llama-server reuses its cached prefix: without them the template
+        # renders a different system block and the whole few-shot prompt is evaluated again
+        # (1,600 tokens re-read instead of 35, measured). It takes json_schema beside tools.
+        set_fields = {"json_schema": schema, "tool_choice": "none"}
+        remove, read_as = ("parallel_tool_calls", "response_format"), READ_ARGUMENTS
     elif kind is Backend.OLLAMA:
         set_fields = {"format": schema}
         remove, read_as = content_only, READ_ARGUMENTS
