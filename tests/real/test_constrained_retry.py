@@ -90,9 +90,9 @@ async def test_best_of_n_choices_all_hold_the_translated_constraint(
     """llama-server samples ``n`` choices in one request (what ``retry_samples`` asks for);
     each one is held by the translated grammar."""
     translated = translate(_schema("start"), "llama-server").schema
-    doc = await _ask(llama_server, "start", translated, n=3, temperature=0.9)
+    doc = await _ask(llama_server, "start", translated, n=2, temperature=0.9)
     contents = [c["message"]["content"] for c in doc["choices"]]
-    assert len(contents) == 3
+    assert len(contents) == 2  # llama-server allows n up to its slot count
     assert [c for c in contents if not _valid("start", c)] == []
 
 
