@@ -261,6 +261,10 @@ def main() -> None:
     p.add_argument("--from-progress", action="store_true",
                    help="make the tables from the --progress file of an earlier (or cut) run: "
                         "the seeds every path answered")
+    p.add_argument("--compare", default="",
+                   help="with --from-progress: a second table of these paths, over the seeds "
+                        "they all answered (e.g. direct,retry,retry2,best2 on a subset)")
+    p.add_argument("--note", default="", help="a paragraph added to the section (set-up)")
     args = p.parse_args()
     paths = args.paths.split(",")
     seeds = list(range(args.first_seed, args.first_seed + args.requests))
@@ -286,6 +290,14 @@ def main() -> None:
         sections.append(f"### {backend}\n\n{text}\n\nWhat the invalid and refused calls got "
                         f"wrong (judge's or toolmend's first error):\n\n{why}\n\n"
                         f"{len(seeds)} requests per path, {minutes:.0f} min.\n")
+        if args.from_progress and args.compare:
+            compared, _ = from_progress(Path(args.progress), backend, args.compare.split(","))
+            n = len(next(iter(compared.values())).outcomes)
+            text = table(backend, compared)
+            print(text, "\n", reasons(compared), flush=True)
+            sections.append(f"Second attempt against best-of-n, on the first {n} requests "
+                            f"(every path answered them):\n\n{text}\n\n"
+                            f"{reasons(compared)}\n")
     if args.no_write:
         return
     body = (f"{SECTION}\n\n"
@@ -298,7 +310,8 @@ def main() -> None:
             "retry constrained by the translated schema; `retry2` = up to two, the second "
             "quoting the validator's message and value; `best2` = one retry with `n: 2`. "
             "Added latency: the request through toolmend minus the same seeded request direct, "
-            "over the retried requests.\n\n" + "\n".join(sections))
+            "over the retried requests." + (f" {args.note}" if args.note else "") + "\n\n"
+            + "\n".join(sections))
     replace_section(body, BENCHMARKS)
 
 
