@@ -75,7 +75,7 @@ def test_every_format_pattern_admits_only_valid_values(fmt: str) -> None:
     """What a grammar built from a format's pattern produces passes the format's check."""
     compiled = re.compile(to_grammar_regex(FORMAT_PATTERNS[fmt]))
 
-    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
     @given(st.from_regex(compiled, fullmatch=True))
     def check(value: str) -> None:
         assert FORMAT_CHECKS[fmt](value), value
@@ -137,7 +137,7 @@ def _patterns(draw: Any) -> str:
     return draw(st.sampled_from(["^", ""])) + "".join(parts) + draw(st.sampled_from(["$", ""]))
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
 @given(pattern=_patterns(), data=st.data())
 def test_what_the_translation_admits_the_original_admits(pattern: str, data: Any) -> None:
     translated = to_grammar_regex(pattern)
