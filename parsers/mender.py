@@ -190,9 +190,10 @@ class HeldCall:
 class StreamError(Exception):
     """A finished call was refused; the stream must end with this error."""
 
-    def __init__(self, body: dict[str, Any]) -> None:
+    def __init__(self, body: dict[str, Any], notes: list[str] | None = None) -> None:
         super().__init__(body.get("error", {}).get("message", "invalid tool call"))
         self.body = body
+        self.notes = notes or []  # what happened before the refusal (retries sent), reported
 
 
 class ChatMender:

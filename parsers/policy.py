@@ -33,10 +33,12 @@ again for a plain-text answer, the tools removed), then refused.
 | invalid, none left     | error             | error             | error  | forward + report |
 
 A retry is constrained to the tool's schema where the backend can do it, so the second answer is
-valid by construction (see :func:`retry_plan`). Backends that constrain *content* rather than the
-tool call (llama-server ``json_schema``, Ollama ``format``, llama-cpp-python ``response_format``)
-are asked for the bare arguments object with ``tools`` removed, because they refuse (or ignore)
-a grammar alongside tools; :meth:`RetryPlan.read` turns that reply back into the call.
+valid by construction (see :func:`retry_plan`), as far as the backend's grammar engine can hold
+it: the schema is translated for the engine first (:mod:`.constraints`). Backends that
+constrain *content* rather than the tool call (llama-server ``json_schema``, Ollama ``format``,
+llama-cpp-python ``response_format``) are asked for the bare arguments object (with ``tools``
+removed where they refuse or ignore a grammar beside tools; llama-server keeps them, under
+``tool_choice: "none"``); :meth:`RetryPlan.read` turns that reply back into the call.
 """
 
 from __future__ import annotations
@@ -47,7 +49,9 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Final
 
+from .constraints import Dropped, engine_for, translate
 from .schemas import Toolset
+from .string_formats import FORMAT_HINTS
 from .validation import Verdict, describe_repairs
 
 __all__ = [
@@ -153,6 +157,8 @@ class RetryPlan:
     set: Mapping[str, Any] = field(default_factory=dict)
     remove: tuple[str, ...] = ()
     read_as: str = READ_TOOL_CALL
+    #: the schema's constraints the backend's grammar will not enforce (the validator does)
+    dropped: tuple[Dropped, ...] = ()
 
     @property
     def constrained(self) -> bool:
@@ -240,7 +246,7 @@ def correction_message(verdict: Verdict, toolset: Toolset, *, read_as: str = REA
         if read_as == READ_ARGUMENTS and tool:
             ask += f" Reply with only the JSON object of arguments for `{tool}`."
         return ask
-    problems = "; ".join(i.describe() for i in verdict.errors[:_MAX_ISSUES_IN_CORRECTION])
+    problems = "; ".join(_quoted(i) for i in verdict.errors[:_MAX_ISSUES_IN_CORRECTION])
     text = f"The arguments for `{tool}` were invalid: {problems}."
     if read_as == READ_ARGUMENTS:
         return text + (f" Reply with only the corrected JSON object of arguments for `{tool}`, "
@@ -248,16 +254,35 @@ def correction_message(verdict: Verdict, toolset: Toolset, *, read_as: str = REA
     return text + f" Call `{tool}` again with arguments that match its parameters schema."
 
 
+def _quoted(issue: Any) -> str:
+    """One issue for the model: the validator's message, the value it wrote, and for a
+    ``format`` what the format means (``"2026-02-30" is not a 'date'`` alone did not get a
+    small model to pick a day that exists)."""
+    text = issue.describe()
+    if issue.value is not None and issue.value.strip('"') not in issue.message:
+        text += f" (you wrote {issue.value})"
+    hint = FORMAT_HINTS.get(issue.format or "") if issue.keyword == "format" else None
+    if hint:
+        text += f"; it must be {hint}"
+    return text
+
+
 def retry_plan(verdict: Verdict, toolset: Toolset, backend: str = Backend.OPENAI) -> RetryPlan:
     """How to retry, constrained to the tool's schema where ``backend`` supports it:
 
     * ``vllm``: ``tool_choice`` naming the tool, the tool itself marked ``strict``;
     * ``openai`` (and SGLang, TGI, vllm-mlx): ``tool_choice`` naming the tool;
-    * ``llamacpp`` (llama-server): ``json_schema``, tools removed, reply read as arguments;
+    * ``llamacpp`` (llama-server): ``json_schema`` and ``tool_choice: "none"``, tools kept
+      (the cached prompt prefix is reused), reply read as arguments;
     * ``ollama``: ``format: schema``, tools removed, reply read as arguments;
     * ``llama-cpp-python``: ``response_format: {"type": "json_object", "schema": schema}``
       (llama-cpp-python compiles it to a grammar; its ``grammar`` field is not JSON), tools
       removed, reply read as arguments.
+
+    The schema each backend receives is the tool's schema translated for its grammar engine
+    (:func:`~toolmend.parsers.constraints.translate`: patterns in the converter's regex
+    subset, formats as exact patterns, integer ranges as enums where ranges are ignored);
+    what it still cannot enforce is in the plan's ``dropped``.
 
     Without a single target tool (an unknown name among several tools, or ``"required"`` with
     none), servers that support it get ``tool_choice: "required"``; with ``"none"`` violated,
@@ -273,7 +298,10 @@ def retry_plan(verdict: Verdict, toolset: Toolset, backend: str = Backend.OPENAI
         constraint = ({"tool_choice": "required"}
                       if kind in (Backend.VLLM, Backend.OPENAI, Backend.LLAMACPP) else {})
         return RetryPlan(None, correction_message(verdict, toolset), set=constraint)
-    schema = toolset.tools[tool].schema
+    engine = engine_for(kind.value)
+    translation = translate(toolset.tools[tool].schema, engine) if engine else None
+    schema = translation.schema if translation else toolset.tools[tool].schema
+    dropped = translation.dropped if translation else ()
     content_only = ("tools", "tool_choice", "parallel_tool_calls", "response_format")
     set_fields: dict[str, Any]
     if kind is Backend.VLLM:
@@ -287,64 +315,20 @@ def retry_plan(verdict: Verdict, toolset: Toolset, backend: str = Backend.OPENAI
     elif kind is Backend.OPENAI:
         set_fields, remove, read_as = {"tool_choice": _named_choice(tool)}, (), READ_TOOL_CALL
     elif kind is Backend.LLAMACPP:
-        set_fields = {"json_schema": grammar_friendly(schema)}
-        remove, read_as = content_only, READ_ARGUMENTS
+        # The tools stay (with tool_choice "none"), so the prompt is the first request's plus
+        # the correction and llama-server reuses its cached prefix: without them the template
+        # renders a different system block and the whole few-shot prompt is evaluated again
+        # (1,600 tokens re-read instead of 35, measured). It takes json_schema beside tools.
+        set_fields = {"json_schema": schema, "tool_choice": "none"}
+        remove, read_as = ("parallel_tool_calls", "response_format"), READ_ARGUMENTS
     elif kind is Backend.OLLAMA:
-        set_fields = {"format": grammar_friendly(schema)}
+        set_fields = {"format": schema}
         remove, read_as = content_only, READ_ARGUMENTS
     else:
-        set_fields = {"response_format": {"type": "json_object",
-                                          "schema": grammar_friendly(schema)}}
+        set_fields = {"response_format": {"type": "json_object", "schema": schema}}
         remove, read_as = content_only, READ_ARGUMENTS
     text = correction_message(verdict, toolset, read_as=read_as, tool=tool)
-    return RetryPlan(tool, text, set_fields, remove, read_as)
-
-
-#: a bounded integer with at most this many values is spelled out as an enum for a grammar
-GRAMMAR_ENUM_LIMIT: Final = 256
-
-
-def grammar_friendly(schema: Any) -> Any:
-    """The schema as llama.cpp-style grammar converters can enforce it.
-
-    Their JSON-schema-to-grammar conversion ignores ``minimum``/``maximum`` on integers
-    (llama-cpp-python's does; the model then writes ``"days": 1000000000000000`` again), so a
-    retry "constrained to the schema" would not be valid by construction. A bounded integer
-    with a small range gets an explicit ``enum`` of its values, which every converter turns
-    into alternatives. The bounds stay, so the schema means exactly what it meant.
-    """
-    if isinstance(schema, list):
-        return [grammar_friendly(v) for v in schema]
-    if not isinstance(schema, Mapping):
-        return schema
-    out = {k: grammar_friendly(v) for k, v in schema.items()}
-    if out.get("type") == "integer" and "enum" not in out and "const" not in out:
-        lo, hi = _int_bound(out, "minimum", "exclusiveMinimum", 1), \
-            _int_bound(out, "maximum", "exclusiveMaximum", -1)
-        if lo is not None and hi is not None and 0 <= hi - lo < GRAMMAR_ENUM_LIMIT:
-            step = out.get("multipleOf")
-            values = [v for v in range(lo, hi + 1)
-                      if not (isinstance(step, int) and step > 0 and v % step)]
-            if values:
-                out["enum"] = values
-    return out
-
-
-def _int_bound(schema: Mapping[str, Any], inclusive: str, exclusive: str,
-               nudge: int) -> int | None:
-    """The tightest integer bound from ``minimum``/``exclusiveMinimum`` (or the maxima)."""
-    import math
-
-    found: list[int] = []
-    v = schema.get(inclusive)
-    if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
-        found.append(math.ceil(v) if nudge > 0 else math.floor(v))
-    v = schema.get(exclusive)
-    if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
-        found.append(math.floor(v) + 1 if nudge > 0 else math.ceil(v) - 1)
-    if not found:
-        return None
-    return max(found) if nudge > 0 else min(found)
+    return RetryPlan(tool, text, set_fields, remove, read_as, dropped)
 
 
 def error_body(verdict: Verdict) -> dict[str, Any]:

@@ -61,6 +61,8 @@ from jsonschema import FormatChecker, ValidationError
 from jsonschema.protocols import Validator
 from jsonschema.validators import Draft202012Validator, extend, validator_for
 
+from .string_formats import FORMAT_CHECKS
+
 __all__ = [
     "DEFAULT_LIMITS",
     "BudgetExceeded",
@@ -279,9 +281,12 @@ def _is_re2_regex(instance: object) -> bool:
 
 
 def _format_checker() -> FormatChecker:
-    """Formats asserted on arguments: a fixed set needing no optional dependency, so behaviour
-    does not change with what happens to be installed. ``regex`` is checked with RE2."""
-    checker = FormatChecker(formats=("date", "email", "ipv4", "ipv6", "uuid"))
+    """Formats asserted on arguments: the explicit checks of ``string_formats`` (no optional
+    dependency, so behaviour does not change with what happens to be installed); ``regex`` is
+    checked with RE2."""
+    checker = FormatChecker(formats=())
+    for name, check in FORMAT_CHECKS.items():
+        checker.checks(name)(check)
     checker.checks("regex", raises=re2.error)(_is_re2_regex)
     return checker
 
@@ -471,11 +476,12 @@ GATE_MAX_BYTES: Final = 64 * 1024
 
 def _gate(schema: Mapping[str, Any]) -> Any:
     """The Rust validator for an already checked schema, or ``None`` if it cannot build one.
-    ``RegexOptions`` selects the linear-time engine (the default one backtracks)."""
+    ``RegexOptions`` selects the linear-time engine (the default one backtracks); ``formats``
+    makes it check formats with the very functions the Python validator uses."""
     try:
         return jsonschema_rs.validator_for(
             schema, validate_formats=True, pattern_options=jsonschema_rs.RegexOptions(),
-            retriever=_refuse_retrieval)
+            retriever=_refuse_retrieval, formats=FORMAT_CHECKS)
     except Exception:  # any refusal only costs speed: the Python validator still checks
         return None
 

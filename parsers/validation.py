@@ -35,7 +35,7 @@ import json
 import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any, Final
 
@@ -103,6 +103,10 @@ class Issue:
     pointer: str
     keyword: str
     message: str
+    #: the offending value as short JSON (``"2026-02-30"``), and for a ``format`` failure the
+    #: format's name: what a retry's correction quotes. Not part of equality.
+    value: str | None = field(default=None, compare=False)
+    format: str | None = field(default=None, compare=False)
 
     def describe(self) -> str:
         """``at /days: 'three' is not of type 'integer'`` (or just the message at the root)."""
@@ -196,10 +200,27 @@ def _issues(errors: list[jsonschema.exceptions.ValidationError]) -> tuple[Issue,
     issues = []
     for error in errors:
         lead = _closest(error)
-        issues.append(Issue(json_pointer(lead.absolute_path), str(lead.validator or "false"),
-                            _cut(lead.message)))
+        keyword = str(lead.validator or "false")
+        fmt = lead.validator_value if keyword == "format" else None
+        issues.append(Issue(json_pointer(lead.absolute_path), keyword, _cut(lead.message),
+                            _quote(lead.instance), fmt if isinstance(fmt, str) else None))
     issues.sort(key=lambda i: (i.pointer, i.keyword != "type"))
     return tuple(issues[:MAX_REPORTED_ERRORS])
+
+
+_MAX_QUOTED: Final = 80
+
+
+def _quote(value: Any) -> str | None:
+    """A scalar value as short JSON (for a correction message); ``None`` for containers,
+    whose errors point inside them anyway."""
+    if isinstance(value, dict | list):
+        return None
+    try:
+        text = _dumps(value)
+    except Exception:  # a float JSON cannot carry
+        return None
+    return text if len(text) <= _MAX_QUOTED else text[: _MAX_QUOTED - 4] + '..."'
 
 
 def validate_call(name: str, arguments_text: str, toolset: Toolset, *,

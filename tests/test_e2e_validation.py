@@ -217,3 +217,55 @@ async def test_a_retried_reply_is_read_in_the_configured_tool_format(
     assert [orjson.loads(c["arguments"]) for c in calls_of(events)] == [{"city": "Oslo"}]
     assert b"valid on attempt 1" in raw
     assert stack.sim.stats.requests == 2
+
+
+async def _metric(stack: Stack, name: str, *, after_requests: int) -> float:
+    """``name``'s total once ``after_requests`` requests are recorded (the metrics of a
+    request are written when it has been answered, just after the client has its bytes)."""
+    import asyncio
+
+    for _ in range(1000):
+        async with aiohttp.ClientSession() as s, s.get(stack.url + "/metrics") as r:
+            text = await r.text()
+        totals: dict[str, float] = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                key, _, value = line.rpartition(" ")
+                metric = key.split("{", 1)[0]
+                totals[metric] = totals.get(metric, 0.0) + float(value)
+        if totals.get("gen_ai_server_request_duration_seconds_count", 0) >= after_requests:
+            return totals.get(name, 0.0)
+        await asyncio.sleep(0.01)
+    raise AssertionError("the request was never recorded in /metrics")
+
+
+async def test_retry_comments_match_the_retries_sent(stack: Stack) -> None:
+    """Two invalid calls in one reply; the first one's retry is invalid too, so the reply ends
+    in an error and the second call is never retried. The stream reports the one retry that
+    was sent, as the metric counts it (it used to say ``retry 1/1`` for both)."""
+    stack.sim.push({"content": "", "tool_calls": [
+        {"name": "get_weather", "arguments": {"city": 7}},
+        {"name": "get_weather", "arguments": {"city": 8}}]}, call({"city": 9}))
+    _, raw, events = await raw_stream(stack)
+    assert events[-1]["error"]["pointer"] == "/city"
+    comments = [line for line in raw.split(b"\n") if line.startswith(b": toolmend retry")]
+    assert comments == [b": toolmend retry 1/1 get_weather: at /city: 7 is not of type "
+                        b"'string'"]
+    assert stack.sim.stats.requests == 2
+    assert await _metric(stack, "toolmend_retries_total", after_requests=1) == 1.0
+
+
+async def test_two_retries_are_two_comments_and_two_counted(make_stack: StackFactory) -> None:
+    stack = await make_stack(max_retries=2)
+    stack.sim.push(call({"city": 7}), call({"city": 8}), call({"city": "Oslo"}))
+    _, raw, events = await raw_stream(stack)
+    assert orjson.loads(calls_of(events)[0]["arguments"]) == {"city": "Oslo"}
+    comments = [line for line in raw.split(b"\n") if line.startswith(b": toolmend retr")]
+    assert comments == [
+        b": toolmend retry 1/2 get_weather: at /city: 7 is not of type 'string'",
+        b": toolmend retry 2/2 get_weather: at /city: 8 is not of type 'string'",
+        b": toolmend retried get_weather: valid on attempt 2"]
+    assert await _metric(stack, "toolmend_retries_total", after_requests=1) == 2.0
+    # the second attempt quotes what the validator said about the first retry's value
+    assert stack.sim.stats.bodies[-1]["messages"][-1]["content"].startswith(
+        "The arguments for `get_weather` were invalid: at /city: 8 is not of type 'string'.")

@@ -330,11 +330,21 @@ def test_same_verdict_without_the_gate(case: dict[str, Any]) -> None:
         call["name"], call["arguments"], without_gate(toolset))
 
 
-def test_python_validator_decides_when_the_gate_rejects() -> None:
-    # the gate checks "uri"; the Python validator asserts only a fixed set of formats
-    toolset = compile_tools([tool("open", {"properties": {"u": {"format": "uri"}}})])
-    assert not toolset.tools["open"].compiled.gate.is_valid({"u": "not a uri"})
-    assert validate_call("open", '{"u": "not a uri"}', toolset).ok
+@pytest.mark.parametrize(("fmt", "value", "ok"), [
+    ("uri", "not a uri", False), ("uri", "https://example.com/a", True),
+    ("time", "10:10:00", False), ("time", "10:10:00Z", True),
+    ("date", "2026-02-30", False), ("date-time", "2026-10-03T19:00:00+02:00", True),
+    ("x-house-number", "12b", True),  # an unknown format is an annotation
+])
+def test_gate_and_python_validator_agree_on_formats(fmt: str, value: str, ok: bool) -> None:
+    """The Rust gate checks formats with the Python checker's own functions, so neither lets
+    through what the other refuses (the gate used to refuse ``10:10:00`` as a ``time`` and the
+    Python validator, which did not check ``time``, then passed it)."""
+    toolset = compile_tools([tool("open", {"properties": {"u": {"format": fmt}}})])
+    assert toolset.tools["open"].compiled.gate.is_valid({"u": value}) is ok
+    assert validate_call("open", orjson.dumps({"u": value}).decode(), toolset).ok is ok
+    assert validate_call("open", orjson.dumps({"u": value}).decode(),
+                         without_gate(toolset)).ok is ok
 
 
 # ---------------------------------------------------------------------------------------------
@@ -457,11 +467,18 @@ def test_parse_policy() -> None:
         parse_policy("fix")
 
 
+#: the ``date`` format as the grammar pattern every retry sends (written out in full once)
+DATE_PATTERN = (
+    "^(?:[1-9][0-9]{3}-(?:(?:0[1357-8]|1[02])-(?:0[1-9]|[1-2][0-9]|3[0-1])"
+    "|(?:0[469]|11)-(?:0[1-9]|[1-2][0-9]|30)|02-(?:0[1-9]|1[0-9]|2[0-8]))"
+    "|(?:[1-9][0-9](?:0[48]|[2468][048]|[13579][26])|(?:[2468][048]|[13579][26])00)-02-29)$")
+
+
 @pytest.mark.parametrize(("backend", "keys", "read_as"), [
     ("vllm", {"tool_choice", "tools"}, READ_TOOL_CALL),
     ("openai", {"tool_choice"}, READ_TOOL_CALL),
     ("sglang", {"tool_choice"}, READ_TOOL_CALL),
-    ("llamacpp", {"json_schema"}, READ_ARGUMENTS),
+    ("llamacpp", {"json_schema", "tool_choice"}, READ_ARGUMENTS),
     ("ollama", {"format"}, READ_ARGUMENTS),
     ("llama-cpp-python", {"response_format"}, READ_ARGUMENTS),
     ("embedded", {"response_format"}, READ_ARGUMENTS),
@@ -483,16 +500,26 @@ def test_retry_is_constrained_per_backend(backend: str, keys: set[str], read_as:
     if backend == "vllm":
         (fn,) = [t["function"] for t in retry["tools"]]
         assert fn["name"] == "create_event" and fn["strict"] is True
-        assert json.dumps(fn["parameters"], default=dict, sort_keys=True) == \
-            json.dumps(schema, default=dict, sort_keys=True)
+        sent = fn["parameters"]
         assert retry["tool_choice"]["function"]["name"] == "create_event"
     elif backend == "llamacpp":
-        assert retry["json_schema"] == schema
+        sent = retry["json_schema"]
     elif backend == "ollama":
-        assert retry["format"] == schema
+        sent = retry["format"]
     elif backend in ("llama-cpp-python", "embedded"):
-        assert retry["response_format"] == {"type": "json_object", "schema": schema}
-    if read_as == READ_ARGUMENTS:
+        assert set(retry["response_format"]) == {"type", "schema"}
+        assert retry["response_format"]["type"] == "json_object"
+        sent = retry["response_format"]["schema"]
+    if backend in ("vllm", "llamacpp", "ollama", "llama-cpp-python", "embedded"):
+        # the schema as the backend's grammar engine can enforce it (see test_constraints):
+        # the date format as an exact pattern, the rest as it was
+        assert sent["properties"]["date"] == {"type": "string", "pattern": DATE_PATTERN}
+        assert sent["$defs"]["clock"] == schema["$defs"]["clock"]
+        assert sent["properties"]["location"] == schema["properties"]["location"]
+        assert schema["properties"]["date"] == {"type": "string", "format": "date"}
+    if backend == "llamacpp":  # tools kept: llama-server reuses the cached prompt prefix
+        assert retry["tools"] == body["tools"] and retry["tool_choice"] == "none"
+    elif read_as == READ_ARGUMENTS:
         assert "tools" not in retry
         assert "only" in plan.correction
         assert plan.read(None, None, ' {"title": "t"} ') == ("create_event", '{"title": "t"}')
@@ -558,24 +585,21 @@ def test_random_arguments_never_raise(text: str, which: str, coerce: bool) -> No
         decide(verdict, policy, toolset, backend="llamacpp")
 
 
-def test_grammar_friendly_spells_out_small_integer_ranges() -> None:
-    from toolmend.parsers.policy import grammar_friendly
-
+def test_llama_cpp_python_retry_spells_out_small_integer_ranges() -> None:
     schema = {"type": "object", "properties": {
         "days": {"type": "integer", "minimum": 1, "maximum": 14},
         "step": {"type": "integer", "exclusiveMinimum": 0, "maximum": 10, "multipleOf": 5},
         "big": {"type": "integer", "minimum": 0, "maximum": 10_000},
         "open": {"type": "integer", "minimum": 0},
         "nested": {"type": "array", "items": {"type": "integer", "minimum": -1, "maximum": 1}}}}
-    out = grammar_friendly(schema)
-    props = out["properties"]
+    tools = compile_tools([{"type": "function", "function": {"name": "f", "parameters": schema}}])
+    plan = retry_plan(validate_call("f", '{"days": 99}', tools), tools, "llama-cpp-python")
+    props = plan.set["response_format"]["schema"]["properties"]
     assert props["days"]["enum"] == list(range(1, 15)) and props["days"]["maximum"] == 14
     assert props["step"]["enum"] == [5, 10]
     assert "enum" not in props["big"] and "enum" not in props["open"]
     assert props["nested"]["items"]["enum"] == [-1, 0, 1]
     assert "enum" not in schema["properties"]["days"]  # the request's schema is untouched
-    plan = retry_plan(validate_call("f", '{"days": 99}', compile_tools(
-        [{"type": "function", "function": {"name": "f", "parameters": schema}}])),
-        compile_tools([{"type": "function", "function": {"name": "f", "parameters": schema}}]),
-        "llama-cpp-python")
-    assert plan.set["response_format"]["schema"]["properties"]["days"]["enum"][-1] == 14
+    assert [(d.pointer, d.keyword) for d in plan.dropped] == [
+        ("/properties/big", "minimum"), ("/properties/big", "maximum"),
+        ("/properties/open", "minimum"), ("/properties/step", "multipleOf")]

@@ -88,7 +88,8 @@ class ChatMending:
         self.validation = RequestValidation.prepare(body, headers, settings.on_invalid, backend,
                                                     settings.max_retries, mode, ctx, limits,
                                                     toolset, settings.max_argument_depth,
-                                                    settings.max_argument_chars)
+                                                    settings.max_argument_chars,
+                                                    settings.retry_samples)
 
     @classmethod
     def for_request(cls, settings: Settings, body: dict[str, Any], ctx: RequestContext,
@@ -156,7 +157,9 @@ class ChatMending:
             except StreamError as e:
                 import orjson
 
-                raise UpstreamStreamError(502, orjson.dumps(e.body), final=True) from None
+                err = UpstreamStreamError(502, orjson.dumps(e.body), final=True)
+                err.pending = pipeline.emit([], e.notes)  # the retries that were sent
+                raise err from None
             finally:
                 record(self.ctx, mender)
             return pipeline.emit(chunks, notes, done=True)

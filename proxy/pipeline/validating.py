@@ -39,6 +39,11 @@ from toolmend.server.context import RequestContext
 from toolmend.server.errors import ProxyError
 
 ON_INVALID_HEADER = "X-Toolmend-On-Invalid"
+#: backends whose chat API samples ``n`` choices in one request (best-of-n retries)
+SAMPLING_BACKENDS = frozenset({"vllm", "llamacpp", "llama-server"})
+MAX_RETRY_SAMPLES = 8
+#: one retried answer: the call's name and arguments (``None``: no call) and the text
+Answer = tuple[str | None, str | None, str | None]
 #: what a request that declared no tools may call: nothing
 NO_TOOLS = Toolset({})
 SCHEMAS = web.AppKey("schemas", SchemaCompiler)
@@ -53,7 +58,7 @@ class RequestValidation:
 
     def __init__(self, toolset: Toolset, policy: Policy, backend: str, max_retries: int,
                  mode: str, ctx: RequestContext, max_depth: int = MAX_ARGUMENT_DEPTH,
-                 max_argument_chars: int = MAX_ARGUMENT_CHARS) -> None:
+                 max_argument_chars: int = MAX_ARGUMENT_CHARS, samples: int = 1) -> None:
         self.toolset = toolset
         self.policy = policy
         self.backend = backend
@@ -61,13 +66,17 @@ class RequestValidation:
         self.ctx = ctx
         self.max_depth = max_depth
         self.max_argument_chars = max_argument_chars
+        # choices asked per retry (``n``), on backends that sample several in one request
+        self.samples = max(1, min(samples, MAX_RETRY_SAMPLES)) if backend in SAMPLING_BACKENDS \
+            else 1
 
     @classmethod
     def prepare(cls, body: dict[str, Any], headers: Any, default_policy: str, backend: str,
                 max_retries: int, mode: str, ctx: RequestContext,
                 limits: SchemaLimits = DEFAULT_LIMITS, toolset: Toolset | None = None,
                 max_depth: int = MAX_ARGUMENT_DEPTH,
-                max_argument_chars: int = MAX_ARGUMENT_CHARS) -> RequestValidation:
+                max_argument_chars: int = MAX_ARGUMENT_CHARS,
+                samples: int = 1) -> RequestValidation:
         """Compile the tools when the request arrives: a bad schema is the client's 400.
         Without tools there is nothing to compile (nor a ``tool_choice`` to judge): the request
         gets :data:`NO_TOOLS`.
@@ -83,14 +92,14 @@ class RequestValidation:
             raise ProxyError(400, str(e), param=ON_INVALID_HEADER, code="invalid_header") from None
         if not tools:
             return cls(NO_TOOLS, policy, backend, max_retries, mode, ctx, max_depth,
-                       max_argument_chars)
+                       max_argument_chars, samples)
         if toolset is None:
             try:
                 toolset = compile_tools(tools, body.get("tool_choice"), limits=limits)
             except SchemaError as e:
                 raise schema_error(e) from None
         return cls(toolset, policy, backend, max_retries, mode, ctx, max_depth,
-                   max_argument_chars)
+                   max_argument_chars, samples)
 
     # mender callbacks -------------------------------------------------------------------------
     def check_call(self, name: str, arguments: str) -> CheckResult:
@@ -112,7 +121,10 @@ class RequestValidation:
         _records(self.ctx).append({"tool": verdict.name, "outcome": d.outcome.value,
                                    "ok": verdict.ok, "attempt": attempt,
                                    "pointer": verdict.error.pointer if verdict.error else None})
-        notes = [d.note] if d.note else []
+        # A retry is reported when it is sent (``_retry_one``), not when it is decided: a call
+        # held behind one whose retry failed is never retried, and its "retry 1/1" comment
+        # used to outnumber the retries counted (31 comments for 20 retries on one run).
+        notes = [d.note] if d.note and d.outcome is not Outcome.RETRY else []
         if d.outcome is Outcome.ERROR:
             return CheckResult(False, notes=notes, error=dict(d.error or {}))
         if d.outcome is Outcome.RETRY:
@@ -130,16 +142,22 @@ class RequestValidation:
         chunks: list[dict[str, Any]] = []
         notes: list[str] = []
         reading = mender.retry_options()
-        for held in list(mender.held):
-            c, n = await self._retry_one(mender, held, up, path, body, reading)
-            chunks += c
-            notes += n
+        try:
+            for held in list(mender.held):
+                c, n = await self._retry_one(mender, held, up, path, body, reading, notes)
+                chunks += c
+                notes += n
+        except StreamError as e:
+            e.notes = [*notes, *e.notes]  # the retries that were sent are still reported
+            raise
         c, n = mender.close()
         return chunks + c, notes + n
 
     async def _retry_one(self, mender: Any, held: HeldCall, up: UpstreamClient, path: str,
-                         body: dict[str, Any], reading: dict[str, Any]
+                         body: dict[str, Any], reading: dict[str, Any], sent: list[str]
                          ) -> tuple[list[dict[str, Any]], list[str]]:
+        """Retry one held call until it is valid or the attempts run out. Each retry's note
+        goes into ``sent`` as the retry is sent, so a failure still reports it."""
         decision = held.retry
         attempt = 0
         loop = asyncio.get_running_loop()
@@ -148,21 +166,18 @@ class RequestValidation:
             retry_body = plan.apply(body)
             retry_body["stream"] = False
             retry_body.pop("stream_options", None)
+            if self.samples > 1 and plan.read_as != READ_TEXT:
+                retry_body["n"] = self.samples
             self.ctx.retries += 1
             self.ctx.retry_times.append(loop.time())
-            name, arguments, content = await self._ask(up, path, retry_body, plan, reading)
+            if decision.note:
+                sent.append(decision.note)
+            answers = await self._ask(up, path, retry_body, plan, reading)
             attempt += 1
-            if name is None:
-                if plan.read_as == READ_TEXT:  # the plan asked for a plain answer instead
-                    return mender.resolve(held, None, None, text=content)
-                if held.call is None:  # a required call never came
-                    verdict = validate_reply([], self.toolset)
-                else:
-                    verdict = Verdict(False, held.call.name, "", (Issue(
-                        "", "retry", "the retried reply has no tool call"),))
-            else:
-                verdict = validate_call(name, arguments or "", self.toolset,
-                                        coerce=self.policy.coerces, max_depth=self.max_depth)
+            verdict, name, arguments = self._first_valid(held, answers)
+            if name is None and plan.read_as == READ_TEXT:
+                # the plan asked for a plain answer instead
+                return mender.resolve(held, None, None, text=answers[0][2])
             decision = decide(verdict, self.policy, self.toolset, backend=self.backend,
                               attempt=attempt, max_retries=self.max_retries)
             _records(self.ctx).append({"tool": verdict.name, "outcome": decision.outcome.value,
@@ -175,24 +190,61 @@ class RequestValidation:
             if decision.outcome is Outcome.ERROR:
                 raise StreamError(dict(decision.error or {}))
 
+    def _first_valid(self, held: HeldCall, answers: list[Answer]
+                     ) -> tuple[Verdict, str | None, str | None]:
+        """The verdict on the first valid answer (best of ``n``), else on the first one (its
+        errors make the next correction)."""
+        first: tuple[Verdict, str | None, str | None] | None = None
+        for name, arguments, _content in answers:
+            if name is None:
+                if held.call is None:  # a required call never came
+                    verdict = validate_reply([], self.toolset)
+                else:
+                    verdict = Verdict(False, held.call.name, "", (Issue(
+                        "", "retry", "the retried reply has no tool call"),))
+            else:
+                verdict = validate_call(name, arguments or "", self.toolset,
+                                        coerce=self.policy.coerces, max_depth=self.max_depth)
+            if verdict.ok:
+                return verdict, name, arguments
+            first = first or (verdict, name, arguments)
+        assert first is not None  # _ask answers at least one (empty) answer
+        return first
+
     async def _ask(self, up: UpstreamClient, path: str, retry_body: dict[str, Any],
-                   plan: Any, reading: dict[str, Any]
-                   ) -> tuple[str | None, str | None, str | None]:
-        """One non-streaming retry request; the reply is mended like any other, read as the
+                   plan: Any, reading: dict[str, Any]) -> list[Answer]:
+        """One non-streaming retry request: ``(name, arguments, content)`` for each of its
+        choices (one unless ``n`` was asked), each mended like any other reply and read as the
         first reply was (``reading``: its format, model name and reasoning signals, from
         :meth:`ChatMender.retry_options`), so reasoning never comes back as the answer."""
-        from toolmend.parsers.mender import mend_message
-
         headers = self.ctx.upstream_headers
         async with up.call(path, orjson.dumps(retry_body), headers=headers) as call:
             raw = await call.read_all()
             status = call.status
+        if status == 400 and retry_body.get("n", 1) > 1:
+            # llama-server refuses more choices than it has slots ("Field 'n': value must be
+            # between 1 <= value <= 2"): ask for one rather than lose the retry
+            retry_body = {k: v for k, v in retry_body.items() if k != "n"}
+            async with up.call(path, orjson.dumps(retry_body), headers=headers) as call:
+                raw = await call.read_all()
+                status = call.status
+        nothing: list[Answer] = [(None, None, None)]
         if status >= 400:
-            return None, None, None
+            return nothing
         try:
             doc = orjson.loads(raw)
-            msg = doc["choices"][0]["message"]
+            choices = [c["message"] for c in doc["choices"][: max(1, self.samples)]]
         except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
+            return nothing
+        if not choices:
+            return nothing
+        return [self._read(msg, doc, retry_body, plan, reading) for msg in choices]
+
+    def _read(self, msg: Any, doc: dict[str, Any], retry_body: dict[str, Any],
+              plan: Any, reading: dict[str, Any]) -> Answer:
+        from toolmend.parsers.mender import mend_message
+
+        if not isinstance(msg, dict):
             return None, None, None
         tools = retry_body.get("tools") or body_tools(self.toolset)
         try:

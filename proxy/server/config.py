@@ -97,6 +97,9 @@ class Settings:
                                              metavar="PATTERN")
     on_invalid: str = opt("repair", "what to do with a schema-invalid tool call", choices=POLICIES)
     max_retries: int = opt(1, "upstream retries for an invalid tool call")
+    retry_samples: int = opt(1, "choices asked per retry (n) where the backend samples "
+                             "several in one request (vLLM, llama-server); the first valid "
+                             "one replaces the invalid call")
     undeclared_calls: str = opt("refuse", "a structured tool call in the reply to a request "
                                 "that declared no tools: refuse (an unknown tool under "
                                 "--on-invalid: asked again for a plain-text answer, then "

@@ -1,0 +1,135 @@
+"""Best-of-n retries (``retry_samples``) against a scripted llama-server-like upstream.
+
+The first reply streams an invalid call; the retry asks for ``n`` choices and toolmend keeps
+the first valid one. llama-server refuses an ``n`` above its slot count with a 400, and then
+the retry is asked again for one choice instead of being lost.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+
+from toolmend.server.app import build_app, start_server
+from toolmend.server.config import Settings
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+    "additionalProperties": False}}}]
+
+
+class Upstream:
+    """Streams one invalid call; answers retries with the scripted choices' contents."""
+
+    def __init__(self, choices: list[str], max_n: int = 8) -> None:
+        self.choices = choices
+        self.max_n = max_n
+        self.retries: list[dict[str, Any]] = []
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        if body.get("stream"):
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            delta = {"tool_calls": [{"index": 0, "id": "c1", "type": "function", "function": {
+                "name": "get_weather", "arguments": '{"city": 7}'}}]}
+            for chunk in ({"choices": [{"index": 0, "delta": delta}]},
+                          {"choices": [{"index": 0, "delta": {},
+                                        "finish_reason": "tool_calls"}]}):
+                await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+            await resp.write(b"data: [DONE]\n\n")
+            return resp
+        self.retries.append(body)
+        n = body.get("n", 1)
+        if n > self.max_n:
+            return web.json_response({"error": {
+                "code": 400, "message": f"Field 'n': Value must be between 1 <= value <= "
+                f"{self.max_n}, but got {n}", "type": "invalid_request_error"}}, status=400)
+        return web.json_response({"choices": [
+            {"index": i, "finish_reason": "stop",
+             "message": {"role": "assistant", "content": self.choices[i]}}
+            for i in range(n)]})
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"data": [{"id": "m"}]})
+
+
+@pytest.fixture
+async def proxy() -> AsyncIterator[Callable[..., Any]]:
+    cleanups: list[Any] = []
+
+    async def start(upstream: Upstream, **settings: Any) -> str:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", upstream.chat)
+        app.router.add_get("/v1/models", upstream.models)
+        runner, port = await start_server(app, "127.0.0.1", 0)
+        cleanups.append(runner.cleanup)
+        tm = build_app(Settings(**{"log_requests": False, "backend": "llamacpp", "slots": 2,
+                                   "on_invalid": "retry", **settings}),
+                       [f"http://127.0.0.1:{port}"])
+        tm_runner, tm_port = await start_server(tm, "127.0.0.1", 0)
+        cleanups.append(tm_runner.cleanup)
+        return f"http://127.0.0.1:{tm_port}"
+
+    yield start
+    for c in reversed(cleanups):
+        await c()
+
+
+async def ask(url: str) -> tuple[list[str], dict[str, str], list[bytes]]:
+    body = {"model": "m", "stream": True, "tools": TOOLS,
+            "messages": [{"role": "user", "content": "Weather in Oslo?"}]}
+    async with aiohttp.ClientSession() as s, \
+            s.post(url + "/v1/chat/completions", json=body) as r:
+        raw = await r.read()
+    events = [orjson.loads(line[6:]) for line in raw.split(b"\n") if line.startswith(b"data: {")]
+    args = "".join(tc["function"].get("arguments") or ""
+                   for e in events for c in e.get("choices") or ()
+                   for tc in (c.get("delta") or {}).get("tool_calls") or ())
+    errors = [e["error"] for e in events if "error" in e]
+    comments = [line for line in raw.split(b"\n") if line.startswith(b": toolmend")]
+    return [args] if args else [], errors[0] if errors else {}, comments
+
+
+async def test_the_first_valid_of_n_choices_replaces_the_call(proxy: Any) -> None:
+    upstream = Upstream(['{"city": 8}', '{"city": "Oslo"}'])
+    url = await proxy(upstream, retry_samples=2)
+    args, error, comments = await ask(url)
+    assert error == {}
+    assert args == ['{"city": "Oslo"}']
+    assert [r["n"] for r in upstream.retries] == [2]
+    assert comments == [b": toolmend retry 1/1 get_weather: at /city: 7 is not of type 'string'",
+                        b": toolmend retried get_weather: valid on attempt 1"]
+
+
+async def test_no_valid_choice_is_the_clear_error_of_the_first(proxy: Any) -> None:
+    upstream = Upstream(['{"city": 8}', '{"town": "Oslo"}'])
+    url = await proxy(upstream, retry_samples=2)
+    args, error, _ = await ask(url)
+    assert args == []
+    assert error["code"] == "invalid_tool_call"
+    assert error["validator_message"] == "8 is not of type 'string'"
+
+
+async def test_n_above_the_backends_limit_is_asked_again_for_one(proxy: Any) -> None:
+    upstream = Upstream(['{"city": "Oslo"}'], max_n=2)
+    url = await proxy(upstream, retry_samples=3)
+    args, error, _ = await ask(url)
+    assert error == {}
+    assert args == ['{"city": "Oslo"}']
+    assert [r.get("n") for r in upstream.retries] == [3, None]
+
+
+async def test_one_sample_sends_no_n(proxy: Any) -> None:
+    upstream = Upstream(['{"city": "Oslo"}'])
+    url = await proxy(upstream)
+    args, _, _ = await ask(url)
+    assert args == ['{"city": "Oslo"}']
+    assert "n" not in upstream.retries[0]
+    # the retry is constrained by the translated schema, read back as the arguments
+    assert upstream.retries[0]["json_schema"] == TOOLS[0]["function"]["parameters"]
