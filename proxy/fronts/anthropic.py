@@ -32,7 +32,7 @@ from toolmend.parsers.anthropic_wire import (
     messages_to_openai,
 )
 from toolmend.parsers.reply import ChatReplyDecoder
-from toolmend.pipeline.downstream import ClientGone, Downstream
+from toolmend.pipeline.downstream import ClientGone, Downstream, WholeReplyBound
 from toolmend.pipeline.forward import forward, read_json_request
 from toolmend.server.context import RequestContext
 from toolmend.server.errors import ProxyError, normalize_upstream_error
@@ -73,7 +73,7 @@ class MessagesDownstream(Downstream):
     A whole reply is gathered in memory, so what it gathers is bounded like any reply read
     whole (``max_upstream_reply_bytes``, counted on the stream fed in)."""
 
-    __slots__ = ("_fed", "_limit", "decoder", "encoder", "extra_headers", "whole")
+    __slots__ = ("_bound", "decoder", "encoder", "extra_headers", "whole")
 
     def __init__(self, request: web.Request, ctx: RequestContext, encoder: MessagesEncoder,
                  *, stream: bool, interval: float, headers: dict[str, str]) -> None:
@@ -83,16 +83,12 @@ class MessagesDownstream(Downstream):
         self.decoder = ChatReplyDecoder()
         self.encoder = encoder
         self.whole = not stream
-        self._fed = 0
-        self._limit = request.app[SETTINGS].max_upstream_reply_bytes
+        self._bound = (WholeReplyBound(request.app[SETTINGS].max_upstream_reply_bytes)
+                       if self.whole else None)
 
     async def write(self, data: bytes) -> None:
-        if self.whole:
-            self._fed += len(data)
-            if self._fed > self._limit:
-                raise ProxyError(502, f"upstream sent a reply over the limit of {self._limit} "
-                                 "bytes (max_upstream_reply_bytes)",
-                                 code="upstream_reply_too_large")
+        if self._bound is not None:
+            self._bound.add(len(data))
         out = self.encoder.feed(self.decoder.feed(data))
         if out and not self.whole:
             await super().write(out)

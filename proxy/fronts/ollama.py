@@ -29,7 +29,7 @@ from toolmend.parsers.ollama import (
     generate_request_to_openai,
 )
 from toolmend.parsers.ollama_emit import Durations, OllamaEmitter
-from toolmend.pipeline.downstream import ClientGone, Downstream
+from toolmend.pipeline.downstream import ClientGone, Downstream, WholeReplyBound
 from toolmend.pipeline.forward import forward, read_json_request
 from toolmend.server.context import RequestContext
 from toolmend.server.errors import ProxyError
@@ -67,7 +67,7 @@ class OllamaDownstream(Downstream):
     ``stream: false`` gathers the whole reply in memory, so what it gathers is bounded like any
     reply read whole (``max_upstream_reply_bytes``, counted on the stream fed in)."""
 
-    __slots__ = ("_fed", "_limit", "emitter", "whole")
+    __slots__ = ("_bound", "emitter", "whole")
 
     def __init__(self, request: web.Request, ctx: RequestContext, emitter: OllamaEmitter,
                  *, stream: bool) -> None:
@@ -75,16 +75,12 @@ class OllamaDownstream(Downstream):
         self.resp.headers["Content-Type"] = NDJSON
         self.emitter = emitter
         self.whole = not stream
-        self._fed = 0
-        self._limit = request.app[SETTINGS].max_upstream_reply_bytes
+        self._bound = (WholeReplyBound(request.app[SETTINGS].max_upstream_reply_bytes)
+                       if self.whole else None)
 
     async def write(self, data: bytes) -> None:
-        if self.whole:
-            self._fed += len(data)
-            if self._fed > self._limit:
-                raise ProxyError(502, f"upstream sent a reply over the limit of {self._limit} "
-                                 "bytes (max_upstream_reply_bytes)",
-                                 code="upstream_reply_too_large")
+        if self._bound is not None:
+            self._bound.add(len(data))
         out = self.emitter.feed(data)
         if out:
             await super().write(out)

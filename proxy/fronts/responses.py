@@ -50,7 +50,7 @@ from toolmend.parsers.responses_wire import (
     input_items,
     to_chat,
 )
-from toolmend.pipeline.downstream import KEEPALIVE, ClientGone, Downstream
+from toolmend.pipeline.downstream import KEEPALIVE, ClientGone, Downstream, WholeReplyBound
 from toolmend.pipeline.forward import forward, identify_request, read_json_request
 from toolmend.server import auth
 from toolmend.server.context import RequestContext
@@ -109,7 +109,7 @@ class ResponsesDownstream(Downstream):
     outcome is known and before the client can: a client that continues with
     ``previous_response_id`` the moment it reads ``response.completed`` finds it stored."""
 
-    __slots__ = ("_decoder", "_fed", "_limit", "_on_final", "_opened", "encoder", "whole")
+    __slots__ = ("_bound", "_decoder", "_on_final", "_opened", "encoder", "whole")
 
     def __init__(self, request: web.Request, ctx: RequestContext, interval: float,
                  encoder: ResponsesEncoder, *, stream: bool, headers: dict[str, str],
@@ -120,8 +120,8 @@ class ResponsesDownstream(Downstream):
         self.whole = not stream
         self._decoder = ChatReplyDecoder()
         self._opened = False
-        self._fed = 0
-        self._limit = request.app[SETTINGS].max_upstream_reply_bytes
+        self._bound = (WholeReplyBound(request.app[SETTINGS].max_upstream_reply_bytes)
+                       if self.whole else None)
         self._on_final = on_final
 
     async def write(self, data: bytes) -> None:
@@ -129,12 +129,8 @@ class ResponsesDownstream(Downstream):
             if not self.whole:
                 await super().write(data)
             return
-        if self.whole:
-            self._fed += len(data)
-            if self._fed > self._limit:
-                raise ProxyError(502, f"upstream sent a reply over the limit of {self._limit} "
-                                 "bytes (max_upstream_reply_bytes)",
-                                 code="upstream_reply_too_large")
+        if self._bound is not None:
+            self._bound.add(len(data))
         events = self._decoder.feed(data)
         if events:
             head = self._open()

@@ -120,5 +120,22 @@ class Downstream:
         return self.resp
 
 
+class WholeReplyBound:
+    """What a front gathers to answer ``stream: false`` from the stream it asked for is bounded
+    like any reply read whole (``max_upstream_reply_bytes``, counted on the stream fed in)."""
+
+    __slots__ = ("fed", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.fed = 0
+
+    def add(self, n: int) -> None:
+        self.fed += n
+        if self.fed > self.limit:
+            raise ProxyError(502, f"upstream sent a reply over the limit of {self.limit} bytes "
+                             "(max_upstream_reply_bytes)", code="upstream_reply_too_large")
+
+
 #: The request's client writer, for the error middleware (see the module's docstring).
 DOWNSTREAM = web.RequestKey("toolmend_downstream", Downstream)
