@@ -1,4 +1,4 @@
-"""Constrained retries on the real llama-server with the real Gemma model.
+"""Constrained retries on the real llama-server and vLLM with the real Gemma model.
 
 Each case is a field whose constraint llama-server's own JSON-schema converter drops (a
 pattern with ``\\d``, an unanchored pattern, a date-time whose calendar its grammar does not
@@ -9,7 +9,9 @@ validator and by the benchmark's independent judge (``retry_workload``).
 
 Then the whole path: a few-shot history whose earlier calls wrote times as ``7pm`` gets the
 model to write its own call that way; through toolmend the agent gets a valid call instead,
-from one retry constrained by the translated schema.
+from one retry constrained by the translated schema. On vLLM (a strict tool under a named
+``tool_choice``, as toolmend retries there) xgrammar's date grammars are shapes that let
+February 30th through; the translated schema does not.
 """
 
 from __future__ import annotations
