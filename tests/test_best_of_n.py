@@ -81,9 +81,9 @@ async def proxy() -> AsyncIterator[Callable[..., Any]]:
         await c()
 
 
-async def ask(url: str) -> tuple[list[str], dict[str, str], list[bytes]]:
+async def ask(url: str, **extra: Any) -> tuple[list[str], dict[str, str], list[bytes]]:
     body = {"model": "m", "stream": True, "tools": TOOLS,
-            "messages": [{"role": "user", "content": "Weather in Oslo?"}]}
+            "messages": [{"role": "user", "content": "Weather in Oslo?"}], **extra}
     async with aiohttp.ClientSession() as s, \
             s.post(url + "/v1/chat/completions", json=body) as r:
         raw = await r.read()
@@ -133,3 +133,14 @@ async def test_one_sample_sends_no_n(proxy: Any) -> None:
     assert "n" not in upstream.retries[0]
     # the retry is constrained by the translated schema, read back as the arguments
     assert upstream.retries[0]["json_schema"] == TOOLS[0]["function"]["parameters"]
+
+
+async def test_a_retry_gets_room_for_the_arguments(proxy: Any) -> None:
+    """A small ``max_tokens`` is raised to 512 for the retry (a grammar lets white space eat
+    the client's budget); a larger one is kept."""
+    upstream = Upstream(['{"city": "Oslo"}'])
+    url = await proxy(upstream, max_retries=2)
+    await ask(url, max_tokens=60)
+    await ask(url, max_completion_tokens=2000)
+    assert [(r.get("max_tokens"), r.get("max_completion_tokens")) for r in upstream.retries] \
+        == [(512, None), (None, 2000)]
