@@ -260,6 +260,32 @@ async def test_keyed_cap_holds_on_a_validation_retry(make_hstack: Callable[..., 
     assert [p[2]["max_tokens"] for p in h.sim.posts] == [64, 64]
 
 
+async def test_keyed_cap_is_shared_by_best_of_n_retries(make_hstack: Callable[..., Any]) -> None:
+    """A best-of-n retry asks for ``n`` answers: the key's cap of 64 is shared among them,
+    as it is at the door, and the retry's 512-token floor never lifts it."""
+    h = await make_hstack(retry_samples=4)
+    h.sim.push({"tool_calls": [{"name": "get_weather", "arguments": {"town": "Oslo"}}]},
+               {"tool_calls": [{"name": "get_weather", "arguments": {"city": "Oslo"}}]})
+    body = {"model": "sim-model", "messages": MSG, "tools": TOOLS, "max_tokens": 100_000}
+    status, doc = await h.post(body, ALPHA_KEY)
+    assert status == 200, doc
+    assert len(h.sim.posts) == 2
+    retry = h.sim.posts[1][2]
+    assert retry.get("n") == 4, retry
+    assert retry["max_tokens"] == 16
+
+
+async def test_keyless_retry_gets_the_floor(make_hstack: Callable[..., Any]) -> None:
+    """Without a key the retry of a small ``max_tokens`` gets room for its arguments."""
+    h = await make_hstack(keys=False)
+    h.sim.push({"tool_calls": [{"name": "get_weather", "arguments": {"town": "Oslo"}}]},
+               {"tool_calls": [{"name": "get_weather", "arguments": {"city": "Oslo"}}]})
+    body = {"model": "sim-model", "messages": MSG, "tools": TOOLS, "max_tokens": 140}
+    status, doc = await h.post(body, None)
+    assert status == 200, doc
+    assert [p[2]["max_tokens"] for p in h.sim.posts] == [140, 512]
+
+
 async def test_keyed_cap_is_shared_by_the_sequences_asked_for(
         make_hstack: Callable[..., Any]) -> None:
     h = await make_hstack()

@@ -113,8 +113,9 @@ async def forward(request: web.Request, body: dict[str, Any], path: str,
         ctx.backend = detected.kind
     elif settings.backend != "auto":
         ctx.backend = settings.backend
-    cap_output_tokens(body, auth.output_cap(request),
-                      detected.context_length if detected is not None else None)
+    ctx.key_output_cap = auth.output_cap(request)
+    ctx.context_length = detected.context_length if detected is not None else None
+    cap_output_tokens(body, ctx.key_output_cap, ctx.context_length)
     request.app[TELEMETRY].prepare(request, ctx, body)
     gw = gateway.config(request.app)
     priority = gw.gateway_priority(request) if gw is not None else None

@@ -37,6 +37,7 @@ from toolmend.parsers.validation import Issue, Verdict, validate_call, validate_
 from toolmend.pipeline.schema_worker import CheckerBusy, SchemaCompiler
 from toolmend.server.context import RequestContext
 from toolmend.server.errors import ProxyError
+from toolmend.server.request_body import cap_output_tokens
 
 ON_INVALID_HEADER = "X-Toolmend-On-Invalid"
 #: backends whose chat API samples ``n`` choices in one request (best-of-n retries)
@@ -171,6 +172,8 @@ class RequestValidation:
             _room_for_arguments(retry_body)
             if self.samples > 1 and plan.read_as != READ_TEXT:
                 retry_body["n"] = self.samples
+            # the door's bound holds for retries too: the floor above and ``n`` both add output
+            cap_output_tokens(retry_body, self.ctx.key_output_cap, self.ctx.context_length)
             self.ctx.retries += 1
             self.ctx.retry_times.append(loop.time())
             if decision.note:
@@ -272,7 +275,8 @@ def _room_for_arguments(retry_body: dict[str, Any]) -> None:
     """Give a retry at least :data:`RETRY_MIN_TOKENS`. The client's ``max_tokens`` was sized
     for its whole reply and the call it held fitted, but a grammar lets the model spend tokens
     on white space between fields: on the real llama-server 3 of 82 retries were cut at
-    ``max_tokens: 140`` in the middle of the arguments, and refused as not JSON."""
+    ``max_tokens: 140`` in the middle of the arguments, and refused as not JSON. The key's cap
+    and the backend's context are applied after this, so the floor never lifts a cap."""
     for key in ("max_tokens", "max_completion_tokens"):
         value = retry_body.get(key)
         if isinstance(value, int) and not isinstance(value, bool) and value < RETRY_MIN_TOKENS:

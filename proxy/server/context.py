@@ -53,6 +53,10 @@ class RequestContext:
     priority: int | None = None  # the priority class the scheduler served it in
     slot: int | None = None  # which of the backend's slots (0-based) it held
     backend: str | None = None  # the kind of server it was sent to (vllm, llamacpp, ...)
+    # the output bound applied at the door (key's max_tokens, backend context); every body
+    # sent later for this request (a validation retry) is bounded by it again
+    key_output_cap: int | None = None
+    context_length: int | None = None
     # upstream call and reply
     upstream_headers: dict[str, str] | None = None  # extra headers (trace context) upstream
     response_model: str | None = None  # the model the backend says answered
