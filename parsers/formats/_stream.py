@@ -57,15 +57,18 @@ def skip_ws(data: str, pos: int) -> int:
 class Markers:
     """A fixed set of markers: one alternation regex to find the earliest, plus hold-back."""
 
-    __slots__ = ("firsts", "longest", "markers", "regex")
+    __slots__ = ("extends", "firsts", "longest", "markers", "regex")
 
     def __init__(self, *markers: str) -> None:
-        self.markers = markers
         # longest first so that, at one position, the longer of two markers sharing a prefix wins
-        ordered = sorted(markers, key=len, reverse=True)
-        self.regex = re.compile("|".join(re.escape(m) for m in ordered))
+        self.markers = tuple(sorted(markers, key=len, reverse=True))
+        self.regex = re.compile("|".join(re.escape(m) for m in self.markers))
         self.longest = max(len(m) for m in markers)
         self.firsts = frozenset(m[0] for m in markers)
+        # marker -> the longer markers it is a proper prefix of (``<tool`` of ``<tool_call>``):
+        # a match of it at the end of the text is final only once those are ruled out
+        self.extends = {m: tuple(o for o in self.markers if len(o) > len(m) and o.startswith(m))
+                        for m in self.markers}
 
     def scan(self, data: str, pos: int, final: bool) -> tuple[int, re.Match[str] | None]:
         """Find the next marker at or after ``pos``.
@@ -76,9 +79,13 @@ class Markers:
         text plus a held tail.
         """
         m = self.regex.search(data, pos)
-        if m is not None:
-            return m.start(), m
         n = len(data)
+        if m is not None:
+            longer = self.extends[m.group()]
+            if longer and not final and m.end() == n and any(
+                    o.startswith(data[m.start():]) for o in longer):
+                return m.start(), None  # more text may make it the longer marker: hold it
+            return m.start(), m
         if final or pos >= n:
             return n, None
         tail = data[max(pos, n - self.longest + 1):]
@@ -87,8 +94,11 @@ class Markers:
     def at(self, data: str, i: int, final: bool) -> str | bool | None:
         """What starts at ``data[i]``: the marker (str), ``True`` when the rest of ``data`` is a
         proper prefix of a marker and more text may complete it, or ``None``."""
-        for m in self.markers:
+        for m in self.markers:  # longest first
             if data.startswith(m, i):
+                if not final and any(len(o) > len(data) - i and o.startswith(data[i:])
+                                     for o in self.extends[m]):
+                    return True  # may still become the longer marker
                 return m
         if not final:
             rest = len(data) - i
