@@ -49,10 +49,12 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Final
 
+import orjson
+
 from .constraints import Dropped, engine_for, translate
 from .schemas import Toolset
 from .string_formats import FORMAT_HINTS
-from .validation import Verdict, describe_repairs
+from .validation import MAX_ERRORS, Verdict, describe_repairs
 
 __all__ = [
     "DEFAULT_MAX_RETRIES",
@@ -159,6 +161,9 @@ class RetryPlan:
     read_as: str = READ_TOOL_CALL
     #: the schema's constraints the backend's grammar will not enforce (the validator does)
     dropped: tuple[Dropped, ...] = ()
+    #: a focused retry (:func:`focus`): the held call's arguments, in order; the answer holds
+    #: only the members that were wrong, and its values replace theirs
+    keep: Mapping[str, Any] | None = None
 
     @property
     def constrained(self) -> bool:
@@ -180,8 +185,23 @@ class RetryPlan:
         Under ``READ_TEXT`` the answer wanted is text, so a call is not a replacement: it is
         returned all the same, for the caller to judge (and refuse) as the violation it is."""
         if self.read_as == READ_ARGUMENTS:
-            return self.tool, (content or "").strip()
+            name, arguments = self.tool, (content or "").strip()
+        if self.keep is not None and name == self.tool and arguments:
+            arguments = self._merged(arguments)
         return name, arguments
+
+    def _merged(self, arguments: str) -> str:
+        """The kept members with the answer's in place of the wrong ones, in the call's order.
+        An answer that is not a JSON object is returned as it is, for the validator to judge."""
+        try:
+            answer = orjson.loads(arguments)
+        except orjson.JSONDecodeError:
+            return arguments
+        if not isinstance(answer, dict):
+            return arguments
+        merged = {k: answer.pop(k, v) for k, v in (self.keep or {}).items()}
+        merged.update(answer)
+        return orjson.dumps(merged).decode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,8 +319,11 @@ def retry_plan(verdict: Verdict, toolset: Toolset, backend: str = Backend.OPENAI
                       if kind in (Backend.VLLM, Backend.OPENAI, Backend.LLAMACPP) else {})
         return RetryPlan(None, correction_message(verdict, toolset), set=constraint)
     engine = engine_for(kind.value)
-    translation = translate(toolset.tools[tool].schema, engine) if engine else None
-    schema = translation.schema if translation else toolset.tools[tool].schema
+    focused = focus(verdict, toolset.tools[tool].schema) \
+        if engine and verdict.name == tool else None
+    whole = focused[0] if focused else toolset.tools[tool].schema
+    translation = translate(whole, engine) if engine else None
+    schema = translation.schema if translation else whole
     dropped = translation.dropped if translation else ()
     content_only = ("tools", "tool_choice", "parallel_tool_calls", "response_format")
     set_fields: dict[str, Any]
@@ -327,8 +350,62 @@ def retry_plan(verdict: Verdict, toolset: Toolset, backend: str = Backend.OPENAI
     else:
         set_fields = {"response_format": {"type": "json_object", "schema": schema}}
         remove, read_as = content_only, READ_ARGUMENTS
+    if focused:
+        text = focused_correction(verdict, tool, sorted(focused[0]["properties"]), read_as)
+        return RetryPlan(tool, text, set_fields, remove, read_as, dropped, keep=focused[1])
     text = correction_message(verdict, toolset, read_as=read_as, tool=tool)
     return RetryPlan(tool, text, set_fields, remove, read_as, dropped)
+
+
+def focus(verdict: Verdict, schema: Mapping[str, Any]
+          ) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """A focused retry for a call whose errors all lie inside some of its top-level members:
+    the schema of just those members (all required) and the members to keep.
+
+    The model is asked again only for what it got wrong, so a retry decodes a few tokens
+    instead of the whole object: on the real llama-server a whole retry decoded as many tokens
+    as the first answer (51 against 58), nearly one more generation. The valid members are kept
+    as the model wrote them, never regenerated (and never changed by a second sampling). A call
+    whose arguments are not an object, or with an error at the root (a missing or extra member,
+    not JSON), is retried whole; so is a schema that is not a plain object with ``properties``.
+    The merged call is validated again like any other answer.
+    """
+    props = schema.get("properties")
+    if not isinstance(props, Mapping) or not verdict.errors or len(verdict.errors) >= MAX_ERRORS:
+        return None
+    try:
+        arguments = orjson.loads(verdict.arguments)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(arguments, dict):
+        return None
+    wrong: set[str] = set()
+    for issue in verdict.errors:
+        if not issue.pointer.startswith("/"):
+            return None
+        key = issue.pointer[1:].split("/", 1)[0].replace("~1", "/").replace("~0", "~")
+        if key not in arguments or key not in props:
+            return None
+        wrong.add(key)
+    if len(wrong) == len(arguments):
+        return None  # nothing to keep: the whole object is asked for again
+    part: dict[str, Any] = {"type": "object",
+                            "properties": {k: props[k] for k in sorted(wrong)},
+                            "required": sorted(wrong), "additionalProperties": False}
+    for defs in ("$defs", "definitions"):  # what the members' ``$ref``s point into
+        if defs in schema:
+            part[defs] = schema[defs]
+    return part, arguments
+
+
+def focused_correction(verdict: Verdict, tool: str, keys: list[str], read_as: str) -> str:
+    """The correction of a focused retry: what was wrong, and the members to write again."""
+    problems = "; ".join(_quoted(i) for i in verdict.errors[:_MAX_ISSUES_IN_CORRECTION])
+    names = ", ".join(f"`{k}`" for k in keys)
+    text = f"The arguments for `{tool}` were invalid: {problems}."
+    if read_as == READ_ARGUMENTS:
+        return text + f" Reply with only a JSON object holding the corrected {names}."
+    return text + f" Call `{tool}` again with only the corrected {names}."
 
 
 def error_body(verdict: Verdict) -> dict[str, Any]:

@@ -83,7 +83,7 @@ _COERCE_BUDGET: Final = 64
 VALIDATION_STEPS: Final = 2_000
 #: Errors collected from the validator for one call; the first MAX_REPORTED_ERRORS, in pointer
 #: order, are reported (a call with thousands of errors is not worth more).
-_MAX_ERRORS: Final = 256
+MAX_ERRORS: Final = 256
 
 _INTEGER: Final = re.compile(r"-?(?:0|[1-9][0-9]{0,299})")
 _NUMBER: Final = re.compile(r"-?(?:0|[1-9][0-9]{0,299})(?:\.[0-9]{1,300})?(?:[eE][+-]?[0-9]{1,4})?")
@@ -270,7 +270,7 @@ def validate_call(name: str, arguments_text: str, toolset: Toolset, *,
         "", "type", f"arguments must be a JSON object, not {_type_name(value)}"),)
     with validation_budget(VALIDATION_STEPS):
         try:
-            errors = list(islice(tool.validator.iter_errors(value), _MAX_ERRORS))
+            errors = list(islice(tool.validator.iter_errors(value), MAX_ERRORS))
         except BudgetExceeded:
             return _invalid(name, arguments_text, *(not_object or (_over_budget(),)))
         except RecursionError:
@@ -282,7 +282,7 @@ def validate_call(name: str, arguments_text: str, toolset: Toolset, *,
         if not errors and not not_object:
             return Verdict(True, name, arguments_text)
 
-        if coerce and len(errors) < _MAX_ERRORS:
+        if coerce and len(errors) < MAX_ERRORS:
             try:
                 coerced = _Coercer(tool.validator, gate, max_depth).fit_arguments(
                     value, errors if isinstance(value, dict) else None)

@@ -26,8 +26,9 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": 
 class Upstream:
     """Streams one invalid call; answers retries with the scripted choices' contents."""
 
-    def __init__(self, choices: list[str], max_n: int = 8) -> None:
+    def __init__(self, choices: list[str], max_n: int = 8, first: str = '{"city": 7}') -> None:
         self.choices = choices
+        self.first = first
         self.max_n = max_n
         self.retries: list[dict[str, Any]] = []
 
@@ -37,7 +38,7 @@ class Upstream:
             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             await resp.prepare(request)
             delta = {"tool_calls": [{"index": 0, "id": "c1", "type": "function", "function": {
-                "name": "get_weather", "arguments": '{"city": 7}'}}]}
+                "name": "get_weather", "arguments": self.first}}]}
             for chunk in ({"choices": [{"index": 0, "delta": delta}]},
                           {"choices": [{"index": 0, "delta": {},
                                         "finish_reason": "tool_calls"}]}):
@@ -81,8 +82,9 @@ async def proxy() -> AsyncIterator[Callable[..., Any]]:
         await c()
 
 
-async def ask(url: str, **extra: Any) -> tuple[list[str], dict[str, str], list[bytes]]:
-    body = {"model": "m", "stream": True, "tools": TOOLS,
+async def ask(url: str, tools: list[dict[str, Any]] = TOOLS, **extra: Any
+              ) -> tuple[list[str], dict[str, str], list[bytes]]:
+    body = {"model": "m", "stream": True, "tools": tools,
             "messages": [{"role": "user", "content": "Weather in Oslo?"}], **extra}
     async with aiohttp.ClientSession() as s, \
             s.post(url + "/v1/chat/completions", json=body) as r:
@@ -144,3 +146,38 @@ async def test_a_retry_gets_room_for_the_arguments(proxy: Any) -> None:
     await ask(url, max_completion_tokens=2000)
     assert [(r.get("max_tokens"), r.get("max_completion_tokens")) for r in upstream.retries] \
         == [(512, None), (None, 2000)]
+
+
+FORECAST = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {
+        "city": {"type": "string"},
+        "days": {"type": "integer", "minimum": 1, "maximum": 14},
+        "unit": {"enum": ["c", "f"]}},
+    "required": ["city", "days"], "additionalProperties": False}}}]
+
+
+async def test_a_focused_retry_replaces_only_the_wrong_member(proxy: Any) -> None:
+    """Only ``days`` was wrong: the retry asks for ``days`` alone, under its own schema, and the
+    answer takes its place in the held call; ``city`` and ``unit`` stay as the model wrote them."""
+    upstream = Upstream(['{"days": 7}'], first='{"city": "Oslo", "days": 40, "unit": "c"}')
+    url = await proxy(upstream)
+    args, error, comments = await ask(url, tools=FORECAST)
+    assert error == {}
+    assert args == ['{"city":"Oslo","days":7,"unit":"c"}']
+    (retry,) = upstream.retries
+    assert retry["json_schema"] == {
+        "type": "object", "properties": {"days": {"type": "integer", "minimum": 1, "maximum": 14}},
+        "required": ["days"], "additionalProperties": False}
+    assert retry["messages"][-1]["content"].endswith(
+        "Reply with only a JSON object holding the corrected `days`.")
+    assert comments[-1] == b": toolmend retried get_weather: valid on attempt 1"
+
+
+async def test_a_focused_answer_still_wrong_is_the_clear_error(proxy: Any) -> None:
+    upstream = Upstream(['{"days": 99}'], first='{"city": "Oslo", "days": 40}')
+    url = await proxy(upstream)
+    args, error, _ = await ask(url, tools=FORECAST)
+    assert args == []
+    assert error["code"] == "invalid_tool_call"
+    assert error["pointer"] == "/days"
+    assert error["validator_message"] == "99 is greater than the maximum of 14"

@@ -457,6 +457,7 @@ CALENDAR = compile_tools(CORPUS["tools"]["calendar"])
 BAD_FLOOR = validate_call(
     "create_event", '{"title": "t", "date": "2026-01-01", "location": {"room": "A", "floor": 1.5}}',
     CALENDAR)
+NO_DATE = validate_call("create_event", '{"title": "t", "location": {"room": "A"}}', CALENDAR)
 
 
 def test_parse_policy() -> None:
@@ -484,12 +485,15 @@ DATE_PATTERN = (
     ("embedded", {"response_format"}, READ_ARGUMENTS),
 ])
 def test_retry_is_constrained_per_backend(backend: str, keys: set[str], read_as: str) -> None:
-    plan = retry_plan(BAD_FLOOR, CALENDAR, backend)
+    """A call missing a required member is asked for again whole, under the tool's schema as
+    the backend's grammar engine can enforce it."""
+    plan = retry_plan(NO_DATE, CALENDAR, backend)
     schema = CALENDAR.tools["create_event"].schema
     assert set(plan.set) == keys
     assert plan.read_as == read_as
     assert plan.tool == "create_event"
-    assert "/location/floor" in plan.correction
+    assert plan.keep is None
+    assert "'date' is a required property" in plan.correction
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}],
             "tools": CORPUS["tools"]["calendar"], "tool_choice": "auto", "stream": True}
     before = copy.deepcopy(body)
@@ -497,20 +501,8 @@ def test_retry_is_constrained_per_backend(backend: str, keys: set[str], read_as:
     assert body == before
     assert retry["messages"][-1] == {"role": "user", "content": plan.correction}
     assert retry["stream"] is True
-    if backend == "vllm":
-        (fn,) = [t["function"] for t in retry["tools"]]
-        assert fn["name"] == "create_event" and fn["strict"] is True
-        sent = fn["parameters"]
-        assert retry["tool_choice"]["function"]["name"] == "create_event"
-    elif backend == "llamacpp":
-        sent = retry["json_schema"]
-    elif backend == "ollama":
-        sent = retry["format"]
-    elif backend in ("llama-cpp-python", "embedded"):
-        assert set(retry["response_format"]) == {"type", "schema"}
-        assert retry["response_format"]["type"] == "json_object"
-        sent = retry["response_format"]["schema"]
-    if backend in ("vllm", "llamacpp", "ollama", "llama-cpp-python", "embedded"):
+    sent = _sent_schema(backend, retry)
+    if sent is not None:
         # the schema as the backend's grammar engine can enforce it (see test_constraints):
         # the date format as an exact pattern, the rest as it was
         assert sent["properties"]["date"] == {"type": "string", "pattern": DATE_PATTERN}
@@ -527,6 +519,68 @@ def test_retry_is_constrained_per_backend(backend: str, keys: set[str], read_as:
         if backend != "vllm":  # vLLM's retry narrows the tools to the one strict tool
             assert retry["tools"] == body["tools"]
         assert plan.read("create_event", "{}", "") == ("create_event", "{}")
+
+
+def _sent_schema(backend: str, retry: dict[str, Any]) -> dict[str, Any] | None:
+    """The schema a retry hands the backend's grammar engine (None: the backend has none)."""
+    if backend == "vllm":
+        (fn,) = [t["function"] for t in retry["tools"]]
+        assert fn["name"] == "create_event" and fn["strict"] is True
+        assert retry["tool_choice"]["function"]["name"] == "create_event"
+        return fn["parameters"]  # type: ignore[no-any-return]
+    if backend == "llamacpp":
+        return retry["json_schema"]  # type: ignore[no-any-return]
+    if backend == "ollama":
+        return retry["format"]  # type: ignore[no-any-return]
+    if backend in ("llama-cpp-python", "embedded"):
+        assert set(retry["response_format"]) == {"type", "schema"}
+        assert retry["response_format"]["type"] == "json_object"
+        return retry["response_format"]["schema"]  # type: ignore[no-any-return]
+    return None
+
+
+LOCATION = {"type": "object", "properties": {"room": {"type": "string"},
+                                             "floor": {"type": "integer"}},
+            "required": ["room"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("backend", ["vllm", "llamacpp", "ollama", "llama-cpp-python"])
+def test_a_wrong_member_is_asked_for_alone(backend: str) -> None:
+    """An error inside one member: the retry asks for that member only (a few tokens to decode,
+    not the whole object) and the answer replaces it in the held call, the rest kept as it was."""
+    plan = retry_plan(BAD_FLOOR, CALENDAR, backend)
+    sent = _sent_schema(backend, plan.apply({"messages": []}))
+    assert sent is not None
+    assert sent["properties"] == {"location": LOCATION}
+    assert sent["required"] == ["location"] and sent["additionalProperties"] is False
+    assert "corrected `location`" in plan.correction
+    assert "/location/floor" in plan.correction
+    answer = ' {"location": {"room": "A", "floor": 2}} '
+    if plan.read_as == READ_ARGUMENTS:
+        got = plan.read(None, None, answer)
+    else:
+        got = plan.read("create_event", answer, "")
+    assert got == ("create_event",
+                   '{"title":"t","date":"2026-01-01","location":{"room":"A","floor":2}}')
+    # an answer that is not an object goes to the validator as it is
+    assert plan.read("create_event", "not json", "not json")[1] == "not json"
+
+
+def test_members_with_refs_keep_their_defs() -> None:
+    bad = validate_call("create_event", '{"title": "t", "date": "2026-01-01", "start": "9am"}',
+                        CALENDAR)
+    plan = retry_plan(bad, CALENDAR, "llamacpp")
+    sent = plan.set["json_schema"]
+    assert sent["properties"] == {"start": {"$ref": "#/$defs/clock"}}
+    assert sent["$defs"]["clock"] == {"type": "string", "pattern": "^[0-2][0-9]:[0-5][0-9]$"}
+
+
+def test_a_call_with_every_member_wrong_is_asked_for_whole() -> None:
+    bad = validate_call("create_event", '{"title": 5, "date": "2026-02-30"}', CALENDAR)
+    plan = retry_plan(bad, CALENDAR, "llamacpp")
+    assert plan.keep is None
+    assert set(plan.set["json_schema"]["properties"]) == {
+        "title", "date", "start", "attendees", "location"}
 
 
 def test_error_body_shape() -> None:
