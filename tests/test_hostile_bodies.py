@@ -161,3 +161,27 @@ async def test_a_body_of_too_many_values_is_refused_before_it_is_parsed(
     up.replies.append(whole_answer())
     status, _, _ = await send(url, {"messages": MSG, "metadata_blob": {"k": 1}})
     assert status == 200 and len(parsed) == 1  # a small body is parsed and served
+
+
+async def test_too_many_values_is_refused_before_the_rest_of_the_body_arrives(
+        proxy: Callable[..., Any]) -> None:
+    """The values are counted as the body arrives: a client that announces 8 MB and sends
+    100,000 commas gets its 413 while the rest is still unsent (were the whole body awaited,
+    the answer would be the 408 of ``body_timeout``), and the connection is closed."""
+    _, url, app = await proxy(max_body_values=30_000, body_timeout=60)
+    host, port = url.removeprefix("http://").split("/")[0].split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: 8000000\r\n\r\n"
+                 b'{"messages": [' + b"1," * 100_000)
+    await writer.drain()
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413 ")
+    assert b"connection: close" in head.lower()
+    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    err = orjson.loads(await reader.readexactly(length))["error"]
+    assert err["code"] == "too_many_values"
+    assert "more than 30000" in err["message"]
+    assert await reader.read() == b""  # closed by the server
+    writer.close()
+    assert app[LARGE_BODIES].held == 0

@@ -58,7 +58,7 @@ def anthropic_error(err: ProxyError) -> web.Response:
     resp = web.Response(status=err.status, body=orjson.dumps(error_body(err.status, err.message,
                                                                         extra)),
                         content_type="application/json", headers=err.headers)
-    if err.status == 408:  # a body that never arrived: the connection is not reusable
+    if err.closes_connection:  # the body was not read whole: the connection is not reusable
         resp.force_close()
     return resp
 

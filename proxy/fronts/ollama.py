@@ -49,7 +49,7 @@ def ollama_error(err: ProxyError) -> web.Response:
     """Ollama's error body: the message alone under ``error``."""
     resp = web.Response(status=err.status, body=orjson.dumps({"error": err.message}),
                         content_type="application/json", headers=err.headers)
-    if err.status == 408:  # a body that never arrived: the connection is not reusable
+    if err.closes_connection:  # the body was not read whole: the connection is not reusable
         resp.force_close()
     return resp
 

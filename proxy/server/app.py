@@ -142,7 +142,7 @@ async def context_and_errors(request: web.Request, handler: Any) -> web.StreamRe
         else:
             ctx.status = err.status
             resp = fronts.error_response(request.path, err)
-            if err.status == 408:  # a body that never arrived: the connection is not reusable
+            if err.closes_connection:  # the body was not read whole: the connection is not reusable
                 resp.force_close()
     if not ctx.status:
         ctx.status = resp.status

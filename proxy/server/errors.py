@@ -52,9 +52,19 @@ class ProxyError(Exception):
         err.update(self.extra)
         return {"error": err}
 
+    @property
+    def closes_connection(self) -> bool:
+        """A refusal before the body was read whole (it never arrived, or was refused while
+        arriving): the rest is not read, so the connection cannot carry another request.
+        aiohttp keeps it alive unless the response is force-closed."""
+        return self.headers.get("Connection") == "close"
+
     def response(self) -> web.Response:
-        return web.Response(status=self.status, body=orjson.dumps(self.body()),
+        resp = web.Response(status=self.status, body=orjson.dumps(self.body()),
                             content_type="application/json", headers=self.headers)
+        if self.closes_connection:
+            resp.force_close()
+        return resp
 
     def sse(self) -> bytes:
         """The in-stream form, once a 200 has been sent: an error event, then ``[DONE]``."""

@@ -111,14 +111,16 @@ def estimate_values(raw: bytes) -> int:
 
 async def read_json_body(raw: bytes, content_type: str,
                          admit: Callable[[int], None] | None = None,
-                         max_values: int = 0) -> dict[str, Any]:
+                         max_values: int = 0, values: int | None = None) -> dict[str, Any]:
     """:func:`parse_json_body` for the event loop: the walk over a large body's values lets
     other requests run every few thousand containers (an 8 MB body of 350,000 values took
     80 ms of walking; only the parse itself, in C, is one piece). That piece is bounded first:
     with ``max_values``, a body estimated to hold more values than that is refused before it is
     parsed (:func:`estimate_values`). ``admit`` is then told an upper bound of the parsed size,
-    before parsing, so a body it refuses is never parsed."""
-    values = estimate_values(raw) if len(raw) > 4096 else 0
+    before parsing, so a body it refuses is never parsed. ``values``: the estimate, when the
+    body was counted as it arrived (``forward.read_body``)."""
+    if values is None:
+        values = estimate_values(raw) if len(raw) > 4096 else 0
     if max_values and values > max_values:
         raise ProxyError(413, f"request body holds about {values} JSON values, over the limit "
                          f"of {max_values} (max_body_values)", code="too_many_values")
