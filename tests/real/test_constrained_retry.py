@@ -138,6 +138,9 @@ async def test_an_invalid_call_comes_back_valid_through_toolmend(
     args = json.loads(fixed["arguments"])
     assert Draft202012Validator(BOOK_TABLE["function"]["parameters"],  # type: ignore[index]
                                 format_checker=JUDGE_FORMATS).is_valid(args), args
+    # the retry was focused: only ``time`` was asked for again, the rest kept as the model
+    # wrote it (the small model copies a restaurant from the history: kept all the same)
+    assert args["restaurant"] == json.loads(call["arguments"])["restaurant"]
     assert [c for c in raw.comments if c.startswith("toolmend retr")] == [
         "toolmend retry 1/1 book_table: at /time: '7pm' does not match "
         "'^([01]\\\\d|2[0-3]):[0-5]\\\\d$'",
