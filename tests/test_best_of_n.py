@@ -148,6 +148,21 @@ async def test_a_retry_gets_room_for_the_arguments(proxy: Any) -> None:
         == [(512, None), (None, 2000)]
 
 
+def _tool(name: str) -> dict[str, Any]:
+    return {"type": "function", "function": {"name": name, "parameters": {"type": "object"}}}
+
+
+async def test_a_retry_for_any_call_keeps_the_clients_bound(proxy: Any) -> None:
+    """A call to an unknown tool among several is retried with ``tool_choice: "required"``
+    and read as a tool call: no JSON-schema grammar to pad, so ``max_tokens`` stays."""
+    upstream = Upstream(["no call"])
+    url = await proxy(upstream)
+    _, error, _ = await ask(url, tools=[_tool("read_file"), _tool("write_file")], max_tokens=60)
+    assert error["code"] == "invalid_tool_call"
+    (retry,) = upstream.retries
+    assert (retry["tool_choice"], retry["max_tokens"]) == ("required", 60)
+
+
 FORECAST = [{"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {
         "city": {"type": "string"},

@@ -169,7 +169,8 @@ class RequestValidation:
             retry_body = plan.apply(body)
             retry_body["stream"] = False
             retry_body.pop("stream_options", None)
-            _room_for_arguments(retry_body)
+            if plan.read_as == READ_ARGUMENTS:
+                _room_for_arguments(retry_body)
             if self.samples > 1 and plan.read_as != READ_TEXT:
                 retry_body["n"] = self.samples
             # the door's bound holds for retries too: the floor above and ``n`` both add output
@@ -272,10 +273,13 @@ class RequestValidation:
 
 
 def _room_for_arguments(retry_body: dict[str, Any]) -> None:
-    """Give a retry at least :data:`RETRY_MIN_TOKENS`. The client's ``max_tokens`` was sized
-    for its whole reply and the call it held fitted, but a grammar lets the model spend tokens
-    on white space between fields: on the real llama-server 3 of 82 retries were cut at
-    ``max_tokens: 140`` in the middle of the arguments, and refused as not JSON. The key's cap
+    """Give a retry read as a bare arguments object (a JSON-schema grammar: llama-server,
+    Ollama, llama-cpp-python) at least :data:`RETRY_MIN_TOKENS`. The client's ``max_tokens``
+    was sized for its whole reply and the call it held fitted, but such a grammar lets the model
+    spend tokens on white space between fields: on the real llama-server 3 of 82 retries were
+    cut at ``max_tokens: 140`` in the middle of the arguments, and refused as not JSON. Other
+    retries keep the client's bound: a ``tool_choice: "required"`` retry of a reply that wrote
+    prose, given 512 tokens, ran on past the real test's patience on a loaded machine. The key's cap
     and the backend's context are applied after this, so the floor never lifts a cap."""
     for key in ("max_tokens", "max_completion_tokens"):
         value = retry_body.get(key)
