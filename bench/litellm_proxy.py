@@ -5,14 +5,15 @@ LiteLLM is not a dependency of toolmend or of its tests: it gets a venv of its o
 with a pinned ``litellm[proxy]`` by :func:`tests.real.stacks.cached_venv` (under
 ``$TOOLMEND_CACHE``, default ``~/.cache/toolmend``), only when the benchmark is asked for it.
 
-:func:`start` runs ``litellm --config`` with one model, ``sim-model``, served by the sim as an
-OpenAI-compatible ``hosted_vllm/`` backend, so that LiteLLM answers chat completions directly
-and bridges its Anthropic Messages and Responses fronts to the sim's chat completions. Its
-settings are its defaults, except what has to be off on a machine without internet (the remote
-model-cost map, usage telemetry), its own logging below errors, and its refusal to start
-without a master key: toolmend runs without keys in the benchmark, so LiteLLM does too.
+:class:`LiteLLMProc` runs ``litellm --config`` with one model, ``sim-model``, served by the sim
+as an OpenAI-compatible ``hosted_vllm/`` backend: LiteLLM answers chat completions directly and
+bridges its Anthropic Messages and (told to, as for a server without ``/v1/responses``) its
+Responses fronts to the sim's chat completions. Its settings are its defaults, except what has
+to be off on a machine without internet (the remote model-cost map, usage telemetry), its own
+logging below errors, and its refusal to start without a master key: toolmend runs without keys
+in the benchmark, so LiteLLM does too.
 
-By hand: ``python bench/litellm_proxy.py`` makes the venv (timed) and prints its python.
+By hand: ``python bench/litellm_proxy.py`` makes the venv (timed) and prints its ``litellm``.
 """
 
 from __future__ import annotations

@@ -920,7 +920,7 @@ async def run_fc(cfg: argparse.Namespace) -> dict[str, tuple[float, float]]:
         ours = {p: f for p, f in fits.items() if p not in LITELLM_PATHS}
         table = render_fc(ours, cpu, cfg, started, load_before,
                           sum(e for p, e in path_errors.items() if p not in LITELLM_PATHS))
-        table = with_litellm_subsection(table, fits, cpu, path_errors, cfg)
+        table = with_litellm_subsection(table, fits, cpu, path_errors, cfg, started)
         print(table)
         if not cfg.no_write:
             replace_section(table)
@@ -1025,17 +1025,24 @@ def _litellm_version() -> str:
 
 def render_litellm(fits: dict[str, tuple[float, float]],
                    cpu: dict[tuple[str, int], list[float]], path_errors: dict[str, int],
-                   cfg: argparse.Namespace) -> str:
-    """LiteLLM's rows beside the bare relay's and toolmend's on the same front, same run."""
+                   cfg: argparse.Namespace, started: str) -> str:
+    """LiteLLM's rows against the bare relay's and toolmend's on the same front, same run.
+
+    Self-contained (its own date; the same run's bare and toolmend numbers in the reading):
+    a later run of toolmend's rows alone keeps this subsection as it is.
+    """
     bare_f, bare_c = fits["bare"]
     lines = [
         LITELLM_SUBSECTION, "",
-        f"The same run, with `--litellm`: LiteLLM's proxy (`litellm[proxy]=={_litellm_version()}"
-        "`, one worker, its defaults but for the remote cost map and telemetry, which are off "
-        "offline) in front of the same sims as a `hosted_vllm/` model, on the same load; its "
-        "process's CPU time measured as toolmend's. Its chat path relays chat completions; its "
-        "Messages and Responses paths bridge to the sim's chat completions. Per-round CPU per "
-        f"request is in the run's log; medians over {cfg.rounds} rounds.", "",
+        f"Measured {started} by `python bench/relay.py --fc --litellm`: LiteLLM's proxy "
+        f"(`litellm[proxy]=={_litellm_version()}`, one worker; its defaults, except that the "
+        "remote cost map and telemetry are off, as offline, and that it starts without a master "
+        "key, as toolmend runs here) in front of the same sims as a `hosted_vllm/` model, on the "
+        "same load, its paths alternating with toolmend's and the bare relay's; its process's "
+        "CPU time measured as toolmend's. Its chat path relays chat completions; its Messages "
+        "and Responses paths bridge to the sim's chat completions. Medians over "
+        f"{cfg.rounds} rounds; the ratios are to the bare relay and toolmend of the same run, "
+        "whose numbers the reading gives (the table above may come from another run).", "",
         "| path | F per request (µs) | c per chunk (µs) | F / bare | c / bare "
         "| c / toolmend's same front | cpu(10) µs | cpu(250) µs | errors |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -1075,19 +1082,21 @@ def _litellm_reading(fits: dict[str, tuple[float, float]]) -> str:
         return "Reading: no LiteLLM path answered with complete replies."
     earlier = ", ".join(f"{LITELLM_EARLIER_C[front]:,} µs on {front}"
                         for front in LITELLM_PATHS.values())
-    return ("Reading: " + "; ".join(parts) + f". The bare relay costs {fits['bare'][1]:.0f} µs "
-            f"per chunk and {fits['bare'][0]:,.0f} µs per request. An earlier measurement on "
+    return ("Reading: " + "; ".join(parts) + f". In the same run the bare relay cost "
+            f"{fits['bare'][1]:.0f} µs per chunk and {fits['bare'][0]:,.0f} µs per request. "
+            "An earlier measurement on "
             f"these machines had LiteLLM at {earlier} per chunk.")
 
 
 def with_litellm_subsection(table: str, fits: dict[str, tuple[float, float]],
                             cpu: dict[tuple[str, int], list[float]],
-                            path_errors: dict[str, int], cfg: argparse.Namespace) -> str:
+                            path_errors: dict[str, int], cfg: argparse.Namespace,
+                            started: str) -> str:
     """The section with LiteLLM's subsection at its end: this run's rows with ``--litellm``;
     without, the subsection BENCHMARKS.md already has (dated by its own run), so that a run
     of toolmend's rows alone does not drop LiteLLM's."""
     if cfg.litellm:
-        sub = render_litellm(fits, cpu, path_errors, cfg)
+        sub = render_litellm(fits, cpu, path_errors, cfg, started)
     else:
         text = BENCHMARKS.read_text() if BENCHMARKS.exists() else ""
         start = text.find("\n" + LITELLM_SUBSECTION + "\n")
