@@ -58,6 +58,13 @@ over a window, divided by the requests completed in it, gives cpu(10) and cpu(25
 c = (cpu(250) − cpu(10)) / 240 and F = cpu(10) − 10·c. Rounds alternate the paths (rotating
 their order), and the medians over rounds are reported beside the bare relay's. It replaces the
 ``## Cost per request and per chunk, per front`` section.
+
+``--fc --litellm`` adds LiteLLM's proxy to the same run, as three more paths on the same load:
+its chat completions, its Anthropic Messages bridge and its Responses bridge, in front of the
+same sims (see ``litellm_proxy.py``: a pinned LiteLLM in a cached venv of its own, made on the
+first such run). Its process's CPU time is measured as toolmend's, and its rows go to the
+``### LiteLLM on the same load`` subsection. A run without ``--litellm`` keeps that subsection
+as it was.
 """
 
 from __future__ import annotations
@@ -810,7 +817,7 @@ async def _fc_round(session: aiohttp.ClientSession, url: str, body: bytes, end: 
                     relay: Proc, window: float) -> FcRound:
     """16 closed-loop streams; the relay's CPU over the window per request completed in it."""
     rnd = FcRound()
-    stop_at = time.perf_counter() + window
+    stop_at = 0.0
     counting = False
 
     async def one() -> None:
@@ -831,6 +838,9 @@ async def _fc_round(session: aiohttp.ClientSession, url: str, body: bytes, end: 
     workers = [asyncio.create_task(one()) for _ in range(FC_STREAMS)]
     await asyncio.gather(*workers)
     counting = True
+    # from here: a relay slower than the window (LiteLLM's replies of 250 tokens at 16 streams)
+    # still gets its window after the first round of requests, instead of none
+    stop_at = time.perf_counter() + window
     cpu0 = relay.cpu_seconds()
     await asyncio.gather(*(worker() for _ in range(FC_STREAMS)))
     rnd.cpu = relay.cpu_seconds() - cpu0
@@ -867,6 +877,9 @@ async def run_fc(cfg: argparse.Namespace) -> dict[str, tuple[float, float]]:
             procs += [tm, bare]
             relays[("toolmend", n)] = tm
             relays[("bare", n)] = bare
+            relays[("sim", n)] = sim
+        if cfg.litellm:
+            _start_litellm(relays, log_dir, procs)
         paths = ["bare"]
         for front, (path, body, end) in FC_FRONTS.items():
             async with session.post(relays[("toolmend", 10)].url + path, data=body,
@@ -876,8 +889,11 @@ async def run_fc(cfg: argparse.Namespace) -> dict[str, tuple[float, float]]:
                 paths.append(front)
             else:
                 print(f"# front {front}: not served ({r.status}); left out", file=sys.stderr)
+        if cfg.litellm:
+            paths += await _litellm_paths(session, relays)
         cpu: dict[tuple[str, int], list[float]] = {}
         errors = 0
+        path_errors: dict[str, int] = {}
         for i in range(cfg.rounds):
             order = paths[i % len(paths):] + paths[:i % len(paths)]
             for p in order:
@@ -885,6 +901,8 @@ async def run_fc(cfg: argparse.Namespace) -> dict[str, tuple[float, float]]:
                     if p == "bare":
                         relay = relays[("bare", n)]
                         path, body, end = FC_FRONTS["chat"]
+                    elif p in LITELLM_PATHS:
+                        relay, path, body, end = _litellm_target(p, n, relays)
                     else:
                         relay = relays[("toolmend", n)]
                         path, body, end = FC_FRONTS[p]
@@ -892,13 +910,17 @@ async def run_fc(cfg: argparse.Namespace) -> dict[str, tuple[float, float]]:
                         body = body.replace(b'"max_tokens":1024', b'"max_tokens":%d' % n)
                     r = await _fc_round(session, relay.url + path, body, end, relay, cfg.window)
                     errors += r.errors
+                    path_errors[p] = path_errors.get(p, 0) + r.errors
                     cpu.setdefault((p, n), []).append(r.us_per_request)
                     print(f"# round {i + 1} {p:<10} n={n:<4} requests={r.requests:<5} "
                           f"cpu/request={r.us_per_request:8.0f} us errors={r.errors}",
                           file=sys.stderr, flush=True)
         fits = {p: _fit(percentile(cpu[(p, 10)], 0.5), percentile(cpu[(p, 250)], 0.5))
                 for p in paths}
-        table = render_fc(fits, cpu, cfg, started, load_before, errors)
+        ours = {p: f for p, f in fits.items() if p not in LITELLM_PATHS}
+        table = render_fc(ours, cpu, cfg, started, load_before,
+                          sum(e for p, e in path_errors.items() if p not in LITELLM_PATHS))
+        table = with_litellm_subsection(table, fits, cpu, path_errors, cfg, started)
         print(table)
         if not cfg.no_write:
             replace_section(table)
@@ -948,6 +970,144 @@ def render_fc(fits: dict[str, tuple[float, float]], cpu: dict[tuple[str, int], l
     return "\n".join(lines)
 
 
+# --- LiteLLM on the same load (--fc --litellm) ----------------------------------------------
+
+LITELLM_SUBSECTION = "### LiteLLM on the same load"
+#: path name -> the toolmend front whose request it sends
+LITELLM_PATHS = {"litellm-chat": "chat", "litellm-anthropic": "anthropic",
+                 "litellm-responses": "responses"}
+
+
+def _start_litellm(relays: dict[tuple[str, int], Proc], log_dir: Path,
+                   procs: list[Proc]) -> None:
+    """One LiteLLM proxy per reply length, in front of the same sim as that length's toolmend.
+
+    Imported here: LiteLLM's venv is made (once) only when the benchmark is asked for it.
+    """
+    from litellm_proxy import LiteLLMProc
+
+    for n in FC_LENGTHS:
+        proc = LiteLLMProc(f"litellm{n}", relays[("sim", n)].url, log_dir)
+        procs.append(proc)
+        relays[("litellm", n)] = proc
+
+
+def _litellm_target(p: str, n: int, relays: dict[tuple[str, int], Proc]
+                    ) -> tuple[Proc, str, bytes, bytes]:
+    path, body, end = FC_FRONTS[LITELLM_PATHS[p]]
+    return (relays[("litellm", n)], path,
+            body.replace(b'"max_tokens":1024', b'"max_tokens":%d' % n), end)
+
+
+async def _litellm_paths(session: aiohttp.ClientSession,
+                         relays: dict[tuple[str, int], Proc]) -> list[str]:
+    """LiteLLM's paths that answer a complete reply; one that does not is left out, said why."""
+    served = []
+    for p in LITELLM_PATHS:
+        for n in FC_LENGTHS:
+            relay, path, body, end = _litellm_target(p, n, relays)
+            async with session.post(relay.url + path, data=body, headers=HEADERS) as r:
+                raw = await r.read()
+            if r.status != 200 or end not in raw:
+                print(f"# {p} (n={n}): no complete reply ({r.status}: {raw[:300]!r}); left out",
+                      file=sys.stderr)
+                break
+        else:
+            served.append(p)
+    return served
+
+
+def _litellm_version() -> str:
+    from litellm_proxy import LITELLM_VERSION
+
+    return LITELLM_VERSION
+
+
+def render_litellm(fits: dict[str, tuple[float, float]],
+                   cpu: dict[tuple[str, int], list[float]], path_errors: dict[str, int],
+                   cfg: argparse.Namespace, started: str) -> str:
+    """LiteLLM's rows against the bare relay's and toolmend's on the same front, same run.
+
+    Self-contained (its own date; the same run's bare and toolmend numbers in the reading):
+    a later run of toolmend's rows alone keeps this subsection as it is.
+    """
+    bare_f, bare_c = fits["bare"]
+    lines = [
+        LITELLM_SUBSECTION, "",
+        f"Measured {started} by `python bench/relay.py --fc --litellm`: LiteLLM's proxy "
+        f"(`litellm[proxy]=={_litellm_version()}`, one worker; its defaults, except that the "
+        "remote cost map and telemetry are off, as offline, and that it starts without a master "
+        "key, as toolmend runs here) in front of the same sims as a `hosted_vllm/` model, on the "
+        "same load, its paths alternating with toolmend's and the bare relay's; its process's "
+        "CPU time measured as toolmend's. Its chat path relays chat completions; its Messages "
+        "and Responses paths bridge to the sim's chat completions. Medians over "
+        f"{cfg.rounds} rounds; the ratios are to the bare relay and toolmend of the same run, "
+        "whose numbers the reading gives (the table above may come from another run).", "",
+        "| path | F per request (µs) | c per chunk (µs) | F / bare | c / bare "
+        "| c / toolmend's same front | cpu(10) µs | cpu(250) µs | errors |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p, front in LITELLM_PATHS.items():
+        if p not in fits:
+            lines.append(f"| LiteLLM, {front} | not served | | | | | | | |")
+            continue
+        f, c = fits[p]
+        tm = fits.get(front)
+        vs_tm = f"{c / tm[1]:.1f}×" if tm else "n/a"
+        lines.append(f"| LiteLLM, {front} ({FC_FRONTS[front][0]}) | {f:,.0f} | {c:,.1f} "
+                     f"| {f / bare_f:.2f}× | {c / bare_c:.2f}× | {vs_tm} "
+                     f"| {percentile(cpu[(p, FC_LENGTHS[0])], 0.5):,.0f} "
+                     f"| {percentile(cpu[(p, FC_LENGTHS[1])], 0.5):,.0f} "
+                     f"| {path_errors.get(p, 0)} |")
+    lines += ["", _litellm_reading(fits)]
+    return "\n".join(lines) + "\n"
+
+
+#: LiteLLM's CPU per chunk (µs) on an earlier measurement on these machines, for comparison
+LITELLM_EARLIER_C = {"chat": 845, "anthropic": 936, "responses": 1123}
+
+
+def _litellm_reading(fits: dict[str, tuple[float, float]]) -> str:
+    """The numbers above in words: LiteLLM against toolmend on the same front, and the bare
+    relay."""
+    parts = []
+    for p, front in LITELLM_PATHS.items():
+        if p not in fits or front not in fits:
+            continue
+        (f, c), (tf, tc) = fits[p], fits[front]
+        parts.append(f"on {front}, LiteLLM costs {c:,.0f} µs per chunk (toolmend "
+                     f"{tc:,.0f}: {c / tc:.1f}×) and {f:,.0f} µs per request (toolmend "
+                     f"{tf:,.0f}: {f / tf:.1f}×)")
+    if not parts:
+        return "Reading: no LiteLLM path answered with complete replies."
+    earlier = ", ".join(f"{LITELLM_EARLIER_C[front]:,} µs on {front}"
+                        for front in LITELLM_PATHS.values())
+    return ("Reading: " + "; ".join(parts) + f". In the same run the bare relay cost "
+            f"{fits['bare'][1]:.0f} µs per chunk and {fits['bare'][0]:,.0f} µs per request. "
+            "An earlier measurement on "
+            f"these machines had LiteLLM at {earlier} per chunk.")
+
+
+def with_litellm_subsection(table: str, fits: dict[str, tuple[float, float]],
+                            cpu: dict[tuple[str, int], list[float]],
+                            path_errors: dict[str, int], cfg: argparse.Namespace,
+                            started: str) -> str:
+    """The section with LiteLLM's subsection at its end: this run's rows with ``--litellm``;
+    without, the subsection BENCHMARKS.md already has (dated by its own run), so that a run
+    of toolmend's rows alone does not drop LiteLLM's."""
+    if cfg.litellm:
+        sub = render_litellm(fits, cpu, path_errors, cfg, started)
+    else:
+        text = BENCHMARKS.read_text() if BENCHMARKS.exists() else ""
+        start = text.find("\n" + LITELLM_SUBSECTION + "\n")
+        if start < 0:
+            return table
+        rest = text[start + 1:]
+        nxt = [i for i in (rest.find("\n## ", 1), rest.find("\n### ", 1)) if i > 0]
+        sub = rest[:min(nxt) + 1] if nxt else rest
+    return table.rstrip("\n") + "\n\n" + sub.rstrip("\n") + "\n"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--quick", action="store_true", help="short run (about a minute)")
@@ -970,12 +1130,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--fc", action="store_true",
                     help="fit CPU per request (F) and per chunk (c) for each front against the "
                          "bare relay")
+    ap.add_argument("--litellm", action="store_true",
+                    help="with --fc: LiteLLM's proxy (pinned, in a cached venv of its own) on "
+                         "the same load, its chat, Messages and Responses paths")
     ap.add_argument("--bare-relay", metavar="UPSTREAM", help=argparse.SUPPRESS)
     cfg = ap.parse_args(argv)
     if cfg.rounds is None:
         cfg.rounds = 1 if cfg.quick else 3
     if cfg.window is None:
         cfg.window = 2.0 if cfg.quick else 4.0
+    if cfg.litellm and not cfg.fc:
+        ap.error("--litellm goes with --fc")
     return cfg
 
 

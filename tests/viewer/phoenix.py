@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import tempfile
@@ -32,13 +31,10 @@ from pathlib import Path
 from tests.real.stacks import (
     Server,
     StackError,
-    _base_python,
-    _locked,
-    _made,
     _run,
-    _stamp,
     _tail,
     cache_root,
+    cached_venv,
     free_port,
 )
 
@@ -75,18 +71,8 @@ def setup_phoenix_venv() -> Path:
     """Phoenix in its own venv (cached); returns the path of its ``phoenix`` command."""
     folder = phoenix_dir()
     command = folder / "venv" / "bin" / "phoenix"
-    if _made(folder) and command.is_file():
-        return command
-    with _locked(folder.name):
-        if _made(folder) and command.is_file():
-            return command
-        logfile = cache_root() / f"{folder.name}.setup.log"
-        logfile.write_text("")
-        started = time.monotonic()
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        python = folder / "venv" / "bin" / "python"
-        _run([_base_python(), "-m", "venv", folder / "venv"], logfile)
+
+    def install(python: Path, logfile: Path) -> None:
         _run([python, "-m", "pip", "install", "--progress-bar", "off", "-r", REQUIREMENTS],
              logfile)
         _run([python, "-c", "import phoenix, sys; v = phoenix.__version__; "
@@ -94,8 +80,11 @@ def setup_phoenix_venv() -> Path:
               f"{PHOENIX_VERSION} expected')"], logfile)
         if not command.is_file():
             raise StackError(f"the phoenix package installed no {command}; log {logfile}")
-        _stamp(folder, version=PHOENIX_VERSION, seconds=round(time.monotonic() - started, 1))
-        log.info("Phoenix %s venv made in %.0f s", PHOENIX_VERSION, time.monotonic() - started)
+
+    cached_venv(folder, install, version=PHOENIX_VERSION)
+    if not command.is_file():
+        raise StackError(f"{command} is missing from the cached venv; remove {folder} to "
+                         "make it again")
     return command
 
 
