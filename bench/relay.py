@@ -810,7 +810,7 @@ async def _fc_round(session: aiohttp.ClientSession, url: str, body: bytes, end: 
                     relay: Proc, window: float) -> FcRound:
     """16 closed-loop streams; the relay's CPU over the window per request completed in it."""
     rnd = FcRound()
-    stop_at = time.perf_counter() + window
+    stop_at = 0.0
     counting = False
 
     async def one() -> None:
@@ -823,14 +823,17 @@ async def _fc_round(session: aiohttp.ClientSession, url: str, body: bytes, end: 
             rnd.requests += 1
 
     async def worker() -> None:
-        while time.perf_counter() < stop_at:
+        while True:  # at least one request each: a slow round still counts some
             await one()
+            if time.perf_counter() >= stop_at:
+                return
 
     # the window opens once every stream is running and closes when the last one ends, so
     # every request counted had all of its CPU inside the window
     workers = [asyncio.create_task(one()) for _ in range(FC_STREAMS)]
     await asyncio.gather(*workers)
     counting = True
+    stop_at = time.perf_counter() + window  # the window starts after the warm-up requests
     cpu0 = relay.cpu_seconds()
     await asyncio.gather(*(worker() for _ in range(FC_STREAMS)))
     rnd.cpu = relay.cpu_seconds() - cpu0
