@@ -109,11 +109,12 @@ class StreamPipeline:
         """Bytes to write to the client for this upstream chunk (may be empty)."""
         if self._stopped:
             return b""
+        decoder = self._decoder
         try:
-            events = self._decoder.feed(chunk)
+            events = decoder.feed(chunk)
         except SSEProtocolError as e:
             raise self._too_large(e) from None
-        return self._events(events)
+        return self._events(events, chunk if decoder.whole else None)
 
     def finish(self) -> bytes:
         """End of the upstream body: flush the decoder and the mender, end with ``[DONE]``."""
@@ -166,12 +167,13 @@ class StreamPipeline:
             parts.append(DONE_EVENT)
         return b"".join(parts)
 
-    def _events(self, events: list[Any]) -> bytes:
+    def _events(self, events: list[Any], whole: bytes | None = None) -> bytes:
+        """``whole``: the upstream chunk, when it was exactly the one event in ``events``."""
         if not events or self._stopped:
             return b""
         parts: list[bytes] = []
         try:
-            self._loop(events, parts)
+            self._loop(events, parts, whole)
         except UpstreamStreamError as e:
             e.pending = b"".join(parts)  # events decoded before the error still reach the client
             self._stopped = True
@@ -183,7 +185,7 @@ class StreamPipeline:
             raise err from None
         return b"".join(parts)
 
-    def _loop(self, events: list[Any], parts: list[bytes]) -> None:
+    def _loop(self, events: list[Any], parts: list[bytes], whole: bytes | None = None) -> None:
         stats = self.stats
         mender = self._mender
         for ev in events:
@@ -194,7 +196,7 @@ class StreamPipeline:
                 stats.saw_done = True
                 continue
             stats.events += 1
-            if ev.event == "error" or (data[:12].find(_ERROR) >= 0):
+            if ev.event == "error" or data.find(_ERROR, 0, 12) >= 0:
                 raise UpstreamStreamError(500, data)
             if not stats.first_token:
                 stats.first_token = _has_token(data)
@@ -216,7 +218,7 @@ class StreamPipeline:
                 if obj is not _UNCHANGED:
                     parts.append(encode_event(orjson.dumps(obj)))
                     continue
-            elif data[:1] != b"{" or data[-1:] != b"}":
+            elif not (data.startswith(b"{") and data.endswith(b"}")):
                 raise UpstreamStreamError(502, _malformed(data))
             if not data.isascii():  # ASCII, the usual case, pays one scan; the rest a decode
                 try:
@@ -225,6 +227,9 @@ class StreamPipeline:
                     data = self._repair_utf8(data, parts)
             if ev.multiline:  # an event sent as several data: lines stays one event
                 parts.append(encode_event(data))
+                continue
+            if whole is not None and data is ev.data:
+                parts.append(whole)  # unchanged: the upstream chunk itself, not a copy of it
                 continue
             parts.append(b"data: " + data + b"\n\n")
 
