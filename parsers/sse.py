@@ -108,12 +108,10 @@ class SSEDecoder:
             return []
         # The usual chunk is one whole one-line event (``data: {...}\n\n``, a server's write
         # per token) arriving between events: dispatched at once, without the line machinery.
-        if chunk.startswith(_DATA_SP) and chunk.find(_NL) == len(chunk) - 2 and \
-                chunk[-1] == 0x0A and _CR not in chunk and len(chunk) - 8 <= self._max_event \
-                and self._data is None and not self._parts and not self._pending_cr \
-                and self._event is None and self._id is None and self._retry is None:
+        data = self.whole_event(chunk)
+        if data is not None:
             self.whole = True
-            return [SSEEvent(chunk[6:-2])]
+            return [SSEEvent(data)]
         self.whole = False
         if self._pending_cr:
             self._pending_cr = False
@@ -153,6 +151,18 @@ class SSEDecoder:
             e.events = out
             raise
         return out
+
+    def whole_event(self, chunk: bytes) -> bytes | None:
+        """The data of ``chunk`` when it is exactly one whole one-line event (``data: ...``
+        and a blank line, nothing else) arriving between events, else None (and nothing is
+        consumed): what :meth:`feed` would dispatch for it, without building the event, for a
+        caller with a fast path for the usual chunk. Feed it otherwise."""
+        if chunk.startswith(_DATA_SP) and chunk.find(_NL) == len(chunk) - 2 and \
+                chunk[-1] == 0x0A and _CR not in chunk and len(chunk) - 8 <= self._max_event \
+                and self._data is None and not self._parts and not self._pending_cr \
+                and self._event is None and self._id is None and self._retry is None:
+            return chunk[6:-2]
+        return None
 
     def finish(self) -> list[SSEEvent | SSEComment]:
         """End of stream: flush an unterminated line and an undispatched event."""

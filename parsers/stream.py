@@ -52,6 +52,7 @@ class EventMender(Protocol):
 
     def wants(self, data: bytes) -> bool: ...
 
+
     #: when not None, an event ``wants`` declined has its ``"content":`` key renamed to this
     #: (the mender is at rest inside reasoning it separates: the text is reasoning as it is)
     rekey: bytes | None
@@ -93,7 +94,7 @@ class StreamPipeline:
     """
 
     __slots__ = ("_decoder", "_include_usage", "_max_event", "_mender", "_stopped",
-                 "awaiting_retry", "stats")
+                 "_wants_plain", "awaiting_retry", "stats")
 
     def __init__(self, include_usage: bool, mender: EventMender | None = None,
                  max_event_bytes: int = MAX_EVENT_BYTES) -> None:
@@ -101,6 +102,9 @@ class StreamPipeline:
         self._max_event = max_event_bytes
         self._include_usage = include_usage
         self._mender = mender
+        # a mender may answer more cheaply for an event without a finish reason (see _plain)
+        self._wants_plain = getattr(mender, "wants_unfinished", None) or getattr(
+            mender, "wants", None)
         self._stopped = False
         self.awaiting_retry = False  # the mender holds calls: the proxy retries, then close()
         self.stats = StreamStats()
@@ -110,11 +114,29 @@ class StreamPipeline:
         if self._stopped:
             return b""
         decoder = self._decoder
+        data = decoder.whole_event(chunk)
+        if data is not None and self._plain(data):
+            self.stats.events += 1
+            return chunk  # the usual event, forwarded as it came
         try:
             events = decoder.feed(chunk)
         except SSEProtocolError as e:
             raise self._too_large(e) from None
         return self._events(events, chunk if decoder.whole else None)
+
+    def _plain(self, data: bytes) -> bool:
+        """The event needs nothing but counting: not ``[DONE]`` nor an error, first token
+        seen, nothing for the mender, no usage or finish reason to read, a JSON object in
+        ASCII. Only reads; whatever it declines goes the general way in :meth:`_loop`."""
+        if not self.stats.first_token or data == DONE or data.find(_ERROR, 0, 12) >= 0:
+            return False
+        if (_USAGE in data and not _is_null(data, _USAGE_NULL)) or (
+                _FINISH in data and not _is_null(data, _FINISH_NULL)):
+            return False
+        mender = self._mender
+        if mender is not None and (mender.rekey is not None or self._wants_plain(data)):
+            return False
+        return data.startswith(b"{") and data.endswith(b"}") and data.isascii()
 
     def finish(self) -> bytes:
         """End of the upstream body: flush the decoder and the mender, end with ``[DONE]``."""
