@@ -830,8 +830,10 @@ async def _fc_round(session: aiohttp.ClientSession, url: str, body: bytes, end: 
             rnd.requests += 1
 
     async def worker() -> None:
-        while time.perf_counter() < stop_at:
+        while True:  # at least one request each: a slow round still counts some
             await one()
+            if time.perf_counter() >= stop_at:
+                return
 
     # the window opens once every stream is running and closes when the last one ends, so
     # every request counted had all of its CPU inside the window

@@ -330,12 +330,34 @@ class ChatMender:
             return True
         if self.resplit and _REASONING_KEY in data:
             return True  # the server's reasoning is raw reply text here
-        for s in _STRUCTURE:
-            if s in data:
-                return True
+        if _SHARED in data:  # one search rules out both structured keys
+            for s in _STRUCTURE:
+                if s in data:
+                    return True
         if b'"finish_reason"' in data and _FINISH_NULL[0] not in data and \
                 _FINISH_NULL[1] not in data:
             return True
+        return self._wants_text(data)
+
+    def wants_unfinished(self, data: bytes) -> bool:
+        """:meth:`wants` for an event the caller has seen to carry no finish reason (none, or
+        null): the same answer without searching for it again."""
+        if self.structured_only and not self._calls:
+            return carries_call(data)
+        if self._idle_reasoning:
+            return self._wants_in_reasoning(data)
+        if not self._idle:
+            return True
+        if self.resplit and _REASONING_KEY in data:
+            return True
+        if _SHARED in data:
+            for s in _STRUCTURE:
+                if s in data:
+                    return True
+        return self._wants_text(data)
+
+    def _wants_text(self, data: bytes) -> bool:
+        """The idle parser's question: may this delta's content hold a marker?"""
         i = data.find(_CONTENT)
         if i < 0:
             return False  # role-only, reasoning or usage: nothing to mend

@@ -150,6 +150,10 @@ class ChatReplyDecoder:
     # --- input ---------------------------------------------------------------------------------
     def feed(self, data: bytes) -> list[ReplyEvent]:
         out: list[ReplyEvent] = []
+        payload = self._sse.whole_event(data)
+        if payload is not None:  # one whole event: the most usual chunk of all
+            self._data(payload, out)
+            return out
         # The usual chunk is whole one-line events (``data: {...}\n\n``), as toolmend's own
         # stream writes them: split it here, without the general decoder's line machinery.
         if data[-2:] == b"\n\n" and b"\r" not in data and self._sse.idle:

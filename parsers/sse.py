@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 DONE = b"[DONE]"
 _NL = b"\n"
 _CR = b"\r"
+_DATA_SP = b"data: "
 
 
 #: Default bound on one line and on one event's data (its ``data:`` lines together).
@@ -72,7 +73,7 @@ class SSEDecoder:
     """
 
     __slots__ = ("_data", "_data_len", "_event", "_id", "_max_event", "_max_line", "_more",
-                 "_parts", "_parts_len", "_pending_cr", "_retry")
+                 "_parts", "_parts_len", "_pending_cr", "_retry", "whole")
 
     def __init__(self, max_line_bytes: int = MAX_EVENT_BYTES,
                  max_event_bytes: int | None = None) -> None:
@@ -90,6 +91,9 @@ class SSEDecoder:
         self._retry: int | None = None
         self._max_line = max_line_bytes
         self._max_event = max_line_bytes if max_event_bytes is None else max_event_bytes
+        #: the last :meth:`feed` was one whole one-line event and nothing else, so that event
+        #: re-encoded is that chunk as it came (a relay may forward the chunk itself)
+        self.whole = False
 
     @property
     def idle(self) -> bool:
@@ -100,7 +104,15 @@ class SSEDecoder:
 
     def feed(self, chunk: bytes) -> list[SSEEvent | SSEComment]:
         if not chunk:
+            self.whole = False
             return []
+        # The usual chunk is one whole one-line event (``data: {...}\n\n``, a server's write
+        # per token) arriving between events: dispatched at once, without the line machinery.
+        data = self.whole_event(chunk)
+        if data is not None:
+            self.whole = True
+            return [SSEEvent(data)]
+        self.whole = False
         if self._pending_cr:
             self._pending_cr = False
             if chunk[:1] == _NL:
@@ -139,6 +151,18 @@ class SSEDecoder:
             e.events = out
             raise
         return out
+
+    def whole_event(self, chunk: bytes) -> bytes | None:
+        """The data of ``chunk`` when it is exactly one whole one-line event (``data: ...``
+        and a blank line, nothing else) arriving between events, else None (and nothing is
+        consumed): what :meth:`feed` would dispatch for it, without building the event, for a
+        caller with a fast path for the usual chunk. Feed it otherwise."""
+        if chunk.startswith(_DATA_SP) and chunk.find(_NL) == len(chunk) - 2 and \
+                chunk[-1] == 0x0A and _CR not in chunk and len(chunk) - 8 <= self._max_event \
+                and self._data is None and not self._parts and not self._pending_cr \
+                and self._event is None and self._id is None and self._retry is None:
+            return chunk[6:-2]
+        return None
 
     def finish(self) -> list[SSEEvent | SSEComment]:
         """End of stream: flush an unterminated line and an undispatched event."""

@@ -52,6 +52,7 @@ class EventMender(Protocol):
 
     def wants(self, data: bytes) -> bool: ...
 
+
     #: when not None, an event ``wants`` declined has its ``"content":`` key renamed to this
     #: (the mender is at rest inside reasoning it separates: the text is reasoning as it is)
     rekey: bytes | None
@@ -93,7 +94,7 @@ class StreamPipeline:
     """
 
     __slots__ = ("_decoder", "_include_usage", "_max_event", "_mender", "_stopped",
-                 "awaiting_retry", "stats")
+                 "_wants_plain", "awaiting_retry", "stats")
 
     def __init__(self, include_usage: bool, mender: EventMender | None = None,
                  max_event_bytes: int = MAX_EVENT_BYTES) -> None:
@@ -101,6 +102,9 @@ class StreamPipeline:
         self._max_event = max_event_bytes
         self._include_usage = include_usage
         self._mender = mender
+        # a mender may answer more cheaply for an event without a finish reason (see _plain)
+        self._wants_plain = getattr(mender, "wants_unfinished", None) or getattr(
+            mender, "wants", None)
         self._stopped = False
         self.awaiting_retry = False  # the mender holds calls: the proxy retries, then close()
         self.stats = StreamStats()
@@ -109,11 +113,30 @@ class StreamPipeline:
         """Bytes to write to the client for this upstream chunk (may be empty)."""
         if self._stopped:
             return b""
+        decoder = self._decoder
+        data = decoder.whole_event(chunk)
+        if data is not None and self._plain(data):
+            self.stats.events += 1
+            return chunk  # the usual event, forwarded as it came
         try:
-            events = self._decoder.feed(chunk)
+            events = decoder.feed(chunk)
         except SSEProtocolError as e:
             raise self._too_large(e) from None
-        return self._events(events)
+        return self._events(events, chunk if decoder.whole else None)
+
+    def _plain(self, data: bytes) -> bool:
+        """The event needs nothing but counting: not ``[DONE]`` nor an error, first token
+        seen, nothing for the mender, no usage or finish reason to read, a JSON object in
+        ASCII. Only reads; whatever it declines goes the general way in :meth:`_loop`."""
+        if not self.stats.first_token or data == DONE or data.find(_ERROR, 0, 12) >= 0:
+            return False
+        if (_USAGE in data and not _is_null(data, _USAGE_NULL)) or (
+                _FINISH in data and not _is_null(data, _FINISH_NULL)):
+            return False
+        mender = self._mender
+        if mender is not None and (mender.rekey is not None or self._wants_plain(data)):
+            return False
+        return data.startswith(b"{") and data.endswith(b"}") and data.isascii()
 
     def finish(self) -> bytes:
         """End of the upstream body: flush the decoder and the mender, end with ``[DONE]``."""
@@ -166,12 +189,13 @@ class StreamPipeline:
             parts.append(DONE_EVENT)
         return b"".join(parts)
 
-    def _events(self, events: list[Any]) -> bytes:
+    def _events(self, events: list[Any], whole: bytes | None = None) -> bytes:
+        """``whole``: the upstream chunk, when it was exactly the one event in ``events``."""
         if not events or self._stopped:
             return b""
         parts: list[bytes] = []
         try:
-            self._loop(events, parts)
+            self._loop(events, parts, whole)
         except UpstreamStreamError as e:
             e.pending = b"".join(parts)  # events decoded before the error still reach the client
             self._stopped = True
@@ -183,7 +207,7 @@ class StreamPipeline:
             raise err from None
         return b"".join(parts)
 
-    def _loop(self, events: list[Any], parts: list[bytes]) -> None:
+    def _loop(self, events: list[Any], parts: list[bytes], whole: bytes | None = None) -> None:
         stats = self.stats
         mender = self._mender
         for ev in events:
@@ -194,7 +218,7 @@ class StreamPipeline:
                 stats.saw_done = True
                 continue
             stats.events += 1
-            if ev.event == "error" or (data[:12].find(_ERROR) >= 0):
+            if ev.event == "error" or data.find(_ERROR, 0, 12) >= 0:
                 raise UpstreamStreamError(500, data)
             if not stats.first_token:
                 stats.first_token = _has_token(data)
@@ -216,7 +240,7 @@ class StreamPipeline:
                 if obj is not _UNCHANGED:
                     parts.append(encode_event(orjson.dumps(obj)))
                     continue
-            elif data[:1] != b"{" or data[-1:] != b"}":
+            elif not (data.startswith(b"{") and data.endswith(b"}")):
                 raise UpstreamStreamError(502, _malformed(data))
             if not data.isascii():  # ASCII, the usual case, pays one scan; the rest a decode
                 try:
@@ -225,6 +249,9 @@ class StreamPipeline:
                     data = self._repair_utf8(data, parts)
             if ev.multiline:  # an event sent as several data: lines stays one event
                 parts.append(encode_event(data))
+                continue
+            if whole is not None and data is ev.data:
+                parts.append(whole)  # unchanged: the upstream chunk itself, not a copy of it
                 continue
             parts.append(b"data: " + data + b"\n\n")
 

@@ -555,6 +555,30 @@ def test_no_hold_with_holds_turned_off() -> None:
     assert finish(s, step2, out=3) == [heavy[1]]
 
 
+def test_crowd_of_sessions_between_steps_changes_no_hold_and_leaves_when_late() -> None:
+    """A dispatch looks only at other agents' sessions between steps: 300 one-step sessions of
+    the agent whose request would take the slot (the crowd an agent with many one-step sessions
+    leaves) change nothing in the hold for light's loop, and once late (agent_idle_after, 10 s,
+    plus its slack) they leave."""
+    s, clock = make(2, express_slot=True, service=fixed_service())
+    for i in range(300):
+        finish(s, s.submit("heavy", Cost(10, 3), session=f"one-step-{i}"), out=3)
+    step1 = s.submit("light", Cost(50, 3))
+    clock.advance(0.04)
+    finish(s, step1, out=3)
+    clock.advance(0.02)
+    step2 = s.submit("light", Cost(60, 3))
+    heavy = [s.submit("heavy", HEAVY) for _ in range(4)]
+    clock.advance(0.04)
+    assert len(s._loopers) == 300
+    assert heavy[0].state is TicketState.DISPATCHED
+    assert finish(s, step2, out=3) == []  # held for light, as without the crowd
+    assert s.held_for() == [("light", "light")]
+    clock.advance(10 + 1 + 0.005)  # every one of the crowd is late now, and light too
+    assert s.wake() == [heavy[1]]
+    assert len(s._loopers) == 0
+
+
 def test_one_slot_is_held_too() -> None:
     s, clock = make(1, express_slot=True, service=fixed_service())
     step1 = s.submit("light", Cost(50, 3))

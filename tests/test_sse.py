@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -11,6 +12,7 @@ from toolmend.parsers.sse import (
     SSEComment,
     SSEDecoder,
     SSEEvent,
+    SSEProtocolError,
     encode_comment,
     encode_event,
 )
@@ -108,3 +110,24 @@ def test_property_roundtrip_under_any_split(events: list[tuple[bytes, str | None
 def test_property_random_bytes_never_raise_and_split_invariant(data: bytes, cut: int) -> None:
     cut %= len(data) + 1
     assert decode([data[:cut], data[cut:]]) == decode([data])
+
+
+def test_whole_one_line_event_per_feed_and_what_came_before_it() -> None:
+    """A feed of exactly one ``data: ...\\n\\n`` event (the usual upstream write) gives that
+    event and says so (``whole``); one that completes or follows buffered fields does not."""
+    d = SSEDecoder()
+    assert d.feed(b'data: {"a":1}\n\n') == [SSEEvent(b'{"a":1}')]
+    assert d.whole is True
+    assert d.feed(b"event: note\n") == []
+    assert d.whole is False
+    assert d.feed(b"data: x\n\n") == [SSEEvent(b"x", "note")]
+    assert d.whole is False
+    assert d.feed(b"data: par") == []
+    assert d.feed(b"data: t\n\n") == [SSEEvent(b"pardata: t")]
+    assert d.whole is False
+    assert d.feed(b"data: a\r\n\r\n") == [SSEEvent(b"a")]
+    assert d.whole is False
+    small = SSEDecoder(max_event_bytes=4)
+    assert small.feed(b"data: 1234\n\n") == [SSEEvent(b"1234")]
+    with pytest.raises(SSEProtocolError, match="longer than 4 bytes"):
+        small.feed(b"data: 12345\n\n")

@@ -11,6 +11,7 @@ tens of milliseconds): their declarations are what the registry is made of.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import pkgutil
 import re
@@ -77,6 +78,12 @@ def format_for_model(model: str | None) -> str | None:
     """The format a model name implies, or None when unknown."""
     if not model:
         return None
+    return _format_for_name(model)
+
+
+@functools.lru_cache(maxsize=1024)
+def _format_for_name(model: str) -> str | None:
+    """Every request asks, for a handful of names: each is matched against the patterns once."""
     for pattern, fmt in _COMPILED:
         if pattern.search(model):
             return fmt

@@ -93,13 +93,16 @@ class MessagesDownstream(Downstream):
         if out and not self.whole:
             await super().write(out)
 
-    async def _keepalive(self) -> None:
+    def keepalive_bytes(self) -> bytes:
         """Anthropic's own ``ping`` instead of an SSE comment, until the first token."""
+        return self.encoder.ping()
+
+    async def _keepalive(self) -> None:
+        # the ping goes past write(): it is not reply bytes for the decoder
         with contextlib.suppress(ClientGone):
             while self.ctx.client_first_token_at is None:
+                await super().write(self.keepalive_bytes())
                 await asyncio.sleep(self.interval)
-                if self.ctx.client_first_token_at is None:
-                    await super().write(self.encoder.ping())
 
     async def fail(self, err: ProxyError) -> web.StreamResponse:
         self.ctx.error_code = err.code

@@ -34,7 +34,8 @@ class ClientGone(Exception):
 
 
 class Downstream:
-    __slots__ = ("_ended", "_ka_task", "_lock", "ctx", "interval", "request", "resp")
+    __slots__ = ("_ended", "_ka_handle", "_ka_task", "_lock", "ctx", "interval", "request",
+                 "resp")
 
     def __init__(self, request: web.Request, ctx: RequestContext, keepalive_interval: float):
         self.request = request
@@ -45,6 +46,7 @@ class Downstream:
         self.resp = web.StreamResponse(status=200, headers=headers)
         self._lock = asyncio.Lock()
         self._ka_task: asyncio.Task[None] | None = None
+        self._ka_handle: asyncio.TimerHandle | None = None
         self._ended = False  # the stream's end (done or error) was written
         request[DOWNSTREAM] = self
 
@@ -77,23 +79,38 @@ class Downstream:
         self.ctx.bytes_out += len(data)
 
     def start_keepalive(self) -> None:
-        """Until the first token, send ``: keep-alive`` every ``interval`` seconds."""
-        if self.interval > 0 and self._ka_task is None:
+        """Until the first token, send a keep-alive every ``interval`` seconds.
+
+        Until the first one is due only a timer waits (most replies start well before it): a
+        task per request, started and cancelled, cost every request a few loop turns."""
+        if self.interval > 0 and self._ka_task is None and self._ka_handle is None:
+            self._ka_handle = asyncio.get_running_loop().call_later(self.interval, self._ka_due)
+
+    def _ka_due(self) -> None:
+        self._ka_handle = None
+        if self.ctx.client_first_token_at is None and self._ka_task is None:
             self._ka_task = asyncio.get_running_loop().create_task(self._keepalive())
 
     async def stop_keepalive(self) -> None:
+        handle, self._ka_handle = self._ka_handle, None
+        if handle is not None:
+            handle.cancel()
         task, self._ka_task = self._ka_task, None
         if task is not None and not task.done():
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, ClientGone):
                 await task
 
+    def keepalive_bytes(self) -> bytes:
+        """What one keep-alive is: an SSE comment here; a front may send its API's own."""
+        return KEEPALIVE
+
     async def _keepalive(self) -> None:
+        """Started when the first keep-alive is due: it, then one every ``interval``."""
         with contextlib.suppress(ClientGone):
             while self.ctx.client_first_token_at is None:
+                await self.write(self.keepalive_bytes())
                 await asyncio.sleep(self.interval)
-                if self.ctx.client_first_token_at is None:
-                    await self.write(KEEPALIVE)
 
     async def fail(self, err: ProxyError) -> web.StreamResponse:
         """Answer with an error: a real status if nothing was sent yet, else in the stream."""

@@ -205,6 +205,71 @@ class _Agent:
         return best
 
 
+class _Loopers:
+    """Sessions in their tool time after a small step (they may get a slot held for them),
+    grouped by agent, with their lapse times in a heap.
+
+    While a session is here its return and lapse times cannot change (its tool times and the
+    end of its last step change only when it submits or is released, and a submit takes it
+    out), so they are computed once, when it comes in. A dispatch then prunes the lapsed ones
+    from the heap and looks only at other agents' sessions: sorting every session between
+    steps on every dispatch cost O(n log n) per request once thousands of short sessions were
+    in their tool time."""
+
+    __slots__ = ("_heap", "_seq", "by_agent", "default", "n")
+
+    def __init__(self, default: float) -> None:
+        self.default = default  # tool time of a session that has no measured one yet
+        #: agent -> session -> (back at, lapse at, entry number)
+        self.by_agent: dict[_Agent, dict[_Session, tuple[float, float, int]]] = {}
+        self._heap: list[tuple[float, int, _Session]] = []
+        self._seq = 0
+        self.n = 0
+
+    def __bool__(self) -> bool:
+        return self.n > 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __contains__(self, s: _Session) -> bool:
+        return s in self.by_agent.get(s.agent, ())
+
+    def add(self, s: _Session) -> None:
+        group = self.by_agent.setdefault(s.agent, {})
+        if s in group:
+            return
+        self._seq += 1
+        lapse = s.lapse_at(self.default)
+        group[s] = (s.back_at(self.default), lapse, self._seq)
+        self.n += 1
+        heap = self._heap
+        heapq.heappush(heap, (lapse, self._seq, s))
+        if len(heap) > 2 * self.n + 64:  # entries of sessions that left: drop them
+            self._heap = [e for e in heap if self._entry(e[2]) == e[1]]
+            heapq.heapify(self._heap)
+
+    def discard(self, s: _Session) -> None:
+        group = self.by_agent.get(s.agent)
+        if group is not None and group.pop(s, None) is not None:
+            self.n -= 1
+            if not group:
+                del self.by_agent[s.agent]
+
+    def _entry(self, s: _Session) -> int:
+        group = self.by_agent.get(s.agent)
+        got = group.get(s) if group is not None else None
+        return got[2] if got is not None else -1
+
+    def prune(self, now: float) -> None:
+        """Drop the sessions that are late: not coming back soon after all."""
+        heap = self._heap
+        while heap and now >= heap[0][0] - 1e-4:
+            _, seq, s = heapq.heappop(heap)
+            if self._entry(s) == seq:
+                self.discard(s)
+
+
 @dataclass(frozen=True, slots=True)
 class AgentSnapshot:
     """Per-agent numbers for /metrics."""
@@ -261,7 +326,7 @@ class FairQueue:
         self._sessions = 0
         self._backlogged: dict[str, _Agent] = {}
         self._running: set[Ticket] = set()
-        self._loopers: set[_Session] = set()  # in their tool time after a small step
+        self._loopers = _Loopers(agent_idle_after)  # in their tool time after a small step
         self._held: set[_Session] = set()  # a slot is held for these now
         # Expiry times of queued tickets. A ticket that leaves the queue (dispatched, cancelled,
         # expired) leaves its entry behind, and entries hold tickets: _unqueue clears the heap
@@ -571,24 +636,27 @@ class FairQueue:
         """Sessions a free slot is worth holding back for, against ``t`` taking it."""
         service = self._expected(t)
         turnover = service / self.slots
-        next_free = min((r.dispatched_at + r.expected for r in self._running
-                         if r.dispatched_at is not None), default=math.inf)
-        default = self.agent_idle_after
-        out = []
-        for s in sorted(self._loopers, key=lambda s: (s.back_at(default), s.key)):
-            if now >= s.lapse_at(default) - 1e-4:
-                self._loopers.discard(s)  # late: it is not coming back soon after all
-                continue
-            if s.agent is a or s.priority < t.priority or s.agent.counter > a.counter:
+        next_free: float | None = None  # when the next running request ends, if asked
+        loopers = self._loopers
+        loopers.prune(now)
+        found: list[tuple[float, str, _Session]] = []
+        for b, group in loopers.by_agent.items():
+            if b is a or b.counter > a.counter:
                 continue  # never against its own agent, nor for one that would not win
-            back = s.back_at(default)
-            idle = max(0.0, back - now)  # what holding costs the slot
-            if idle >= service:
-                continue  # the request would be done before the session is back
-            if next_free - max(now, back) - turnover < idle:
-                continue  # it saves less wait than it costs: another slot turns over soon
-            out.append(s)
-        return out
+            for s, (back, _, _) in group.items():
+                if s.priority < t.priority:
+                    continue
+                idle = max(0.0, back - now)  # what holding costs the slot
+                if idle >= service:
+                    continue  # the request would be done before the session is back
+                if next_free is None:
+                    next_free = min((r.dispatched_at + r.expected for r in self._running
+                                     if r.dispatched_at is not None), default=math.inf)
+                if next_free - max(now, back) - turnover < idle:
+                    continue  # it saves less wait than it costs: another slot turns over soon
+                found.append((back, s.key, s))
+        found.sort(key=lambda e: (e[0], e[1]))
+        return [e[2] for e in found]
 
     def _dispatch(self, now: float) -> list[Ticket]:
         if self._expiry and self._expiry[0][0] <= now:
