@@ -69,6 +69,9 @@ MODEL_NAMES: dict[str, str | None] = {
     "mistralai/Ministral-8B-Instruct-2410": "mistral",
     "codestral": "mistral",
     "ibm-granite/granite-3.3-8b-instruct": "granite",
+    "ibm-granite/granite-4.0-h-small": "hermes",
+    "ibm-granite/granite-4.0-micro": "hermes",
+    "granite4:tiny-h": "hermes",
     "zai-org/GLM-4.5": "glm45",
     "zai-org/GLM-4.6": "glm45",
     "zai-org/GLM-4.7": "glm45",
@@ -333,7 +336,8 @@ def test_doctor_reads_the_vllm_parsers_from_the_declarations() -> None:
     assert TOOL_FORMAT_FOR_VLLM_PARSER["deepseek_v41"] == "deepseek_v32"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["hy_v3"] == "hunyuan"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["hy_v4"] == "hunyuan"
-    assert len(TOOL_FORMAT_FOR_VLLM_PARSER) == 36
+    assert TOOL_FORMAT_FOR_VLLM_PARSER["granite4"] == "hermes"
+    assert len(TOOL_FORMAT_FOR_VLLM_PARSER) == 37
 
 
 # --- bad declarations ----------------------------------------------------------------------------
