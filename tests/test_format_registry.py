@@ -72,6 +72,7 @@ MODEL_NAMES: dict[str, str | None] = {
     "ibm-granite/granite-4.0-h-small": "hermes",
     "ibm-granite/granite-4.0-micro": "hermes",
     "granite4:tiny-h": "hermes",
+    "ibm-granite/granite-20b-functioncalling": "granite_20b_fc",
     "zai-org/GLM-4.5": "glm45",
     "zai-org/GLM-4.6": "glm45",
     "zai-org/GLM-4.7": "glm45",
@@ -172,6 +173,8 @@ MARKER_TEXTS: dict[str, str | None] = {
     "<|action_start|><|interpreter|>print(1)": None,
     "<|tool_call_start|>[f()]<|tool_call_end|>": "lfm2",
     "<think>plan <|tool_call_start|>[f(a=1)]": "lfm2",
+    '<function_call> {"name": "f", "arguments": {}}': "granite_20b_fc",
+    "<function_calls>\nf(a=1)\n</function_calls>": "olmo3",
     'Sure: {"name": "f"} and [f()] and functools[{}]': None,
 }
 
@@ -324,7 +327,8 @@ def test_doctor_reads_the_vllm_parsers_from_the_declarations() -> None:
         "jamba": "jamba",
         "step3": "step3",
         "internlm": "internlm",
-        "lfm2": "lfm2"}
+        "lfm2": "lfm2",
+        "granite_20b_fc": "granite-20b-fc"}
     assert TOOL_FORMAT_FOR_VLLM_PARSER["llama4_pythonic"] == "pythonic"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["llama4_json"] == "llama3_json"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["qwen3_xml"] == "qwen3_coder"
@@ -337,7 +341,7 @@ def test_doctor_reads_the_vllm_parsers_from_the_declarations() -> None:
     assert TOOL_FORMAT_FOR_VLLM_PARSER["hy_v3"] == "hunyuan"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["hy_v4"] == "hunyuan"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["granite4"] == "hermes"
-    assert len(TOOL_FORMAT_FOR_VLLM_PARSER) == 37
+    assert len(TOOL_FORMAT_FOR_VLLM_PARSER) == 38
 
 
 # --- bad declarations ----------------------------------------------------------------------------

@@ -18,7 +18,8 @@ from .format_harness import check_expected, check_split_invariance, load_cases, 
 
 FORMATS = ["granite", "glm45", "kimi_k2", "gpt_oss", "functiongemma", "phi4_mini", "minimax_m2",
            "generic_json", "deepseek_v32", "seed_oss", "longcat", "ernie45", "olmo3", "xlam",
-           "gigachat3", "gigachat35", "hunyuan", "jamba", "step3", "internlm", "lfm2"]
+           "gigachat3", "gigachat35", "hunyuan", "jamba", "step3", "internlm", "lfm2",
+           "granite_20b_fc"]
 
 # marker fragments per format, for the arbitrary-input property test
 MARKERS: dict[str, list[str]] = {
@@ -86,6 +87,8 @@ MARKERS: dict[str, list[str]] = {
     "lfm2": ["<|tool_call_start|>", "<|tool_call_end|>", "[", "]", "echo(", "text=", '"x"',
              "null", ")", ",", '{"name": "echo", "arguments": {}}', "<think>", "</think>", "\n",
              " "],
+    "granite_20b_fc": ["<function_call>", "<function_calls>", '{"name": "echo", ',
+                       '"arguments": {"text": "', '"}}', "{", "}", "\n", " "],
 }
 TOOLS: list[dict[str, Any]] = [
     {"type": "function", "function": {"name": "echo", "parameters": {
