@@ -73,6 +73,8 @@ MODEL_NAMES: dict[str, str | None] = {
     "ibm-granite/granite-4.0-micro": "hermes",
     "granite4:tiny-h": "hermes",
     "ibm-granite/granite-20b-functioncalling": "granite_20b_fc",
+    "swiss-ai/Apertus-8B-Instruct-2509": "apertus",
+    "apertus:70b": "apertus",
     "zai-org/GLM-4.5": "glm45",
     "zai-org/GLM-4.6": "glm45",
     "zai-org/GLM-4.7": "glm45",
@@ -175,6 +177,7 @@ MARKER_TEXTS: dict[str, str | None] = {
     "<think>plan <|tool_call_start|>[f(a=1)]": "lfm2",
     '<function_call> {"name": "f", "arguments": {}}': "granite_20b_fc",
     "<function_calls>\nf(a=1)\n</function_calls>": "olmo3",
+    '<|tools_prefix|>[{"f": {}}]<|tools_suffix|>': "apertus",
     'Sure: {"name": "f"} and [f()] and functools[{}]': None,
 }
 
@@ -328,7 +331,8 @@ def test_doctor_reads_the_vllm_parsers_from_the_declarations() -> None:
         "step3": "step3",
         "internlm": "internlm",
         "lfm2": "lfm2",
-        "granite_20b_fc": "granite-20b-fc"}
+        "granite_20b_fc": "granite-20b-fc",
+        "apertus": "apertus"}
     assert TOOL_FORMAT_FOR_VLLM_PARSER["llama4_pythonic"] == "pythonic"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["llama4_json"] == "llama3_json"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["qwen3_xml"] == "qwen3_coder"
@@ -341,7 +345,7 @@ def test_doctor_reads_the_vllm_parsers_from_the_declarations() -> None:
     assert TOOL_FORMAT_FOR_VLLM_PARSER["hy_v3"] == "hunyuan"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["hy_v4"] == "hunyuan"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["granite4"] == "hermes"
-    assert len(TOOL_FORMAT_FOR_VLLM_PARSER) == 38
+    assert len(TOOL_FORMAT_FOR_VLLM_PARSER) == 39
 
 
 # --- bad declarations ----------------------------------------------------------------------------
