@@ -75,6 +75,8 @@ MODEL_NAMES: dict[str, str | None] = {
     "ibm-granite/granite-20b-functioncalling": "granite_20b_fc",
     "swiss-ai/Apertus-8B-Instruct-2509": "apertus",
     "apertus:70b": "apertus",
+    "rednote-hilab/dots.llm1.inst": "dots",
+    "dots.llm1": "dots",
     "zai-org/GLM-4.5": "glm45",
     "zai-org/GLM-4.6": "glm45",
     "zai-org/GLM-4.7": "glm45",
@@ -178,6 +180,7 @@ MARKER_TEXTS: dict[str, str | None] = {
     '<function_call> {"name": "f", "arguments": {}}': "granite_20b_fc",
     "<function_calls>\nf(a=1)\n</function_calls>": "olmo3",
     '<|tools_prefix|>[{"f": {}}]<|tools_suffix|>': "apertus",
+    '<dots_function_call>\n<invoke name="f">\n</invoke>\n</dots_function_call>': "dots",
     'Sure: {"name": "f"} and [f()] and functools[{}]': None,
 }
 
@@ -332,7 +335,8 @@ def test_doctor_reads_the_vllm_parsers_from_the_declarations() -> None:
         "internlm": "internlm",
         "lfm2": "lfm2",
         "granite_20b_fc": "granite-20b-fc",
-        "apertus": "apertus"}
+        "apertus": "apertus",
+        "dots": "dots"}
     assert TOOL_FORMAT_FOR_VLLM_PARSER["llama4_pythonic"] == "pythonic"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["llama4_json"] == "llama3_json"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["qwen3_xml"] == "qwen3_coder"
@@ -345,7 +349,7 @@ def test_doctor_reads_the_vllm_parsers_from_the_declarations() -> None:
     assert TOOL_FORMAT_FOR_VLLM_PARSER["hy_v3"] == "hunyuan"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["hy_v4"] == "hunyuan"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["granite4"] == "hermes"
-    assert len(TOOL_FORMAT_FOR_VLLM_PARSER) == 39
+    assert len(TOOL_FORMAT_FOR_VLLM_PARSER) == 40
 
 
 # --- bad declarations ----------------------------------------------------------------------------

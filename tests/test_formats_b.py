@@ -19,7 +19,7 @@ from .format_harness import check_expected, check_split_invariance, load_cases, 
 FORMATS = ["granite", "glm45", "kimi_k2", "gpt_oss", "functiongemma", "phi4_mini", "minimax_m2",
            "generic_json", "deepseek_v32", "seed_oss", "longcat", "ernie45", "olmo3", "xlam",
            "gigachat3", "gigachat35", "hunyuan", "jamba", "step3", "internlm", "lfm2",
-           "granite_20b_fc", "apertus"]
+           "granite_20b_fc", "apertus", "dots"]
 
 # marker fragments per format, for the arbitrary-input property test
 MARKERS: dict[str, list[str]] = {
@@ -91,6 +91,9 @@ MARKERS: dict[str, list[str]] = {
                        '"arguments": {"text": "', '"}}', "{", "}", "\n", " "],
     "apertus": ["<|tools_prefix|>", "<|tools_suffix|>", "[", "]", '{"echo": ', '{"text": "',
                 '"}}', "{", "}", ",", '{"name": "echo", "arguments": {}}', "\n", " "],
+    "dots": ["<dots_function_call>", "</dots_function_call>", '<invoke name="echo">',
+             "</invoke>", '<parameter name="text">', '<parameter name="n">', "</parameter>",
+             '{"name": "echo", "arguments": {"text": "', '"}}', "<think>", "</think>", "\n"],
 }
 TOOLS: list[dict[str, Any]] = [
     {"type": "function", "function": {"name": "echo", "parameters": {
