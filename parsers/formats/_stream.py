@@ -82,9 +82,11 @@ class Markers:
         n = len(data)
         if m is not None:
             longer = self.extends[m.group()]
-            if longer and not final and m.end() == n and any(
+            if longer and not final and n - m.start() < len(longer[0]) and any(
                     o.startswith(data[m.start():]) for o in longer):
-                return m.start(), None  # more text may make it the longer marker: hold it
+                # the rest of the text may still grow into the longer marker (``<|channel>``
+                # then ``thought``, of ``<|channel>thought\n``): hold it
+                return m.start(), None
             return m.start(), m
         if final or pos >= n:
             return n, None
