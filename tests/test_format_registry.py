@@ -77,6 +77,9 @@ MODEL_NAMES: dict[str, str | None] = {
     "apertus:70b": "apertus",
     "rednote-hilab/dots.llm1.inst": "dots",
     "dots.llm1": "dots",
+    "google/gemma-4-31B-it": "gemma4",
+    "google/gemma-4-E2B-it": "gemma4",
+    "gemma4:e4b": "gemma4",
     "zai-org/GLM-4.5": "glm45",
     "zai-org/GLM-4.6": "glm45",
     "zai-org/GLM-4.7": "glm45",
@@ -181,6 +184,8 @@ MARKER_TEXTS: dict[str, str | None] = {
     "<function_calls>\nf(a=1)\n</function_calls>": "olmo3",
     '<|tools_prefix|>[{"f": {}}]<|tools_suffix|>': "apertus",
     '<dots_function_call>\n<invoke name="f">\n</invoke>\n</dots_function_call>': "dots",
+    '<|tool_call>call:f{a:<|"|>x<|"|>}<tool_call|>': "gemma4",
+    "<|channel>thought\nplan<channel|>done": "gemma4",
     'Sure: {"name": "f"} and [f()] and functools[{}]': None,
 }
 
@@ -336,7 +341,8 @@ def test_doctor_reads_the_vllm_parsers_from_the_declarations() -> None:
         "lfm2": "lfm2",
         "granite_20b_fc": "granite-20b-fc",
         "apertus": "apertus",
-        "dots": "dots"}
+        "dots": "dots",
+        "gemma4": "gemma4"}
     assert TOOL_FORMAT_FOR_VLLM_PARSER["llama4_pythonic"] == "pythonic"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["llama4_json"] == "llama3_json"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["qwen3_xml"] == "qwen3_coder"
@@ -349,7 +355,7 @@ def test_doctor_reads_the_vllm_parsers_from_the_declarations() -> None:
     assert TOOL_FORMAT_FOR_VLLM_PARSER["hy_v3"] == "hunyuan"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["hy_v4"] == "hunyuan"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["granite4"] == "hermes"
-    assert len(TOOL_FORMAT_FOR_VLLM_PARSER) == 40
+    assert len(TOOL_FORMAT_FOR_VLLM_PARSER) == 41
 
 
 # --- bad declarations ----------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from .format_harness import check_expected, check_split_invariance, load_cases, 
 FORMATS = ["granite", "glm45", "kimi_k2", "gpt_oss", "functiongemma", "phi4_mini", "minimax_m2",
            "generic_json", "deepseek_v32", "seed_oss", "longcat", "ernie45", "olmo3", "xlam",
            "gigachat3", "gigachat35", "hunyuan", "jamba", "step3", "internlm", "lfm2",
-           "granite_20b_fc", "apertus", "dots"]
+           "granite_20b_fc", "apertus", "dots", "gemma4"]
 
 # marker fragments per format, for the arbitrary-input property test
 MARKERS: dict[str, list[str]] = {
@@ -94,6 +94,9 @@ MARKERS: dict[str, list[str]] = {
     "dots": ["<dots_function_call>", "</dots_function_call>", '<invoke name="echo">',
              "</invoke>", '<parameter name="text">', '<parameter name="n">', "</parameter>",
              '{"name": "echo", "arguments": {"text": "', '"}}', "<think>", "</think>", "\n"],
+    "gemma4": ["<|tool_call>", "<tool_call|>", "call:echo", ":echo", "{", "}", "[", "]", ":",
+               ",", "text", '<|"|>', "<|channel>", "<|channel>thought\n", "<channel|>", "true",
+               "\n"],
 }
 TOOLS: list[dict[str, Any]] = [
     {"type": "function", "function": {"name": "echo", "parameters": {
