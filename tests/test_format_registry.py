@@ -80,6 +80,12 @@ MODEL_NAMES: dict[str, str | None] = {
     "google/gemma-4-31B-it": "gemma4",
     "google/gemma-4-E2B-it": "gemma4",
     "gemma4:e4b": "gemma4",
+    "CohereLabs/c4ai-command-a-03-2025": "cohere_command3",
+    "CohereLabs/command-a-reasoning-08-2025": "cohere_command3",
+    "CohereLabs/command-a-vision-07-2025": "cohere_command3",
+    "CohereLabs/command-a-plus": "cohere_command4",
+    "command-a-plus-fp8": "cohere_command4",
+    "CohereLabs/c4ai-command-r-plus-08-2024": None,
     "zai-org/GLM-4.5": "glm45",
     "zai-org/GLM-4.6": "glm45",
     "zai-org/GLM-4.7": "glm45",
@@ -186,6 +192,9 @@ MARKER_TEXTS: dict[str, str | None] = {
     '<dots_function_call>\n<invoke name="f">\n</invoke>\n</dots_function_call>': "dots",
     '<|tool_call>call:f{a:<|"|>x<|"|>}<tool_call|>': "gemma4",
     "<|channel>thought\nplan<channel|>done": "gemma4",
+    '<|START_ACTION|>[{"tool_call_id": "0", "tool_name": "f", "parameters": {}}]'
+    "<|END_ACTION|>": "cohere_command3",
+    "<|START_THINKING|>plan<|END_THINKING|><|START_RESPONSE|>hi": "cohere_command3",
     'Sure: {"name": "f"} and [f()] and functools[{}]': None,
 }
 
@@ -342,7 +351,9 @@ def test_doctor_reads_the_vllm_parsers_from_the_declarations() -> None:
         "granite_20b_fc": "granite-20b-fc",
         "apertus": "apertus",
         "dots": "dots",
-        "gemma4": "gemma4"}
+        "gemma4": "gemma4",
+        "cohere_command3": "cohere_command3",
+        "cohere_command4": "cohere_command4"}
     assert TOOL_FORMAT_FOR_VLLM_PARSER["llama4_pythonic"] == "pythonic"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["llama4_json"] == "llama3_json"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["qwen3_xml"] == "qwen3_coder"
@@ -355,7 +366,7 @@ def test_doctor_reads_the_vllm_parsers_from_the_declarations() -> None:
     assert TOOL_FORMAT_FOR_VLLM_PARSER["hy_v3"] == "hunyuan"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["hy_v4"] == "hunyuan"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["granite4"] == "hermes"
-    assert len(TOOL_FORMAT_FOR_VLLM_PARSER) == 41
+    assert len(TOOL_FORMAT_FOR_VLLM_PARSER) == 43
 
 
 # --- bad declarations ----------------------------------------------------------------------------

@@ -19,7 +19,11 @@ from .format_harness import check_expected, check_split_invariance, load_cases, 
 FORMATS = ["granite", "glm45", "kimi_k2", "gpt_oss", "functiongemma", "phi4_mini", "minimax_m2",
            "generic_json", "deepseek_v32", "seed_oss", "longcat", "ernie45", "olmo3", "xlam",
            "gigachat3", "gigachat35", "hunyuan", "jamba", "step3", "internlm", "lfm2",
-           "granite_20b_fc", "apertus", "dots", "gemma4"]
+           "granite_20b_fc", "apertus", "dots", "gemma4", "cohere_command3", "cohere_command4"]
+
+_COHERE = ["<|START_ACTION|>", "<|END_ACTION|>", "<|START_THINKING|>", "<|END_THINKING|>",
+           "<|START_RESPONSE|>", "<|END_TEXT|>", "[", "]", ",",
+           '{"tool_call_id": "0", "tool_name": "echo", ', '"parameters": {"text": "', '"}}', "\n"]
 
 # marker fragments per format, for the arbitrary-input property test
 MARKERS: dict[str, list[str]] = {
@@ -97,6 +101,8 @@ MARKERS: dict[str, list[str]] = {
     "gemma4": ["<|tool_call>", "<tool_call|>", "call:echo", ":echo", "{", "}", "[", "]", ":",
                ",", "text", '<|"|>', "<|channel>", "<|channel>thought\n", "<channel|>", "true",
                "\n"],
+    "cohere_command3": _COHERE,
+    "cohere_command4": _COHERE,
 }
 TOOLS: list[dict[str, Any]] = [
     {"type": "function", "function": {"name": "echo", "parameters": {

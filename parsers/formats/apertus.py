@@ -18,7 +18,7 @@ from ..events import Event, ToolCallArgs, ToolCallEnd, ToolCallStart
 from ._declaration import ToolFormat
 from ._stream import CallListReader, Markers, call_from_members, object_members
 from .base import text_event
-from .granite import _LIST, _TEXT, GraniteParser
+from .granite import GraniteParser
 
 TOOLS_PREFIX = "<|tools_prefix|>"
 TOOLS_SUFFIX = "<|tools_suffix|>"
@@ -65,19 +65,9 @@ class ApertusParser(GraniteParser):
 
     name = "apertus"
     _IN_TEXT = Markers(TOOLS_PREFIX, TOOLS_SUFFIX)
+    _STRAYS = frozenset((TOOLS_SUFFIX,))
     closing = TOOLS_SUFFIX
     list_reader = ApertusListReader
-
-    def _step(self, data: str, pos: int, final: bool, out: list[Event]) -> tuple[int, bool]:
-        if self._state == _TEXT:
-            pos, tok = self._plain(data, pos, final, out)
-            if tok is None:
-                return pos, True
-            if tok == TOOLS_PREFIX:
-                self._list = self.list_reader(self.next_index, self.marker_opens_list)
-                self._state = _LIST
-            return pos, False  # a stray suffix: dropped
-        return super()._step(data, pos, final, out)
 
 
 FORMAT = ToolFormat(

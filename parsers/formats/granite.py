@@ -45,6 +45,8 @@ class GraniteParser(StreamParser):
             pos, tok = self._plain(data, pos, final, out)
             if tok is None:
                 return pos, True
+            if tok in self._STRAYS:  # a special token out of place: dropped
+                return pos, False
             self._list = self.list_reader(self.next_index, self.marker_opens_list)
             self._state = _LIST
             return pos, False
