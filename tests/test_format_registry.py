@@ -86,6 +86,8 @@ MODEL_NAMES: dict[str, str | None] = {
     "CohereLabs/command-a-plus": "cohere_command4",
     "command-a-plus-fp8": "cohere_command4",
     "CohereLabs/c4ai-command-r-plus-08-2024": None,
+    "inkling": "inkling",
+    "acme/Inkling-Preview": "inkling",
     "zai-org/GLM-4.5": "glm45",
     "zai-org/GLM-4.6": "glm45",
     "zai-org/GLM-4.7": "glm45",
@@ -195,6 +197,8 @@ MARKER_TEXTS: dict[str, str | None] = {
     '<|START_ACTION|>[{"tool_call_id": "0", "tool_name": "f", "parameters": {}}]'
     "<|END_ACTION|>": "cohere_command3",
     "<|START_THINKING|>plan<|END_THINKING|><|START_RESPONSE|>hi": "cohere_command3",
+    '<|content_invoke_tool_json|>{"name": "f", "args": {}}<|end_message|>': "inkling",
+    "<|content_thinking|>plan<|end_message|><|message_model|><|content_text|>hi": "inkling",
     'Sure: {"name": "f"} and [f()] and functools[{}]': None,
 }
 
@@ -353,7 +357,8 @@ def test_doctor_reads_the_vllm_parsers_from_the_declarations() -> None:
         "dots": "dots",
         "gemma4": "gemma4",
         "cohere_command3": "cohere_command3",
-        "cohere_command4": "cohere_command4"}
+        "cohere_command4": "cohere_command4",
+        "inkling": "inkling"}
     assert TOOL_FORMAT_FOR_VLLM_PARSER["llama4_pythonic"] == "pythonic"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["llama4_json"] == "llama3_json"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["qwen3_xml"] == "qwen3_coder"
@@ -366,7 +371,7 @@ def test_doctor_reads_the_vllm_parsers_from_the_declarations() -> None:
     assert TOOL_FORMAT_FOR_VLLM_PARSER["hy_v3"] == "hunyuan"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["hy_v4"] == "hunyuan"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["granite4"] == "hermes"
-    assert len(TOOL_FORMAT_FOR_VLLM_PARSER) == 43
+    assert len(TOOL_FORMAT_FOR_VLLM_PARSER) == 44
 
 
 # --- bad declarations ----------------------------------------------------------------------------

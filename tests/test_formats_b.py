@@ -19,7 +19,8 @@ from .format_harness import check_expected, check_split_invariance, load_cases, 
 FORMATS = ["granite", "glm45", "kimi_k2", "gpt_oss", "functiongemma", "phi4_mini", "minimax_m2",
            "generic_json", "deepseek_v32", "seed_oss", "longcat", "ernie45", "olmo3", "xlam",
            "gigachat3", "gigachat35", "hunyuan", "jamba", "step3", "internlm", "lfm2",
-           "granite_20b_fc", "apertus", "dots", "gemma4", "cohere_command3", "cohere_command4"]
+           "granite_20b_fc", "apertus", "dots", "gemma4", "cohere_command3", "cohere_command4",
+           "inkling"]
 
 _COHERE = ["<|START_ACTION|>", "<|END_ACTION|>", "<|START_THINKING|>", "<|END_THINKING|>",
            "<|START_RESPONSE|>", "<|END_TEXT|>", "[", "]", ",",
@@ -103,6 +104,10 @@ MARKERS: dict[str, list[str]] = {
                "\n"],
     "cohere_command3": _COHERE,
     "cohere_command4": _COHERE,
+    "inkling": ["<|message_model|>", "<|content_text|>", "<|content_thinking|>",
+                "<|content_invoke_tool_json|>", "<|content_invoke_tool_text|>",
+                "<|content_model_end_sampling|>", "<|end_message|>", "echo",
+                '{"name": "echo", ', '"args": {"text": "', '"}}', "\n", " "],
 }
 TOOLS: list[dict[str, Any]] = [
     {"type": "function", "function": {"name": "echo", "parameters": {
