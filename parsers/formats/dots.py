@@ -26,7 +26,7 @@ from ._stream import (
     Markers,
     StreamParser,
 )
-from .minimax_m2 import _SECTION, INVOKE_START, MiniMaxM2Parser
+from .minimax_m2 import _SECTION, INVOKE_END, INVOKE_START, PARAM_START, MiniMaxM2Parser
 
 SECTION_START = "<dots_function_call>"
 SECTION_END = "</dots_function_call>"
@@ -45,6 +45,8 @@ class DotsParser(MiniMaxM2Parser):
     _IN_TEXT = Markers(THINK_START, SECTION_START, SECTION_END)
     _IN_THINK = Markers(THINK_END, SECTION_START, SECTION_END)
     _IN_SECTION = Markers(INVOKE_START, SECTION_END, "{")
+    # the block's end also ends an invoke left open
+    _IN_CALL = Markers(PARAM_START, INVOKE_END, SECTION_END)
     _JSON_STOPS = Markers(SECTION_END)
 
     def _step(self, data: str, pos: int, final: bool, out: list[Event]) -> tuple[int, bool]:
