@@ -35,6 +35,7 @@ ALWAYS_OPEN: tuple[str, ...] = (
     r"minimax-?m2",  # MiniMax-M2
     r"ernie-?4[._]5.*thinking",  # ERNIE-4.5-*-Thinking
     r"step-?3(?:(?:\.|p)[5-9])?(?!\d)",  # Step-3, Step-3.5 and later: <think> always prefilled
+    r"command-?a-?(?:plus|\+)",  # Command A+ (cohere_command4): <|START_THINKING|> prefilled
 )
 #: models whose templates open reasoning unless the request turns thinking off
 OPEN_BY_DEFAULT: tuple[str, ...] = (

@@ -69,6 +69,25 @@ MODEL_NAMES: dict[str, str | None] = {
     "mistralai/Ministral-8B-Instruct-2410": "mistral",
     "codestral": "mistral",
     "ibm-granite/granite-3.3-8b-instruct": "granite",
+    "ibm-granite/granite-4.0-h-small": "hermes",
+    "ibm-granite/granite-4.0-micro": "hermes",
+    "granite4:tiny-h": "hermes",
+    "ibm-granite/granite-20b-functioncalling": "granite_20b_fc",
+    "swiss-ai/Apertus-8B-Instruct-2509": "apertus",
+    "apertus:70b": "apertus",
+    "rednote-hilab/dots.llm1.inst": "dots",
+    "dots.llm1": "dots",
+    "google/gemma-4-31B-it": "gemma4",
+    "google/gemma-4-E2B-it": "gemma4",
+    "gemma4:e4b": "gemma4",
+    "CohereLabs/c4ai-command-a-03-2025": "cohere_command3",
+    "CohereLabs/command-a-reasoning-08-2025": "cohere_command3",
+    "CohereLabs/command-a-vision-07-2025": "cohere_command3",
+    "CohereLabs/command-a-plus": "cohere_command4",
+    "command-a-plus-fp8": "cohere_command4",
+    "CohereLabs/c4ai-command-r-plus-08-2024": None,
+    "inkling": "inkling",
+    "acme/Inkling-Preview": "inkling",
     "zai-org/GLM-4.5": "glm45",
     "zai-org/GLM-4.6": "glm45",
     "zai-org/GLM-4.7": "glm45",
@@ -169,6 +188,17 @@ MARKER_TEXTS: dict[str, str | None] = {
     "<|action_start|><|interpreter|>print(1)": None,
     "<|tool_call_start|>[f()]<|tool_call_end|>": "lfm2",
     "<think>plan <|tool_call_start|>[f(a=1)]": "lfm2",
+    '<function_call> {"name": "f", "arguments": {}}': "granite_20b_fc",
+    "<function_calls>\nf(a=1)\n</function_calls>": "olmo3",
+    '<|tools_prefix|>[{"f": {}}]<|tools_suffix|>': "apertus",
+    '<dots_function_call>\n<invoke name="f">\n</invoke>\n</dots_function_call>': "dots",
+    '<|tool_call>call:f{a:<|"|>x<|"|>}<tool_call|>': "gemma4",
+    "<|channel>thought\nplan<channel|>done": "gemma4",
+    '<|START_ACTION|>[{"tool_call_id": "0", "tool_name": "f", "parameters": {}}]'
+    "<|END_ACTION|>": "cohere_command3",
+    "<|START_THINKING|>plan<|END_THINKING|><|START_RESPONSE|>hi": "cohere_command3",
+    '<|content_invoke_tool_json|>{"name": "f", "args": {}}<|end_message|>': "inkling",
+    "<|content_thinking|>plan<|end_message|><|message_model|><|content_text|>hi": "inkling",
     'Sure: {"name": "f"} and [f()] and functools[{}]': None,
 }
 
@@ -321,7 +351,14 @@ def test_doctor_reads_the_vllm_parsers_from_the_declarations() -> None:
         "jamba": "jamba",
         "step3": "step3",
         "internlm": "internlm",
-        "lfm2": "lfm2"}
+        "lfm2": "lfm2",
+        "granite_20b_fc": "granite-20b-fc",
+        "apertus": "apertus",
+        "dots": "dots",
+        "gemma4": "gemma4",
+        "cohere_command3": "cohere_command3",
+        "cohere_command4": "cohere_command4",
+        "inkling": "inkling"}
     assert TOOL_FORMAT_FOR_VLLM_PARSER["llama4_pythonic"] == "pythonic"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["llama4_json"] == "llama3_json"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["qwen3_xml"] == "qwen3_coder"
@@ -333,7 +370,8 @@ def test_doctor_reads_the_vllm_parsers_from_the_declarations() -> None:
     assert TOOL_FORMAT_FOR_VLLM_PARSER["deepseek_v41"] == "deepseek_v32"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["hy_v3"] == "hunyuan"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["hy_v4"] == "hunyuan"
-    assert len(TOOL_FORMAT_FOR_VLLM_PARSER) == 36
+    assert TOOL_FORMAT_FOR_VLLM_PARSER["granite4"] == "hermes"
+    assert len(TOOL_FORMAT_FOR_VLLM_PARSER) == 44
 
 
 # --- bad declarations ----------------------------------------------------------------------------
@@ -453,5 +491,6 @@ def test_two_formats_of_one_rank_are_a_clear_error(package: Path) -> None:
 
 
 def test_an_unknown_format_name_lists_the_known_ones() -> None:
-    with pytest.raises(ValueError, match=r"unknown tool format 'nope'; one of \['deepseek_v3'"):
+    with pytest.raises(ValueError, match=r"unknown tool format 'nope'; one of \[.*"
+                                         r"'deepseek_v3'.*'hermes'.*\]"):
         make_parser("nope")

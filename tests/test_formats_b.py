@@ -18,7 +18,13 @@ from .format_harness import check_expected, check_split_invariance, load_cases, 
 
 FORMATS = ["granite", "glm45", "kimi_k2", "gpt_oss", "functiongemma", "phi4_mini", "minimax_m2",
            "generic_json", "deepseek_v32", "seed_oss", "longcat", "ernie45", "olmo3", "xlam",
-           "gigachat3", "gigachat35", "hunyuan", "jamba", "step3", "internlm", "lfm2"]
+           "gigachat3", "gigachat35", "hunyuan", "jamba", "step3", "internlm", "lfm2",
+           "granite_20b_fc", "apertus", "dots", "gemma4", "cohere_command3", "cohere_command4",
+           "inkling"]
+
+_COHERE = ["<|START_ACTION|>", "<|END_ACTION|>", "<|START_THINKING|>", "<|END_THINKING|>",
+           "<|START_RESPONSE|>", "<|END_TEXT|>", "[", "]", ",",
+           '{"tool_call_id": "0", "tool_name": "echo", ', '"parameters": {"text": "', '"}}', "\n"]
 
 # marker fragments per format, for the arbitrary-input property test
 MARKERS: dict[str, list[str]] = {
@@ -86,6 +92,22 @@ MARKERS: dict[str, list[str]] = {
     "lfm2": ["<|tool_call_start|>", "<|tool_call_end|>", "[", "]", "echo(", "text=", '"x"',
              "null", ")", ",", '{"name": "echo", "arguments": {}}', "<think>", "</think>", "\n",
              " "],
+    "granite_20b_fc": ["<function_call>", "<function_calls>", '{"name": "echo", ',
+                       '"arguments": {"text": "', '"}}', "{", "}", "\n", " "],
+    "apertus": ["<|tools_prefix|>", "<|tools_suffix|>", "[", "]", '{"echo": ', '{"text": "',
+                '"}}', "{", "}", ",", '{"name": "echo", "arguments": {}}', "\n", " "],
+    "dots": ["<dots_function_call>", "</dots_function_call>", '<invoke name="echo">',
+             "</invoke>", '<parameter name="text">', '<parameter name="n">', "</parameter>",
+             '{"name": "echo", "arguments": {"text": "', '"}}', "<think>", "</think>", "\n"],
+    "gemma4": ["<|tool_call>", "<tool_call|>", "call:echo", ":echo", "{", "}", "[", "]", ":",
+               ",", "text", '<|"|>', "<|channel>", "<|channel>thought\n", "<channel|>", "true",
+               "\n"],
+    "cohere_command3": _COHERE,
+    "cohere_command4": _COHERE,
+    "inkling": ["<|message_model|>", "<|content_text|>", "<|content_thinking|>",
+                "<|content_invoke_tool_json|>", "<|content_invoke_tool_text|>",
+                "<|content_model_end_sampling|>", "<|end_message|>", "echo",
+                '{"name": "echo", ', '"args": {"text": "', '"}}', "\n", " "],
 }
 TOOLS: list[dict[str, Any]] = [
     {"type": "function", "function": {"name": "echo", "parameters": {

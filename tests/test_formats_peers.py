@@ -200,3 +200,28 @@ def test_pythonic_after_prose_invents_no_call(text: str) -> None:
     res = run("pythonic", [prose], TOOLS)
     assert res.calls == []
     assert res.content == prose.replace("<|python_end|>", "")
+
+
+# --- Inkling's message header -------------------------------------------------------------------
+
+def test_inkling_header_is_held_only_while_it_can_be_a_name() -> None:
+    """The reply starts in a message header (the template wrote ``<|message_model|>``): a run of
+    name characters waits for the token after it, and the mender's fast path must not overtake
+    it meanwhile; anything else makes it text at once."""
+    parser = make_parser("inkling", [WEATHER])
+    assert parser.feed("get_weather") == []
+    assert not parser.at_rest
+    assert parser.feed(" is a word") == [Text("get_weather"), Text(" is a word")]
+    assert parser.at_rest
+
+
+def test_inkling_header_before_a_block_is_metadata() -> None:
+    res = run("inkling", ["get_weather", "<|content_invoke_tool_json|>",
+                          '{"name": "get_weather", "args": {"city": "Oslo"}}', "<|end_message|>",
+                          "<|message_model|>note", "<|content_text|>Done.<|end_message|>"],
+              [WEATHER])
+    assert res.content == "Done."
+    assert [(c.name, c.arguments) for c in res.calls] == [("get_weather", '{"city": "Oslo"}')]
+    # a header the reply ends in, or one a block's end follows, was text after all
+    assert run("inkling", ["Sure"]).key() == ("Sure", "", ())
+    assert run("inkling", ["Sure<|end_message|>"]).key() == ("Sure", "", ())

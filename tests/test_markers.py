@@ -50,6 +50,17 @@ def test_longer_marker_split_after_its_short_prefix() -> None:
     assert scan_stream(NESTED, ["x <tool", "_call>"]) == [("text", "x "), ("marker", "<tool_call>")]
 
 
+def test_longer_marker_split_inside_its_rest() -> None:
+    """The piece ends past the short marker but still inside the longer one."""
+    assert scan_stream(NESTED, ["a [T", "OOL_CALLS] b"]) == [
+        ("text", "a "), ("marker", "[TOOL_CALLS]"), ("text", " b")]
+    channel = Markers("<|channel>", "<|channel>thought\n")
+    assert scan_stream(channel, list("<|channel>thought\nplan")) == [
+        ("marker", "<|channel>thought\n"), ("text", "plan")]
+    assert scan_stream(channel, ["<|channel>tho", "se"]) == [
+        ("marker", "<|channel>"), ("text", "those")]
+
+
 def test_short_marker_stands_once_the_longer_is_ruled_out() -> None:
     assert scan_stream(NESTED, ["a [", "1, 2]"]) == [
         ("text", "a "), ("marker", "["), ("text", "1, 2]")]

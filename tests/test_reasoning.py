@@ -248,10 +248,11 @@ def test_signals_in_order_of_precedence() -> None:
         True, "reasoning_open_models")
     for name in ("deepseek-ai/DeepSeek-R1-0528", "DeepSeek-R1-Distill-Qwen-7B", "Qwen/QwQ-32B",
                  "MiniMaxAI/MiniMax-M2", "baidu/ERNIE-4.5-21B-A3B-Thinking", "stepfun-ai/step3",
-                 "stepfun-ai/Step-3.5-Flash"):
+                 "stepfun-ai/Step-3.5-Flash", "CohereLabs/command-a-plus"):
         assert ReasoningSignals(request=False).decide(name)[0], name
     assert ReasoningSignals().decide(None, "deepseek-r1") == (True, "model name")
     assert ReasoningSignals().decide("baidu/ERNIE-4.5-21B-A3B-PT") == (False, "")
+    assert ReasoningSignals().decide("CohereLabs/command-a-reasoning-08-2025") == (False, "")
 
 
 def test_template_switch_and_field_choice() -> None:

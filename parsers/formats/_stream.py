@@ -82,9 +82,11 @@ class Markers:
         n = len(data)
         if m is not None:
             longer = self.extends[m.group()]
-            if longer and not final and m.end() == n and any(
+            if longer and not final and n - m.start() < len(longer[0]) and any(
                     o.startswith(data[m.start():]) for o in longer):
-                return m.start(), None  # more text may make it the longer marker: hold it
+                # the rest of the text may still grow into the longer marker (``<|channel>``
+                # then ``thought``, of ``<|channel>thought\n``): hold it
+                return m.start(), None
             return m.start(), m
         if final or pos >= n:
             return n, None
@@ -576,21 +578,23 @@ class CallReader:
     """
 
     __slots__ = (
-        "_args_seen", "_atom_re", "_bare", "_body", "_cont_re", "_depth", "_esc", "_instr",
-        "_keep_body", "_key", "_kind", "_parser", "_pending", "_phase", "_role", "_stops",
-        "_text_if_unnamed",
+        "_arg_keys", "_args_seen", "_atom_re", "_bare", "_body", "_cont_re", "_depth", "_esc",
+        "_instr", "_keep_body", "_key", "_kind", "_parser", "_pending", "_phase", "_role",
+        "_stops", "_text_if_unnamed",
         "_val", "call_id", "index", "name", "started",
     )
 
     def __init__(self, parser: MarkerParser, stops: Markers | None = None, *,
                  name: str | None = None, call_id: str | None = None,
-                 text_if_unnamed: bool = False) -> None:
+                 text_if_unnamed: bool = False,
+                 arg_keys: tuple[str, ...] = ENVELOPE_ARG_KEYS) -> None:
         self._parser = parser
         self._stops = stops
         firsts = "".join(sorted(stops.firsts)) if stops else ""
         self._cont_re = re.compile("[" + re.escape('"{}[]' + firsts) + "]")
         self._atom_re = re.compile("[^" + re.escape(_WS_CHARS + ',}]"{[' + firsts) + "]+")
         self._text_if_unnamed = text_if_unnamed
+        self._arg_keys = arg_keys  # the envelope's keys for the arguments (Inkling: "args")
         self.name = name
         self.call_id = call_id
         self.index = -1
@@ -771,7 +775,7 @@ class CallReader:
         elif c in ",}]:":
             self._to_raw()
             return i
-        elif self._key in ENVELOPE_ARG_KEYS and not self._args_seen:
+        elif self._key in self._arg_keys and not self._args_seen:
             role = _R_ARGS
             self._args_seen = True
             self._drop_body()

@@ -52,6 +52,10 @@ class FunctionGemmaParser(StreamParser):
 
     name = "functiongemma"
 
+    #: the tokens around a call and its strings (Gemma 4 spells them its own way)
+    _CALL_START = CALL_START
+    _CALL_END = CALL_END
+    _ESCAPE = ESCAPE
     _IN_TEXT = Markers(CALL_START)
     _NAME_END = Markers(ARGS_OPEN, CALL_END)
     _IN_STRUCT = Markers(ESCAPE, CALL_END, CALL_START)
@@ -75,10 +79,14 @@ class FunctionGemmaParser(StreamParser):
         self._collect = Collector(self._NAME_END)
         self._state = _NAME_STATE
 
+    def _name_text(self) -> str:
+        """The text read after the call marker, without its ``call:`` prefix."""
+        return self._collect.text().strip().removeprefix(CALL_PREFIX).strip()
+
     def _raw_call(self, out: list[Event], truncated: bool) -> None:
         """No ``{`` after the name: a malformed (or cut off) call, its raw text kept as the
         arguments."""
-        text = self._collect.text().strip().removeprefix(CALL_PREFIX).strip()
+        text = self._name_text()
         m = _NAME.match(text)
         if not text or m is None:
             emit_plain(out, text, False)
@@ -96,17 +104,18 @@ class FunctionGemmaParser(StreamParser):
             pos, tok = self._plain(data, pos, final, out)
             if tok is None:
                 return pos, True
-            self._read_name()
+            if tok == self._CALL_START:
+                self._read_name()
             return pos, False
         if st == _NAME_STATE:
             end, m = self._collect.feed(data, pos, final)
             if m is None:
                 return end, True
-            if m.group() == CALL_END:
+            if m.group() == self._CALL_END:
                 self._raw_call(out, truncated=False)
                 self._state = _TEXT
                 return m.end(), False
-            name = self._collect.text().strip().removeprefix(CALL_PREFIX).strip()
+            name = self._name_text()
             self._index = self.next_index()
             out.append(ToolCallStart(self._index, name))
             out.append(ToolCallArgs(self._index, "{"))
@@ -121,13 +130,13 @@ class FunctionGemmaParser(StreamParser):
             tok = m.group()
             if self._state == _CLOSED:  # the top-level braces closed in this chunk
                 self._after_closed(tok, out)
-            elif tok == ESCAPE:
+            elif tok == self._ESCAPE:
                 self._emit(self._flush() + '"', out)
                 self._state = _STRING
             else:  # the call ended with brackets still open: malformed, kept as is
                 self._emit(self._flush(), out)
                 out.append(ToolCallEnd(self._index))
-                if tok == CALL_START:
+                if tok == self._CALL_START:
                     self._read_name()
                 else:
                     self._state = _TEXT
@@ -157,11 +166,11 @@ class FunctionGemmaParser(StreamParser):
             out.append(ToolCallEnd(self._index, truncated=self._state != _CLOSED))
 
     def _after_closed(self, marker: str, out: list[Event]) -> None:
-        if marker == ESCAPE:  # stray text after the arguments: dropped, keep waiting
+        if marker == self._ESCAPE:  # stray text after the arguments: dropped, keep waiting
             self._state = _CLOSED
             return
         out.append(ToolCallEnd(self._index))
-        if marker == CALL_START:
+        if marker == self._CALL_START:
             self._read_name()
         else:
             self._state = _TEXT

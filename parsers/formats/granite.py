@@ -32,6 +32,8 @@ class GraniteParser(StreamParser):
     _IN_TEXT = Markers(TOOL_CALL, TOOL_CALL_TAG)
     closing: ClassVar[str | None] = TOOL_CALL_TAG_END
     marker_opens_list = False  # whether the marker ends with the list's "["
+    #: what reads the list (Apertus writes its calls in another shape)
+    list_reader: ClassVar[type[CallListReader]] = CallListReader
 
     def __init__(self, tools: list[dict[str, Any]] | None = None) -> None:
         super().__init__(tools)
@@ -43,7 +45,9 @@ class GraniteParser(StreamParser):
             pos, tok = self._plain(data, pos, final, out)
             if tok is None:
                 return pos, True
-            self._list = CallListReader(self.next_index, self.marker_opens_list)
+            if tok in self._STRAYS:  # a special token out of place: dropped
+                return pos, False
+            self._list = self.list_reader(self.next_index, self.marker_opens_list)
             self._state = _LIST
             return pos, False
         if self._state == _LIST:

@@ -1,5 +1,8 @@
 """Hermes / Qwen2.5 / Qwen3: ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``.
 
+Granite 4 writes the same calls (vLLM reads them with its ``granite4`` parser): its model names
+select this format, ahead of Granite 3's ``<|tool_call|>`` list.
+
 Qwen3 also thinks in ``<think>...</think>``; that text is reasoning, and a call written inside
 it is a draft, which fires only as the model's final act (the reasoning rule in ``_stream.py``,
 the README's decision table). ``"parameters"`` is
@@ -87,12 +90,13 @@ class HermesParser(StreamParser):
 FORMAT = ToolFormat(
     name="hermes",
     parser=HermesParser,
-    models=(r"qwen|qwq|hermes|nous",),
-    rank=20,
-    examples=("Qwen/Qwen3-8B", "Qwen/QwQ-32B", "NousResearch/Hermes-3-Llama-3.1-8B"),
+    models=(r"qwen|qwq|hermes|nous", r"granite-?4"),
+    rank=20,  # before Granite 3 (granite), whose pattern also covers Granite 4's names
+    examples=("Qwen/Qwen3-8B", "Qwen/QwQ-32B", "NousResearch/Hermes-3-Llama-3.1-8B",
+              "ibm-granite/granite-4.0-h-small"),
     markers=(TOOL_CALL_START,),
     marker_follows=("{", "[", ""),
     vllm_parser="hermes",
-    vllm_aliases=("qwen3_json",),
+    vllm_aliases=("qwen3_json", "granite4"),
     sample='<tool_call>\n{"name": "write", "arguments": $ARGS}\n</tool_call>',
 )

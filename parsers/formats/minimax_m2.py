@@ -48,6 +48,8 @@ class MiniMaxM2Parser(StreamParser):
 
     name = "minimax_m2"
 
+    #: the section's tokens (dots spells them its own way)
+    _SECTION_START = SECTION_START
     _IN_TEXT = Markers(THINK_START, SECTION_START)
     # a section opened inside reasoning is a draft, decided by the reasoning rule
     _IN_THINK = Markers(THINK_END, SECTION_START)
@@ -67,7 +69,7 @@ class MiniMaxM2Parser(StreamParser):
         st = self._state
         if st == _TEXT:
             pos, tok = self._plain(data, pos, final, out)
-            if tok == SECTION_START:
+            if tok == self._SECTION_START:
                 self._state = _SECTION
             return pos, tok is None
         if st == _SECTION or st == _CALL:  # between calls, between parameters: layout
