@@ -76,6 +76,8 @@ MODEL_NAMES: dict[str, str | None] = {
     "inclusionAI/Ling-3.0-flash": "glm45",
     "ling-3": "glm45",
     "inclusionAI/Ling-1T": None,
+    "poolside/Laguna-XS.2": "glm45",
+    "laguna-xs.2": "glm45",
     "moonshotai/Kimi-K2-Instruct": "kimi_k2",
     "moonshotai/Kimi-K2-Thinking": "kimi_k2",
     "openai/gpt-oss-20b": "gpt_oss",
@@ -331,13 +333,14 @@ def test_doctor_reads_the_vllm_parsers_from_the_declarations() -> None:
     assert TOOL_FORMAT_FOR_VLLM_PARSER["step3p5"] == "qwen3_coder"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["glm47"] == "glm45"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["ling3"] == "glm45"
+    assert TOOL_FORMAT_FOR_VLLM_PARSER["poolside_v1"] == "glm45"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["qwen3_json"] == "hermes"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["openai"] == "gpt_oss"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["deepseek_v4"] == "deepseek_v32"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["deepseek_v41"] == "deepseek_v32"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["hy_v3"] == "hunyuan"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["hy_v4"] == "hunyuan"
-    assert len(TOOL_FORMAT_FOR_VLLM_PARSER) == 37
+    assert len(TOOL_FORMAT_FOR_VLLM_PARSER) == 38
 
 
 # --- bad declarations ----------------------------------------------------------------------------

@@ -19,7 +19,8 @@ reasoning; a call written inside it is a draft, decided by the reasoning rule.
 Ling 3 (vLLM's and SGLang's ``ling3``) writes these calls too, GLM-4.7's way: the first
 ``<arg_key>`` right after the name, or ``</tool_call>`` right after it for a call without
 arguments; this parser reads both (the name ends at a newline, ``<arg_key>`` or
-``</tool_call>``), so Ling 3 is this format under its own model names.
+``</tool_call>``), so Ling 3 is this format under its own model names. So is poolside's Laguna (vLLM's and
+SGLang's ``poolside_v1``): GLM-4.5's layout, a newline after the name and after each tag.
 """
 
 from __future__ import annotations
@@ -197,11 +198,12 @@ class Glm45Parser(StreamParser):
 FORMAT = ToolFormat(
     name="glm45",
     parser=Glm45Parser,
-    models=(r"glm-?4\.[5-9]|glm-?4-?(5|6|7)", r"(?<![a-z])ling-?3"),
+    models=(r"glm-?4\.[5-9]|glm-?4-?(5|6|7)", r"(?<![a-z])ling-?3", r"laguna|poolside"),
     rank=90,
-    examples=("zai-org/GLM-4.5", "zai-org/GLM-4.7", "inclusionAI/Ling-3.0-flash"),
+    examples=("zai-org/GLM-4.5", "zai-org/GLM-4.7", "inclusionAI/Ling-3.0-flash",
+              "poolside/Laguna-XS.2"),
     markers=(CALL_START,),  # shared: GLM's is the one followed by a name
     vllm_parser="glm45",
-    vllm_aliases=("glm47", "ling3"),
+    vllm_aliases=("glm47", "ling3", "poolside_v1"),
     sample="<tool_call>write\n<arg_key>text</arg_key>\n<arg_value>$TEXT</arg_value>\n</tool_call>",
 )
