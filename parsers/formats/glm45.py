@@ -19,8 +19,9 @@ reasoning; a call written inside it is a draft, decided by the reasoning rule.
 Ling 3 (vLLM's and SGLang's ``ling3``) writes these calls too, GLM-4.7's way: the first
 ``<arg_key>`` right after the name, or ``</tool_call>`` right after it for a call without
 arguments; this parser reads both (the name ends at a newline, ``<arg_key>`` or
-``</tool_call>``), so Ling 3 is this format under its own model names. So is poolside's Laguna (vLLM's and
-SGLang's ``poolside_v1``): GLM-4.5's layout, a newline after the name and after each tag.
+``</tool_call>``), so Ling 3 is this format under its own model names. So is poolside's
+Laguna (vLLM's and SGLang's ``poolside_v1``): GLM-4.5's layout, a newline after the name and
+after each tag.
 """
 
 from __future__ import annotations
