@@ -21,7 +21,7 @@ Ling 3 (vLLM's and SGLang's ``ling3``) writes these calls too, GLM-4.7's way: th
 arguments; this parser reads both (the name ends at a newline, ``<arg_key>`` or
 ``</tool_call>``), so Ling 3 is this format under its own model names. So is poolside's
 Laguna (vLLM's and SGLang's ``poolside_v1``): GLM-4.5's layout, a newline after the name and
-after each tag.
+after each tag. And so is Spark-X2.5 (SGLang's ``spark25``), the name on the first line.
 """
 
 from __future__ import annotations
@@ -199,10 +199,11 @@ class Glm45Parser(StreamParser):
 FORMAT = ToolFormat(
     name="glm45",
     parser=Glm45Parser,
-    models=(r"glm-?4\.[5-9]|glm-?4-?(5|6|7)", r"(?<![a-z])ling-?3", r"laguna|poolside"),
+    models=(r"glm-?4\.[5-9]|glm-?4-?(5|6|7)", r"(?<![a-z])ling-?3", r"laguna|poolside",
+            r"spark-?x?2[._]5"),
     rank=90,
     examples=("zai-org/GLM-4.5", "zai-org/GLM-4.7", "inclusionAI/Ling-3.0-flash",
-              "poolside/Laguna-XS.2"),
+              "poolside/Laguna-XS.2", "XHToken/Spark-X2.5-4B"),
     markers=(CALL_START,),  # shared: GLM's is the one followed by a name
     vllm_parser="glm45",
     vllm_aliases=("glm47", "ling3", "poolside_v1"),
