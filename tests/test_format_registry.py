@@ -43,6 +43,8 @@ MODEL_NAMES: dict[str, str | None] = {
     "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B": "hermes",
     "Qwen/Qwen3-Coder-30B-A3B-Instruct": "qwen3_coder",
     "qwen3coder": "qwen3_coder",
+    "XiaomiMiMo/MiMo-V2-Flash": "qwen3_coder",
+    "XiaomiMiMo/MiMo-V2.5-Pro": "qwen3_coder",
     "deepseek-ai/DeepSeek-V3.1": "deepseek_v31",
     "deepseek-ai/DeepSeek-V3.2-Exp": "deepseek_v31",
     "deepseek-v3-1": "deepseek_v31",
@@ -334,6 +336,7 @@ def test_doctor_reads_the_vllm_parsers_from_the_declarations() -> None:
     assert TOOL_FORMAT_FOR_VLLM_PARSER["llama4_json"] == "llama3_json"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["qwen3_xml"] == "qwen3_coder"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["step3p5"] == "qwen3_coder"
+    assert TOOL_FORMAT_FOR_VLLM_PARSER["mimo"] == "qwen3_coder"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["glm47"] == "glm45"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["ling3"] == "glm45"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["poolside_v1"] == "glm45"
@@ -343,7 +346,7 @@ def test_doctor_reads_the_vllm_parsers_from_the_declarations() -> None:
     assert TOOL_FORMAT_FOR_VLLM_PARSER["deepseek_v41"] == "deepseek_v32"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["hy_v3"] == "hunyuan"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["hy_v4"] == "hunyuan"
-    assert len(TOOL_FORMAT_FOR_VLLM_PARSER) == 38
+    assert len(TOOL_FORMAT_FOR_VLLM_PARSER) == 39
 
 
 # --- bad declarations ----------------------------------------------------------------------------
