@@ -45,6 +45,8 @@ MODEL_NAMES: dict[str, str | None] = {
     "qwen3coder": "qwen3_coder",
     "XiaomiMiMo/MiMo-V2-Flash": "qwen3_coder",
     "XiaomiMiMo/MiMo-V2.5-Pro": "qwen3_coder",
+    "Nanbeige/Nanbeige4-3B-Thinking-2511": "qwen3_coder",
+    "Nanbeige/Nanbeige4.1-3B": "qwen3_coder",
     "deepseek-ai/DeepSeek-V3.1": "deepseek_v31",
     "deepseek-ai/DeepSeek-V3.2-Exp": "deepseek_v31",
     "deepseek-v3-1": "deepseek_v31",
