@@ -41,6 +41,8 @@ MODEL_NAMES: dict[str, str | None] = {
     "NousResearch/Hermes-3-Llama-3.1-8B": "hermes",
     "NousResearch/Nous-Hermes-2-Mixtral-8x7B-DPO": "hermes",
     "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B": "hermes",
+    "arcee-ai/Trinity-Mini": "hermes",
+    "arcee-ai/Trinity-Large-Preview": "hermes",
     "Qwen/Qwen3-Coder-30B-A3B-Instruct": "qwen3_coder",
     "qwen3coder": "qwen3_coder",
     "XiaomiMiMo/MiMo-V2-Flash": "qwen3_coder",

@@ -6,6 +6,10 @@ the README's decision table). ``"parameters"`` is
 accepted for ``"arguments"`` (some fine-tunes use it). Between the JSON's closing brace and
 ``</tool_call>`` only whitespace is expected; a call whose closing tag never comes still ends
 when its JSON does.
+
+Arcee's Trinity models write these calls too (SGLang's ``trinity`` detector is its Qwen2.5 one).
+SGLang strips Trinity's ``<think>`` tags and reads every call inside reasoning as a call; here
+the reasoning rule decides, so a call Trinity drafted and then thought better of never runs.
 """
 
 from __future__ import annotations
@@ -87,9 +91,10 @@ class HermesParser(StreamParser):
 FORMAT = ToolFormat(
     name="hermes",
     parser=HermesParser,
-    models=(r"qwen|qwq|hermes|nous",),
+    models=(r"qwen|qwq|hermes|nous|trinity",),
     rank=20,
-    examples=("Qwen/Qwen3-8B", "Qwen/QwQ-32B", "NousResearch/Hermes-3-Llama-3.1-8B"),
+    examples=("Qwen/Qwen3-8B", "Qwen/QwQ-32B", "NousResearch/Hermes-3-Llama-3.1-8B",
+              "arcee-ai/Trinity-Mini"),
     markers=(TOOL_CALL_START,),
     marker_follows=("{", "[", ""),
     vllm_parser="hermes",
