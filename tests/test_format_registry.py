@@ -126,6 +126,9 @@ MODEL_NAMES: dict[str, str | None] = {
     "LiquidAI/LFM2-1.2B-Tool": "lfm2",
     "LiquidAI/LFM2.5-1.2B-Instruct": "lfm2",
     "lfm2:1.2b": "lfm2",
+    "IQuestLab/IQuest-Q1": "iquest_q1",
+    "iquest-q1": "iquest_q1",
+    "IQuestLab/IQuest-Coder-V1-40B-Instruct": None,
     "THUDM/glm-4-9b": None,
     "microsoft/phi-4": None,
     "google/gemma-3-4b-it": None,
@@ -183,6 +186,9 @@ MARKER_TEXTS: dict[str, str | None] = {
     "<|action_start|><|interpreter|>print(1)": None,
     "<|tool_call_start|>[f()]<|tool_call_end|>": "lfm2",
     "<think>plan <|tool_call_start|>[f(a=1)]": "lfm2",
+    "<iquest_tool_call>f<arg_key>a</arg_key><arg_value>1</arg_value></iquest_tool_call>":
+        "iquest_q1",
+    "<think>plan <iquest_tool_call>f": "iquest_q1",
     'Sure: {"name": "f"} and [f()] and functools[{}]': None,
 }
 

@@ -18,7 +18,8 @@ from .format_harness import check_expected, check_split_invariance, load_cases, 
 
 FORMATS = ["granite", "glm45", "kimi_k2", "gpt_oss", "functiongemma", "phi4_mini", "minimax_m2",
            "generic_json", "deepseek_v32", "seed_oss", "longcat", "ernie45", "olmo3", "xlam",
-           "gigachat3", "gigachat35", "hunyuan", "jamba", "step3", "internlm", "lfm2"]
+           "gigachat3", "gigachat35", "hunyuan", "jamba", "step3", "internlm", "lfm2",
+           "iquest_q1"]
 
 # marker fragments per format, for the arbitrary-input property test
 MARKERS: dict[str, list[str]] = {
@@ -86,6 +87,9 @@ MARKERS: dict[str, list[str]] = {
     "lfm2": ["<|tool_call_start|>", "<|tool_call_end|>", "[", "]", "echo(", "text=", '"x"',
              "null", ")", ",", '{"name": "echo", "arguments": {}}', "<think>", "</think>", "\n",
              " "],
+    "iquest_q1": ["<iquest_tool_call>", "</iquest_tool_call>", "<arg_key>", "</arg_key>",
+                  "<arg_value>", "</arg_value>", "echo", "text", "n", "\n", "<think>", "</think>",
+                  "<tool_call>"],
 }
 TOOLS: list[dict[str, Any]] = [
     {"type": "function", "function": {"name": "echo", "parameters": {

@@ -110,6 +110,9 @@ class Glm45Parser(StreamParser):
 
     name = "glm45"
 
+    #: the call's tags (IQuest-Q1 writes GLM's calls in tags of its own)
+    _CALL_OPEN = CALL_START
+    _CALL_CLOSE = CALL_END
     _IN_TEXT = Markers(THINK_START, CALL_START)
     # a call written inside reasoning is a draft, decided by the reasoning rule (GLM-4.5+
     # sometimes calls without closing its reasoning first: the model's final act)
@@ -130,7 +133,7 @@ class Glm45Parser(StreamParser):
         st = self._state
         if st == _TEXT:
             pos, tok = self._plain(data, pos, final, out)
-            if tok == CALL_START:
+            if tok == self._CALL_OPEN:
                 self._read(_NAME, self._NAME_END)
             return pos, tok is None
         if st == _ARGS:
@@ -151,7 +154,7 @@ class Glm45Parser(StreamParser):
             self._call = XmlArgs(self, name, GLM_VALUES, out)
             if tok == KEY_START:
                 self._read(_KEY, self._KEY_END)
-            elif tok == CALL_END:
+            elif tok == self._CALL_CLOSE:
                 self._end(out)
             else:
                 self._state = _ARGS
