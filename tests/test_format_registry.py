@@ -129,6 +129,9 @@ MODEL_NAMES: dict[str, str | None] = {
     "IQuestLab/IQuest-Q1": "iquest_q1",
     "iquest-q1": "iquest_q1",
     "IQuestLab/IQuest-Coder-V1-40B-Instruct": None,
+    "pfnet/plamo-3-nict-31b-base": "plamo3",
+    "plamo3": "plamo3",
+    "pfnet/plamo-2-8b": None,
     "THUDM/glm-4-9b": None,
     "microsoft/phi-4": None,
     "google/gemma-3-4b-it": None,
@@ -189,6 +192,8 @@ MARKER_TEXTS: dict[str, str | None] = {
     "<iquest_tool_call>f<arg_key>a</arg_key><arg_value>1</arg_value></iquest_tool_call>":
         "iquest_q1",
     "<think>plan <iquest_tool_call>f": "iquest_q1",
+    "<|plamo:begin_tool_requests:plamo|><|plamo:begin_tool_request:plamo|>": "plamo3",
+    "<|plamo:begin_think:plamo|>plan<|plamo:end_think:plamo|>done": "plamo3",
     'Sure: {"name": "f"} and [f()] and functools[{}]': None,
 }
 
@@ -341,7 +346,8 @@ def test_doctor_reads_the_vllm_parsers_from_the_declarations() -> None:
         "jamba": "jamba",
         "step3": "step3",
         "internlm": "internlm",
-        "lfm2": "lfm2"}
+        "lfm2": "lfm2",
+        "plamo3": "plamo3"}
     assert TOOL_FORMAT_FOR_VLLM_PARSER["llama4_pythonic"] == "pythonic"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["llama4_json"] == "llama3_json"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["qwen3_xml"] == "qwen3_coder"
@@ -356,7 +362,7 @@ def test_doctor_reads_the_vllm_parsers_from_the_declarations() -> None:
     assert TOOL_FORMAT_FOR_VLLM_PARSER["deepseek_v41"] == "deepseek_v32"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["hy_v3"] == "hunyuan"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["hy_v4"] == "hunyuan"
-    assert len(TOOL_FORMAT_FOR_VLLM_PARSER) == 39
+    assert len(TOOL_FORMAT_FOR_VLLM_PARSER) == 40
 
 
 # --- bad declarations ----------------------------------------------------------------------------

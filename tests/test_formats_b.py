@@ -19,7 +19,7 @@ from .format_harness import check_expected, check_split_invariance, load_cases, 
 FORMATS = ["granite", "glm45", "kimi_k2", "gpt_oss", "functiongemma", "phi4_mini", "minimax_m2",
            "generic_json", "deepseek_v32", "seed_oss", "longcat", "ernie45", "olmo3", "xlam",
            "gigachat3", "gigachat35", "hunyuan", "jamba", "step3", "internlm", "lfm2",
-           "iquest_q1"]
+           "iquest_q1", "plamo3"]
 
 # marker fragments per format, for the arbitrary-input property test
 MARKERS: dict[str, list[str]] = {
@@ -90,6 +90,12 @@ MARKERS: dict[str, list[str]] = {
     "iquest_q1": ["<iquest_tool_call>", "</iquest_tool_call>", "<arg_key>", "</arg_key>",
                   "<arg_value>", "</arg_value>", "echo", "text", "n", "\n", "<think>", "</think>",
                   "<tool_call>"],
+    "plamo3": ["<|plamo:begin_tool_requests:plamo|>", "<|plamo:end_tool_requests:plamo|>",
+               "<|plamo:begin_tool_request:plamo|>", "<|plamo:end_tool_request:plamo|>",
+               "<|plamo:begin_tool_name:plamo|>", "<|plamo:end_tool_name:plamo|>",
+               "<|plamo:begin_tool_arguments:plamo|>", "<|plamo:constrain|>json<|plamo:msg|>",
+               "<|plamo:end_tool_arguments:plamo|>", "<|plamo:begin_think:plamo|>",
+               "<|plamo:end_think:plamo|>", "<|plamo:tag|>", "echo", '{"text": "', '"}', "\n"],
 }
 TOOLS: list[dict[str, Any]] = [
     {"type": "function", "function": {"name": "echo", "parameters": {

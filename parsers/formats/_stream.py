@@ -82,9 +82,14 @@ class Markers:
         n = len(data)
         if m is not None:
             longer = self.extends[m.group()]
-            if longer and not final and m.end() == n and any(
-                    o.startswith(data[m.start():]) for o in longer):
-                return m.start(), None  # more text may make it the longer marker: hold it
+            if longer and not final:
+                # what follows the match so far may still grow into the longer marker (at the
+                # end of the piece, or some characters of it already here): hold it
+                start = m.start()
+                rest = n - start
+                if rest < self.longest and any(len(o) > rest and o.startswith(data[start:])
+                                               for o in longer):
+                    return start, None
             return m.start(), m
         if final or pos >= n:
             return n, None
