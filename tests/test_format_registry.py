@@ -132,6 +132,9 @@ MODEL_NAMES: dict[str, str | None] = {
     "pfnet/plamo-3-nict-31b-base": "plamo3",
     "plamo3": "plamo3",
     "pfnet/plamo-2-8b": None,
+    "openbmb/MiniCPM5-1B": "minicpm5",
+    "openbmb/MiniCPM5-2B-GPTQ": "minicpm5",
+    "openbmb/MiniCPM4-8B": None,
     "THUDM/glm-4-9b": None,
     "microsoft/phi-4": None,
     "google/gemma-3-4b-it": None,
@@ -194,6 +197,8 @@ MARKER_TEXTS: dict[str, str | None] = {
     "<think>plan <iquest_tool_call>f": "iquest_q1",
     "<|plamo:begin_tool_requests:plamo|><|plamo:begin_tool_request:plamo|>": "plamo3",
     "<|plamo:begin_think:plamo|>plan<|plamo:end_think:plamo|>done": "plamo3",
+    '<function name="f"><param name="a">1</param></function>': "minicpm5",
+    "<think>plan <functionname='f'>": "minicpm5",
     'Sure: {"name": "f"} and [f()] and functools[{}]': None,
 }
 
@@ -347,7 +352,8 @@ def test_doctor_reads_the_vllm_parsers_from_the_declarations() -> None:
         "step3": "step3",
         "internlm": "internlm",
         "lfm2": "lfm2",
-        "plamo3": "plamo3"}
+        "plamo3": "plamo3",
+        "minicpm5": "minicpm5"}
     assert TOOL_FORMAT_FOR_VLLM_PARSER["llama4_pythonic"] == "pythonic"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["llama4_json"] == "llama3_json"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["qwen3_xml"] == "qwen3_coder"
@@ -362,7 +368,7 @@ def test_doctor_reads_the_vllm_parsers_from_the_declarations() -> None:
     assert TOOL_FORMAT_FOR_VLLM_PARSER["deepseek_v41"] == "deepseek_v32"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["hy_v3"] == "hunyuan"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["hy_v4"] == "hunyuan"
-    assert len(TOOL_FORMAT_FOR_VLLM_PARSER) == 40
+    assert len(TOOL_FORMAT_FOR_VLLM_PARSER) == 41
 
 
 # --- bad declarations ----------------------------------------------------------------------------

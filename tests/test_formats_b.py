@@ -19,7 +19,7 @@ from .format_harness import check_expected, check_split_invariance, load_cases, 
 FORMATS = ["granite", "glm45", "kimi_k2", "gpt_oss", "functiongemma", "phi4_mini", "minimax_m2",
            "generic_json", "deepseek_v32", "seed_oss", "longcat", "ernie45", "olmo3", "xlam",
            "gigachat3", "gigachat35", "hunyuan", "jamba", "step3", "internlm", "lfm2",
-           "iquest_q1", "plamo3"]
+           "iquest_q1", "plamo3", "minicpm5"]
 
 # marker fragments per format, for the arbitrary-input property test
 MARKERS: dict[str, list[str]] = {
@@ -96,6 +96,10 @@ MARKERS: dict[str, list[str]] = {
                "<|plamo:begin_tool_arguments:plamo|>", "<|plamo:constrain|>json<|plamo:msg|>",
                "<|plamo:end_tool_arguments:plamo|>", "<|plamo:begin_think:plamo|>",
                "<|plamo:end_think:plamo|>", "<|plamo:tag|>", "echo", '{"text": "', '"}', "\n"],
+    "minicpm5": ['<function name="echo">', "<function name=", "<functionname='echo'>",
+                 "</function>", '<param name="text">', "<param name=n>", "<paramname=", "</param>",
+                 "<arguments>", "</arguments>", "<![CDATA[", "]]>", "&amp;", "&lt", "<think>",
+                 "</think>", "\n", " ", "3", "x"],
 }
 TOOLS: list[dict[str, Any]] = [
     {"type": "function", "function": {"name": "echo", "parameters": {
