@@ -135,6 +135,8 @@ MODEL_NAMES: dict[str, str | None] = {
     "openbmb/MiniCPM5-1B": "minicpm5",
     "openbmb/MiniCPM5-2B-GPTQ": "minicpm5",
     "openbmb/MiniCPM4-8B": None,
+    "moonshotai/Kimi-K3": "kimi_k3",
+    "kimi-k3-thinking": "kimi_k3",
     "THUDM/glm-4-9b": None,
     "microsoft/phi-4": None,
     "google/gemma-3-4b-it": None,
@@ -199,6 +201,8 @@ MARKER_TEXTS: dict[str, str | None] = {
     "<|plamo:begin_think:plamo|>plan<|plamo:end_think:plamo|>done": "plamo3",
     '<function name="f"><param name="a">1</param></function>': "minicpm5",
     "<think>plan <functionname='f'>": "minicpm5",
+    '<|open|>tools<|sep|><|open|>call tool="f" index="1"<|sep|>': "kimi_k3",
+    "<|open|>think<|sep|>plan<|close|>think<|sep|>done": "kimi_k3",
     'Sure: {"name": "f"} and [f()] and functools[{}]': None,
 }
 
@@ -353,7 +357,8 @@ def test_doctor_reads_the_vllm_parsers_from_the_declarations() -> None:
         "internlm": "internlm",
         "lfm2": "lfm2",
         "plamo3": "plamo3",
-        "minicpm5": "minicpm5"}
+        "minicpm5": "minicpm5",
+        "kimi_k3": "kimi_k3"}
     assert TOOL_FORMAT_FOR_VLLM_PARSER["llama4_pythonic"] == "pythonic"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["llama4_json"] == "llama3_json"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["qwen3_xml"] == "qwen3_coder"
@@ -368,7 +373,7 @@ def test_doctor_reads_the_vllm_parsers_from_the_declarations() -> None:
     assert TOOL_FORMAT_FOR_VLLM_PARSER["deepseek_v41"] == "deepseek_v32"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["hy_v3"] == "hunyuan"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["hy_v4"] == "hunyuan"
-    assert len(TOOL_FORMAT_FOR_VLLM_PARSER) == 41
+    assert len(TOOL_FORMAT_FOR_VLLM_PARSER) == 42
 
 
 # --- bad declarations ----------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from .format_harness import check_expected, check_split_invariance, load_cases, 
 FORMATS = ["granite", "glm45", "kimi_k2", "gpt_oss", "functiongemma", "phi4_mini", "minimax_m2",
            "generic_json", "deepseek_v32", "seed_oss", "longcat", "ernie45", "olmo3", "xlam",
            "gigachat3", "gigachat35", "hunyuan", "jamba", "step3", "internlm", "lfm2",
-           "iquest_q1", "plamo3", "minicpm5"]
+           "iquest_q1", "plamo3", "minicpm5", "kimi_k3"]
 
 # marker fragments per format, for the arbitrary-input property test
 MARKERS: dict[str, list[str]] = {
@@ -100,6 +100,11 @@ MARKERS: dict[str, list[str]] = {
                  "</function>", '<param name="text">', "<param name=n>", "<paramname=", "</param>",
                  "<arguments>", "</arguments>", "<![CDATA[", "]]>", "&amp;", "&lt", "<think>",
                  "</think>", "\n", " ", "3", "x"],
+    "kimi_k3": ["<|open|>", "<|close|>", "<|sep|>", "tools", "call", "argument", "think",
+                "response", "message", " ", '<|open|>call tool="echo" index="1"<|sep|>',
+                '<|open|>argument key="text" type="string"<|sep|>', ' type="integer"',
+                "<|close|>argument<|sep|>", "<|close|>call<|sep|>", "<|open|>tools<|sep|>",
+                "<|close|>tools<|sep|>", "<|open|>think<|sep|>", "<|close|>think<|sep|>", "1"],
 }
 TOOLS: list[dict[str, Any]] = [
     {"type": "function", "function": {"name": "echo", "parameters": {
