@@ -137,6 +137,8 @@ MODEL_NAMES: dict[str, str | None] = {
     "openbmb/MiniCPM4-8B": None,
     "moonshotai/Kimi-K3": "kimi_k3",
     "kimi-k3-thinking": "kimi_k3",
+    "IFM/K2-Horizon-7B": "k2_horizon",
+    "k2-horizon:7b": "k2_horizon",
     "THUDM/glm-4-9b": None,
     "microsoft/phi-4": None,
     "google/gemma-3-4b-it": None,
@@ -203,6 +205,8 @@ MARKER_TEXTS: dict[str, str | None] = {
     "<think>plan <functionname='f'>": "minicpm5",
     '<|open|>tools<|sep|><|open|>call tool="f" index="1"<|sep|>': "kimi_k3",
     "<|open|>think<|sep|>plan<|close|>think<|sep|>done": "kimi_k3",
+    "<ifm|tool_calls><ifm|tool_call>f</ifm|tool_call></ifm|tool_calls>": "k2_horizon",
+    "<ifm|think_fast>plan</ifm|think_fast>done": "k2_horizon",
     'Sure: {"name": "f"} and [f()] and functools[{}]': None,
 }
 
@@ -358,7 +362,8 @@ def test_doctor_reads_the_vllm_parsers_from_the_declarations() -> None:
         "lfm2": "lfm2",
         "plamo3": "plamo3",
         "minicpm5": "minicpm5",
-        "kimi_k3": "kimi_k3"}
+        "kimi_k3": "kimi_k3",
+        "k2_horizon": "k2_horizon"}
     assert TOOL_FORMAT_FOR_VLLM_PARSER["llama4_pythonic"] == "pythonic"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["llama4_json"] == "llama3_json"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["qwen3_xml"] == "qwen3_coder"
@@ -373,7 +378,7 @@ def test_doctor_reads_the_vllm_parsers_from_the_declarations() -> None:
     assert TOOL_FORMAT_FOR_VLLM_PARSER["deepseek_v41"] == "deepseek_v32"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["hy_v3"] == "hunyuan"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["hy_v4"] == "hunyuan"
-    assert len(TOOL_FORMAT_FOR_VLLM_PARSER) == 42
+    assert len(TOOL_FORMAT_FOR_VLLM_PARSER) == 43
 
 
 # --- bad declarations ----------------------------------------------------------------------------

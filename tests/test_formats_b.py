@@ -19,7 +19,8 @@ from .format_harness import check_expected, check_split_invariance, load_cases, 
 FORMATS = ["granite", "glm45", "kimi_k2", "gpt_oss", "functiongemma", "phi4_mini", "minimax_m2",
            "generic_json", "deepseek_v32", "seed_oss", "longcat", "ernie45", "olmo3", "xlam",
            "gigachat3", "gigachat35", "hunyuan", "jamba", "step3", "internlm", "lfm2",
-           "iquest_q1", "plamo3", "minicpm5", "kimi_k3"]
+           "iquest_q1", "plamo3", "minicpm5", "kimi_k3",
+           "k2_horizon"]
 
 # marker fragments per format, for the arbitrary-input property test
 MARKERS: dict[str, list[str]] = {
@@ -105,6 +106,11 @@ MARKERS: dict[str, list[str]] = {
                 '<|open|>argument key="text" type="string"<|sep|>', ' type="integer"',
                 "<|close|>argument<|sep|>", "<|close|>call<|sep|>", "<|open|>tools<|sep|>",
                 "<|close|>tools<|sep|>", "<|open|>think<|sep|>", "<|close|>think<|sep|>", "1"],
+    "k2_horizon": ["<ifm|tool_calls>", "</ifm|tool_calls>", "<ifm|tool_call>", "</ifm|tool_call>",
+                   "<ifm|arg_key>", "</ifm|arg_key>", "<ifm|arg_type>", "</ifm|arg_type>",
+                   "<ifm|arg_value>", "</ifm|arg_value>", "<ifm|think>", "</ifm|think>",
+                   "<ifm|think_fast>", "</ifm|think_fast>", "echo", "text", "integer",
+                   '{"name": "echo", "arguments": {}}', "\n", " "],
 }
 TOOLS: list[dict[str, Any]] = [
     {"type": "function", "function": {"name": "echo", "parameters": {
