@@ -139,6 +139,8 @@ MODEL_NAMES: dict[str, str | None] = {
     "kimi-k3-thinking": "kimi_k3",
     "IFM/K2-Horizon-7B": "k2_horizon",
     "k2-horizon:7b": "k2_horizon",
+    "MiniMaxAI/MiniMax-M3": "minimax_m3",
+    "minimax-m3": "minimax_m3",
     "THUDM/glm-4-9b": None,
     "microsoft/phi-4": None,
     "google/gemma-3-4b-it": None,
@@ -207,6 +209,9 @@ MARKER_TEXTS: dict[str, str | None] = {
     "<|open|>think<|sep|>plan<|close|>think<|sep|>done": "kimi_k3",
     "<ifm|tool_calls><ifm|tool_call>f</ifm|tool_call></ifm|tool_calls>": "k2_horizon",
     "<ifm|think_fast>plan</ifm|think_fast>done": "k2_horizon",
+    ']<]minimax[>[<tool_call>\n]<]minimax[>[<invoke name="f">]<]minimax[>[</invoke>':
+        "minimax_m3",
+    "<mm:think>plan</mm:think>done": "minimax_m3",
     'Sure: {"name": "f"} and [f()] and functools[{}]': None,
 }
 
@@ -335,7 +340,8 @@ def test_the_mender_watches_each_formats_triggers() -> None:
     assert TRIGGERS["gigachat3"] == (b"<", b"f")
     assert TRIGGERS["llama3_json"] == (b"<", b"{")
     assert TRIGGERS["generic_json"] == (b"{", b"[", b"`")
-    assert TRIGGERS["auto"] == (b"<", b"[")
+    assert TRIGGERS["minimax_m3"] == (b"]", b"<")
+    assert TRIGGERS["auto"] == (b"<", b"[", b"]")
     assert set(TRIGGERS) == {*FORMATS, "auto"}
 
 
@@ -363,7 +369,8 @@ def test_doctor_reads_the_vllm_parsers_from_the_declarations() -> None:
         "plamo3": "plamo3",
         "minicpm5": "minicpm5",
         "kimi_k3": "kimi_k3",
-        "k2_horizon": "k2_horizon"}
+        "k2_horizon": "k2_horizon",
+        "minimax_m3": "minimax_m3"}
     assert TOOL_FORMAT_FOR_VLLM_PARSER["llama4_pythonic"] == "pythonic"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["llama4_json"] == "llama3_json"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["qwen3_xml"] == "qwen3_coder"
@@ -378,7 +385,7 @@ def test_doctor_reads_the_vllm_parsers_from_the_declarations() -> None:
     assert TOOL_FORMAT_FOR_VLLM_PARSER["deepseek_v41"] == "deepseek_v32"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["hy_v3"] == "hunyuan"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["hy_v4"] == "hunyuan"
-    assert len(TOOL_FORMAT_FOR_VLLM_PARSER) == 43
+    assert len(TOOL_FORMAT_FOR_VLLM_PARSER) == 44
 
 
 # --- bad declarations ----------------------------------------------------------------------------

@@ -20,7 +20,7 @@ FORMATS = ["granite", "glm45", "kimi_k2", "gpt_oss", "functiongemma", "phi4_mini
            "generic_json", "deepseek_v32", "seed_oss", "longcat", "ernie45", "olmo3", "xlam",
            "gigachat3", "gigachat35", "hunyuan", "jamba", "step3", "internlm", "lfm2",
            "iquest_q1", "plamo3", "minicpm5", "kimi_k3",
-           "k2_horizon"]
+           "k2_horizon", "minimax_m3"]
 
 # marker fragments per format, for the arbitrary-input property test
 MARKERS: dict[str, list[str]] = {
@@ -111,6 +111,11 @@ MARKERS: dict[str, list[str]] = {
                    "<ifm|arg_value>", "</ifm|arg_value>", "<ifm|think>", "</ifm|think>",
                    "<ifm|think_fast>", "</ifm|think_fast>", "echo", "text", "integer",
                    '{"name": "echo", "arguments": {}}', "\n", " "],
+    "minimax_m3": ["]<]minimax[>[", "]<]minimax[>[<tool_call>", "]<]minimax[>[</tool_call>",
+                   ']<]minimax[>[<invoke name="echo">', "]<]minimax[>[<invoke name=",
+                   "]<]minimax[>[</invoke>", "]<]minimax[>[<text>", "]<]minimax[>[</text>",
+                   "]<]minimax[>[<n>", "]<]minimax[>[</n>", "<text>", "<mm:think>",
+                   "</mm:think>", "\n", " ", "3", "x"],
 }
 TOOLS: list[dict[str, Any]] = [
     {"type": "function", "function": {"name": "echo", "parameters": {
