@@ -141,6 +141,8 @@ MODEL_NAMES: dict[str, str | None] = {
     "k2-horizon:7b": "k2_horizon",
     "MiniMaxAI/MiniMax-M3": "minimax_m3",
     "minimax-m3": "minimax_m3",
+    "Muse-Glimmer-30B": "muse_glimmer",
+    "muse-glimmer": "muse_glimmer",
     "THUDM/glm-4-9b": None,
     "microsoft/phi-4": None,
     "google/gemma-3-4b-it": None,
@@ -370,7 +372,8 @@ def test_doctor_reads_the_vllm_parsers_from_the_declarations() -> None:
         "minicpm5": "minicpm5",
         "kimi_k3": "kimi_k3",
         "k2_horizon": "k2_horizon",
-        "minimax_m3": "minimax_m3"}
+        "minimax_m3": "minimax_m3",
+        "muse_glimmer": "muse_glimmer"}
     assert TOOL_FORMAT_FOR_VLLM_PARSER["llama4_pythonic"] == "pythonic"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["llama4_json"] == "llama3_json"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["qwen3_xml"] == "qwen3_coder"
@@ -385,7 +388,7 @@ def test_doctor_reads_the_vllm_parsers_from_the_declarations() -> None:
     assert TOOL_FORMAT_FOR_VLLM_PARSER["deepseek_v41"] == "deepseek_v32"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["hy_v3"] == "hunyuan"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["hy_v4"] == "hunyuan"
-    assert len(TOOL_FORMAT_FOR_VLLM_PARSER) == 44
+    assert len(TOOL_FORMAT_FOR_VLLM_PARSER) == 45
 
 
 # --- bad declarations ----------------------------------------------------------------------------

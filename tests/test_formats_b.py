@@ -20,7 +20,7 @@ FORMATS = ["granite", "glm45", "kimi_k2", "gpt_oss", "functiongemma", "phi4_mini
            "generic_json", "deepseek_v32", "seed_oss", "longcat", "ernie45", "olmo3", "xlam",
            "gigachat3", "gigachat35", "hunyuan", "jamba", "step3", "internlm", "lfm2",
            "iquest_q1", "plamo3", "minicpm5", "kimi_k3",
-           "k2_horizon", "minimax_m3"]
+           "k2_horizon", "minimax_m3", "muse_glimmer"]
 
 # marker fragments per format, for the arbitrary-input property test
 MARKERS: dict[str, list[str]] = {
@@ -116,6 +116,11 @@ MARKERS: dict[str, list[str]] = {
                    "]<]minimax[>[</invoke>", "]<]minimax[>[<text>", "]<]minimax[>[</text>",
                    "]<]minimax[>[<n>", "]<]minimax[>[</n>", "<text>", "<mm:think>",
                    "</mm:think>", "\n", " ", "3", "x"],
+    "muse_glimmer": ["<|start|>", "assistant", " to=self", " to=user", " to=echo.echo", "to=",
+                     "<|message|>", "<|eom|>", "<|eot|>", "<atem:function_calls>",
+                     "</atem:function_calls>", '<atem:invoke name="echo.echo">', "<atem:invoke",
+                     "</atem:invoke>", '<atem:parameter name="text">', "</atem:parameter>", ">",
+                     "\n", " ", "x"],
 }
 TOOLS: list[dict[str, Any]] = [
     {"type": "function", "function": {"name": "echo", "parameters": {
