@@ -41,8 +41,14 @@ MODEL_NAMES: dict[str, str | None] = {
     "NousResearch/Hermes-3-Llama-3.1-8B": "hermes",
     "NousResearch/Nous-Hermes-2-Mixtral-8x7B-DPO": "hermes",
     "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B": "hermes",
+    "arcee-ai/Trinity-Mini": "hermes",
+    "arcee-ai/Trinity-Large-Preview": "hermes",
     "Qwen/Qwen3-Coder-30B-A3B-Instruct": "qwen3_coder",
     "qwen3coder": "qwen3_coder",
+    "XiaomiMiMo/MiMo-V2-Flash": "qwen3_coder",
+    "XiaomiMiMo/MiMo-V2.5-Pro": "qwen3_coder",
+    "Nanbeige/Nanbeige4-3B-Thinking-2511": "qwen3_coder",
+    "Nanbeige/Nanbeige4.1-3B": "qwen3_coder",
     "deepseek-ai/DeepSeek-V3.1": "deepseek_v31",
     "deepseek-ai/DeepSeek-V3.2-Exp": "deepseek_v31",
     "deepseek-v3-1": "deepseek_v31",
@@ -92,6 +98,14 @@ MODEL_NAMES: dict[str, str | None] = {
     "zai-org/GLM-4.6": "glm45",
     "zai-org/GLM-4.7": "glm45",
     "glm-4-5": "glm45",
+    "inclusionAI/Ling-3.0-flash": "glm45",
+    "ling-3": "glm45",
+    "inclusionAI/Ling-1T": None,
+    "poolside/Laguna-XS.2": "glm45",
+    "laguna-xs.2": "glm45",
+    "XHToken/Spark-X2.5-4B": "glm45",
+    "XHToken/Spark-X2.5-1.7B": "glm45",
+    "spark2_5": "glm45",
     "moonshotai/Kimi-K2-Instruct": "kimi_k2",
     "moonshotai/Kimi-K2-Thinking": "kimi_k2",
     "openai/gpt-oss-20b": "gpt_oss",
@@ -131,6 +145,23 @@ MODEL_NAMES: dict[str, str | None] = {
     "LiquidAI/LFM2-1.2B-Tool": "lfm2",
     "LiquidAI/LFM2.5-1.2B-Instruct": "lfm2",
     "lfm2:1.2b": "lfm2",
+    "IQuestLab/IQuest-Q1": "iquest_q1",
+    "iquest-q1": "iquest_q1",
+    "IQuestLab/IQuest-Coder-V1-40B-Instruct": None,
+    "pfnet/plamo-3-nict-31b-base": "plamo3",
+    "plamo3": "plamo3",
+    "pfnet/plamo-2-8b": None,
+    "openbmb/MiniCPM5-1B": "minicpm5",
+    "openbmb/MiniCPM5-2B-GPTQ": "minicpm5",
+    "openbmb/MiniCPM4-8B": None,
+    "moonshotai/Kimi-K3": "kimi_k3",
+    "kimi-k3-thinking": "kimi_k3",
+    "IFM/K2-Horizon-7B": "k2_horizon",
+    "k2-horizon:7b": "k2_horizon",
+    "MiniMaxAI/MiniMax-M3": "minimax_m3",
+    "minimax-m3": "minimax_m3",
+    "Muse-Glimmer-30B": "muse_glimmer",
+    "muse-glimmer": "muse_glimmer",
     "THUDM/glm-4-9b": None,
     "microsoft/phi-4": None,
     "google/gemma-3-4b-it": None,
@@ -199,6 +230,20 @@ MARKER_TEXTS: dict[str, str | None] = {
     "<|START_THINKING|>plan<|END_THINKING|><|START_RESPONSE|>hi": "cohere_command3",
     '<|content_invoke_tool_json|>{"name": "f", "args": {}}<|end_message|>': "inkling",
     "<|content_thinking|>plan<|end_message|><|message_model|><|content_text|>hi": "inkling",
+    "<iquest_tool_call>f<arg_key>a</arg_key><arg_value>1</arg_value></iquest_tool_call>":
+        "iquest_q1",
+    "<think>plan <iquest_tool_call>f": "iquest_q1",
+    "<|plamo:begin_tool_requests:plamo|><|plamo:begin_tool_request:plamo|>": "plamo3",
+    "<|plamo:begin_think:plamo|>plan<|plamo:end_think:plamo|>done": "plamo3",
+    '<function name="f"><param name="a">1</param></function>': "minicpm5",
+    "<think>plan <functionname='f'>": "minicpm5",
+    '<|open|>tools<|sep|><|open|>call tool="f" index="1"<|sep|>': "kimi_k3",
+    "<|open|>think<|sep|>plan<|close|>think<|sep|>done": "kimi_k3",
+    "<ifm|tool_calls><ifm|tool_call>f</ifm|tool_call></ifm|tool_calls>": "k2_horizon",
+    "<ifm|think_fast>plan</ifm|think_fast>done": "k2_horizon",
+    ']<]minimax[>[<tool_call>\n]<]minimax[>[<invoke name="f">]<]minimax[>[</invoke>':
+        "minimax_m3",
+    "<mm:think>plan</mm:think>done": "minimax_m3",
     'Sure: {"name": "f"} and [f()] and functools[{}]': None,
 }
 
@@ -327,7 +372,8 @@ def test_the_mender_watches_each_formats_triggers() -> None:
     assert TRIGGERS["gigachat3"] == (b"<", b"f")
     assert TRIGGERS["llama3_json"] == (b"<", b"{")
     assert TRIGGERS["generic_json"] == (b"{", b"[", b"`")
-    assert TRIGGERS["auto"] == (b"<", b"[")
+    assert TRIGGERS["minimax_m3"] == (b"]", b"<")
+    assert TRIGGERS["auto"] == (b"<", b"[", b"]")
     assert set(TRIGGERS) == {*FORMATS, "auto"}
 
 
@@ -358,12 +404,21 @@ def test_doctor_reads_the_vllm_parsers_from_the_declarations() -> None:
         "gemma4": "gemma4",
         "cohere_command3": "cohere_command3",
         "cohere_command4": "cohere_command4",
-        "inkling": "inkling"}
+        "inkling": "inkling",
+        "plamo3": "plamo3",
+        "minicpm5": "minicpm5",
+        "kimi_k3": "kimi_k3",
+        "k2_horizon": "k2_horizon",
+        "minimax_m3": "minimax_m3",
+        "muse_glimmer": "muse_glimmer"}
     assert TOOL_FORMAT_FOR_VLLM_PARSER["llama4_pythonic"] == "pythonic"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["llama4_json"] == "llama3_json"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["qwen3_xml"] == "qwen3_coder"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["step3p5"] == "qwen3_coder"
+    assert TOOL_FORMAT_FOR_VLLM_PARSER["mimo"] == "qwen3_coder"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["glm47"] == "glm45"
+    assert TOOL_FORMAT_FOR_VLLM_PARSER["ling3"] == "glm45"
+    assert TOOL_FORMAT_FOR_VLLM_PARSER["poolside_v1"] == "glm45"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["qwen3_json"] == "hermes"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["openai"] == "gpt_oss"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["deepseek_v4"] == "deepseek_v32"
@@ -371,7 +426,7 @@ def test_doctor_reads_the_vllm_parsers_from_the_declarations() -> None:
     assert TOOL_FORMAT_FOR_VLLM_PARSER["hy_v3"] == "hunyuan"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["hy_v4"] == "hunyuan"
     assert TOOL_FORMAT_FOR_VLLM_PARSER["granite4"] == "hermes"
-    assert len(TOOL_FORMAT_FOR_VLLM_PARSER) == 44
+    assert len(TOOL_FORMAT_FOR_VLLM_PARSER) == 53
 
 
 # --- bad declarations ----------------------------------------------------------------------------

@@ -82,11 +82,14 @@ class Markers:
         n = len(data)
         if m is not None:
             longer = self.extends[m.group()]
-            if longer and not final and n - m.start() < len(longer[0]) and any(
-                    o.startswith(data[m.start():]) for o in longer):
-                # the rest of the text may still grow into the longer marker (``<|channel>``
-                # then ``thought``, of ``<|channel>thought\n``): hold it
-                return m.start(), None
+            if longer and not final:
+                # what follows the match so far may still grow into the longer marker (at the
+                # end of the piece, or some characters of it already here): hold it
+                start = m.start()
+                rest = n - start
+                if rest < self.longest and any(len(o) > rest and o.startswith(data[start:])
+                                               for o in longer):
+                    return start, None
             return m.start(), m
         if final or pos >= n:
             return n, None

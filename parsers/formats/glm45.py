@@ -15,6 +15,13 @@ JSON, then as a Python literal, else kept as a string), as vLLM's ``glm45`` pars
 
 The arguments JSON is built here, one member per complete value. ``<think>...</think>`` is
 reasoning; a call written inside it is a draft, decided by the reasoning rule.
+
+Ling 3 (vLLM's and SGLang's ``ling3``) writes these calls too, GLM-4.7's way: the first
+``<arg_key>`` right after the name, or ``</tool_call>`` right after it for a call without
+arguments; this parser reads both (the name ends at a newline, ``<arg_key>`` or
+``</tool_call>``), so Ling 3 is this format under its own model names. So is poolside's
+Laguna (vLLM's and SGLang's ``poolside_v1``): GLM-4.5's layout, a newline after the name and
+after each tag. And so is Spark-X2.5 (SGLang's ``spark25``), the name on the first line.
 """
 
 from __future__ import annotations
@@ -103,6 +110,9 @@ class Glm45Parser(StreamParser):
 
     name = "glm45"
 
+    #: the call's tags (IQuest-Q1 writes GLM's calls in tags of its own)
+    _CALL_OPEN = CALL_START
+    _CALL_CLOSE = CALL_END
     _IN_TEXT = Markers(THINK_START, CALL_START)
     # a call written inside reasoning is a draft, decided by the reasoning rule (GLM-4.5+
     # sometimes calls without closing its reasoning first: the model's final act)
@@ -123,7 +133,7 @@ class Glm45Parser(StreamParser):
         st = self._state
         if st == _TEXT:
             pos, tok = self._plain(data, pos, final, out)
-            if tok == CALL_START:
+            if tok == self._CALL_OPEN:
                 self._read(_NAME, self._NAME_END)
             return pos, tok is None
         if st == _ARGS:
@@ -144,7 +154,7 @@ class Glm45Parser(StreamParser):
             self._call = XmlArgs(self, name, GLM_VALUES, out)
             if tok == KEY_START:
                 self._read(_KEY, self._KEY_END)
-            elif tok == CALL_END:
+            elif tok == self._CALL_CLOSE:
                 self._end(out)
             else:
                 self._state = _ARGS
@@ -192,11 +202,13 @@ class Glm45Parser(StreamParser):
 FORMAT = ToolFormat(
     name="glm45",
     parser=Glm45Parser,
-    models=(r"glm-?4\.[5-9]|glm-?4-?(5|6|7)",),
+    models=(r"glm-?4\.[5-9]|glm-?4-?(5|6|7)", r"(?<![a-z])ling-?3", r"laguna|poolside",
+            r"spark-?x?2[._]5"),
     rank=90,
-    examples=("zai-org/GLM-4.5", "zai-org/GLM-4.7"),
+    examples=("zai-org/GLM-4.5", "zai-org/GLM-4.7", "inclusionAI/Ling-3.0-flash",
+              "poolside/Laguna-XS.2", "XHToken/Spark-X2.5-4B"),
     markers=(CALL_START,),  # shared: GLM's is the one followed by a name
     vllm_parser="glm45",
-    vllm_aliases=("glm47",),
+    vllm_aliases=("glm47", "ling3", "poolside_v1"),
     sample="<tool_call>write\n<arg_key>text</arg_key>\n<arg_value>$TEXT</arg_value>\n</tool_call>",
 )

@@ -9,6 +9,10 @@ the README's decision table). ``"parameters"`` is
 accepted for ``"arguments"`` (some fine-tunes use it). Between the JSON's closing brace and
 ``</tool_call>`` only whitespace is expected; a call whose closing tag never comes still ends
 when its JSON does.
+
+Arcee's Trinity models write these calls too (SGLang's ``trinity`` detector is its Qwen2.5 one).
+SGLang strips Trinity's ``<think>`` tags and reads every call inside reasoning as a call; here
+the reasoning rule decides, so a call Trinity drafted and then thought better of never runs.
 """
 
 from __future__ import annotations
@@ -90,10 +94,10 @@ class HermesParser(StreamParser):
 FORMAT = ToolFormat(
     name="hermes",
     parser=HermesParser,
-    models=(r"qwen|qwq|hermes|nous", r"granite-?4"),
+    models=(r"qwen|qwq|hermes|nous|trinity", r"granite-?4"),
     rank=20,  # before Granite 3 (granite), whose pattern also covers Granite 4's names
     examples=("Qwen/Qwen3-8B", "Qwen/QwQ-32B", "NousResearch/Hermes-3-Llama-3.1-8B",
-              "ibm-granite/granite-4.0-h-small"),
+              "ibm-granite/granite-4.0-h-small", "arcee-ai/Trinity-Mini"),
     markers=(TOOL_CALL_START,),
     marker_follows=("{", "[", ""),
     vllm_parser="hermes",

@@ -22,6 +22,12 @@ A value ends only at ``</parameter>``, or where the model left that out: at the 
 ``</tool_call>`` inside code in a value is kept. A bare
 ``<function=`` without the ``<tool_call>`` wrapper is accepted, and so is a Hermes-style JSON
 call inside ``<tool_call>`` (Qwen3-Coder falls back to it now and then).
+
+Xiaomi's MiMo-V2 models write these calls too (vLLM's and SGLang's ``mimo``), each value on
+the tag's line. vLLM keeps every MiMo value a string and SGLang types it by the schema; this
+parser types it (a number the schema asks for arrives as a number, not as text that
+validation would have to repair). Nanbeige4 writes them as well (SGLang's ``nanbeige`` is its
+Qwen3-Coder detector).
 """
 
 from __future__ import annotations
@@ -200,13 +206,15 @@ FORMAT = ToolFormat(
     name="qwen3_coder",
     parser=Qwen3CoderParser,
     # Step-3.5 and later write Qwen3-Coder's calls too (vLLM's step3p5 parser)
-    models=(r"qwen3-?coder", r"step-?3(?:\.|p)[5-9]"),
+    models=(r"qwen3-?coder", r"step-?3(?:\.|p)[5-9]", r"mimo-?v[2-9]",
+            r"nanbeige"),
     rank=10,  # before Qwen (hermes)
-    examples=("Qwen/Qwen3-Coder-30B-A3B-Instruct", "stepfun-ai/Step-3.5-Flash"),
+    examples=("Qwen/Qwen3-Coder-30B-A3B-Instruct", "stepfun-ai/Step-3.5-Flash",
+              "XiaomiMiMo/MiMo-V2-Flash", "Nanbeige/Nanbeige4-3B-Thinking-2511"),
     markers=(TOOL_CALL_START,),
     marker_follows=(FUNCTION_START,),
     vllm_parser="qwen3_coder",
-    vllm_aliases=("qwen3_xml", "step3p5"),
+    vllm_aliases=("qwen3_xml", "step3p5", "mimo"),
     sample=("<tool_call>\n<function=write>\n<parameter=text>\n$TEXT\n</parameter>\n"
             "</function>\n</tool_call>"),
 )

@@ -42,6 +42,9 @@ class XlamParser(StreamParser):
     _IN_TEXT = Markers(THINK_START, TOOL_CALL_START, TOOL_CALL_END, TOOL_CALLS, LIST_OPEN,
                        OBJECT_OPEN, FENCE)
     _IN_THINK = Markers(THINK_END, TOOL_CALL_START, TOOL_CALLS)
+    # a call list may only open the answer, which starts where reasoning ends: told that
+    # position, prose before the reasoning no longer counts as the answer's own
+    _ANSWER_STARTS = True
 
     def __init__(self, tools: list[dict[str, Any]] | None = None) -> None:
         super().__init__(tools)
@@ -69,6 +72,10 @@ class XlamParser(StreamParser):
                 self._hold_lead(out, k)
             if tok is None:
                 return pos, True
+            if tok == THINK_END:  # the answer starts here, whatever came before the reasoning
+                self._flush_lead(out)
+                self._prose = False
+                return pos, False
             if tok in (TOOL_CALL_START, TOOL_CALLS):
                 self._list = CallListReader(self.next_index)
                 self._state = _LIST
