@@ -38,6 +38,7 @@ from toolmend.server.request_body import (
     ask_for_usage,
     cap_output_tokens,
     client_wants_usage,
+    estimate_values,
     read_json_body,
     wants_stream,
 )
@@ -58,6 +59,11 @@ async def read_body(request: web.Request, limit: int, timeout: float = 0.0,
     if length is not None and length > limit:
         raise ProxyError(413, f"request body of {length} bytes is over the limit of {limit} bytes",
                          code="body_too_large")
+    if not request.can_read_body:
+        # read already (by a middleware in front of toolmend's, or none at all): aiohttp keeps
+        # what it read, and the bounds above hold for it
+        raw = await request.read()
+        return raw, estimate_values(raw)
     parts: list[bytes] = []
     size = 0
     values = 1
@@ -95,7 +101,7 @@ async def read_json_request(request: web.Request, *, any_content_type: bool = Fa
     body = await read_json_body(raw, ctype,
                                 admit=lambda size: request.app[LARGE_BODIES].admit(request,
                                                                                     size),
-                                values=values)
+                                max_values=settings.max_body_values, values=values)
     if identify:
         identify_request(request, body)
     return body
