@@ -276,8 +276,9 @@ async def test_keyed_cap_is_shared_by_best_of_n_retries(make_hstack: Callable[..
 
 
 async def test_keyless_retry_gets_the_floor(make_hstack: Callable[..., Any]) -> None:
-    """Without a key the retry of a small ``max_tokens`` gets room for its arguments."""
-    h = await make_hstack(keys=False)
+    """Without a key the retry of a small ``max_tokens`` gets room for its arguments, where it
+    is read as a bare arguments object under a JSON-schema grammar (llama-server)."""
+    h = await make_hstack("llamacpp", keys=False)
     h.sim.push({"tool_calls": [{"name": "get_weather", "arguments": {"town": "Oslo"}}]},
                {"tool_calls": [{"name": "get_weather", "arguments": {"city": "Oslo"}}]})
     body = {"model": "sim-model", "messages": MSG, "tools": TOOLS, "max_tokens": 140}
