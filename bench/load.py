@@ -57,6 +57,7 @@ import hostile
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_MD = ROOT / "BENCHMARKS.md"
 SECTION = "## Load and soak"
+SOAK_SECTION = "## Soak with hostile inputs"
 _TOKEN = re.compile(rb'"content":"[^"]')
 
 # Faults the soak mixes in: scenario name -> scenario (served by name: "#scenario:NAME")
@@ -596,15 +597,15 @@ def report(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_section(body: str) -> None:
+def write_section(body: str, section: str = SECTION) -> None:
     """Replace (or append) this script's section of BENCHMARKS.md, re-read right before."""
     text = BENCH_MD.read_text() if BENCH_MD.exists() else "# Benchmarks\n"
-    block = f"{SECTION}\n\n{body.strip()}\n"
-    start = text.find(SECTION + "\n")
+    block = f"{section}\n\n{body.strip()}\n"
+    start = text.find(section + "\n")
     if start < 0:
         text = text.rstrip("\n") + "\n\n" + block
     else:
-        nxt = text.find("\n## ", start + len(SECTION))
+        nxt = text.find("\n## ", start + len(section))
         text = text[:start] + block + ("\n" + text[nxt + 1:] if nxt >= 0 else "")
     BENCH_MD.write_text(text)
 
@@ -666,8 +667,8 @@ def main() -> None:
     print(text)
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=1))
-    if args.write:
-        write_section(text)
+    if args.write:  # the soak has a section of its own: it must not replace the load table
+        write_section(text, SOAK_SECTION if args.soak else SECTION)
 
 
 if __name__ == "__main__":
