@@ -93,6 +93,21 @@ _SKIP = b" \t\r\n:"
 _SHARED = b"_call"  # in both _STRUCTURE keys
 
 
+def _string_end(data: bytes, i: int) -> int:
+    """Where the JSON string value that starts at ``data[i:]`` (after a key's colon) ends, so a
+    marker search stays inside it: a marker character such as ``]`` (MiniMax-M3's) is in every
+    chunk's envelope after the content (``}]}``), and found there it had every event parsed.
+    Where that is not certain (not a string, or a backslash in it), the end of the event."""
+    while data[i:i + 1] == b" ":
+        i += 1
+    if data[i:i + 1] != b'"':
+        return len(data)
+    end = data.find(b'"', i + 1)
+    if end < 0 or data.find(b"\\", i + 1, end) >= 0:
+        return len(data)
+    return end
+
+
 def carries_call(data: bytes) -> bool:
     """Whether a raw chunk carries a structured call: a ``tool_calls`` or ``function_call`` key
     whose value is not ``null`` or ``[]`` (SGLang sends ``"tool_calls": null`` in every delta).
@@ -364,8 +379,9 @@ class ChatMender:
         i += 10
         if data.find(_ESCAPE, i) >= 0:
             return True
+        end = _string_end(data, i)
         for t in self._triggers:  # bounded finds: no copy of the tail per event
-            if data.find(t, i) >= 0:
+            if data.find(t, i, end) >= 0:
                 return True
         return False
 
@@ -400,8 +416,9 @@ class ChatMender:
             i = j + len(key)
         if data.find(_ESCAPE, i) >= 0:
             return True
+        end = _string_end(data, i)
         for t in self._think_triggers:
-            if data.find(t, i) >= 0:
+            if data.find(t, i, end) >= 0:
                 return True
         return False
 

@@ -73,9 +73,9 @@ class OllamaEmitter:
     returns the whole reply.
     """
 
-    __slots__ = ("_call", "_content", "_created_at", "_decoder", "_emitted_calls", "_finish",
+    __slots__ = ("_call", "_content", "_created_at", "_emitted_calls", "_finish",
                  "_kind", "_model", "_out_calls", "_stream", "_thinking", "_usage",
-                 "chunks", "error")
+                 "chunks", "decoder", "error")
 
     def __init__(self, kind: str, model: str, created_at: str, *, stream: bool = True) -> None:
         if kind not in ("chat", "generate"):
@@ -84,7 +84,7 @@ class OllamaEmitter:
         self._model = model
         self._created_at = created_at
         self._stream = stream
-        self._decoder = ChatReplyDecoder()
+        self.decoder = ChatReplyDecoder()
         self._call: _Call | None = None  # the call being assembled
         self._out_calls: list[dict[str, Any]] = []
         self._emitted_calls = 0
@@ -97,8 +97,13 @@ class OllamaEmitter:
 
     # --- input -------------------------------------------------------------------------------
     def feed(self, data: bytes) -> bytes:
+        """Chat SSE bytes in (decoded by :attr:`decoder`), NDJSON out."""
+        return self.feed_events(self.decoder.feed(data))
+
+    def feed_events(self, events: list[ReplyEvent]) -> bytes:
+        """Reply events in (the stream pipeline's output for this front), NDJSON out."""
         parts: list[bytes] = []
-        self._events(self._decoder.feed(data), parts)
+        self._events(events, parts)
         return b"".join(parts)
 
     def _events(self, events: list[ReplyEvent], parts: list[bytes]) -> None:
@@ -165,7 +170,7 @@ class OllamaEmitter:
         parts: list[bytes] = []
         if self.error is not None:
             return b""
-        self._events(self._decoder.finish(), parts)
+        self._events(self.decoder.finish(), parts)
         if self.error is not None:
             return b"".join(parts)
         d = durations or Durations()

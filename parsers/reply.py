@@ -42,6 +42,7 @@ __all__ = [
     "ToolCallStart",
     "Usage",
     "chat_reply_events",
+    "reply_size",
 ]
 
 #: The repair notes toolmend writes into a stream as SSE comments start with this.
@@ -152,7 +153,7 @@ class ChatReplyDecoder:
         out: list[ReplyEvent] = []
         payload = self._sse.whole_event(data)
         if payload is not None:  # one whole event: the most usual chunk of all
-            self._data(payload, out)
+            self.payload(payload, out)
             return out
         # The usual chunk is whole one-line events (``data: {...}\n\n``), as toolmend's own
         # stream writes them: split it here, without the general decoder's line machinery.
@@ -166,17 +167,19 @@ class ChatReplyDecoder:
                 payloads.append(piece[6:])
             else:
                 for payload in payloads:
-                    self._data(payload, out)
+                    self.payload(payload, out)
                 return out
         for ev in self._sse.feed(data):
             if type(ev) is SSEComment:
                 if ev.text.startswith(_NOTE_PREFIX):
                     out.append(Note(ev.text[len(_NOTE_PREFIX):].decode("utf-8", "replace")))
                 continue
-            self._data(ev.data, out)
+            self.payload(ev.data, out)
         return out
 
-    def _data(self, payload: bytes, out: list[ReplyEvent]) -> None:
+    def payload(self, payload: bytes, out: list[ReplyEvent]) -> None:
+        """One SSE event's data (a chunk's JSON, or ``[DONE]``): the stream pipeline hands its
+        events here directly, so a front never sees SSE bytes."""
         if payload == DONE:
             return
         try:
@@ -305,6 +308,21 @@ class ChatReplyDecoder:
     @property
     def finish_reason(self) -> str | None:
         return self._finish.reason if self._finish is not None else None
+
+
+def reply_size(events: list[ReplyEvent]) -> int:
+    """Characters of reply the events carry (text, reasoning, call names and arguments): what
+    a front that gathers a whole reply counts against ``max_upstream_reply_bytes``."""
+    n = 0
+    for ev in events:
+        kind = type(ev)
+        if kind is Text or kind is Reasoning:
+            n += len(ev.text)  # type: ignore[union-attr]
+        elif kind is ToolCallArgs:
+            n += len(ev.fragment)  # type: ignore[union-attr]
+        elif kind is ToolCallStart:
+            n += len(ev.name)  # type: ignore[union-attr]
+    return n
 
 
 def chat_reply_events(reply: dict[str, Any]) -> list[ReplyEvent]:

@@ -6,6 +6,13 @@ content deltas that need no change and are re-emitted as they came (one concaten
 parse). Only an event that can matter is parsed: one carrying usage, an error, a finish reason,
 or anything the tool-call mender asks to see.
 
+Two outputs, one pipeline. For a chat-completions client the output is SSE bytes, and an
+event that needs no change is forwarded as the very chunk that came. Every other front
+(Ollama, Anthropic Messages, Responses) passes a :class:`~.reply.ChatReplyDecoder` as
+``reply``, and gets reply events instead: the mender's chunk objects go to the decoder as
+objects, and a forwarded event's payload is decoded once, so no front encodes SSE only to
+decode it again.
+
 The client's stream is labelled ``charset=utf-8``, so that promise is kept here too: an ASCII
 event (the usual case) costs one ``isascii`` scan, any other one a decode, and only an event
 that really holds invalid UTF-8 is rewritten (U+FFFD, counted in ``stats.invalid_utf8``, said
@@ -21,6 +28,7 @@ from typing import Any, Protocol
 import orjson
 
 from .mender import StreamError
+from .reply import ChatReplyDecoder, Note, ReplyEvent
 from .sse import (
     DONE,
     DONE_EVENT,
@@ -40,6 +48,9 @@ _ERROR = b'"error"'
 #: The repair note sent (once per stream) when upstream output was not valid UTF-8.
 INVALID_UTF8_NOTE = "replaced invalid UTF-8 from the upstream with U+FFFD"
 _CONTENT_KEY = b'"content":'
+
+Output = bytes | list[ReplyEvent]
+"""What the pipeline hands the client writer: SSE bytes, or reply events (``reply`` mode)."""
 
 
 class EventMender(Protocol):
@@ -70,7 +81,7 @@ class UpstreamStreamError(Exception):
         self.status = status
         self.body = body
         self.final = final  # body is already toolmend's own OpenAI-shaped error
-        self.pending = b""
+        self.pending: bytes | list[ReplyEvent] = b""  # output decoded before the error
 
 
 @dataclass
@@ -93,12 +104,14 @@ class StreamPipeline:
     ``max_event_bytes`` bounds one upstream line and one event (``max_upstream_event_bytes``).
     """
 
-    __slots__ = ("_decoder", "_include_usage", "_max_event", "_mender", "_stopped",
+    __slots__ = ("_decoder", "_include_usage", "_max_event", "_mender", "_reply", "_stopped",
                  "_wants_plain", "awaiting_retry", "stats")
 
     def __init__(self, include_usage: bool, mender: EventMender | None = None,
-                 max_event_bytes: int = MAX_EVENT_BYTES) -> None:
+                 max_event_bytes: int = MAX_EVENT_BYTES,
+                 reply: ChatReplyDecoder | None = None) -> None:
         self._decoder = SSEDecoder(max_event_bytes, max_event_bytes)
+        self._reply = reply  # reply mode: events out instead of SSE bytes
         self._max_event = max_event_bytes
         self._include_usage = include_usage
         self._mender = mender
@@ -109,15 +122,20 @@ class StreamPipeline:
         self.awaiting_retry = False  # the mender holds calls: the proxy retries, then close()
         self.stats = StreamStats()
 
-    def feed(self, chunk: bytes) -> bytes:
-        """Bytes to write to the client for this upstream chunk (may be empty)."""
+    def feed(self, chunk: bytes) -> Output:
+        """What to write to the client for this upstream chunk (may be empty)."""
         if self._stopped:
-            return b""
+            return self._join([])
         decoder = self._decoder
         data = decoder.whole_event(chunk)
         if data is not None and self._plain(data):
             self.stats.events += 1
-            return chunk  # the usual event, forwarded as it came
+            reply = self._reply
+            if reply is None:
+                return chunk  # the usual event, forwarded as it came
+            out: list[ReplyEvent] = []
+            reply.payload(data, out)
+            return out
         try:
             events = decoder.feed(chunk)
         except SSEProtocolError as e:
@@ -138,10 +156,10 @@ class StreamPipeline:
             return False
         return data.startswith(b"{") and data.endswith(b"}") and data.isascii()
 
-    def finish(self) -> bytes:
+    def finish(self) -> Output:
         """End of the upstream body: flush the decoder and the mender, end with ``[DONE]``."""
         if self._stopped:
-            return b""
+            return self._join([])
         try:
             events = self._decoder.finish()
         except SSEProtocolError as e:
@@ -149,7 +167,7 @@ class StreamPipeline:
         out = self._events(events)
         if self._stopped:
             return out
-        parts = [out] if out else []
+        parts: list[Any] = list(out) if self._reply is not None else [out] if out else []
         if self._mender is not None:
             try:
                 chunks, notes = self._mender.finish()
@@ -161,10 +179,14 @@ class StreamPipeline:
             if self._mender.held:
                 self.awaiting_retry = True
                 self._stopped = True
-                return b"".join(parts)
-        parts.append(DONE_EVENT)
+                return self._join(parts)
+        if self._reply is None:
+            parts.append(DONE_EVENT)
         self._stopped = True
-        return b"".join(parts)
+        return self._join(parts)
+
+    def _join(self, parts: list[Any]) -> Output:
+        return parts if self._reply is not None else b"".join(parts)
 
     def _too_large(self, e: SSEProtocolError) -> UpstreamStreamError:
         """An upstream line or event over the bound: the client gets what came before it,
@@ -179,37 +201,39 @@ class StreamPipeline:
         err.pending = pending
         return err
 
-    def emit(self, chunks: list[dict[str, Any]], notes: list[str], done: bool = False) -> bytes:
+    def emit(self, chunks: list[dict[str, Any]], notes: list[str], done: bool = False
+             ) -> Output:
         """Encode chunks produced outside the upstream stream (a retry's replacement call)."""
-        parts: list[bytes] = []
+        parts: list[Any] = []
         self._emit(chunks, notes, parts)
         if self._mender is not None:
             self.stats.tool_calls = len(self._mender.tool_names)
-        if done:
+        if done and self._reply is None:
             parts.append(DONE_EVENT)
-        return b"".join(parts)
+        return self._join(parts)
 
-    def _events(self, events: list[Any], whole: bytes | None = None) -> bytes:
+    def _events(self, events: list[Any], whole: bytes | None = None) -> Output:
         """``whole``: the upstream chunk, when it was exactly the one event in ``events``."""
         if not events or self._stopped:
-            return b""
-        parts: list[bytes] = []
+            return self._join([])
+        parts: list[Any] = []
         try:
             self._loop(events, parts, whole)
         except UpstreamStreamError as e:
-            e.pending = b"".join(parts)  # events decoded before the error still reach the client
+            e.pending = self._join(parts)  # what was decoded before the error still goes out
             self._stopped = True
             raise
         except StreamError as e:  # the mender refused a finished tool call
             err = UpstreamStreamError(502, orjson.dumps(e.body), final=True)
-            err.pending = b"".join(parts)
+            err.pending = self._join(parts)
             self._stopped = True
             raise err from None
-        return b"".join(parts)
+        return self._join(parts)
 
-    def _loop(self, events: list[Any], parts: list[bytes], whole: bytes | None = None) -> None:
+    def _loop(self, events: list[Any], parts: list[Any], whole: bytes | None = None) -> None:
         stats = self.stats
         mender = self._mender
+        reply = self._reply
         for ev in events:
             if type(ev) is SSEComment:
                 continue  # upstream keep-alives are the upstream's business
@@ -238,7 +262,10 @@ class StreamPipeline:
                 if obj is None:
                     continue
                 if obj is not _UNCHANGED:
-                    parts.append(encode_event(orjson.dumps(obj)))
+                    if reply is not None:
+                        reply.chunk(obj, parts)
+                    else:
+                        parts.append(encode_event(orjson.dumps(obj)))
                     continue
             elif not (data.startswith(b"{") and data.endswith(b"}")):
                 raise UpstreamStreamError(502, _malformed(data))
@@ -247,6 +274,9 @@ class StreamPipeline:
                     data.decode()
                 except UnicodeDecodeError:
                     data = self._repair_utf8(data, parts)
+            if reply is not None:
+                reply.payload(data, parts)
+                continue
             if ev.multiline:  # an event sent as several data: lines stays one event
                 parts.append(encode_event(data))
                 continue
@@ -255,7 +285,13 @@ class StreamPipeline:
                 continue
             parts.append(b"data: " + data + b"\n\n")
 
-    def _emit(self, chunks: list[dict[str, Any]], notes: list[str], parts: list[bytes]) -> None:
+    def _emit(self, chunks: list[dict[str, Any]], notes: list[str], parts: list[Any]) -> None:
+        reply = self._reply
+        if reply is not None:
+            parts.extend(Note(note) for note in notes)
+            for c in chunks:
+                reply.chunk(c, parts)
+            return
         for note in notes:
             parts.append(encode_comment("toolmend " + note))
         for c in chunks:
@@ -271,7 +307,7 @@ class StreamPipeline:
             if isinstance(choice, dict) and choice.get("finish_reason"):
                 self.stats.finish_reasons.append(choice["finish_reason"])
 
-    def _parse(self, data: bytes, want_obj: bool, parts: list[bytes]) -> Any:
+    def _parse(self, data: bytes, want_obj: bool, parts: list[Any]) -> Any:
         """Parse one event and apply the usage rule.
 
         Returns None to drop the event (the usage-only chunk the client did not ask for),
@@ -304,7 +340,7 @@ class StreamPipeline:
             return obj
         return None
 
-    def _repair_utf8(self, data: bytes, parts: list[bytes]) -> bytes:
+    def _repair_utf8(self, data: bytes, parts: list[Any]) -> bytes:
         """Replace each invalid UTF-8 sequence with U+FFFD, count it, and say so once.
 
         The stream is labelled ``charset=utf-8``; passing the bytes through would hand the
@@ -312,7 +348,8 @@ class StreamPipeline:
         structures an event, so the replacement never changes the event's shape.
         """
         if not self.stats.invalid_utf8:
-            parts.append(encode_comment("toolmend " + INVALID_UTF8_NOTE))
+            parts.append(encode_comment("toolmend " + INVALID_UTF8_NOTE) if self._reply is None
+                         else Note(INVALID_UTF8_NOTE))
         self.stats.invalid_utf8 += 1
         return data.decode("utf-8", "replace").encode()
 

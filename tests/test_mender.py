@@ -202,6 +202,23 @@ def test_plain_text_is_forwarded_without_parsing() -> None:
     assert m.wants(b'{"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}')
 
 
+@pytest.mark.parametrize("fmt", [None, "minimax_m3"])
+def test_a_marker_character_in_the_envelope_does_not_make_plain_text_parsed(fmt: str | None
+                                                                            ) -> None:
+    """MiniMax-M3's marker starts with ``]``, which every chunk's envelope holds after the
+    content (``}]}``): the search for markers stays inside the content string."""
+    m = ChatMender(fmt, TOOLS)
+    m.feed(orjson.loads(b'{"id":"x","model":"m","choices":[{"index":0,"delta":'
+                        b'{"content":"Hello"},"finish_reason":null}]}'))
+    assert b"]" in m._triggers
+    assert not m.wants(b'{"id":"x","choices":[{"index":0,"delta":{"content":" world"},'
+                       b'"finish_reason":null}]}')
+    assert not m.wants(b'{"choices": [{"delta": {"content": " world"}}]}')  # spaced JSON
+    assert m.wants(b'{"id":"x","choices":[{"index":0,"delta":{"content":" ]<]mini"}}]}')
+    # a backslash in the string: where it ends is not certain, so the whole event is searched
+    assert m.wants(b'{"id":"x","choices":[{"index":0,"delta":{"content":"a \\"b"}}]}')
+
+
 def test_non_streaming_message_is_mended_the_same_way() -> None:
     msg = {"role": "assistant", "content": "Checking.\n<tool_call>\n{\"name\": \"get_weather\", "
            "\"arguments\": {\"city\": \"Oslo\", \"days\": 2,}}\n</tool_call>"}

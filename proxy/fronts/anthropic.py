@@ -16,7 +16,6 @@ comes back is shown to the backend only when toolmend itself signed it.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import secrets
 from typing import Any
@@ -31,7 +30,8 @@ from toolmend.parsers.anthropic_wire import (
     Translated,
     messages_to_openai,
 )
-from toolmend.parsers.reply import ChatReplyDecoder
+from toolmend.parsers.reply import ChatReplyDecoder, ReplyEvent, reply_size
+from toolmend.parsers.stream import Output
 from toolmend.pipeline.downstream import ClientGone, Downstream, WholeReplyBound
 from toolmend.pipeline.forward import forward, read_json_request
 from toolmend.server.context import RequestContext
@@ -80,29 +80,23 @@ class MessagesDownstream(Downstream):
         super().__init__(request, ctx, interval if stream else 0.0)
         self.resp.headers.update(headers)
         self.extra_headers = headers
-        self.decoder = ChatReplyDecoder()
+        self.decoder = self.reply = ChatReplyDecoder()  # the pipeline feeds it: events in
         self.encoder = encoder
         self.whole = not stream
         self._bound = (WholeReplyBound(request.app[SETTINGS].max_upstream_reply_bytes)
                        if self.whole else None)
 
-    async def write(self, data: bytes) -> None:
+    async def write_reply(self, out: Output) -> None:
+        events: list[ReplyEvent] = out  # type: ignore[assignment]  # reply mode: events
         if self._bound is not None:
-            self._bound.add(len(data))
-        out = self.encoder.feed(self.decoder.feed(data))
-        if out and not self.whole:
-            await super().write(out)
+            self._bound.add(reply_size(events))
+        data = self.encoder.feed(events)
+        if data and not self.whole:
+            await self.write(data)
 
     def keepalive_bytes(self) -> bytes:
         """Anthropic's own ``ping`` instead of an SSE comment, until the first token."""
         return self.encoder.ping()
-
-    async def _keepalive(self) -> None:
-        # the ping goes past write(): it is not reply bytes for the decoder
-        with contextlib.suppress(ClientGone):
-            while self.ctx.client_first_token_at is None:
-                await super().write(self.keepalive_bytes())
-                await asyncio.sleep(self.interval)
 
     async def fail(self, err: ProxyError) -> web.StreamResponse:
         self.ctx.error_code = err.code
@@ -116,7 +110,7 @@ class MessagesDownstream(Downstream):
             return self.resp
         self._ended = True
         with contextlib.suppress(ClientGone, ConnectionError, RuntimeError):
-            await super().write(self.encoder.error(err.status, err.message,
+            await self.write(self.encoder.error(err.status, err.message,
                                                    {"code": err.code, **err.extra}))
             await self.resp.write_eof()
         return self.resp

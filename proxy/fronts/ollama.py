@@ -29,6 +29,8 @@ from toolmend.parsers.ollama import (
     generate_request_to_openai,
 )
 from toolmend.parsers.ollama_emit import Durations, OllamaEmitter
+from toolmend.parsers.reply import ReplyEvent, reply_size
+from toolmend.parsers.stream import Output
 from toolmend.pipeline.downstream import ClientGone, Downstream, WholeReplyBound
 from toolmend.pipeline.forward import forward, read_json_request
 from toolmend.server.context import RequestContext
@@ -74,16 +76,18 @@ class OllamaDownstream(Downstream):
         super().__init__(request, ctx, 0.0)
         self.resp.headers["Content-Type"] = NDJSON
         self.emitter = emitter
+        self.reply = emitter.decoder  # the pipeline feeds the emitter's decoder: events in
         self.whole = not stream
         self._bound = (WholeReplyBound(request.app[SETTINGS].max_upstream_reply_bytes)
                        if self.whole else None)
 
-    async def write(self, data: bytes) -> None:
+    async def write_reply(self, out: Output) -> None:
+        events: list[ReplyEvent] = out  # type: ignore[assignment]  # reply mode: events
         if self._bound is not None:
-            self._bound.add(len(data))
-        out = self.emitter.feed(data)
-        if out:
-            await super().write(out)
+            self._bound.add(reply_size(events))
+        data = self.emitter.feed_events(events)
+        if data:
+            await self.write(data)
 
     async def fail(self, err: ProxyError) -> web.StreamResponse:
         self.ctx.error_code = err.code

@@ -42,7 +42,7 @@ import orjson
 from aiohttp import web
 
 from toolmend.fronts.responses_store import ResponseStore
-from toolmend.parsers.reply import ChatReplyDecoder
+from toolmend.parsers.reply import ChatReplyDecoder, ReplyEvent, reply_size
 from toolmend.parsers.responses_emit import ResponsesEncoder
 from toolmend.parsers.responses_wire import (
     ChatTranslation,
@@ -50,7 +50,8 @@ from toolmend.parsers.responses_wire import (
     input_items,
     to_chat,
 )
-from toolmend.pipeline.downstream import KEEPALIVE, ClientGone, Downstream, WholeReplyBound
+from toolmend.parsers.stream import Output
+from toolmend.pipeline.downstream import ClientGone, Downstream, WholeReplyBound
 from toolmend.pipeline.forward import forward, identify_request, read_json_request
 from toolmend.server import auth
 from toolmend.server.context import RequestContext
@@ -118,25 +119,22 @@ class ResponsesDownstream(Downstream):
         self.resp.headers.update(headers)
         self.encoder = encoder
         self.whole = not stream
-        self._decoder = ChatReplyDecoder()
+        self._decoder = self.reply = ChatReplyDecoder()  # the pipeline feeds it: events in
         self._opened = False
         self._bound = (WholeReplyBound(request.app[SETTINGS].max_upstream_reply_bytes)
                        if self.whole else None)
         self._on_final = on_final
 
-    async def write(self, data: bytes) -> None:
-        if data is KEEPALIVE:
-            if not self.whole:
-                await super().write(data)
+    async def write_reply(self, out: Output) -> None:
+        events: list[ReplyEvent] = out  # type: ignore[assignment]  # reply mode: events
+        if not events:
             return
         if self._bound is not None:
-            self._bound.add(len(data))
-        events = self._decoder.feed(data)
-        if events:
-            head = self._open()
-            out = self.encoder.feed(events)
-            if head or out:
-                await super().write(head + out)
+            self._bound.add(reply_size(events))
+        head = self._open()
+        data = self.encoder.feed(events)
+        if head or data:
+            await self.write(head + data)
 
     def _open(self) -> bytes:
         """``response.created`` and ``response.in_progress``, once, before anything else."""

@@ -17,7 +17,9 @@ import contextlib
 
 from aiohttp import web
 
+from toolmend.parsers.reply import ChatReplyDecoder
 from toolmend.parsers.sse import encode_comment
+from toolmend.parsers.stream import Output
 from toolmend.server.context import RequestContext
 from toolmend.server.errors import ProxyError
 
@@ -34,8 +36,14 @@ class ClientGone(Exception):
 
 
 class Downstream:
-    __slots__ = ("_ended", "_ka_handle", "_ka_task", "_lock", "ctx", "interval", "request",
-                 "resp")
+    """The chat-completions client writer: the pipeline's SSE bytes go out as they are.
+
+    A front that speaks another API subclasses it, sets :attr:`reply` to its
+    :class:`~toolmend.parsers.reply.ChatReplyDecoder`, and overrides :meth:`write_reply`: the
+    pipeline then hands it reply events instead of bytes (see ``parsers/stream.py``)."""
+
+    __slots__ = ("_ended", "_ka_handle", "_ka_task", "_lock", "ctx", "interval", "reply",
+                 "request", "resp")
 
     def __init__(self, request: web.Request, ctx: RequestContext, keepalive_interval: float):
         self.request = request
@@ -48,6 +56,8 @@ class Downstream:
         self._ka_task: asyncio.Task[None] | None = None
         self._ka_handle: asyncio.TimerHandle | None = None
         self._ended = False  # the stream's end (done or error) was written
+        #: set by a front that takes reply events (the pipeline feeds this decoder)
+        self.reply: ChatReplyDecoder | None = None
         request[DOWNSTREAM] = self
 
     @property
@@ -68,6 +78,10 @@ class Downstream:
                     await self.resp.prepare(self.request)
                 except (ConnectionError, RuntimeError) as e:
                     raise ClientGone() from e
+
+    async def write_reply(self, out: Output) -> None:
+        """The pipeline's output: SSE bytes here (a front with :attr:`reply` set gets events)."""
+        await self.write(out)  # type: ignore[arg-type]
 
     async def write(self, data: bytes) -> None:
         if not self.resp.prepared:

@@ -173,10 +173,12 @@ async def forward(request: web.Request, body: dict[str, Any], path: str,
                                     mending.json_transform(up, path) if mending else None,
                                     as_stream=mending is not None and mending.whole_as_stream)
     mender = mending.mender() if mending else None
-    pipeline = StreamPipeline(client_wants_usage(body), mender, settings.max_upstream_event_bytes)
+    down = (make_down or Downstream)(request, ctx, settings.keepalive_interval)
+    # a front with a reply decoder gets events from the pipeline, not SSE bytes to decode
+    pipeline = StreamPipeline(client_wants_usage(body), mender, settings.max_upstream_event_bytes,
+                              down.reply)
     ask_for_usage(body)
     raw = orjson.dumps(mending.upstream_body() if mending else body)
-    down = (make_down or Downstream)(request, ctx, settings.keepalive_interval)
     down.start_keepalive()  # keep-alives flow while the request waits for a slot
     try:
         async with sched.slot(ctx, estimate_cost(body, raw), priority=priority,

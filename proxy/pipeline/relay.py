@@ -57,7 +57,7 @@ async def relay_stream(request: web.Request, ctx: RequestContext, up: UpstreamCl
                 if stats.first_token and ctx.upstream_first_token_at is None:
                     ctx.upstream_first_token_at = loop.time()
                 if out:
-                    await down.write(out)
+                    await down.write_reply(out)
                     if ctx.client_first_token_at is None and stats.first_token:
                         ctx.client_first_token_at = loop.time()
                     if ctx.first_tool_call_at is None and stats.tool_calls:
@@ -68,10 +68,10 @@ async def relay_stream(request: web.Request, ctx: RequestContext, up: UpstreamCl
             out = pipeline.finish()
         _record(ctx, pipeline)
         if out:
-            await down.write(out)
+            await down.write_reply(out)
         if pipeline.awaiting_retry and finisher is not None:
             out = await finisher(pipeline)  # the upstream call is closed; the slot is kept
-            await down.write(out)
+            await down.write_reply(out)
         if ctx.first_tool_call_at is None and stats.tool_calls:
             ctx.first_tool_call_at = loop.time()
         return await down.close()
@@ -79,7 +79,7 @@ async def relay_stream(request: web.Request, ctx: RequestContext, up: UpstreamCl
         _record(ctx, pipeline)
         with contextlib.suppress(ClientGone):
             if e.pending:
-                await down.write(e.pending)
+                await down.write_reply(e.pending)
         return await down.fail(_stream_error(e))
     except ProxyError as e:
         _record(ctx, pipeline)
