@@ -7,9 +7,9 @@ Both directions live here because they are one mapping read two ways:
   goes through exactly the same mending, validation and queueing as ``/v1/chat/completions``
   (the reply side is ``ollama_emit.py``);
 - toolmend *in front of* Ollama's native API: an OpenAI chat body becomes an ``/api/chat`` body
-  (:func:`openai_to_ollama_chat`) and Ollama's NDJSON reply becomes OpenAI SSE chunks
-  (:class:`NDJSONToSSE`, :func:`ollama_reply_to_openai`), so the rest of the pipeline sees an
-  ordinary OpenAI-compatible stream and needs no second code path.
+  (:func:`openai_to_ollama_chat`) and Ollama's NDJSON reply becomes OpenAI chunk objects
+  (:class:`NDJSONChunks`, :func:`ollama_reply_to_openai`), which the stream pipeline takes as
+  they are, so the rest of the pipeline sees an ordinary OpenAI-compatible reply.
 
 The differences that matter: Ollama sends a tool call's ``arguments`` as a JSON *object* and
 each call whole, in one line; it has no call ids (newer versions send one, older ones do not),
@@ -500,14 +500,17 @@ class NDJSONLines:
         return [rest] if rest else []
 
 
-class NDJSONToSSE:
-    """Ollama's streaming ``/api/chat`` NDJSON in, OpenAI ``chat.completion.chunk`` SSE out.
+class NDJSONChunks:
+    """Ollama's streaming ``/api/chat`` NDJSON in, OpenAI ``chat.completion.chunk`` objects out.
 
     Each content line becomes a content delta, ``thinking`` a ``reasoning_content`` delta, each
     whole tool call a start delta carrying all of its arguments (index counted across the
-    reply, so parallel calls get distinct indexes), and the ``done`` line the finish chunk, a
-    usage chunk from its counts, and ``[DONE]``. An ``{"error": ...}`` line becomes an error
-    event, which the stream pipeline turns into the client's in-stream error.
+    reply, so parallel calls get distinct indexes), and the ``done`` line the finish chunk and
+    a usage chunk from its counts. An ``{"error": ...}`` line becomes an ``{"error": ...}``
+    object, which the stream pipeline turns into the client's in-stream error.
+
+    Objects, not SSE: the pipeline takes them as they are (``StreamPipeline.feed_chunks``), so
+    a reply from Ollama is parsed once, as NDJSON, and never encoded as SSE to be decoded again.
     """
 
     __slots__ = ("_calls", "_cid", "_created", "_done", "_id_prefix", "_lines", "_model",
@@ -528,69 +531,94 @@ class NDJSONToSSE:
     def done(self) -> bool:
         return self._done
 
-    def feed(self, data: bytes) -> bytes:
+    def feed(self, data: bytes) -> list[dict[str, Any]]:
         try:
             lines = self._lines.feed(data)
         except ValueError as e:  # the line bound: what a stream without newlines runs into
-            return self._error(f"upstream sent an {e} (max_upstream_event_bytes)",
-                               "upstream_event_too_large")
-        return b"".join(self._line(ln) for ln in lines)
+            return [self._error(f"upstream sent an {e} (max_upstream_event_bytes)",
+                                "upstream_event_too_large")]
+        out: list[dict[str, Any]] = []
+        for ln in lines:
+            self._line(ln, out)
+        return out
 
-    def finish(self) -> bytes:
+    def finish(self) -> list[dict[str, Any]]:
         """End of the upstream body; a stream cut before ``done`` yields no finish (the relay
         reports it as incomplete)."""
-        return b"".join(self._line(ln) for ln in self._lines.finish())
+        out: list[dict[str, Any]] = []
+        for ln in self._lines.finish():
+            self._line(ln, out)
+        return out
 
     def _chunk(self, delta: dict[str, Any] | None, finish: str | None = None,
-               usage: dict[str, int] | None = None) -> bytes:
+               usage: dict[str, int] | None = None) -> dict[str, Any]:
         doc: dict[str, Any] = {"id": self._cid, "object": "chat.completion.chunk",
                                "created": self._created, "model": self._model,
                                "choices": [] if delta is None else
                                [{"index": 0, "delta": delta, "finish_reason": finish}]}
         if usage is not None:
             doc["usage"] = usage
-        return encode_event(orjson.dumps(doc))
+        return doc
 
-    def _error(self, message: str, code: str) -> bytes:
+    def _error(self, message: str, code: str) -> dict[str, Any]:
         self._done = True
-        return encode_event(orjson.dumps({"error": {"message": message, "type": "upstream_error",
-                                                    "param": None, "code": code}}))
+        return {"error": {"message": message, "type": "upstream_error", "param": None,
+                          "code": code}}
 
-    def _line(self, line: bytes) -> bytes:
+    def _line(self, line: bytes, out: list[dict[str, Any]]) -> None:
         if self._done:
-            return b""
+            return
         try:
             doc = orjson.loads(line)
         except orjson.JSONDecodeError:
             preview = line[:80].decode("utf-8", "replace")
-            return self._error(f"upstream sent a malformed NDJSON line: {preview!r}",
-                               "upstream_malformed_event")
+            out.append(self._error(f"upstream sent a malformed NDJSON line: {preview!r}",
+                                   "upstream_malformed_event"))
+            return
         if not isinstance(doc, dict):
-            return self._error("upstream sent an NDJSON line that is not an object",
-                               "upstream_malformed_event")
+            out.append(self._error("upstream sent an NDJSON line that is not an object",
+                                   "upstream_malformed_event"))
+            return
         if doc.get("error") is not None:
             err = doc["error"]
-            return self._error(err if isinstance(err, str) else orjson.dumps(err).decode(),
-                               "upstream_error")
+            out.append(self._error(err if isinstance(err, str) else orjson.dumps(err).decode(),
+                                   "upstream_error"))
+            return
         if isinstance(doc.get("model"), str) and not self._model:
             self._model = doc["model"]
-        parts: list[bytes] = []
         if not self._started:
             self._started = True
-            parts.append(self._chunk({"role": "assistant", "content": ""}))
+            out.append(self._chunk({"role": "assistant", "content": ""}))
         m = doc.get("message") if isinstance(doc.get("message"), dict) else {}
         if m.get("thinking"):
-            parts.append(self._chunk({"reasoning_content": m["thinking"]}))
+            out.append(self._chunk({"reasoning_content": m["thinking"]}))
         if m.get("content"):
-            parts.append(self._chunk({"content": m["content"]}))
+            out.append(self._chunk({"content": m["content"]}))
         calls = _openai_calls(m.get("tool_calls"), self._calls, self._id_prefix)
         if calls:
             self._calls += len(calls)
-            parts.append(self._chunk({"tool_calls": calls}))
+            out.append(self._chunk({"tool_calls": calls}))
         if doc.get("done") is True:
             self._done = True
-            parts.append(self._chunk({}, finish_from_done_reason(doc.get("done_reason"),
-                                                                 self._calls > 0)))
-            parts.append(self._chunk(None, usage=_usage(doc)))
+            out.append(self._chunk({}, finish_from_done_reason(doc.get("done_reason"),
+                                                               self._calls > 0)))
+            out.append(self._chunk(None, usage=_usage(doc)))
+
+
+class NDJSONToSSE(NDJSONChunks):
+    """The same translation as SSE bytes, ``[DONE]`` after the ``done`` line: for a reader of
+    OpenAI streams (the proxy itself takes the objects)."""
+
+    __slots__ = ()
+
+    def feed(self, data: bytes) -> bytes:  # type: ignore[override]
+        return self._sse(super().feed(data))
+
+    def finish(self) -> bytes:  # type: ignore[override]
+        return self._sse(super().finish())
+
+    def _sse(self, chunks: list[dict[str, Any]]) -> bytes:
+        parts = [encode_event(orjson.dumps(c)) for c in chunks]
+        if parts and self._done and "error" not in chunks[-1]:
             parts.append(DONE_EVENT)
         return b"".join(parts)

@@ -142,6 +142,46 @@ class StreamPipeline:
             raise self._too_large(e) from None
         return self._events(events, chunk if decoder.whole else None)
 
+    def feed_chunks(self, chunks: list[dict[str, Any]]) -> Output:
+        """What to write to the client for chunk objects a backend's wire decoder made (Ollama's
+        NDJSON): the same rules as for SSE events, without encoding them first."""
+        if self._stopped or not chunks:
+            return self._join([])
+        parts: list[Any] = []
+        try:
+            self._objects(chunks, parts)
+        except UpstreamStreamError as e:
+            e.pending = self._join(parts)
+            self._stopped = True
+            raise
+        except StreamError as e:
+            err = UpstreamStreamError(502, orjson.dumps(e.body), final=True)
+            err.pending = self._join(parts)
+            self._stopped = True
+            raise err from None
+        return self._join(parts)
+
+    def _objects(self, chunks: list[dict[str, Any]], parts: list[Any]) -> None:
+        stats = self.stats
+        mender = self._mender
+        for obj in chunks:
+            stats.events += 1
+            if obj.get("error") is not None:
+                raise UpstreamStreamError(500, orjson.dumps(obj))
+            if not stats.first_token:
+                stats.first_token = _chunk_has_token(obj)
+            self._observe(obj)
+            if not self._include_usage and obj.get("usage"):
+                if not obj.get("choices"):
+                    continue  # the usage chunk the client did not ask for
+                obj.pop("usage", None)
+            if mender is not None:
+                chunks_out, notes = mender.feed(obj)
+                self._emit(chunks_out, notes, parts)
+                stats.tool_calls = len(mender.tool_names)
+            else:
+                self._emit([obj], [], parts)
+
     def _plain(self, data: bytes) -> bool:
         """The event needs nothing but counting: not ``[DONE]`` nor an error, first token
         seen, nothing for the mender, no usage or finish reason to read, a JSON object in
@@ -375,6 +415,16 @@ def _has_token(data: bytes) -> bool:
                 b'"content": "', b'"text": "'):
         i = data.find(key)
         if i >= 0 and data[i + len(key):i + len(key) + 1] not in (b'"', b""):
+            return True
+    return False
+
+
+def _chunk_has_token(obj: dict[str, Any]) -> bool:
+    """:func:`_has_token` for a chunk object."""
+    for choice in obj.get("choices") or ():
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        if isinstance(delta, dict) and (delta.get("content") or delta.get("reasoning_content")
+                                        or delta.get("reasoning") or delta.get("tool_calls")):
             return True
     return False
 

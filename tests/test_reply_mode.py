@@ -172,3 +172,69 @@ def test_random_bytes_never_crash_reply_mode(data: bytes) -> None:
         assert isinstance(p.finish(), list)
     except UpstreamStreamError as e:
         assert isinstance(e.pending, list)
+
+
+# --- chunk objects from a backend's wire decoder (Ollama's NDJSON) ----------------------------
+
+OLLAMA = b"".join(orjson.dumps(line) + b"\n" for line in [
+    {"model": "qwen3", "message": {"role": "assistant", "content": "", "thinking": "Oslo? "}},
+    {"model": "qwen3", "message": {"role": "assistant", "content": "Checking."}},
+    {"model": "qwen3", "message": {"role": "assistant", "content": "", "tool_calls": [
+        {"function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]}},
+    {"model": "qwen3", "message": {"role": "assistant", "content": ""}, "done": True,
+     "done_reason": "stop", "prompt_eval_count": 7, "eval_count": 12},
+])
+
+
+def _ollama_reply_mode(pieces: list[bytes], include_usage: bool = True) -> list:
+    from toolmend.parsers.ollama import NDJSONChunks
+
+    wire = NDJSONChunks("chatcmpl-1", 1, id_prefix="call_k")
+    dec = ChatReplyDecoder()
+    p = StreamPipeline(include_usage, ChatMender(None, TOOLS, model_hint="qwen3"), reply=dec)
+    out: list = []
+    for piece in pieces:
+        out += p.feed_chunks(wire.feed(piece))
+    out += p.feed_chunks(wire.finish())
+    out += p.finish()
+    return out + dec.finish()
+
+
+def test_ollama_ndjson_reaches_the_front_as_literal_events_without_sse() -> None:
+    assert _ollama_reply_mode([OLLAMA]) == [
+        Reasoning("Oslo? "),
+        Text("Checking."),
+        ToolCallStart(0, "get_weather", "call_k0"),
+        ToolCallArgs(0, '{"city":"Oslo"}'),
+        ToolCallEnd(0),
+        Finish("tool_calls"),
+        Usage(prompt_tokens=7, completion_tokens=12),
+    ]
+
+
+def test_chunk_objects_follow_the_usage_rule_and_end_on_an_error() -> None:
+    assert Usage(prompt_tokens=7, completion_tokens=12) not in _ollama_reply_mode(
+        [OLLAMA], include_usage=False)
+    p = StreamPipeline(True, None, reply=ChatReplyDecoder())
+    with pytest.raises(UpstreamStreamError) as info:
+        p.feed_chunks([{"choices": [{"index": 0, "delta": {"content": "so far"}}]},
+                       {"error": {"message": "model unloaded"}}])
+    assert info.value.pending == [Text("so far")]
+    assert p.feed_chunks([{"choices": [{"index": 0, "delta": {"content": "x"}}]}]) == []
+
+
+def test_chunk_objects_in_sse_mode_are_the_events_encoded() -> None:
+    p = StreamPipeline(True, None)
+    raw = p.feed_chunks([{"choices": [{"index": 0, "delta": {"content": "hi"},
+                                       "finish_reason": "stop"}]}])
+    assert raw == b'data: {"choices":[{"index":0,"delta":{"content":"hi"},' \
+        b'"finish_reason":"stop"}]}\n\n'
+    assert p.stats.first_token and p.stats.finish_reasons == ["stop"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=len(OLLAMA)), max_size=30))
+def test_any_split_of_ndjson_gives_the_same_events(cuts: list[int]) -> None:
+    bounds = [0, *sorted(cuts), len(OLLAMA)]
+    events = _ollama_reply_mode([OLLAMA[a:b] for a, b in itertools.pairwise(bounds)])
+    assert events == _ollama_reply_mode([OLLAMA])

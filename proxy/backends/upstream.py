@@ -34,7 +34,7 @@ import orjson
 from yarl import URL
 
 from toolmend.backends.detect import Detected, detect
-from toolmend.parsers.ollama import NDJSONToSSE, ollama_reply_to_openai, openai_to_ollama_chat
+from toolmend.parsers.ollama import NDJSONChunks, ollama_reply_to_openai, openai_to_ollama_chat
 from toolmend.server.bounded import ERROR_BODY_BYTES, read_bounded
 from toolmend.server.config import Settings
 from toolmend.server.errors import ProxyError, normalize_upstream_error
@@ -396,7 +396,7 @@ class UpstreamCall:
         self._tried: list[Replica] = []
         self._translate_ok = translate
         self._native = False
-        self._adapter: NDJSONToSSE | None = None
+        self._adapter: NDJSONChunks | None = None
 
     @property
     def status(self) -> int:
@@ -638,8 +638,9 @@ class UpstreamCall:
         raw = await self.read_all()
         return normalize_upstream_error(self.status, raw)
 
-    async def chunks(self) -> AsyncIterator[bytes]:
-        """Body bytes as they arrive, under the first-byte, idle and total timeouts.
+    async def chunks(self) -> AsyncIterator[bytes | list[dict[str, Any]]]:
+        """Body bytes as they arrive, under the first-byte, idle and total timeouts; from
+        Ollama's native API, the chunk objects its NDJSON decodes to (``NDJSONChunks``).
 
         A replica that drops the connection before its first body byte is failed over like
         one that refused it; after that byte, never (the caller has begun to use the stream).
@@ -667,9 +668,10 @@ class UpstreamCall:
                 self._phase = "idle"
             self._moved()
             if adapter is not None:
-                chunk = adapter.feed(chunk)
-                if not chunk:
-                    continue
+                objs = adapter.feed(chunk)
+                if objs:
+                    yield objs
+                continue
             yield chunk
 
     async def _fail_over(self, e: BaseException) -> bool:
@@ -706,6 +708,6 @@ def _completion_id() -> str:
     return "chatcmpl-" + secrets.token_hex(12)
 
 
-def _adapter(max_line_bytes: int) -> NDJSONToSSE:
-    return NDJSONToSSE(_completion_id(), int(time.time()), id_prefix="call_"
+def _adapter(max_line_bytes: int) -> NDJSONChunks:
+    return NDJSONChunks(_completion_id(), int(time.time()), id_prefix="call_"
                        + secrets.token_hex(4) + "_", max_line_bytes=max_line_bytes)

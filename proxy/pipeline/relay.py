@@ -53,7 +53,8 @@ async def relay_stream(request: web.Request, ctx: RequestContext, up: UpstreamCl
             if call.status >= 400:
                 return await down.fail(await call.error())
             async for chunk in call.chunks():
-                out = pipeline.feed(chunk)
+                out = pipeline.feed(chunk) if type(chunk) is bytes else \
+                    pipeline.feed_chunks(chunk)  # type: ignore[arg-type]
                 if stats.first_token and ctx.upstream_first_token_at is None:
                     ctx.upstream_first_token_at = loop.time()
                 if out:
