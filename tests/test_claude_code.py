@@ -73,16 +73,12 @@ def text_of(content: Any) -> str:
     return "".join(c.get("text", "") for c in content or () if isinstance(c, dict))
 
 
-async def recorded_sessions(url: str, steps: int) -> list[dict[str, Any]]:
-    """The session list once ``steps`` steps are recorded (a step is recorded just after its
-    reply is written, so this waits for that condition)."""
-    async with aiohttp.ClientSession() as s:
-        while True:
-            async with s.get(url + "/toolmend/v1/sessions") as r:
-                data: list[dict[str, Any]] = (await r.json())["data"]
-            if sum(d["steps"] for d in data) >= steps:
-                return data
-            await asyncio.sleep(0.01)
+async def recorded_sessions(url: str) -> list[dict[str, Any]]:
+    """The session list, read once every request the CLI sent has been handled (see
+    ``record`` in the test: telemetry records a step before its handler returns)."""
+    async with aiohttp.ClientSession() as s, s.get(url + "/toolmend/v1/sessions") as r:
+        data: list[dict[str, Any]] = (await r.json())["data"]
+    return data
 
 
 @pytest.fixture(scope="session")
@@ -120,12 +116,22 @@ async def test_claude_code_reads_a_file_through_a_leaked_split_call(
         settings.config_path = str(cfg)
     app = build_app(settings, [sim.url])
     received: list[dict[str, Any]] = []
+    handled = asyncio.Condition()
+    done = 0
 
     @web.middleware
     async def record(request: web.Request, handler: Any) -> web.StreamResponse:
-        if request.path == "/v1/messages":
-            received.append(orjson.loads(await request.read()))
-        return await handler(request)
+        """Outermost: what the CLI sent, and when toolmend (telemetry included) was done."""
+        nonlocal done
+        if request.path != "/v1/messages":
+            return await handler(request)
+        received.append(orjson.loads(await request.read()))
+        try:
+            return await handler(request)
+        finally:
+            async with handled:
+                done += 1
+                handled.notify_all()
 
     app.middlewares.insert(0, record)
     runner, port = await start_server(app, "127.0.0.1", 0)
@@ -142,7 +148,11 @@ async def test_claude_code_reads_a_file_through_a_leaked_split_call(
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE)
         out, err = await proc.communicate()
-        sessions = await recorded_sessions(f"http://127.0.0.1:{port}", len(received))
+        # the CLI has exited, so it sends nothing more: wait until what it sent is handled
+        # (a CLI that failed early ends here too, and the asserts below say why)
+        async with handled:
+            await handled.wait_for(lambda: done == len(received))
+        sessions = await recorded_sessions(f"http://127.0.0.1:{port}")
     finally:
         await runner.cleanup()
         await sim.stop()
