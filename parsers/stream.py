@@ -147,21 +147,10 @@ class StreamPipeline:
         NDJSON): the same rules as for SSE events, without encoding them first."""
         if self._stopped or not chunks:
             return self._join([])
-        parts: list[Any] = []
-        try:
-            self._objects(chunks, parts)
-        except UpstreamStreamError as e:
-            e.pending = self._join(parts)
-            self._stopped = True
-            raise
-        except StreamError as e:
-            err = UpstreamStreamError(502, orjson.dumps(e.body), final=True)
-            err.pending = self._join(parts)
-            self._stopped = True
-            raise err from None
-        return self._join(parts)
+        return self._run(self._objects, chunks)
 
-    def _objects(self, chunks: list[dict[str, Any]], parts: list[Any]) -> None:
+    def _objects(self, chunks: list[dict[str, Any]], parts: list[Any],
+                 whole: bytes | None = None) -> None:
         stats = self.stats
         mender = self._mender
         for obj in chunks:
@@ -256,9 +245,14 @@ class StreamPipeline:
         """``whole``: the upstream chunk, when it was exactly the one event in ``events``."""
         if not events or self._stopped:
             return self._join([])
+        return self._run(self._loop, events, whole)
+
+    def _run(self, step: Any, items: list[Any], whole: bytes | None = None) -> Output:
+        """One step over decoded input; on an error, what was made before it is kept as the
+        error's ``pending`` output, and the pipeline stops."""
         parts: list[Any] = []
         try:
-            self._loop(events, parts, whole)
+            step(items, parts, whole)
         except UpstreamStreamError as e:
             e.pending = self._join(parts)  # what was decoded before the error still goes out
             self._stopped = True
