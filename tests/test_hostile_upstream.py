@@ -566,7 +566,7 @@ async def test_exception_escaping_the_handler_ends_the_stream(
     async def broken_relay(request: web.Request, ctx: Any, up: Any, path: str, body: bytes,
                            pipeline: Any, keepalive_interval: float, down: Any = None,
                            finisher: Any = None) -> web.StreamResponse:
-        await down.write(content("partial"))
+        await down.write_reply(pipeline.feed(content("partial")))  # as the relay writes
         raise Boom("after the stream began")
 
     st = await make_hstack()
