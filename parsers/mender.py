@@ -371,6 +371,33 @@ class ChatMender:
                     return True
         return self._wants_text(data)
 
+    def wants_content(self, text: str) -> bool:
+        """:meth:`wants_unfinished` for a chunk *object* whose delta holds only ``text`` as
+        content (and perhaps a role): what a wire decoder that makes objects (Ollama's NDJSON)
+        hands the pipeline. The same rules, read from the decoded text (no JSON escapes)."""
+        if self.structured_only and not self._calls:
+            return False  # content never carries a structured call
+        if self._idle_reasoning:
+            if self._server_reasoning and not self._content_seen and text:
+                return True  # the server's reasoning field ended here: decided in feed
+            triggers = self._think_triggers
+        elif not self._idle:
+            return True
+        else:
+            triggers = self._triggers
+        if not text:
+            return False
+        data = text.encode()
+        for t in triggers:
+            if t in data:
+                return True
+        return False
+
+    @property
+    def rekey_field(self) -> str | None:
+        """:attr:`rekey` as a field name, for chunk objects."""
+        return None if self.rekey is None else self.rekey[1:-2].decode()
+
     def _wants_text(self, data: bytes) -> bool:
         """The idle parser's question: may this delta's content hold a marker?"""
         i = data.find(_CONTENT)
@@ -587,7 +614,10 @@ class ChatMender:
                     call.truncated = ev.truncated
                     self._complete(call, out, notes)
         if count_idle >= 0:
-            self._idle = only_text and text_len == count_idle
+            # idle: the parser holds nothing (not merely "as much text out as came in": a
+            # held "<" released while the next "<" is held is that too, and a delta let past
+            # the parser then would overtake the held one)
+            self._idle = only_text and text_len == count_idle and self.parser.at_rest
             field = self._server_key or self.reasoning_field
             idle_reasoning = only_reasoning and reasoning_len == count_idle and \
                 field != "drop" and self.parser.at_rest and self.parser.in_reasoning

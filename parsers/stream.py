@@ -165,11 +165,18 @@ class StreamPipeline:
                     continue  # the usage chunk the client did not ask for
                 obj.pop("usage", None)
             if mender is not None:
-                chunks_out, notes = mender.feed(obj)
-                self._emit(chunks_out, notes, parts)
-                stats.tool_calls = len(mender.tool_names)
-            else:
-                self._emit([obj], [], parts)
+                # as for SSE events: plain text the mender would pass unchanged skips it
+                text = _content_only(obj)
+                if text is None or mender.wants_content(text):
+                    chunks_out, notes = mender.feed(obj)
+                    self._emit(chunks_out, notes, parts)
+                    stats.tool_calls = len(mender.tool_names)
+                    continue
+                field = mender.rekey_field
+                if field is not None:  # at rest inside reasoning: the text is reasoning
+                    delta = obj["choices"][0]["delta"]
+                    delta[field] = delta.pop("content")
+            self._emit([obj], [], parts)
 
     def _plain(self, data: bytes) -> bool:
         """The event needs nothing but counting: not ``[DONE]`` nor an error, first token
@@ -411,6 +418,24 @@ def _has_token(data: bytes) -> bool:
         if i >= 0 and data[i + len(key):i + len(key) + 1] not in (b'"', b""):
             return True
     return False
+
+
+def _content_only(obj: dict[str, Any]) -> str | None:
+    """The content of a chunk object that carries nothing else: one choice, no finish reason,
+    no usage, a delta of ``content`` (and perhaps ``role``); else None."""
+    choices = obj.get("choices")
+    if obj.get("usage") or type(choices) is not list or len(choices) != 1:
+        return None
+    choice = choices[0]
+    if type(choice) is not dict or choice.get("finish_reason") is not None:
+        return None
+    delta = choice.get("delta")
+    if type(delta) is not dict:
+        return None
+    text = delta.get("content")
+    if type(text) is not str or len(delta) > 2 or (len(delta) == 2 and "role" not in delta):
+        return None
+    return text
 
 
 def _chunk_has_token(obj: dict[str, Any]) -> bool:

@@ -219,6 +219,19 @@ def test_a_marker_character_in_the_envelope_does_not_make_plain_text_parsed(fmt:
     assert m.wants(b'{"id":"x","choices":[{"index":0,"delta":{"content":"a \\"b"}}]}')
 
 
+@pytest.mark.parametrize("fmt", [None, "hermes", "minimax_m3"])
+def test_a_delta_never_overtakes_text_the_parser_holds(fmt: str | None) -> None:
+    """``<`` may begin a marker and is held; the next ``<`` releases it and is held in turn.
+    The parser let out as much as came in, but it still holds text: the ``x`` after it must
+    not skip the parser (it did, and the client got ``<x<``)."""
+    deltas = [{"role": "assistant", "content": ""}, {"content": "<"}, {"content": "<"},
+              {"content": "x"}, {}]
+    pieces = [b"data: " + orjson.dumps({"id": "c1", "model": "m", "choices": [
+        {"index": 0, "delta": d, "finish_reason": None if d else "stop"}]}) + b"\n\n"
+        for d in deltas] + [b"data: [DONE]\n\n"]
+    assert client_view(b"".join(pieces), pieces, fmt)["content"] == "<<x"
+
+
 def test_non_streaming_message_is_mended_the_same_way() -> None:
     msg = {"role": "assistant", "content": "Checking.\n<tool_call>\n{\"name\": \"get_weather\", "
            "\"arguments\": {\"city\": \"Oslo\", \"days\": 2,}}\n</tool_call>"}

@@ -238,3 +238,59 @@ def test_any_split_of_ndjson_gives_the_same_events(cuts: list[int]) -> None:
     bounds = [0, *sorted(cuts), len(OLLAMA)]
     events = _ollama_reply_mode([OLLAMA[a:b] for a, b in itertools.pairwise(bounds)])
     assert events == _ollama_reply_mode([OLLAMA])
+
+
+def _ollama_via_sse(lines: list[bytes], fmt: str | None) -> list:
+    from toolmend.parsers.ollama import NDJSONToSSE
+
+    wire = NDJSONToSSE("chatcmpl-1", 1, id_prefix="call_k")
+    dec = ChatReplyDecoder()
+    p = StreamPipeline(True, ChatMender(fmt, TOOLS, model_hint="qwen3"), reply=dec)
+    out: list = []
+    try:
+        for ln in lines:
+            if sse := wire.feed(ln):
+                out += p.feed(sse)
+        out += p.finish()
+    except UpstreamStreamError as e:  # a call refused: what went before, then the error
+        return out + list(e.pending) + [orjson.loads(e.body)["error"]["code"]]
+    return out + dec.finish()
+
+
+def _ollama_objects(lines: list[bytes], fmt: str | None) -> list:
+    from toolmend.parsers.ollama import NDJSONChunks
+
+    wire = NDJSONChunks("chatcmpl-1", 1, id_prefix="call_k")
+    dec = ChatReplyDecoder()
+    p = StreamPipeline(True, ChatMender(fmt, TOOLS, model_hint="qwen3"), reply=dec)
+    out: list = []
+    try:
+        for ln in lines:
+            out += p.feed_chunks(wire.feed(ln))
+        out += p.finish()
+    except UpstreamStreamError as e:
+        return out + list(e.pending) + [orjson.loads(e.body)["error"]["code"]]
+    return out + dec.finish()
+
+
+PIECES = ["<tool_call>", "</tool_call>", "<think>", "</think>", '{"name": "get_weather", ',
+          '"arguments": {"city": "Oslo"}}', "<", "[", "]", "{", "}", '"', "\\", "Hello ",
+          "wörld ", "\n", "", "🌍"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(PIECES), st.sampled_from(["content", "thinking"])),
+                max_size=25),
+       st.sampled_from([None, "hermes", "minimax_m3"]))
+def test_chunk_objects_skip_the_mender_exactly_when_sse_events_do(
+        pieces: list[tuple[str, str]], fmt: str | None) -> None:
+    """Plain text skips the mender in both forms (``wants`` on the raw event, ``wants_content``
+    on the object); whatever the text, the events are the same."""
+    lines = [orjson.dumps({"model": "qwen3", "message": {"role": "assistant", "content": "",
+                                                         key: text}, "done": False}) + b"\n"
+             for text, key in pieces]
+    lines.append(orjson.dumps({"model": "qwen3", "message": {"role": "assistant",
+                                                             "content": ""},
+                               "done": True, "done_reason": "stop"}) + b"\n")
+    assert _without_ids(_merge_text(_ollama_objects(lines, fmt))) == \
+        _without_ids(_merge_text(_ollama_via_sse(lines, fmt)))
