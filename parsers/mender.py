@@ -142,6 +142,10 @@ class _TextOnly(MarkerParser):
 
     name = "none"
 
+    @property
+    def at_rest(self) -> bool:
+        return True  # it never holds anything
+
     def feed(self, text: str) -> list[Event]:
         return [Text(text)] if text else []
 

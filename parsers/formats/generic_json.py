@@ -46,6 +46,11 @@ class GenericJsonParser(MarkerParser):
         self._json: list[str] = []
         self._tail = ""  # after the calls: whitespace and the closing fence, dropped
 
+    @property
+    def at_rest(self) -> bool:
+        """Once the reply is known not to be a call, everything streams as it comes."""
+        return self._state == _PASS
+
     def feed(self, text: str) -> list[Event]:
         out: list[Event] = []
         i, n = 0, len(text)
