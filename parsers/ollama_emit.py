@@ -74,7 +74,8 @@ class OllamaEmitter:
     """
 
     __slots__ = ("_call", "_content", "_created_at", "_emitted_calls", "_finish",
-                 "_kind", "_model", "_out_calls", "_stream", "_thinking", "_usage",
+                 "_kind", "_model", "_out_calls", "_stream", "_text_head", "_text_tail",
+                 "_thinking", "_usage",
                  "chunks", "decoder", "error")
 
     def __init__(self, kind: str, model: str, created_at: str, *, stream: bool = True) -> None:
@@ -93,6 +94,15 @@ class OllamaEmitter:
         self._finish: str | None = None
         self._usage: Usage | None = None
         self.chunks = 0  # content/thinking pieces seen: the token estimate without usage
+        # a streamed content line is these around the text (what _line writes, key for key)
+        common = b'{"model":' + orjson.dumps(model) + b',"created_at":' + \
+            orjson.dumps(created_at)
+        if kind == "chat":
+            self._text_head = common + b',"message":{"role":"assistant","content":'
+            self._text_tail = b'},"done":false}\n'
+        else:
+            self._text_head = common + b',"response":'
+            self._text_tail = b',"done":false}\n'
         self.error: str | None = None  # an in-stream error event that went by
 
     # --- input -------------------------------------------------------------------------------
@@ -111,8 +121,10 @@ class OllamaEmitter:
             kind = type(ev)
             if kind is Text:
                 self.chunks += 1
-                self._content.append(ev.text)
-                self._line({"content": ev.text}, parts)
+                if self._stream:  # the usual line, its fixed parts encoded once
+                    parts.append(self._text_head + orjson.dumps(ev.text) + self._text_tail)
+                else:
+                    self._content.append(ev.text)
             elif kind is Reasoning:
                 self.chunks += 1
                 self._thinking.append(ev.text)

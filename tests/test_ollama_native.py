@@ -15,6 +15,7 @@ from toolmend.parsers.ollama import (
     openai_to_ollama_chat,
 )
 from toolmend.parsers.ollama_emit import Durations, OllamaEmitter
+from toolmend.parsers.reply import Text
 from toolmend.parsers.sse import SSEDecoder
 
 from .conftest import Stack, StackFactory
@@ -163,6 +164,17 @@ def test_emitter_streams_whole_calls_split_invariant(size: int) -> None:
     last = lines[-1]
     assert last["done"] is True and last["done_reason"] == "stop"
     assert (last["prompt_eval_count"], last["eval_count"], last["total_duration"]) == (4, 9, 10)
+
+
+@pytest.mark.parametrize("kind", ["chat", "generate"])
+def test_a_streamed_content_line_is_ollamas_own(kind: str) -> None:
+    """The content line is written from parts encoded once; it is exactly Ollama's line."""
+    e = OllamaEmitter(kind, 'qwen3:8b "q"', "2026-12-07T00:00:00Z")
+    line = e.feed_events([Text('Hé "<x>"\n')])
+    body = ({"message": {"role": "assistant", "content": 'Hé "<x>"\n'}} if kind == "chat"
+            else {"response": 'Hé "<x>"\n'})
+    assert line == orjson.dumps({"model": 'qwen3:8b "q"', "created_at": "2026-12-07T00:00:00Z",
+                                 **body, "done": False}) + b"\n"
 
 
 def test_emitter_accumulates_without_stream() -> None:
