@@ -18,32 +18,17 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from toolmend.sim.agent_loop import PROMPT, example_main, find_restaurant, get_weather
+from toolmend.sim.agent_loop import PROMPT, agents_sdk_planner, example_main
 
 
 async def run_loop(base_url: str, calls: list[tuple[str, dict[str, Any]]],
                    model: str = "sim-model", *, streamed: bool = True) -> str:
-    from agents import Agent, OpenAIResponsesModel, Runner, function_tool, set_tracing_disabled
+    from agents import OpenAIResponsesModel, Runner, set_tracing_disabled
     from openai import AsyncOpenAI
 
     set_tracing_disabled(True)  # the SDK would otherwise export traces to OpenAI
-
-    @function_tool(name_override="get_weather")
-    def weather(city: str, days: int) -> str:
-        """Weather forecast for a city, for the next ``days`` days."""
-        calls.append(("get_weather", {"city": city, "days": days}))
-        return get_weather(city, days)
-
-    @function_tool(name_override="find_restaurant")
-    def restaurant(city: str, cuisine: str) -> str:
-        """A restaurant in a city serving the given cuisine."""
-        calls.append(("find_restaurant", {"city": city, "cuisine": cuisine}))
-        return find_restaurant(city, cuisine)
-
     client = AsyncOpenAI(base_url=base_url, api_key="sk-local", max_retries=0)
-    agent = Agent(name="planner", instructions="Plan with the tools, then answer briefly.",
-                  tools=[weather, restaurant],
-                  model=OpenAIResponsesModel(model=model, openai_client=client))
+    agent = agents_sdk_planner(OpenAIResponsesModel(model=model, openai_client=client), calls)
     try:
         if not streamed:
             return str((await Runner.run(agent, PROMPT, max_turns=6)).final_output)

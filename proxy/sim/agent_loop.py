@@ -62,6 +62,28 @@ def find_restaurant(city: str, cuisine: str) -> str:
     return f"Fiskeriet ({cuisine}, {city} centre)"
 
 
+def agents_sdk_planner(model: Any, calls: list[tuple[str, dict[str, Any]]]) -> Any:
+    """The OpenAI Agents SDK agent the two Agents SDK examples run, on ``model`` (a chat
+    completions or a Responses model object): the two tools, each recording its calls in
+    ``calls``. Imports the SDK (``pip install openai-agents``) only when called."""
+    from agents import Agent, function_tool
+
+    @function_tool(name_override="get_weather")
+    def weather(city: str, days: int) -> str:
+        """Weather forecast for a city, for the next ``days`` days."""
+        calls.append(("get_weather", {"city": city, "days": days}))
+        return get_weather(city, days)
+
+    @function_tool(name_override="find_restaurant")
+    def restaurant(city: str, cuisine: str) -> str:
+        """A restaurant in a city serving the given cuisine."""
+        calls.append(("find_restaurant", {"city": city, "cuisine": cuisine}))
+        return find_restaurant(city, cuisine)
+
+    return Agent(name="planner", instructions="Plan with the tools, then answer briefly.",
+                 tools=[weather, restaurant], model=model)
+
+
 def scenarios(key: str = PROMPT_KEY) -> list[Scenario]:
     """The three steps, each answering only conversations whose user prompt contains ``key``."""
     leaked = ["Let me check the weather first.", " <tool", "_call>\n{\"name\": \"get_",
