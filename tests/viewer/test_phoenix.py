@@ -154,11 +154,16 @@ async def test_agent_session_in_phoenix(make_toolmend: Callable[..., Any],
         []]
     assert session.steps[2].content == ANSWER
 
-    # Nobody ends the session: it goes idle after 1 s and its span is exported then.
+    # Nobody ends the session: it goes idle after 1 s and its span is exported then. The
+    # other agent's session (it gave up its request in step 2) is exported on its own: Phoenix
+    # may ingest it later than this one, so the listing below waits for both.
     def complete(spans: list[dict[str, Any]]) -> bool:
         mine = [s for s in spans if s["attributes"].get("gen_ai.conversation.id") == sid]
+        other = [s for s in spans if s["attributes"].get("gen_ai.conversation.id")
+                 == "other-agent-session"]
         # the session, its 3 steps, their 3 upstream calls, and the 2 tool runs between them
-        return any(s["span_kind"] == "AGENT" for s in mine) and len(mine) == 9
+        return any(s["span_kind"] == "AGENT" for s in mine) and len(mine) == 9 and \
+            any(s["span_kind"] == "AGENT" for s in other)
 
     spans = await until_spans(phoenix, tm.project, complete)
 
