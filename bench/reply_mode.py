@@ -91,27 +91,25 @@ def reply_mode(chunks: list[bytes]) -> list[Any]:
     return out + dec.finish()
 
 
-def ndjson_via_sse(lines: list[bytes]) -> list[Any]:
-    wire = NDJSONToSSE("chatcmpl-1", 1, id_prefix="call_k")
+def _ndjson(lines: list[bytes], as_sse: bool) -> list[Any]:
+    wire = (NDJSONToSSE if as_sse else NDJSONChunks)("chatcmpl-1", 1, id_prefix="call_k")
     dec = ChatReplyDecoder()
     p = StreamPipeline(True, ChatMender(None, TOOLS, model_hint="qwen3"), reply=dec)
     out: list[Any] = []
     for ln in lines:
-        if sse := wire.feed(ln):
-            out += p.feed(sse)  # type: ignore[arg-type]
+        got = wire.feed(ln)
+        if got:
+            out += p.feed(got) if as_sse else p.feed_chunks(got)  # type: ignore[arg-type]
     out += p.finish()  # type: ignore[arg-type]
     return out + dec.finish()
+
+
+def ndjson_via_sse(lines: list[bytes]) -> list[Any]:
+    return _ndjson(lines, as_sse=True)
 
 
 def ndjson_objects(lines: list[bytes]) -> list[Any]:
-    wire = NDJSONChunks("chatcmpl-1", 1, id_prefix="call_k")
-    dec = ChatReplyDecoder()
-    p = StreamPipeline(True, ChatMender(None, TOOLS, model_hint="qwen3"), reply=dec)
-    out: list[Any] = []
-    for ln in lines:
-        out += p.feed_chunks(wire.feed(ln))  # type: ignore[arg-type]
-    out += p.finish()  # type: ignore[arg-type]
-    return out + dec.finish()
+    return _ndjson(lines, as_sse=False)
 
 
 def _same(a: list[Any], b: list[Any]) -> bool:

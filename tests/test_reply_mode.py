@@ -186,22 +186,30 @@ OLLAMA = b"".join(orjson.dumps(line) + b"\n" for line in [
 ])
 
 
-def _ollama_reply_mode(pieces: list[bytes], include_usage: bool = True) -> list:
-    from toolmend.parsers.ollama import NDJSONChunks
+def _ollama(lines: list[bytes], fmt: str | None = None, *, as_sse: bool = False,
+            include_usage: bool = True) -> list:
+    """The events a front gets from Ollama's NDJSON: as chunk objects (``NDJSONChunks``,
+    ``feed_chunks``) or, ``as_sse``, encoded as SSE and decoded by the pipeline. A call the
+    mender refuses ends the list with what went before and the error's code."""
+    from toolmend.parsers.ollama import NDJSONChunks, NDJSONToSSE
 
-    wire = NDJSONChunks("chatcmpl-1", 1, id_prefix="call_k")
+    wire = (NDJSONToSSE if as_sse else NDJSONChunks)("chatcmpl-1", 1, id_prefix="call_k")
     dec = ChatReplyDecoder()
-    p = StreamPipeline(include_usage, ChatMender(None, TOOLS, model_hint="qwen3"), reply=dec)
+    p = StreamPipeline(include_usage, ChatMender(fmt, TOOLS, model_hint="qwen3"), reply=dec)
     out: list = []
-    for piece in pieces:
-        out += p.feed_chunks(wire.feed(piece))
-    out += p.feed_chunks(wire.finish())
-    out += p.finish()
+    try:
+        for ln in [*lines, None]:
+            got = wire.finish() if ln is None else wire.feed(ln)
+            if got:
+                out += p.feed(got) if as_sse else p.feed_chunks(got)
+        out += p.finish()
+    except UpstreamStreamError as e:
+        return out + list(e.pending) + [orjson.loads(e.body)["error"]["code"]]
     return out + dec.finish()
 
 
 def test_ollama_ndjson_reaches_the_front_as_literal_events_without_sse() -> None:
-    assert _ollama_reply_mode([OLLAMA]) == [
+    assert _ollama([OLLAMA]) == [
         Reasoning("Oslo? "),
         Text("Checking."),
         ToolCallStart(0, "get_weather", "call_k0"),
@@ -213,7 +221,7 @@ def test_ollama_ndjson_reaches_the_front_as_literal_events_without_sse() -> None
 
 
 def test_chunk_objects_follow_the_usage_rule_and_end_on_an_error() -> None:
-    assert Usage(prompt_tokens=7, completion_tokens=12) not in _ollama_reply_mode(
+    assert Usage(prompt_tokens=7, completion_tokens=12) not in _ollama(
         [OLLAMA], include_usage=False)
     p = StreamPipeline(True, None, reply=ChatReplyDecoder())
     with pytest.raises(UpstreamStreamError) as info:
@@ -236,41 +244,8 @@ def test_chunk_objects_in_sse_mode_are_the_events_encoded() -> None:
 @given(st.lists(st.integers(min_value=0, max_value=len(OLLAMA)), max_size=30))
 def test_any_split_of_ndjson_gives_the_same_events(cuts: list[int]) -> None:
     bounds = [0, *sorted(cuts), len(OLLAMA)]
-    events = _ollama_reply_mode([OLLAMA[a:b] for a, b in itertools.pairwise(bounds)])
-    assert events == _ollama_reply_mode([OLLAMA])
-
-
-def _ollama_via_sse(lines: list[bytes], fmt: str | None) -> list:
-    from toolmend.parsers.ollama import NDJSONToSSE
-
-    wire = NDJSONToSSE("chatcmpl-1", 1, id_prefix="call_k")
-    dec = ChatReplyDecoder()
-    p = StreamPipeline(True, ChatMender(fmt, TOOLS, model_hint="qwen3"), reply=dec)
-    out: list = []
-    try:
-        for ln in lines:
-            if sse := wire.feed(ln):
-                out += p.feed(sse)
-        out += p.finish()
-    except UpstreamStreamError as e:  # a call refused: what went before, then the error
-        return out + list(e.pending) + [orjson.loads(e.body)["error"]["code"]]
-    return out + dec.finish()
-
-
-def _ollama_objects(lines: list[bytes], fmt: str | None) -> list:
-    from toolmend.parsers.ollama import NDJSONChunks
-
-    wire = NDJSONChunks("chatcmpl-1", 1, id_prefix="call_k")
-    dec = ChatReplyDecoder()
-    p = StreamPipeline(True, ChatMender(fmt, TOOLS, model_hint="qwen3"), reply=dec)
-    out: list = []
-    try:
-        for ln in lines:
-            out += p.feed_chunks(wire.feed(ln))
-        out += p.finish()
-    except UpstreamStreamError as e:
-        return out + list(e.pending) + [orjson.loads(e.body)["error"]["code"]]
-    return out + dec.finish()
+    events = _ollama([OLLAMA[a:b] for a, b in itertools.pairwise(bounds)])
+    assert events == _ollama([OLLAMA])
 
 
 PIECES = ["<tool_call>", "</tool_call>", "<think>", "</think>", '{"name": "get_weather", ',
@@ -292,5 +267,5 @@ def test_chunk_objects_skip_the_mender_exactly_when_sse_events_do(
     lines.append(orjson.dumps({"model": "qwen3", "message": {"role": "assistant",
                                                              "content": ""},
                                "done": True, "done_reason": "stop"}) + b"\n")
-    assert _without_ids(_merge_text(_ollama_objects(lines, fmt))) == \
-        _without_ids(_merge_text(_ollama_via_sse(lines, fmt)))
+    assert _without_ids(_merge_text(_ollama(lines, fmt))) == \
+        _without_ids(_merge_text(_ollama(lines, fmt, as_sse=True)))
