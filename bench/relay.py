@@ -884,6 +884,8 @@ async def run_fc(cfg: argparse.Namespace) -> dict[str, tuple[float, float]]:
             _start_litellm(relays, log_dir, procs)
         paths = ["bare"]
         for front, (path, body, end) in FC_FRONTS.items():
+            if cfg.fronts and front not in cfg.fronts:
+                continue
             async with session.post(relays[("toolmend", 10)].url + path, data=body,
                                     headers=HEADERS) as r:
                 raw = await r.read()
@@ -1135,6 +1137,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--litellm", action="store_true",
                     help="with --fc: LiteLLM's proxy (pinned, in a cached venv of its own) on "
                          "the same load, its chat, Messages and Responses paths")
+    ap.add_argument("--fronts", type=lambda s: s.split(","), default=None,
+                    help="with --fc: only these fronts (comma-separated: "
+                         f"{','.join(FC_FRONTS)}); the table is then printed, not written")
     ap.add_argument("--bare-relay", metavar="UPSTREAM", help=argparse.SUPPRESS)
     cfg = ap.parse_args(argv)
     if cfg.rounds is None:
@@ -1143,6 +1148,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         cfg.window = 2.0 if cfg.quick else 4.0
     if cfg.litellm and not cfg.fc:
         ap.error("--litellm goes with --fc")
+    if cfg.fronts:
+        unknown = sorted(set(cfg.fronts) - set(FC_FRONTS))
+        if unknown or not cfg.fc:
+            ap.error(f"--fronts goes with --fc and takes {','.join(FC_FRONTS)}")
+        cfg.no_write = True  # a partial table must not replace the section of record
     return cfg
 
 

@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from toolmend.parsers.formats._stream import Markers
+from toolmend.parsers.formats.base import holdback
 
 NESTED = Markers("[", "[TOOL_CALLS]", "<tool", "<tool_call>")
 
@@ -91,3 +92,30 @@ def test_any_split_finds_what_the_whole_text_finds(parts: list[str], cuts: list[
 def test_random_text_never_crashes_and_loses_nothing(text: str, cut: int) -> None:
     events = scan_stream(NESTED, [text[:cut], text[cut:]])
     assert "".join(t for _, t in events) == text
+
+
+# holdback: the longest suffix of the text that a marker properly begins with. The reference is
+# the definition itself, marker by marker and length by length.
+def _holdback_by_definition(text: str, markers: tuple[str, ...]) -> int:
+    best = 0
+    for n in range(1, len(text) + 1):
+        if any(len(m) > n and m.startswith(text[-n:]) for m in markers):
+            best = n
+    return best
+
+
+def test_holdback_literal_cases() -> None:
+    markers = ("<tool_call>", "<|python_tag|>", "[TOOL_CALLS]")
+    assert holdback("hello <tool", markers) == 5
+    assert holdback("hello <|py", markers) == 4
+    assert holdback("hello [", markers) == 1
+    assert holdback("hello <tool_call>", markers) == 0  # a whole marker is not held
+    assert holdback("hello", markers) == 0
+    assert holdback("", markers) == 0
+
+
+@given(st.text(alphabet="<|>[]_tocalp", max_size=24),
+       st.lists(st.text(alphabet="<|>[]_tocalp", min_size=1, max_size=8), min_size=1,
+                max_size=6))
+def test_holdback_matches_its_definition(text: str, markers: list[str]) -> None:
+    assert holdback(text, tuple(markers)) == _holdback_by_definition(text, tuple(markers))

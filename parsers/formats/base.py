@@ -18,6 +18,7 @@ model drafted inside its reasoning out as a call unless the reply shows it was m
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
@@ -96,22 +97,30 @@ class MarkerParser(ABC):
         return None
 
 
+@functools.lru_cache(maxsize=512)
+def marker_prefixes(markers: tuple[str, ...]) -> tuple[frozenset[str], int]:
+    """Every proper prefix of every marker, and the longest marker's length.
+
+    Computed once per marker set (the sets are module constants or built once per parser), so
+    that :func:`holdback` is a handful of set lookups instead of a marker-by-marker search.
+    """
+    prefixes = frozenset(m[:n] for m in markers for n in range(1, len(m)))
+    return prefixes, max((len(m) for m in markers), default=0)
+
+
 def holdback(text: str, markers: tuple[str, ...]) -> int:
     """Length of the longest suffix of ``text`` that is a proper prefix of some marker.
 
     That suffix must be held back: the next piece may complete the marker. Only the last
     ``len(longest marker) - 1`` characters are examined, so the cost is bounded by the marker
-    length, not by ``len(text)``.
+    length, not by ``len(text)``; each length is one lookup in the markers' prefix set.
     """
     if not text:
         return 0
-    longest = max(len(m) for m in markers)
-    tail = text[-(longest - 1):] if longest > 1 else ""
-    for n in range(min(len(tail), longest - 1), 0, -1):
-        suffix = tail[-n:]
-        for m in markers:
-            if len(m) > n and m.startswith(suffix):
-                return n
+    prefixes, longest = marker_prefixes(markers)
+    for n in range(min(len(text), longest - 1), 0, -1):
+        if text[-n:] in prefixes:
+            return n
     return 0
 
 
