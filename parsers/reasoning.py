@@ -15,6 +15,7 @@ Two decisions the mender needs before it reads a reply:
 from __future__ import annotations
 
 import fnmatch
+import functools
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -47,8 +48,16 @@ _DEFAULT = [re.compile(p, re.I) for p in OPEN_BY_DEFAULT]
 TEMPLATE_SWITCHES = ("enable_thinking", "thinking")
 
 
-def _matches(patterns: Iterable[re.Pattern[str]], names: Iterable[str | None]) -> bool:
-    return any(p.search(n) for p in patterns for n in names if n)
+@functools.lru_cache(maxsize=1024)
+def _always_open(name: str) -> bool:
+    """A model name :data:`ALWAYS_OPEN` matches (cached: one name per request, few names)."""
+    return any(p.search(name) for p in _ALWAYS)
+
+
+@functools.lru_cache(maxsize=1024)
+def _open_by_default(name: str) -> bool:
+    """A model name :data:`OPEN_BY_DEFAULT` matches (cached as :func:`_always_open`)."""
+    return any(p.search(name) for p in _DEFAULT)
 
 
 def _globbed(globs: Iterable[str], names: Iterable[str | None]) -> bool:
@@ -91,11 +100,11 @@ class ReasoningSignals:
             return False, "reasoning_closed_models"
         if _globbed(self.open_models, models):
             return True, "reasoning_open_models"
-        if _matches(_ALWAYS, models):
+        if any(_always_open(m) for m in models if m):
             return True, "model name"
         if self.request is not None:
             return self.request, "chat_template_kwargs"
-        if _matches(_DEFAULT, models):
+        if any(_open_by_default(m) for m in models if m):
             return True, "model name"
         return False, ""
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from toolmend.scheduling.fair_queue import Cost, FairQueue, Limits, TicketState
 from toolmend.scheduling.policy import AgentPolicies, AgentPolicy, policies_from_dict
@@ -653,3 +655,48 @@ def test_equal_work_in_3_and_30_steps_shares_one_slot_evenly(holds: bool) -> Non
         assert jain(rates) >= 0.99
     else:
         assert jain(rates) < 0.7
+
+
+# --- the sessions in their tool time, by return time ---------------------------------------------
+
+class _Stub:
+    """What _Loopers reads of a session: its agent and its return and lapse times."""
+
+    def __init__(self, agent: str, back: float, lapse: float) -> None:
+        self.agent, self._back, self._lapse = agent, back, lapse
+
+    def back_at(self, default: float) -> float:
+        return self._back
+
+    def lapse_at(self, default: float) -> float:
+        return self._lapse
+
+
+@given(st.lists(st.tuples(st.sampled_from(["add", "discard", "prune", "ask"]),
+                          st.integers(0, 30), st.floats(0, 100), st.floats(0, 20)),
+                max_size=200))
+def test_loopers_due_before_is_every_session_due_back_before_the_horizon(
+        ops: list[tuple[str, int, float, float]]) -> None:
+    from toolmend.scheduling.fair_queue import _Loopers
+
+    loopers = _Loopers(1.0)
+    sessions: dict[int, _Stub] = {}
+    inside: dict[_Stub, float] = {}  # the reference: session -> back at, for those inside
+    for op, k, x, y in ops:
+        if op == "add":
+            s = sessions.get(k)
+            if s is None or s not in inside:
+                s = sessions[k] = _Stub(f"agent{k % 7}", x, x + y)
+            loopers.add(s)
+            inside.setdefault(s, s._back)
+        elif op == "discard" and k in sessions:
+            loopers.discard(sessions[k])
+            inside.pop(sessions[k], None)
+        elif op == "prune":
+            loopers.prune(x)
+            for s in [s for s in inside if x >= s._lapse - 1e-4]:
+                del inside[s]
+        else:
+            got = sorted((back, id(s)) for back, s in loopers.due_before(x))
+            assert got == sorted((back, id(s)) for s, back in inside.items() if back < x)
+        assert len(loopers) == len(inside)

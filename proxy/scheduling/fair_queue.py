@@ -216,13 +216,16 @@ class _Loopers:
     steps on every dispatch cost O(n log n) per request once thousands of short sessions were
     in their tool time."""
 
-    __slots__ = ("_heap", "_seq", "by_agent", "default", "n")
+    __slots__ = ("_backs", "_heap", "_seq", "by_agent", "default", "n")
 
     def __init__(self, default: float) -> None:
         self.default = default  # tool time of a session that has no measured one yet
         #: agent -> session -> (back at, lapse at, entry number)
         self.by_agent: dict[_Agent, dict[_Session, tuple[float, float, int]]] = {}
-        self._heap: list[tuple[float, int, _Session]] = []
+        self._heap: list[tuple[float, int, _Session]] = []  # by lapse time
+        #: by return time: a dispatch looks only at the sessions due back before its request
+        #: would be done (:meth:`due_before`), not at every session in its tool time
+        self._backs: list[tuple[float, int, _Session]] = []
         self._seq = 0
         self.n = 0
 
@@ -241,13 +244,18 @@ class _Loopers:
             return
         self._seq += 1
         lapse = s.lapse_at(self.default)
-        group[s] = (s.back_at(self.default), lapse, self._seq)
+        back = s.back_at(self.default)
+        group[s] = (back, lapse, self._seq)
         self.n += 1
         heap = self._heap
         heapq.heappush(heap, (lapse, self._seq, s))
+        heapq.heappush(self._backs, (back, self._seq, s))
         if len(heap) > 2 * self.n + 64:  # entries of sessions that left: drop them
             self._heap = [e for e in heap if self._entry(e[2]) == e[1]]
             heapq.heapify(self._heap)
+        if len(self._backs) > 2 * self.n + 64:
+            self._backs = [e for e in self._backs if self._entry(e[2]) == e[1]]
+            heapq.heapify(self._backs)
 
     def discard(self, s: _Session) -> None:
         group = self.by_agent.get(s.agent)
@@ -268,6 +276,30 @@ class _Loopers:
             _, seq, s = heapq.heappop(heap)
             if self._entry(s) == seq:
                 self.discard(s)
+        backs = self._backs  # the earliest returns are the first to lapse or leave
+        while backs and self._entry(backs[0][2]) != backs[0][1]:
+            heapq.heappop(backs)
+
+    def due_before(self, horizon: float) -> list[tuple[float, _Session]]:
+        """``(back at, session)`` of every session here due back before ``horizon``: a walk of
+        the heap's top, which never goes below an entry due at or after it."""
+        heap = self._backs
+        n = len(heap)
+        out: list[tuple[float, _Session]] = []
+        stack = [0] if n else []
+        while stack:
+            i = stack.pop()
+            back, seq, s = heap[i]
+            if back >= horizon:
+                continue  # and so is every entry below it
+            if self._entry(s) == seq:
+                out.append((back, s))
+            j = 2 * i + 1
+            if j < n:
+                stack.append(j)
+                if j + 1 < n:
+                    stack.append(j + 1)
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -640,21 +672,22 @@ class FairQueue:
         loopers = self._loopers
         loopers.prune(now)
         found: list[tuple[float, str, _Session]] = []
-        for b, group in loopers.by_agent.items():
+        # a session due back after the request would be done is never worth holding for
+        for back, s in loopers.due_before(now + service):
+            b = s.agent
             if b is a or b.counter > a.counter:
                 continue  # never against its own agent, nor for one that would not win
-            for s, (back, _, _) in group.items():
-                if s.priority < t.priority:
-                    continue
-                idle = max(0.0, back - now)  # what holding costs the slot
-                if idle >= service:
-                    continue  # the request would be done before the session is back
-                if next_free is None:
-                    next_free = min((r.dispatched_at + r.expected for r in self._running
-                                     if r.dispatched_at is not None), default=math.inf)
-                if next_free - max(now, back) - turnover < idle:
-                    continue  # it saves less wait than it costs: another slot turns over soon
-                found.append((back, s.key, s))
+            if s.priority < t.priority:
+                continue
+            idle = max(0.0, back - now)  # what holding costs the slot
+            if idle >= service:
+                continue  # the request would be done before the session is back
+            if next_free is None:
+                next_free = min((r.dispatched_at + r.expected for r in self._running
+                                 if r.dispatched_at is not None), default=math.inf)
+            if next_free - max(now, back) - turnover < idle:
+                continue  # it saves less wait than it costs: another slot turns over soon
+            found.append((back, s.key, s))
         found.sort(key=lambda e: (e[0], e[1]))
         return [e[2] for e in found]
 

@@ -25,7 +25,7 @@ from toolmend.scheduling.scheduler import (
     probe_slots,
     scheduler_from_settings,
 )
-from toolmend.server import auth, gateway, lifecycle, memory
+from toolmend.server import access_log, auth, gateway, lifecycle, memory
 from toolmend.server.config import Settings
 from toolmend.server.context import RequestContext, new_request_id
 from toolmend.server.errors import ProxyError
@@ -39,7 +39,6 @@ from toolmend.telemetry import model_server
 from toolmend.telemetry import tracing as telemetry
 
 log = logging.getLogger("toolmend")
-access_log = logging.getLogger("toolmend.access")
 
 __all__ = ["CTX", "SCHEDULER", "SETTINGS", "UPSTREAM", "build_app", "start_server"]
 
@@ -189,7 +188,7 @@ def _log_request(request: web.Request, ctx: RequestContext) -> None:
     if ctx.usage:
         line["prompt_tokens"] = ctx.usage.get("prompt_tokens")
         line["completion_tokens"] = ctx.usage.get("completion_tokens")
-    access_log.info(_json_line(line))
+    access_log.emit(_json_line(line))
 
 
 def _json_line(doc: dict[str, Any]) -> str:

@@ -19,6 +19,9 @@ def _setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    from toolmend.server import access_log
+
+    access_log.install(sys.stderr)  # request lines in batches: see access_log's docstring
 
 
 def _use_uvloop() -> str:

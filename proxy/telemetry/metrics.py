@@ -38,6 +38,24 @@ class BoundedLabel:
         return v
 
 
+class Children:
+    """A labelled metric's children, each looked up once: prometheus-client's ``labels()``
+    checks and joins its values and takes a lock on every call, several times per request.
+    Bounded as the label values are (every value that reaches it is bounded)."""
+
+    __slots__ = ("_children", "metric")
+
+    def __init__(self, metric: Any) -> None:
+        self.metric = metric
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *values: str) -> Any:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self.metric.labels(*values)
+        return child
+
+
 class _QueueDepth(Collector):
     """Reads the scheduler's queue depth at scrape time; 0 when there is no scheduler."""
 
@@ -90,6 +108,9 @@ class Metrics:
         self.invalid_utf8 = Counter(pn(n.M_INVALID_UTF8), "Upstream events (or whole replies) "
                                     "whose invalid UTF-8 was replaced with U+FFFD", registry=r)
         r.register(_QueueDepth(queue_depth or (lambda: 0)))
+        self._ttft, self._duration = Children(self.ttft), Children(self.duration)
+        self._tokens, self._requests = Children(self.tokens), Children(self.requests)
+        self._repairs = Children(self.repairs)
 
     def observe(self, *, operation: str, provider: str, model: str | None, status: int,
                 error_code: str | None, duration: float, ttft: float | None, front: str,
@@ -98,9 +119,9 @@ class Metrics:
                 invalid_utf8: int = 0) -> None:
         m = self.models(model)
         err = self.codes(error_code) if error_code else ""
-        self.duration.labels(operation, provider, m, err).observe(duration)
+        self._duration(operation, provider, m, err).observe(duration)
         if ttft is not None and status < 400:
-            self.ttft.labels(operation, provider, m, front).observe(ttft)
+            self._ttft(operation, provider, m, front).observe(ttft)
         if queue_wait is not None:
             self.queue_wait.observe(queue_wait)
         if usage:
@@ -108,10 +129,10 @@ class Metrics:
                               ("completion_tokens", n.TOKEN_OUTPUT)):
                 v = usage.get(key)
                 if isinstance(v, int) and v >= 0:
-                    self.tokens.labels(operation, provider, m, kind).observe(v)
-        self.requests.labels(operation, str(status)).inc()
+                    self._tokens(operation, provider, m, kind).observe(v)
+        self._requests(operation, str(status)).inc()
         for k in repair_kinds:
-            self.repairs.labels(self.kinds(k)).inc()
+            self._repairs(self.kinds(k)).inc()
         if validation_failures:
             self.validation_failures.inc(validation_failures)
         if retries:
