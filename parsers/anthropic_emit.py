@@ -38,6 +38,7 @@ from .reply import (
     Reasoning,
     ReplyEvent,
     Text,
+    TextJSON,
     ToolCallArgs,
     ToolCallEnd,
     ToolCallStart,
@@ -65,6 +66,12 @@ def error_body(status: int, message: str, extra: dict[str, Any] | None = None
     if extra:
         err.update({k: v for k, v in extra.items() if v is not None and k not in err})
     return {"type": "error", "error": err}
+
+
+#: a streamed text delta around its index and its text (what ``sse`` makes of it, key for key)
+_TEXT_DELTA_HEAD = b'event: content_block_delta\ndata: {"type":"content_block_delta","index":'
+_TEXT_DELTA_MID = b',"delta":{"type":"text_delta","text":"'
+_TEXT_DELTA_TAIL = b'"}}\n\n'
 
 
 def sse(name: bytes, obj: dict[str, Any]) -> bytes:
@@ -129,7 +136,9 @@ class MessagesEncoder:
         for ev in events:
             if self._done:
                 break
-            if isinstance(ev, Text):
+            if isinstance(ev, TextJSON):
+                self._text_json(ev, parts)
+            elif isinstance(ev, Text):
                 self._text(ev.text, parts)
             elif isinstance(ev, ToolCallArgs):
                 self._args(ev.fragment, parts)
@@ -217,6 +226,20 @@ class MessagesEncoder:
             self._delta({"type": "text_delta", "text": text}, parts)
         else:
             block["_parts"].append(text)  # type: ignore[index]
+
+    def _text_json(self, ev: TextJSON, parts: list[bytes]) -> None:
+        """:meth:`_text` for text that needs no escape: streamed, its delta is assembled
+        around the upstream's bytes (the same bytes ``sse`` would make, with no dict built and
+        dumped)."""
+        if not self._stream:
+            self._text(ev.text, parts)
+            return
+        self._pieces += 1
+        block = self._block
+        if block is None or block["type"] != "text":
+            self._open({"type": "text", "text": ""}, parts)
+        parts.append(b"".join((_TEXT_DELTA_HEAD, str(self._index).encode(), _TEXT_DELTA_MID,
+                               ev.raw, _TEXT_DELTA_TAIL)))
 
     def _reasoning(self, text: str, parts: list[bytes]) -> None:
         if not text:

@@ -27,6 +27,7 @@ from .reply import (
     Reasoning,
     ReplyEvent,
     Text,
+    TextJSON,
     ToolCallArgs,
     ToolCallEnd,
     ToolCallStart,
@@ -85,7 +86,7 @@ class OllamaEmitter:
         self._model = model
         self._created_at = created_at
         self._stream = stream
-        self.decoder = ChatReplyDecoder()
+        self.decoder = ChatReplyDecoder(splice_text=True)  # its events are this encoder's alone
         self._call: _Call | None = None  # the call being assembled
         self._out_calls: list[dict[str, Any]] = []
         self._emitted_calls = 0
@@ -119,7 +120,14 @@ class OllamaEmitter:
     def _events(self, events: list[ReplyEvent], parts: list[bytes]) -> None:
         for ev in events:
             kind = type(ev)
-            if kind is Text:
+            if kind is TextJSON:
+                self.chunks += 1
+                if self._stream:  # the upstream's bytes are the JSON string's body as it is
+                    parts.append(b"".join((self._text_head, b'"', ev.raw, b'"',  # type: ignore
+                                           self._text_tail)))
+                else:
+                    self._content.append(ev.text)  # type: ignore[union-attr]
+            elif kind is Text:
                 self.chunks += 1
                 if self._stream:  # the usual line, its fixed parts encoded once
                     parts.append(self._text_head + orjson.dumps(ev.text) + self._text_tail)

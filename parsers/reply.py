@@ -21,6 +21,7 @@ Sans-I/O, in the style of h11: ``feed`` bytes, get events; ``finish`` at the end
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,7 @@ __all__ = [
     "Reasoning",
     "ReplyEvent",
     "Text",
+    "TextJSON",
     "ToolCallArgs",
     "ToolCallEnd",
     "ToolCallStart",
@@ -89,8 +91,30 @@ class Note:
     text: str
 
 
-ReplyEvent = Text | Reasoning | ToolCallStart | ToolCallArgs | ToolCallEnd | Usage | Finish \
-    | Error | Note
+@dataclass(slots=True, frozen=True)
+class TextJSON:
+    """Text given as the body of a JSON string that needs no escape (``raw``: ASCII, no quote,
+    backslash or control character): the upstream chunk's own bytes, which a streaming encoder
+    puts into its event as they are, byte for byte what encoding :attr:`text` would give.
+
+    Only a decoder whose front asked for it (:attr:`ChatReplyDecoder.splice_text`) makes these,
+    for the usual chunk, so that plain text is neither decoded nor encoded again per token."""
+
+    raw: bytes
+
+    @property
+    def text(self) -> str:
+        return self.raw.decode("ascii")
+
+
+ReplyEvent = Text | TextJSON | Reasoning | ToolCallStart | ToolCallArgs | ToolCallEnd | Usage \
+    | Finish | Error | Note
+
+#: choice 0's delta holding content first; with the text's closing quote followed by the
+#: delta's end, content is all it holds
+_CONTENT_DELTA = b'"choices":[{"index":0,"delta":{"content":"'
+#: what a JSON string would have to escape (or has escaped): such text takes the general way
+_ESCAPED = re.compile(rb'[\x00-\x1f\\]')
 
 
 def _usage(obj: dict[str, Any]) -> Usage:
@@ -138,9 +162,11 @@ class ChatReplyDecoder:
     stream lacks are made up as ``call_<index>``; a front with its own id scheme replaces them.
     """
 
-    __slots__ = ("_calls", "_current", "_done", "_finish", "_sse", "_usage_seen")
+    __slots__ = ("_calls", "_current", "_done", "_finish", "_sse", "_usage_seen", "splice_text")
 
-    def __init__(self) -> None:
+    def __init__(self, *, splice_text: bool = False) -> None:
+        #: the consumer takes :class:`TextJSON` (see :meth:`plain_text`)
+        self.splice_text = splice_text
         self._sse = SSEDecoder()
         self._calls: dict[int, _Call] = {}
         self._current: int | None = None  # the index of the open (started, not ended) call
@@ -188,6 +214,28 @@ class ChatReplyDecoder:
             return
         if isinstance(obj, dict):
             self.chunk(obj, out)
+
+    def plain_text(self, payload: bytes, out: list[ReplyEvent]) -> bool:
+        """The usual chunk without parsing it: when choice 0's delta holds content text alone,
+        needing no escape, add it as :class:`TextJSON` and say True. The caller has seen the
+        chunk carry nothing else that counts (no error, usage or finish reason: the stream
+        pipeline's plain events) and the text has no quote in it, so the first quote ends it.
+        Anything else is False, for :meth:`payload`."""
+        if self._current is not None or self._done or self._finish is not None:
+            return False
+        i = payload.find(_CONTENT_DELTA)
+        if i < 0:
+            return False
+        i += len(_CONTENT_DELTA)
+        end = payload.find(b'"', i)
+        if end < 0 or payload[end + 1:end + 2] != b"}" or _ESCAPED.search(payload, i, end):
+            return False
+        raw = payload[i:end]
+        if not raw.isascii():
+            return False
+        if raw:
+            out.append(TextJSON(raw))
+        return True
 
     def chunk(self, obj: dict[str, Any], out: list[ReplyEvent]) -> None:
         """One chunk object (already parsed)."""
@@ -318,6 +366,8 @@ def reply_size(events: list[ReplyEvent]) -> int:
         kind = type(ev)
         if kind is Text or kind is Reasoning:
             n += len(ev.text)  # type: ignore[union-attr]
+        elif kind is TextJSON:
+            n += len(ev.raw)  # type: ignore[union-attr]
         elif kind is ToolCallArgs:
             n += len(ev.fragment)  # type: ignore[union-attr]
         elif kind is ToolCallStart:

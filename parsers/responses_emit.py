@@ -36,6 +36,7 @@ from .reply import (
     Reasoning,
     ReplyEvent,
     Text,
+    TextJSON,
     ToolCallArgs,
     ToolCallEnd,
     ToolCallStart,
@@ -150,7 +151,9 @@ class ResponsesEncoder:
         out: list[bytes] = []
         for ev in events:
             t = type(ev)
-            if t is Text:
+            if t is TextJSON:
+                self._text(ev.text, out, ev.raw)  # type: ignore[union-attr]
+            elif t is Text:
                 self._text(ev.text, out)  # type: ignore[union-attr]
             elif t is Reasoning:
                 self._reasoning(ev.text, out)  # type: ignore[union-attr]
@@ -206,7 +209,8 @@ class ResponsesEncoder:
         item = self._item = _Item(kind, self._new_id(prefix), len(self._output))
         return item
 
-    def _text(self, text: str, out: list[bytes]) -> None:
+    def _text(self, text: str, out: list[bytes], raw: bytes | None = None) -> None:
+        """``raw``: the text as a JSON string's body needing no escape (:class:`TextJSON`)."""
         item = self._item
         if item is None or item.kind != "message":
             item = self._open("message", "msg", out)
@@ -218,7 +222,7 @@ class ResponsesEncoder:
         item.parts.append(text)
         if self._stream:
             out.append(self._delta(_TEXT_DELTA, item, b',"content_index":0', text,
-                                   b',"logprobs":[]}\n\n'))
+                                   b',"logprobs":[]}\n\n', raw))
 
     def _reasoning(self, text: str, out: list[bytes]) -> None:
         item = self._item
@@ -317,14 +321,15 @@ class ResponsesEncoder:
         return doc
 
     def _delta(self, kind: bytes, item: _Item, index_field: bytes, text: str,
-               tail: bytes) -> bytes:
+               tail: bytes, raw: bytes | None = None) -> bytes:
         """A delta event, the hot path: its bytes assembled around the one value that changes
-        (the same JSON as :meth:`_event` would make, with no dict built and dumped)."""
+        (the same JSON as :meth:`_event` would make, with no dict built and dumped); ``raw``,
+        when given, is ``text`` as a JSON string's body already."""
         seq = self._seq
         self._seq += 1
         return b"".join((b"event: ", kind, b'\ndata: {"type":"', kind, b'","sequence_number":',
                          str(seq).encode(), b",", item.head, index_field, b',"delta":',
-                         orjson.dumps(text), tail))
+                         orjson.dumps(text) if raw is None else b'"' + raw + b'"', tail))
 
     def _event(self, kind: str, fields: dict[str, Any]) -> bytes:
         fields["type"] = kind

@@ -134,7 +134,8 @@ class StreamPipeline:
             if reply is None:
                 return chunk  # the usual event, forwarded as it came
             out: list[ReplyEvent] = []
-            reply.payload(data, out)
+            if not (reply.splice_text and reply.plain_text(data, out)):
+                reply.payload(data, out)
             return out
         try:
             events = decoder.feed(chunk)

@@ -80,7 +80,8 @@ class MessagesDownstream(Downstream):
         super().__init__(request, ctx, interval if stream else 0.0)
         self.resp.headers.update(headers)
         self.extra_headers = headers
-        self.decoder = self.reply = ChatReplyDecoder()  # the pipeline feeds it: events in
+        # the pipeline feeds it: events in (plain text as the upstream's own bytes when streamed)
+        self.decoder = self.reply = ChatReplyDecoder(splice_text=stream)
         self.encoder = encoder
         self.whole = not stream
         self._bound = (WholeReplyBound(request.app[SETTINGS].max_upstream_reply_bytes)

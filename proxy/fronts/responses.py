@@ -119,7 +119,8 @@ class ResponsesDownstream(Downstream):
         self.resp.headers.update(headers)
         self.encoder = encoder
         self.whole = not stream
-        self._decoder = self.reply = ChatReplyDecoder()  # the pipeline feeds it: events in
+        # the pipeline feeds it: events in (plain text as the upstream's own bytes when streamed)
+        self._decoder = self.reply = ChatReplyDecoder(splice_text=stream)
         self._opened = False
         self._bound = (WholeReplyBound(request.app[SETTINGS].max_upstream_reply_bytes)
                        if self.whole else None)
