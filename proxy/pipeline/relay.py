@@ -52,13 +52,15 @@ async def relay_stream(request: web.Request, ctx: RequestContext, up: UpstreamCl
             ctx.upstream_headers_at = loop.time()
             if call.status >= 400:
                 return await down.fail(await call.error())
+            # bytes out (the chat front) go straight to the writer: one coroutine less per chunk
+            write = down.write_reply if down.reply is not None else down.write
             async for chunk in call.chunks():
                 out = pipeline.feed(chunk) if type(chunk) is bytes else \
                     pipeline.feed_chunks(chunk)  # type: ignore[arg-type]
                 if stats.first_token and ctx.upstream_first_token_at is None:
                     ctx.upstream_first_token_at = loop.time()
                 if out:
-                    await down.write_reply(out)
+                    await write(out)  # type: ignore[arg-type]
                     if ctx.client_first_token_at is None and stats.first_token:
                         ctx.client_first_token_at = loop.time()
                     if ctx.first_tool_call_at is None and stats.tool_calls:
