@@ -59,6 +59,9 @@ c = (cpu(250) − cpu(10)) / 240 and F = cpu(10) − 10·c. Rounds alternate the
 their order), and the medians over rounds are reported beside the bare relay's. It replaces the
 ``## Cost per request and per chunk, per front`` section.
 
+``--fc --fronts chat,anthropic`` runs only those fronts beside the bare relay (a quick check
+while working on one front); it prints its table and leaves BENCHMARKS.md as it is.
+
 ``--fc --litellm`` adds LiteLLM's proxy to the same run, as three more paths on the same load:
 its chat completions, its Anthropic Messages bridge and its Responses bridge, in front of the
 same sims (see ``litellm_proxy.py``: a pinned LiteLLM in a cached venv of its own, made on the
