@@ -373,7 +373,23 @@ class ChatMender:
             for s in _STRUCTURE:
                 if s in data:
                     return True
-        return self._wants_text(data)
+        # _wants_text and _string_end written out: this runs for every token of every reply
+        i = data.find(_CONTENT)
+        if i < 0:
+            return False  # role-only, reasoning or usage: nothing to mend
+        i += 10
+        if data.find(_ESCAPE, i) >= 0:
+            return True
+        if data[i:i + 1] == b'"':  # the usual compact JSON; else the general way
+            end = data.find(b'"', i + 1)
+            if end < 0 or data.find(b"\\", i + 1, end) >= 0:
+                end = len(data)
+        else:
+            end = _string_end(data, i)
+        for t in self._triggers:
+            if data.find(t, i, end) >= 0:
+                return True
+        return False
 
     def wants_content(self, text: str) -> bool:
         """:meth:`wants_unfinished` for a chunk *object* whose delta holds only ``text`` as

@@ -128,7 +128,17 @@ class StreamPipeline:
             return self._join([])
         decoder = self._decoder
         data = decoder.whole_event(chunk)
-        if data is not None and self._plain(data):
+        # The usual event needs nothing but counting: not [DONE] nor an error, first token
+        # seen, no usage or finish reason to read, nothing for the mender, a JSON object in
+        # ASCII. Only reads; whatever it declines goes the general way (_loop). Written out
+        # here, not in helpers: this runs for every token of every reply.
+        if data is not None and self.stats.first_token and data != DONE and \
+                data.find(_ERROR, 0, 12) < 0 and \
+                (_USAGE not in data or _USAGE_NULL[0] in data or _USAGE_NULL[1] in data) and \
+                (_FINISH not in data or _FINISH_NULL[0] in data or _FINISH_NULL[1] in data) and \
+                (self._mender is None or (self._mender.rekey is None
+                                          and not self._wants_plain(data))) and \
+                data.startswith(b"{") and data.endswith(b"}") and data.isascii():
             self.stats.events += 1
             reply = self._reply
             if reply is None:
@@ -178,20 +188,6 @@ class StreamPipeline:
                     delta = obj["choices"][0]["delta"]
                     delta[field] = delta.pop("content")
             self._emit([obj], [], parts)
-
-    def _plain(self, data: bytes) -> bool:
-        """The event needs nothing but counting: not ``[DONE]`` nor an error, first token
-        seen, nothing for the mender, no usage or finish reason to read, a JSON object in
-        ASCII. Only reads; whatever it declines goes the general way in :meth:`_loop`."""
-        if not self.stats.first_token or data == DONE or data.find(_ERROR, 0, 12) >= 0:
-            return False
-        if (_USAGE in data and not _is_null(data, _USAGE_NULL)) or (
-                _FINISH in data and not _is_null(data, _FINISH_NULL)):
-            return False
-        mender = self._mender
-        if mender is not None and (mender.rekey is not None or self._wants_plain(data)):
-            return False
-        return data.startswith(b"{") and data.endswith(b"}") and data.isascii()
 
     def finish(self) -> Output:
         """End of the upstream body: flush the decoder and the mender, end with ``[DONE]``."""
