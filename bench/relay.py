@@ -1099,20 +1099,29 @@ def with_litellm_subsection(table: str, fits: dict[str, tuple[float, float]],
                             cpu: dict[tuple[str, int], list[float]],
                             path_errors: dict[str, int], cfg: argparse.Namespace,
                             started: str) -> str:
-    """The section with LiteLLM's subsection at its end: this run's rows with ``--litellm``;
-    without, the subsection BENCHMARKS.md already has (dated by its own run), so that a run
-    of toolmend's rows alone does not drop LiteLLM's."""
-    if cfg.litellm:
-        sub = render_litellm(fits, cpu, path_errors, cfg, started)
-    else:
-        text = BENCHMARKS.read_text() if BENCHMARKS.exists() else ""
-        start = text.find("\n" + LITELLM_SUBSECTION + "\n")
-        if start < 0:
-            return table
-        rest = text[start + 1:]
-        nxt = [i for i in (rest.find("\n## ", 1), rest.find("\n### ", 1)) if i > 0]
-        sub = rest[:min(nxt) + 1] if nxt else rest
-    return table.rstrip("\n") + "\n\n" + sub.rstrip("\n") + "\n"
+    """The section: this run's table, then the subsections BENCHMARKS.md already has under it
+    (earlier runs and their readings, written by hand: a new run must not drop them), then
+    LiteLLM's subsection at its end: this run's rows with ``--litellm``; without, the one the
+    file has (dated by its own run), so that a run of toolmend's rows alone keeps LiteLLM's."""
+    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else ""
+    kept: list[str] = []
+    old_litellm = ""
+    head = text.find("\n" + FC_SECTION + "\n")
+    if head >= 0:
+        body = text[head + 1:]
+        nxt = body.find("\n## ", 1)
+        body = body[:nxt + 1] if nxt > 0 else body
+        for sub in body.split("\n### ")[1:]:
+            sub = "### " + sub.rstrip("\n") + "\n"
+            if sub.startswith(LITELLM_SUBSECTION + "\n"):
+                old_litellm = sub
+            else:
+                kept.append(sub)
+    sub = render_litellm(fits, cpu, path_errors, cfg, started) if cfg.litellm else old_litellm
+    parts = [table.rstrip("\n") + "\n", *kept]
+    if sub:
+        parts.append(sub.rstrip("\n") + "\n")
+    return "\n".join(parts)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
