@@ -347,16 +347,10 @@ class ChatMender:
             return self._wants_in_reasoning(data)
         if not self._idle:
             return True
-        if self.resplit and _REASONING_KEY in data:
-            return True  # the server's reasoning is raw reply text here
-        if _SHARED in data:  # one search rules out both structured keys
-            for s in _STRUCTURE:
-                if s in data:
-                    return True
         if b'"finish_reason"' in data and _FINISH_NULL[0] not in data and \
                 _FINISH_NULL[1] not in data:
             return True
-        return self._wants_text(data)
+        return self.wants_unfinished(data)
 
     def wants_unfinished(self, data: bytes) -> bool:
         """:meth:`wants` for an event the caller has seen to carry no finish reason (none, or
@@ -373,7 +367,8 @@ class ChatMender:
             for s in _STRUCTURE:
                 if s in data:
                     return True
-        # _wants_text and _string_end written out: this runs for every token of every reply
+        # may the content string hold a marker? (_string_end written out for the usual
+        # compact JSON: this runs for every token of every reply)
         i = data.find(_CONTENT)
         if i < 0:
             return False  # role-only, reasoning or usage: nothing to mend
@@ -417,20 +412,6 @@ class ChatMender:
     def rekey_field(self) -> str | None:
         """:attr:`rekey` as a field name, for chunk objects."""
         return None if self.rekey is None else self.rekey[1:-2].decode()
-
-    def _wants_text(self, data: bytes) -> bool:
-        """The idle parser's question: may this delta's content hold a marker?"""
-        i = data.find(_CONTENT)
-        if i < 0:
-            return False  # role-only, reasoning or usage: nothing to mend
-        i += 10
-        if data.find(_ESCAPE, i) >= 0:
-            return True
-        end = _string_end(data, i)
-        for t in self._triggers:  # bounded finds: no copy of the tail per event
-            if data.find(t, i, end) >= 0:
-                return True
-        return False
 
     def _wants_in_reasoning(self, data: bytes) -> bool:
         """:meth:`wants` while the parser is at rest inside reasoning it separated: a content
