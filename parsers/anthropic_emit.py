@@ -137,7 +137,7 @@ class MessagesEncoder:
             if self._done:
                 break
             if isinstance(ev, TextJSON):
-                self._text_json(ev, parts)
+                self._text(ev.text, parts, ev.raw)
             elif isinstance(ev, Text):
                 self._text(ev.text, parts)
             elif isinstance(ev, ToolCallArgs):
@@ -213,7 +213,10 @@ class MessagesEncoder:
             parts.append(sse(b"content_block_stop", {"type": "content_block_stop",
                                                      "index": self._index}))
 
-    def _text(self, text: str, parts: list[bytes]) -> None:
+    def _text(self, text: str, parts: list[bytes], raw: bytes | None = None) -> None:
+        """``raw``: the text as a JSON string's body needing no escape (:class:`TextJSON`); a
+        streamed delta is then assembled around it (the bytes ``sse`` would make, with no dict
+        built and dumped)."""
         if not text:
             return
         self._pieces += 1
@@ -223,23 +226,13 @@ class MessagesEncoder:
                        else {"type": "text", "text": "", "_parts": []}, parts)
             block = self._block
         if self._stream:
-            self._delta({"type": "text_delta", "text": text}, parts)
+            if raw is None:
+                self._delta({"type": "text_delta", "text": text}, parts)
+            else:
+                parts.append(b"".join((_TEXT_DELTA_HEAD, str(self._index).encode(),
+                                       _TEXT_DELTA_MID, raw, _TEXT_DELTA_TAIL)))
         else:
             block["_parts"].append(text)  # type: ignore[index]
-
-    def _text_json(self, ev: TextJSON, parts: list[bytes]) -> None:
-        """:meth:`_text` for text that needs no escape: streamed, its delta is assembled
-        around the upstream's bytes (the same bytes ``sse`` would make, with no dict built and
-        dumped)."""
-        if not self._stream:
-            self._text(ev.text, parts)
-            return
-        self._pieces += 1
-        block = self._block
-        if block is None or block["type"] != "text":
-            self._open({"type": "text", "text": ""}, parts)
-        parts.append(b"".join((_TEXT_DELTA_HEAD, str(self._index).encode(), _TEXT_DELTA_MID,
-                               ev.raw, _TEXT_DELTA_TAIL)))
 
     def _reasoning(self, text: str, parts: list[bytes]) -> None:
         if not text:

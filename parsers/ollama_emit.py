@@ -120,19 +120,15 @@ class OllamaEmitter:
     def _events(self, events: list[ReplyEvent], parts: list[bytes]) -> None:
         for ev in events:
             kind = type(ev)
-            if kind is TextJSON:
-                self.chunks += 1
-                if self._stream:  # the upstream's bytes are the JSON string's body as it is
-                    parts.append(b"".join((self._text_head, b'"', ev.raw, b'"',  # type: ignore
-                                           self._text_tail)))
-                else:
-                    self._content.append(ev.text)  # type: ignore[union-attr]
-            elif kind is Text:
+            if kind is Text or kind is TextJSON:
                 self.chunks += 1
                 if self._stream:  # the usual line, its fixed parts encoded once
-                    parts.append(self._text_head + orjson.dumps(ev.text) + self._text_tail)
+                    # TextJSON's bytes are the JSON string's body as it is
+                    value = orjson.dumps(ev.text) if kind is Text else \
+                        b'"' + ev.raw + b'"'  # type: ignore[union-attr]
+                    parts.append(self._text_head + value + self._text_tail)
                 else:
-                    self._content.append(ev.text)
+                    self._content.append(ev.text)  # type: ignore[union-attr]
             elif kind is Reasoning:
                 self.chunks += 1
                 self._thinking.append(ev.text)

@@ -251,11 +251,15 @@ class _Loopers:
         heapq.heappush(heap, (lapse, self._seq, s))
         heapq.heappush(self._backs, (back, self._seq, s))
         if len(heap) > 2 * self.n + 64:  # entries of sessions that left: drop them
-            self._heap = [e for e in heap if self._entry(e[2]) == e[1]]
-            heapq.heapify(self._heap)
+            self._heap = self._live(heap)
         if len(self._backs) > 2 * self.n + 64:
-            self._backs = [e for e in self._backs if self._entry(e[2]) == e[1]]
-            heapq.heapify(self._backs)
+            self._backs = self._live(self._backs)
+
+    def _live(self, heap: list[tuple[float, int, _Session]]) -> list[tuple[float, int, _Session]]:
+        """``heap`` without the entries of sessions that have left (or come in again since)."""
+        live = [e for e in heap if self._entry(e[2]) == e[1]]
+        heapq.heapify(live)
+        return live
 
     def discard(self, s: _Session) -> None:
         group = self.by_agent.get(s.agent)
