@@ -55,6 +55,7 @@ async def _drain_until_done_or_signalled(app: Any, grace: float) -> None:
 
 
 async def _serve(settings: Settings) -> int:
+    from toolmend.server import gc_tuning
     from toolmend.server.app import build_app, start_server
 
     log = logging.getLogger("toolmend")
@@ -112,6 +113,7 @@ async def _serve(settings: Settings) -> int:
     via = f" (launched {settings.launch}, starting)" if launched is not None else ""
     # the replicas' URLs: credentials in a configured URL never reach stdout (or its logs)
     print(f"toolmend listening on {base}/v1 -> {', '.join(up.urls)}{via}", flush=True)
+    gc_tuning.settle()  # startup's objects live as long as the process: see gc_tuning
     print(f"  try: curl {base}/v1/chat/completions -H 'Content-Type: application/json' "
           "-d '{\"messages\":[{\"role\":\"user\",\"content\":\"Hello\"}]}'", flush=True)
     rc = 0
