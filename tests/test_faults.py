@@ -46,7 +46,15 @@ class FStack:
 
     def mark_baseline(self) -> None:
         self.tasks = set(asyncio.all_tasks())
-        self.pooled = _pooled(self.connector)
+        self.pooled = self._pooled()
+
+    def _pooled(self) -> int:
+        """Idle upstream connections: the chat requests' pool and aiohttp's (small GETs)."""
+        return _pooled(self.connector) + self.app[UPSTREAM].pool.stats()["idle"]
+
+    def _acquired(self) -> int:
+        pool = self.app[UPSTREAM].pool.stats()
+        return len(self.connector._acquired) + pool["open"] - pool["idle"]
 
     async def assert_baseline(self, timeout: float = 3.0) -> None:
         """Scheduler empty, no task left over, no upstream connection held or leaked."""
@@ -61,8 +69,8 @@ class FStack:
             extra -= {h._task_handler for h in backend_conns}
             state = {"in_flight": sched.in_flight, "queued": sched.queued,
                      "tasks": sorted(t.get_coro().__qualname__ for t in extra),  # type: ignore[union-attr]
-                     "acquired": len(self.connector._acquired),
-                     "pooled": _pooled(self.connector), "sim_in_flight": self.sim.stats.in_flight}
+                     "acquired": self._acquired(),
+                     "pooled": self._pooled(), "sim_in_flight": self.sim.stats.in_flight}
             if (not extra and sched.in_flight == 0 and sched.queued == 0
                     and state["acquired"] == 0 and state["pooled"] <= self.pooled
                     and state["sim_in_flight"] == 0

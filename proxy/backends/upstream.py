@@ -34,6 +34,7 @@ import orjson
 from yarl import URL
 
 from toolmend.backends.detect import Detected, detect
+from toolmend.backends.http1 import Pool, Response
 from toolmend.parsers.ollama import NDJSONChunks, ollama_reply_to_openai, openai_to_ollama_chat
 from toolmend.server.bounded import ERROR_BODY_BYTES, read_bounded
 from toolmend.server.config import Settings
@@ -126,6 +127,7 @@ class UpstreamClient:
         self._api_key = settings.api_key
         self._limit = settings.max_connections
         self._session: aiohttp.ClientSession | None = None
+        self._pool: Pool | None = None
         self.backend = settings.backend
         self.loading_timeout = settings.loading_timeout
         self.ollama_native = settings.ollama_native
@@ -289,6 +291,13 @@ class UpstreamClient:
             )
         return self._session
 
+    @property
+    def pool(self) -> Pool:
+        """The chat requests' connections (``http1.py``); the small GETs use :attr:`session`."""
+        if self._pool is None:
+            self._pool = Pool(limit=self._limit, connect_timeout=self.timeouts.connect)
+        return self._pool
+
     async def close(self) -> None:
         tasks, self._tasks = self._tasks, []
         for t in tasks:
@@ -299,6 +308,9 @@ class UpstreamClient:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
 
     def base_url(self) -> str:
         """The replica that probes and small GETs go to first: the first healthy one."""
@@ -383,7 +395,7 @@ class UpstreamCall:
         self.url = owner.base_url() + path  # the replica actually used is set on sending
         self._body = body
         self._headers = headers
-        self._resp: aiohttp.ClientResponse | None = None
+        self._resp: Response | None = None
         self._early_body: bytes | None = None  # a 503's body, read while deciding to wait
         self._cm: asyncio.Timeout | None = None
         self._phase = "first_byte"
@@ -404,7 +416,7 @@ class UpstreamCall:
         return self._resp.status
 
     @property
-    def response(self) -> aiohttp.ClientResponse:
+    def response(self) -> Response:
         assert self._resp is not None
         return self._resp
 
@@ -451,7 +463,7 @@ class UpstreamCall:
         if r is not None:
             r.in_flight -= 1
 
-    async def _request_when_loaded(self) -> aiohttp.ClientResponse:
+    async def _request_when_loaded(self) -> Response:
         """Send the request to a replica; fail over while none has taken it; while the
         backend answers 503 "Loading model", try another replica, else wait and resend.
 
@@ -462,7 +474,7 @@ class UpstreamCall:
         owner = self._owner
         give_up = self._loop.time() + owner.loading_timeout
         delay, growth, ceiling = LOADING_BACKOFF
-        loading: aiohttp.ClientResponse | None = None
+        loading: Response | None = None
         loading_body = b""
         failed: BaseException | None = None
         stale: dict[int, int] = {}  # id(replica) -> resends after a dropped connection
@@ -489,8 +501,8 @@ class UpstreamCall:
                 headers = self._headers
                 if r.auth and "Authorization" not in headers:
                     headers = {**headers, "Authorization": r.auth}
-                resp = await owner.session.request(self._method, self.url, data=self._body,
-                                                   headers=headers)
+                resp = await owner.pool.request(self._method, r.url, self._path, headers,
+                                                self._body)
             except FAILOVER_ERRORS as e:
                 self._detach()
                 if not isinstance(e, aiohttp.ClientConnectorError) and \
@@ -618,7 +630,7 @@ class UpstreamCall:
                                                           int(time.time())))
         return raw
 
-    async def _read_body(self, resp: aiohttp.ClientResponse) -> bytes:
+    async def _read_body(self, resp: Response) -> bytes:
         early, self._early_body = self._early_body, None
         if early is not None:
             return early

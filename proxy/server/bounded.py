@@ -9,13 +9,19 @@ whatever happens to be buffered, up to ``n``, so a body that arrives in several 
 
 from __future__ import annotations
 
-import aiohttp
+from typing import Protocol
 
 #: Enough of an upstream's error body for the message toolmend relays (it keeps 2,000 chars).
 ERROR_BODY_BYTES = 64 * 1024
 
 
-async def read_bounded(content: aiohttp.StreamReader, limit: int, *,
+class Readable(Protocol):
+    """What is read: aiohttp's ``StreamReader``, or the upstream client's ``http1.Body``."""
+
+    async def readany(self) -> bytes: ...
+
+
+async def read_bounded(content: Readable, limit: int, *,
                        keep_prefix: bool = False) -> tuple[bytes, bool]:
     """The body, and True, when it ends within ``limit`` bytes; else what ``keep_prefix``
     asks for (the first ``limit`` bytes, or nothing) and False.
