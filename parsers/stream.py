@@ -305,15 +305,20 @@ class StreamPipeline:
                     else:
                         parts.append(encode_event(orjson.dumps(obj)))
                     continue
+                plain = False  # a usage or finish the reply decoder must read
             elif not (data.startswith(b"{") and data.endswith(b"}")):
                 raise UpstreamStreamError(502, _malformed(data))
+            else:
+                plain = True
             if not data.isascii():  # ASCII, the usual case, pays one scan; the rest a decode
                 try:
                     data.decode()
                 except UnicodeDecodeError:
                     data = self._repair_utf8(data, parts)
             if reply is not None:
-                reply.payload(data, parts)
+                # the usual text event, as on feed's fast path: spliced when the front takes it
+                if not (plain and reply.splice_text and reply.plain_text(data, parts)):
+                    reply.payload(data, parts)
                 continue
             if ev.multiline:  # an event sent as several data: lines stays one event
                 parts.append(encode_event(data))

@@ -74,12 +74,20 @@ class _Front:
 FRONTS = ["anthropic", "responses", "ollama_chat", "ollama_generate"]
 
 
-def _run(front: str, texts: list[str], splice: bool, tools: bool) -> tuple[bytes, list[Any]]:
+def _run(front: str, texts: list[str], splice: bool, tools: bool,
+         cuts: list[int] | None = None) -> tuple[bytes, list[Any]]:
+    """The front's bytes for a stream of ``texts``, fed event by event, or (``cuts``) as the
+    whole stream cut at those offsets: reads that hold several events, or part of one."""
     f = _Front(front, splice)
     mender = ChatMender(None, TOOLS, model_hint=None) if tools else None
     p = StreamPipeline(False, mender, reply=f.decoder)
     out, seen = [f.head], []
-    for piece in _stream(texts):
+    pieces = _stream(texts)
+    if cuts is not None:
+        wire = b"".join(pieces)
+        points = sorted({c % len(wire) for c in cuts} - {0})
+        pieces = [wire[a:b] for a, b in zip([0, *points], [*points, len(wire)], strict=True)]
+    for piece in pieces:
         events = p.feed(piece)
         seen += events
         out.append(f.write(events))
@@ -97,9 +105,12 @@ def test_usual_text_is_spliced_and_the_stream_is_unchanged(front: str, tools: bo
     spliced, seen = _run(front, texts, True, tools)
     decoded, seen_decoded = _run(front, texts, False, tools)
     assert spliced == decoded
-    # the first text goes the general way (the first token is looked for there); the rest not
-    assert [e.raw for e in seen if isinstance(e, TextJSON)] == [b" models", b" are", b" fast",
-                                                                 b" enough."]
+    # every plain text is spliced, on the fast path and the general one (where the first token
+    # is looked for) alike; with tools offered, the mender reads the reply's start first
+    spliced_texts = [b" models", b" are", b" fast", b" enough."]
+    if not tools:
+        spliced_texts.insert(0, b"Local")
+    assert [e.raw for e in seen if isinstance(e, TextJSON)] == spliced_texts
     assert [e.text for e in seen_decoded if isinstance(e, Text)] == texts
 
 
@@ -129,3 +140,20 @@ def test_a_delta_holding_more_than_content_takes_the_general_way() -> None:
 def test_any_text_streams_the_same_spliced_or_not(front: str, tools: bool,
                                                   texts: list[str]) -> None:
     assert _run(front, texts, True, tools)[0] == _run(front, texts, False, tools)[0]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.sampled_from(FRONTS), st.booleans(),
+       st.lists(st.text(alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"]),
+                        max_size=12), max_size=8),
+       st.lists(st.integers(min_value=1, max_value=4000), max_size=6))
+def test_reads_holding_several_events_stream_the_same_spliced_or_not(
+        front: str, tools: bool, texts: list[str], cuts: list[int]) -> None:
+    assert _run(front, texts, True, tools, cuts)[0] == _run(front, texts, False, tools, cuts)[0]
+
+
+def test_text_in_a_read_of_several_events_is_spliced() -> None:
+    texts = ["Local", " models", " are", " fast", " enough."]
+    spliced, seen = _run("anthropic", texts, True, False, cuts=[])  # one read: the whole stream
+    assert spliced == _run("anthropic", texts, False, False, cuts=[])[0]
+    assert [e.raw for e in seen if isinstance(e, TextJSON)] == [t.encode() for t in texts]
