@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 
 from aiohttp import web
+from aiohttp.http_writer import StreamWriter
 
 from toolmend.parsers.reply import ChatReplyDecoder
 from toolmend.parsers.sse import encode_comment
@@ -29,6 +30,8 @@ SSE_HEADERS = {
     "X-Accel-Buffering": "no",  # nginx: do not buffer the stream
 }
 KEEPALIVE = encode_comment("keep-alive")
+#: Buffered bytes past which a write waits for the client to drain (aiohttp's own mark).
+DRAIN_MARK = 0x10000
 
 
 class ClientGone(Exception):
@@ -42,8 +45,8 @@ class Downstream:
     :class:`~toolmend.parsers.reply.ChatReplyDecoder`, and overrides :meth:`write_reply`: the
     pipeline then hands it reply events instead of bytes (see ``parsers/stream.py``)."""
 
-    __slots__ = ("_ended", "_ka_handle", "_ka_task", "_lock", "ctx", "interval", "reply",
-                 "request", "resp")
+    __slots__ = ("_direct", "_ended", "_ka_handle", "_ka_task", "_lock", "ctx", "interval",
+                 "reply", "request", "resp")
 
     def __init__(self, request: web.Request, ctx: RequestContext, keepalive_interval: float):
         self.request = request
@@ -56,6 +59,7 @@ class Downstream:
         self._ka_task: asyncio.Task[None] | None = None
         self._ka_handle: asyncio.TimerHandle | None = None
         self._ended = False  # the stream's end (done or error) was written
+        self._direct: StreamWriter | None = None  # see _direct_writer
         #: set by a front that takes reply events (the pipeline feeds this decoder)
         self.reply: ChatReplyDecoder | None = None
         request[DOWNSTREAM] = self
@@ -84,6 +88,24 @@ class Downstream:
         await self.write(out)  # type: ignore[arg-type]
 
     async def write(self, data: bytes) -> None:
+        w = self._direct
+        if w is not None:  # the usual write, once the headers are out: see _direct_writer
+            transport = w._protocol.transport
+            if transport is None or transport.is_closing():
+                raise ClientGone()
+            n = len(data)
+            frame = b"%x\r\n%b\r\n" % (n, data)
+            transport.write(frame)
+            w.output_size += len(frame)
+            w.buffer_size += len(frame)
+            self.ctx.bytes_out += n
+            if w.buffer_size > DRAIN_MARK:
+                w.buffer_size = 0
+                try:
+                    await w.drain()
+                except (ConnectionError, RuntimeError) as e:
+                    raise ClientGone() from e
+            return
         if not self.resp.prepared:
             await self.start()
         try:
@@ -91,6 +113,8 @@ class Downstream:
         except (ConnectionError, RuntimeError) as e:
             raise ClientGone() from e
         self.ctx.bytes_out += len(data)
+        if not self._ended:
+            self._direct = _direct_writer(self.resp)
 
     def start_keepalive(self) -> None:
         """Until the first token, send a keep-alive every ``interval`` seconds.
@@ -136,6 +160,7 @@ class Downstream:
         if self._ended:
             return self.resp
         self._ended = True
+        self._direct = None
         with contextlib.suppress(ClientGone, ConnectionError, RuntimeError):
             await self.write(err.sse())
             await self.resp.write_eof()
@@ -146,9 +171,33 @@ class Downstream:
         if not self.resp.prepared:
             await self.start()
         self._ended = True
+        self._direct = None
         with contextlib.suppress(ConnectionError, RuntimeError):
             await self.resp.write_eof()
         return self.resp
+
+
+def _direct_writer(resp: web.StreamResponse) -> StreamWriter | None:
+    """aiohttp's writer, when a chunk may go to its transport in one write instead of through
+    four layers of Python (response, writer, chunk framing, lines), else None.
+
+    That is when the body is chunked, uncompressed, of no fixed length, nobody watches the
+    chunks, and the headers, which aiohttp holds back to send with the first chunk, are out.
+    The writer's own counts are kept, so ``write_eof`` and the drain mark work as before; on
+    an aiohttp without these attributes every write simply takes aiohttp's own way.
+    """
+    w = getattr(resp, "_payload_writer", None)
+    if type(w) is not StreamWriter or not w.chunked:
+        return None
+    if getattr(w, "_compress", 1) is not None or getattr(w, "length", 1) is not None:
+        return None
+    if getattr(w, "_on_chunk_sent", 1) is not None or getattr(w, "on_body_write", None):
+        return None
+    if not getattr(w, "_headers_written", False) or getattr(w, "_headers_buf", 1):
+        return None
+    if not hasattr(w, "buffer_size") or not hasattr(w, "output_size"):
+        return None
+    return w
 
 
 class WholeReplyBound:
