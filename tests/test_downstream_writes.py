@@ -89,6 +89,7 @@ async def test_direct_writer_is_chosen_after_the_headers_are_out() -> None:
         chosen.append(down._direct is not None)
         await down.write(b"data: a\n\n")  # the headers go out with this one
         chosen.append(down._direct is not None)
+        await down.write(b"")  # nothing: never the chunked body's end
         await down.write(b"data: b\n\n")
         chosen.append(down._direct is not None)
         return await down.close()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -60,9 +61,10 @@ class Origin:
 class Body:
     """A response body as it arrives; ``readany`` returns everything buffered, or waits."""
 
-    __slots__ = ("_buf", "_conn", "_eof", "_exc", "_size", "_waiter")
+    __slots__ = ("_buf", "_conn", "_eof", "_exc", "_sink", "_size", "_waiter")
 
     def __init__(self, conn: _Connection) -> None:
+        self._sink: Callable[[bytes], None] | None = None
         self._buf: list[bytes] = []
         self._size = 0
         self._eof = False
@@ -97,8 +99,60 @@ class Body:
         self._size = 0
         return data
 
+    # diverted: chunks handed over as they arrive ---------------------------------------------
+    def divert(self, sink: Callable[[bytes], None]) -> bytes:
+        """From now on, hand each chunk to ``sink`` as it arrives, from the connection's own
+        ``data_received``, instead of buffering it for :meth:`readany`: no task wakes up per
+        chunk. Returns what was buffered before (the caller feeds it to ``sink`` first). The
+        consumer waits in :meth:`wait` for the end, an error, or its own :meth:`wake`."""
+        buf = self._buf
+        data = buf[0] if len(buf) == 1 else b"".join(buf)
+        buf.clear()
+        self._size = 0
+        self._conn.resume()
+        self._sink = sink
+        return data
+
+    def undivert(self) -> None:
+        self._sink = None
+
+    @property
+    def ended(self) -> bool:
+        """The body ended, whole or not (after :meth:`wait`: see :meth:`raise_error`)."""
+        return self._eof or self._exc is not None
+
+    def raise_error(self) -> None:
+        if self._exc is not None:
+            raise self._exc
+
+    async def wait(self) -> None:
+        """Until the body ends, fails, or :meth:`wake` is called."""
+        if self._eof or self._exc is not None:
+            return
+        self._waiter = w = self._conn.loop.create_future()
+        try:
+            await w
+        finally:
+            self._waiter = None
+
+    def wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def pause(self) -> None:
+        """Stop reading the socket (the consumer cannot take more now)."""
+        self._conn.pause()
+
+    def resume(self) -> None:
+        self._conn.resume()
+
     # fed by the connection
     def _feed(self, data: bytes) -> None:
+        sink = self._sink
+        if sink is not None:
+            sink(data)
+            return
         self._buf.append(data)
         self._size += len(data)
         if self._size > HIGH_WATER:

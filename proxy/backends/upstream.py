@@ -34,7 +34,7 @@ import orjson
 from yarl import URL
 
 from toolmend.backends.detect import Detected, detect
-from toolmend.backends.http1 import Pool, Response
+from toolmend.backends.http1 import Body, Pool, Response
 from toolmend.parsers.ollama import NDJSONChunks, ollama_reply_to_openai, openai_to_ollama_chat
 from toolmend.server.bounded import ERROR_BODY_BYTES, read_bounded
 from toolmend.server.config import Settings
@@ -685,6 +685,24 @@ class UpstreamCall:
                     yield objs
                 continue
             yield chunk
+
+    def divertable(self) -> Body | None:
+        """The body, for a consumer that takes the chunks from here on as they arrive
+        (``Body.divert``; see ``relay.py``), once the first chunk was read through
+        :meth:`chunks`; None when the chunks need this call's own reading (Ollama's NDJSON
+        objects) or no body is open."""
+        if self._adapter is not None or self._resp is None or self._phase != "idle":
+            return None
+        return self._resp.content
+
+    def moved(self) -> None:
+        """A chunk arrived outside :meth:`chunks`: push the idle deadline forward."""
+        self._moved()
+
+    def failure(self, e: BaseException) -> BaseException:
+        """What a failure while reading a diverted body means to the client (as in
+        :meth:`chunks`, past the first byte: no failover)."""
+        return self._translate(e)
 
     async def _fail_over(self, e: BaseException) -> bool:
         """After a drop before the first body byte: resend to another replica, if any."""

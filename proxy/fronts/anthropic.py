@@ -87,13 +87,12 @@ class MessagesDownstream(Downstream):
         self._bound = (WholeReplyBound(request.app[SETTINGS].max_upstream_reply_bytes)
                        if self.whole else None)
 
-    async def write_reply(self, out: Output) -> None:
+    def encode_reply(self, out: Output) -> bytes:
         events: list[ReplyEvent] = out  # type: ignore[assignment]  # reply mode: events
         if self._bound is not None:
             self._bound.add(reply_size(events))
         data = self.encoder.feed(events)
-        if data and not self.whole:
-            await self.write(data)
+        return b"" if self.whole else data
 
     def keepalive_bytes(self) -> bytes:
         """Anthropic's own ``ping`` instead of an SSE comment, until the first token."""

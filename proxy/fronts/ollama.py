@@ -81,13 +81,11 @@ class OllamaDownstream(Downstream):
         self._bound = (WholeReplyBound(request.app[SETTINGS].max_upstream_reply_bytes)
                        if self.whole else None)
 
-    async def write_reply(self, out: Output) -> None:
+    def encode_reply(self, out: Output) -> bytes:
         events: list[ReplyEvent] = out  # type: ignore[assignment]  # reply mode: events
         if self._bound is not None:
             self._bound.add(reply_size(events))
-        data = self.emitter.feed_events(events)
-        if data:
-            await self.write(data)
+        return self.emitter.feed_events(events)
 
     async def fail(self, err: ProxyError) -> web.StreamResponse:
         self.ctx.error_code = err.code

@@ -126,16 +126,14 @@ class ResponsesDownstream(Downstream):
                        if self.whole else None)
         self._on_final = on_final
 
-    async def write_reply(self, out: Output) -> None:
+    def encode_reply(self, out: Output) -> bytes:
         events: list[ReplyEvent] = out  # type: ignore[assignment]  # reply mode: events
         if not events:
-            return
+            return b""
         if self._bound is not None:
             self._bound.add(reply_size(events))
         head = self._open()
-        data = self.encoder.feed(events)
-        if head or data:
-            await self.write(head + data)
+        return head + self.encoder.feed(events)
 
     def _open(self) -> bytes:
         """``response.created`` and ``response.in_progress``, once, before anything else."""

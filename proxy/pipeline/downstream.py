@@ -83,28 +83,55 @@ class Downstream:
                 except (ConnectionError, RuntimeError) as e:
                     raise ClientGone() from e
 
+    def encode_reply(self, out: Output) -> bytes:
+        """The bytes for the pipeline's output: SSE bytes as they are here; a front with
+        :attr:`reply` set gets events and overrides this (sync: the relay may call it from
+        the upstream socket's own callback, see ``relay.py``)."""
+        return out  # type: ignore[return-value]
+
     async def write_reply(self, out: Output) -> None:
-        """The pipeline's output: SSE bytes here (a front with :attr:`reply` set gets events)."""
-        await self.write(out)  # type: ignore[arg-type]
+        data = self.encode_reply(out)
+        if data:
+            await self.write(data)
+
+    def push(self, data: bytes) -> bool:
+        """Write now, without waiting: only once :meth:`direct` is True. Returns True when the
+        client's buffer is past the drain mark (the caller stops reading the upstream and
+        awaits :meth:`drain`). Raises :class:`ClientGone` when the client has left."""
+        w = self._direct
+        assert w is not None
+        transport = w._protocol.transport
+        if transport is None or transport.is_closing():
+            raise ClientGone()
+        n = len(data)
+        if not n:
+            return False  # an empty chunk would be the body's end: nothing to send
+        frame = b"%x\r\n%b\r\n" % (n, data)
+        transport.write(frame)
+        w.output_size += len(frame)
+        w.buffer_size += len(frame)
+        self.ctx.bytes_out += n
+        return w.buffer_size > DRAIN_MARK
+
+    @property
+    def direct(self) -> bool:
+        """Whether :meth:`push` may be used (see :func:`_direct_writer`)."""
+        return self._direct is not None
+
+    async def drain(self) -> None:
+        w = self._direct
+        if w is None:
+            return
+        w.buffer_size = 0
+        try:
+            await w.drain()
+        except (ConnectionError, RuntimeError) as e:
+            raise ClientGone() from e
 
     async def write(self, data: bytes) -> None:
-        w = self._direct
-        if w is not None:  # the usual write, once the headers are out: see _direct_writer
-            transport = w._protocol.transport
-            if transport is None or transport.is_closing():
-                raise ClientGone()
-            n = len(data)
-            frame = b"%x\r\n%b\r\n" % (n, data)
-            transport.write(frame)
-            w.output_size += len(frame)
-            w.buffer_size += len(frame)
-            self.ctx.bytes_out += n
-            if w.buffer_size > DRAIN_MARK:
-                w.buffer_size = 0
-                try:
-                    await w.drain()
-                except (ConnectionError, RuntimeError) as e:
-                    raise ClientGone() from e
+        if self._direct is not None:  # the usual write, once the headers are out
+            if data and self.push(data):
+                await self.drain()
             return
         if not self.resp.prepared:
             await self.start()

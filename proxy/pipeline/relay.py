@@ -23,7 +23,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from toolmend.backends.upstream import UpstreamClient
+from toolmend.backends.http1 import Body
+from toolmend.backends.upstream import UpstreamCall, UpstreamClient
 from toolmend.parsers.stream import INVALID_UTF8_NOTE, StreamPipeline, UpstreamStreamError
 from toolmend.pipeline.downstream import ClientGone, Downstream
 from toolmend.pipeline.whole_reply import fold_stream
@@ -54,7 +55,8 @@ async def relay_stream(request: web.Request, ctx: RequestContext, up: UpstreamCl
                 return await down.fail(await call.error())
             # bytes out (the chat front) go straight to the writer: one coroutine less per chunk
             write = down.write_reply if down.reply is not None else down.write
-            async for chunk in call.chunks():
+            chunks = call.chunks()
+            async for chunk in chunks:
                 out = pipeline.feed(chunk) if type(chunk) is bytes else \
                     pipeline.feed_chunks(chunk)  # type: ignore[arg-type]
                 if stats.first_token and ctx.upstream_first_token_at is None:
@@ -65,6 +67,10 @@ async def relay_stream(request: web.Request, ctx: RequestContext, up: UpstreamCl
                         ctx.client_first_token_at = loop.time()
                     if ctx.first_tool_call_at is None and stats.tool_calls:
                         ctx.first_tool_call_at = loop.time()
+                    if down.direct and (body := call.divertable()) is not None:
+                        await chunks.aclose()
+                        await _diverted(body, call, pipeline, ctx, down, loop)
+                        break
             if not stats.saw_done and not stats.finish_reasons:
                 raise ProxyError(502, "upstream ended the stream before it was complete "
                                  "(no finish_reason, no [DONE])", code="upstream_incomplete")
@@ -99,6 +105,83 @@ async def relay_stream(request: web.Request, ctx: RequestContext, up: UpstreamCl
         return await down.fail(internal_error(e))
     finally:
         ctx.finished_at = loop.time()
+
+
+async def _diverted(body: Body, call: UpstreamCall, pipeline: StreamPipeline,
+                    ctx: RequestContext, down: Downstream,
+                    loop: asyncio.AbstractEventLoop) -> None:
+    """The rest of the stream, each chunk handled where it arrives: in the upstream socket's
+    ``data_received``, mended, encoded and written to the client's transport there, with no
+    task woken per chunk (what the loop above costs: the body's reader, the chunk generator,
+    this coroutine and the write coroutines, every chunk).
+
+    Taken once the client's headers are out and its writer takes direct writes (so a chunk's
+    write never waits). The same discipline holds: when the client's buffer passes the drain
+    mark the upstream socket stops being read until it drains; a failure, raised inside the
+    callback, stops the diversion and is raised here, where the loop above would have raised
+    it; the timeouts are the call's, as before.
+    """
+    stats = pipeline.stats
+    feed = pipeline.feed
+    encode = down.encode_reply
+    push = down.push
+    moved = call.moved
+    failure: list[BaseException] = []
+    must_drain = False
+
+    def sink(chunk: bytes) -> None:
+        nonlocal must_drain
+        try:
+            moved()
+            out = feed(chunk)
+            if stats.first_token and ctx.upstream_first_token_at is None:
+                ctx.upstream_first_token_at = loop.time()
+            if out:
+                data = encode(out)
+                if data and push(data):
+                    must_drain = True
+                    body.pause()
+                    body.wake()
+                if ctx.client_first_token_at is None and stats.first_token:
+                    ctx.client_first_token_at = loop.time()
+                if ctx.first_tool_call_at is None and stats.tool_calls:
+                    ctx.first_tool_call_at = loop.time()
+        except BaseException as e:  # raised below, in the relay's own task
+            failure.append(e)
+            body.undivert()
+            body.pause()
+            body.wake()
+
+    first = body.divert(sink)
+    try:
+        if first:
+            sink(first)
+        while True:
+            if failure:
+                raise failure[0]
+            if must_drain:
+                must_drain = False
+                await down.drain()
+                body.resume()
+                continue
+            if body.ended:
+                break
+            try:
+                await body.wait()
+            except BaseException as e:  # a timeout cancels the wait: as the loop's read
+                err = call.failure(e)
+                if err is e:
+                    raise
+                raise err from e
+        try:
+            body.raise_error()
+        except BaseException as e:
+            err = call.failure(e)
+            if err is e:
+                raise
+            raise err from e
+    finally:
+        body.undivert()
 
 
 async def relay_json(ctx: RequestContext, up: UpstreamClient, path: str, body: bytes,
