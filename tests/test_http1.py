@@ -290,3 +290,32 @@ async def test_a_body_not_read_stops_the_socket_being_read() -> None:
         assert not conn._paused  # read: the socket is read again
         resp.close()
         await pool.close()
+
+
+async def test_a_waiter_woken_then_cancelled_passes_the_connection_on() -> None:
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(r)
+            w.write(SSE_HEAD + chunked(b"z"))
+            await w.drain()
+
+    async with RawServer(handler) as srv:
+        pool = Pool(limit=1, connect_timeout=5)
+        first = await pool.request("POST", srv.url, "/x", {}, b"")
+        second = asyncio.ensure_future(pool.request("POST", srv.url, "/x", {}, b""))
+        third = asyncio.ensure_future(pool.request("POST", srv.url, "/x", {}, b""))
+        for _ in range(100):  # until both wait for the one connection
+            if len(pool._waiters) == 2:
+                break
+            await asyncio.sleep(0)
+        assert len(pool._waiters) == 2
+        assert await read_all(first) == b"z"
+        first.release()  # wakes the second ...
+        second.cancel()  # ... which is cancelled before it runs
+        async with asyncio.timeout(30):  # a hang fails the test instead of stalling the suite
+            resp = await third  # the third gets the connection instead of waiting forever
+        assert await read_all(resp) == b"z"
+        resp.release()
+        assert second.cancelled()
+        await pool.close()
+    assert srv.connections == 1

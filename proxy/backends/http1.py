@@ -334,7 +334,7 @@ class Pool:
 
     def __init__(self, *, limit: int, connect_timeout: float | None) -> None:
         self.limit = limit
-        self.connect_timeout = connect_timeout
+        self.connect_timeout = connect_timeout or None  # 0: none, as aiohttp reads it
         self._origins: dict[str, Origin] = {}
         self._idle: dict[tuple[str, str, int], deque[_Connection]] = {}
         self._open: set[_Connection] = set()
@@ -386,9 +386,12 @@ class Pool:
             self._waiters.append(w)
             try:
                 await w
-            finally:
+            except BaseException:
                 if w in self._waiters:
                     self._waiters.remove(w)
+                elif w.done() and not w.cancelled():
+                    self._wake()  # woken, then cancelled: the free connection is someone else's
+                raise
 
     async def _connect(self, origin: Origin, loop: asyncio.AbstractEventLoop) -> _Connection:
         ctx: ssl.SSLContext | None = None
