@@ -56,6 +56,24 @@ def test_tracked_progress_is_read_only_when_deciding() -> None:
     assert s.counter("a") == 10 + 80
 
 
+def test_tracked_event_meter_is_read_only_when_deciding() -> None:
+    s, _ = make(1)
+    t = s.submit("a", Cost(10, 100))
+
+    class Stats:
+        events = 0
+
+    meter = Stats()
+    t.track_events(meter)
+    meter.events = 25
+    assert s.counter("a") == 10 + 50  # counter() polls the attribute
+    meter.events = 40
+    s.release(t)  # no usage: the last count is final
+    assert s.counter("a") == 10 + 80
+    meter.events = 1000
+    assert s.counter("a") == 10 + 80  # released: no longer read
+
+
 def test_least_served_backlogged_agent_goes_next() -> None:
     s, _ = make(1)
     first = s.submit("heavy", BIG)

@@ -201,7 +201,7 @@ async def forward(request: web.Request, body: dict[str, Any], path: str,
                               deadline=deadline) as grant:
             # output is charged from the pipeline's event count, read only when the
             # scheduler decides: nothing added to the per-chunk path
-            grant.track(lambda: pipeline.stats.events)
+            grant.track_events(pipeline.stats)
             try:
                 return await relay_stream(request, ctx, up, path, raw, pipeline,
                                           settings.keepalive_interval, down,

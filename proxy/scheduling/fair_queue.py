@@ -56,7 +56,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from toolmend.scheduling.policy import AgentPolicies, AgentPolicy
 from toolmend.scheduling.service import ServiceModel
@@ -129,6 +129,7 @@ class Ticket:
     charged_in: float = 0.0
     charged_out: int = 0
     progress: Callable[[], int] | None = None
+    meter: Any = None  # an object whose ``events`` is the count progress() would return
     future: Waiter | None = None
     _owner: FairQueue | None = None
 
@@ -144,6 +145,11 @@ class Ticket:
 
     def track(self, progress: Callable[[], int]) -> None:
         self.progress = progress
+
+    def track_events(self, meter: Any) -> None:
+        """:meth:`track` for a counter kept as ``meter.events``: read as an attribute when the
+        queue decides, with no call per running request."""
+        self.meter = meter
 
     def _abandoned(self) -> bool:
         fut = self.future
@@ -490,7 +496,9 @@ class FairQueue:
         now = self.clock()
         a = self._agents[t.agent]
         s = a.sessions[t.session]
-        if t.progress is not None:
+        if t.meter is not None:
+            self._charge_out(t, t.meter.events)
+        elif t.progress is not None:
             with contextlib.suppress(Exception):
                 self._charge_out(t, t.progress())
         # What the backend counted (usage) replaces the estimates, both ways: the prompt
@@ -508,7 +516,7 @@ class FairQueue:
                 t.charged_in = growth
         t.state = TicketState.RELEASED
         t.released_at = now
-        t.progress = None
+        t.progress = t.meter = None
         self._running.discard(t)
         self.in_flight -= 1
         a.in_flight -= 1
@@ -555,7 +563,9 @@ class FairQueue:
 
     def next_hold_lapse(self) -> float | None:
         """When the earliest slot held back stops being held, if its session is not back."""
-        return min((s.lapse_at(self.agent_idle_after) for s in self._held), default=None)
+        if not self._held:
+            return None
+        return min(s.lapse_at(self.agent_idle_after) for s in self._held)
 
     def _expire_one(self, t: Ticket) -> None:
         self._unqueue(t, TicketState.EXPIRED)
@@ -634,13 +644,18 @@ class FairQueue:
     def _poll(self) -> None:
         """Charge streamed output of running requests; done only when a decision needs it."""
         for t in self._running:
-            if t.progress is not None:
+            meter = t.meter
+            if meter is not None:
+                n = meter.events
+            elif t.progress is not None:
                 try:
                     n = t.progress()
                 except Exception:
                     continue
-                if n > t.charged_out:
-                    self._charge_out(t, n)
+            else:
+                continue
+            if n > t.charged_out:
+                self._charge_out(t, n)
 
     def _candidates(self) -> list[tuple[_Agent, Ticket]]:
         """Backlogged agents' next requests, best first: class, counter, then the agent with

@@ -12,9 +12,8 @@ policies, the headers) stay importable from this module.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from toolmend.scheduling.fair_queue import (
@@ -120,48 +119,74 @@ class FairScheduler(FairQueue):
         self._timer = self._timer_at = None
         self.wake()
 
-    @contextlib.asynccontextmanager
-    async def slot(self, ctx: RequestContext, cost: Cost, *, priority: int | None = None,
-                   deadline: float | None = None) -> AsyncIterator[Ticket]:
+    def slot(self, ctx: RequestContext, cost: Cost, *, priority: int | None = None,
+             deadline: float | None = None) -> Slot:
         """Wait for a slot for ``ctx``'s request (its agent and session), hold it for the body,
-        then release.
+        then release: ``async with sched.slot(ctx, cost) as ticket``.
 
         Stamps ``ctx.queued_at`` / ``ctx.dispatched_at``. A waiter cancelled while queued
         (the client went away) leaves the queue at once and never dispatches. At the end the
         usage the backend reported, when any, corrects the estimated charges, and the time to
         the upstream's first token teaches the queue the backend's speed.
         """
+        return Slot(self, ctx, cost, priority, deadline)
+
+
+class Slot:
+    """:meth:`FairScheduler.slot`'s context manager: a class, not a generator wrapped by
+    ``contextlib``, because every request enters and leaves one."""
+
+    __slots__ = ("_cost", "_ctx", "_deadline", "_number", "_priority", "_sched", "_ticket")
+
+    def __init__(self, sched: FairScheduler, ctx: RequestContext, cost: Cost,
+                 priority: int | None, deadline: float | None) -> None:
+        self._sched = sched
+        self._ctx = ctx
+        self._cost = cost
+        self._priority = priority
+        self._deadline = deadline
+        self._ticket: Ticket | None = None
+        self._number = -1
+
+    async def __aenter__(self) -> Ticket:
+        sched, ctx = self._sched, self._ctx
         loop = asyncio.get_running_loop()
         ctx.queued_at = loop.time()
-        t = self.submit(ctx.agent_id, cost, session=ctx.session_id, priority=priority,
-                        deadline=deadline)
+        t = sched.submit(ctx.agent_id, self._cost, session=ctx.session_id,
+                         priority=self._priority, deadline=self._deadline)
         if t.state is TicketState.QUEUED:
             t.future = loop.create_future()
             try:
-                async with asyncio.timeout(max(0.0, t.expires_at - self.clock())):
+                async with asyncio.timeout(max(0.0, t.expires_at - sched.clock())):
                     await t.future
             except TimeoutError:
                 if t.state is TicketState.QUEUED:
-                    self._expire_one(t)
+                    sched._expire_one(t)
                 if t.state is not TicketState.DISPATCHED:
-                    raise self._expired_error(t) from None
+                    raise sched._expired_error(t) from None
             except BaseException:
-                self.cancel(t)
+                sched.cancel(t)
                 raise
         ctx.dispatched_at = loop.time()
         ctx.priority = t.priority
-        ctx.slot = number = self._take_slot_number()
-        try:
-            yield t
-        finally:
-            self._slots_taken.discard(number)
-            usage = ctx.usage or {}
-            out, prompt = usage.get("completion_tokens"), usage.get("prompt_tokens")
-            first = ctx.upstream_first_token_at
-            self.release(t, output_tokens=out if isinstance(out, int) else None,
-                         prompt_tokens=prompt if isinstance(prompt, int) else None,
-                         first_token_after=None if first is None
-                         else first - ctx.dispatched_at)
+        ctx.slot = self._number = sched._take_slot_number()
+        self._ticket = t
+        return t
+
+    async def __aexit__(self, et: Any, ev: BaseException | None, tb: Any) -> None:
+        t, self._ticket = self._ticket, None
+        if t is None:
+            return
+        sched, ctx = self._sched, self._ctx
+        sched._slots_taken.discard(self._number)
+        usage = ctx.usage or {}
+        out, prompt = usage.get("completion_tokens"), usage.get("prompt_tokens")
+        first = ctx.upstream_first_token_at
+        dispatched = ctx.dispatched_at
+        sched.release(t, output_tokens=out if isinstance(out, int) else None,
+                      prompt_tokens=prompt if isinstance(prompt, int) else None,
+                      first_token_after=None if first is None or dispatched is None
+                      else first - dispatched)
 
 
 def default_slots(backend: str) -> int:
