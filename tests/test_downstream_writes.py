@@ -5,7 +5,7 @@ frames them, for HTTP/1.1 (chunked) and HTTP/1.0 (not chunked: aiohttp's own way
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from aiohttp import web
@@ -13,6 +13,7 @@ from aiohttp import web
 from toolmend.pipeline.downstream import DRAIN_MARK, Downstream
 from toolmend.server.context import RequestContext
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PIECES = [b"data: one\n\n", b"data: two\n\n", b"", b"data: " + b"x" * 70_000 + b"\n\n",
           b"data: [DONE]\n\n"]
 
@@ -29,15 +30,20 @@ async def server() -> AsyncIterator[tuple[int, list[Downstream]]]:
                 await down.write(piece)
         return await down.close()
 
+    runner, port = await _serve(handler)
+    yield port, seen
+    await runner.cleanup()
+
+
+async def _serve(handler: Handler) -> tuple[web.AppRunner, int]:
+    """A real aiohttp server answering ``GET /`` with ``handler``; its runner and port."""
     app = web.Application()
     app.router.add_get("/", handler)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    yield port, seen
-    await runner.cleanup()
+    return runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
 
 async def _raw(port: int, version: str) -> bytes:
@@ -94,13 +100,7 @@ async def test_direct_writer_is_chosen_after_the_headers_are_out() -> None:
         chosen.append(down._direct is not None)
         return await down.close()
 
-    app = web.Application()
-    app.router.add_get("/", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, port = await _serve(handler)
     raw = await _raw(port, "1.1")
     await runner.cleanup()
     assert chosen == [False, True, True]

@@ -47,18 +47,6 @@ def test_input_charged_at_dispatch_output_twice_divided_by_weight() -> None:
 def test_tracked_progress_is_read_only_when_deciding() -> None:
     s, _ = make(1)
     t = s.submit("a", Cost(10, 100))
-    events = [0]
-    t.track(lambda: events[0])
-    events[0] = 25
-    assert s.counter("a") == 10 + 50  # counter() polls
-    events[0] = 40
-    s.release(t)  # no usage: the last count is final
-    assert s.counter("a") == 10 + 80
-
-
-def test_tracked_event_meter_is_read_only_when_deciding() -> None:
-    s, _ = make(1)
-    t = s.submit("a", Cost(10, 100))
 
     class Stats:
         events = 0
@@ -66,7 +54,7 @@ def test_tracked_event_meter_is_read_only_when_deciding() -> None:
     meter = Stats()
     t.track_events(meter)
     meter.events = 25
-    assert s.counter("a") == 10 + 50  # counter() polls the attribute
+    assert s.counter("a") == 10 + 50  # counter() polls
     meter.events = 40
     s.release(t)  # no usage: the last count is final
     assert s.counter("a") == 10 + 80

@@ -236,18 +236,33 @@ async def test_drops_raise_what_aiohttp_raises() -> None:
     await pool.close()
 
 
-async def test_limit_queues_requests_for_a_free_connection() -> None:
+def answers(body: bytes) -> Handler:
+    """A handler that answers every request on its connection with ``body``, chunked."""
+
     async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         while True:
             await read_request(r)
-            w.write(SSE_HEAD + chunked(b"x"))
+            w.write(SSE_HEAD + chunked(body))
             await w.drain()
 
-    async with RawServer(handler) as srv:
+    return handler
+
+
+async def until_waiting(pool: Pool, n: int) -> None:
+    """Until ``n`` requests wait for a connection (each needs a few loop turns to get there)."""
+    for _ in range(100):
+        if len(pool._waiters) == n:
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"{len(pool._waiters)} requests wait, not {n}")
+
+
+async def test_limit_queues_requests_for_a_free_connection() -> None:
+    async with RawServer(answers(b"x")) as srv:
         pool = Pool(limit=1, connect_timeout=5)
         first = await pool.request("POST", srv.url, "/x", {}, b"")
         second = asyncio.ensure_future(pool.request("POST", srv.url, "/x", {}, b""))
-        await asyncio.sleep(0)
+        await until_waiting(pool, 1)
         assert not second.done() and pool.stats()["open"] == 1  # waiting for the one connection
         assert await read_all(first) == b"x"
         first.release()
@@ -293,22 +308,12 @@ async def test_a_body_not_read_stops_the_socket_being_read() -> None:
 
 
 async def test_a_waiter_woken_then_cancelled_passes_the_connection_on() -> None:
-    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        while True:
-            await read_request(r)
-            w.write(SSE_HEAD + chunked(b"z"))
-            await w.drain()
-
-    async with RawServer(handler) as srv:
+    async with RawServer(answers(b"z")) as srv:
         pool = Pool(limit=1, connect_timeout=5)
         first = await pool.request("POST", srv.url, "/x", {}, b"")
         second = asyncio.ensure_future(pool.request("POST", srv.url, "/x", {}, b""))
         third = asyncio.ensure_future(pool.request("POST", srv.url, "/x", {}, b""))
-        for _ in range(100):  # until both wait for the one connection
-            if len(pool._waiters) == 2:
-                break
-            await asyncio.sleep(0)
-        assert len(pool._waiters) == 2
+        await until_waiting(pool, 2)  # both wait for the one connection
         assert await read_all(first) == b"z"
         first.release()  # wakes the second ...
         second.cancel()  # ... which is cancelled before it runs

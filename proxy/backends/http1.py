@@ -297,9 +297,7 @@ class _Connection(asyncio.Protocol):
         self._head = fut = self.loop.create_future()
         self._response = None
         self._complete = self._until_close = self._keep_alive = False
-        self.transport.write(head + body if len(body) < 65536 else head)
-        if len(body) >= 65536:
-            self.transport.write(body)
+        self.transport.writelines((head, body))  # no copy of a large body
         return fut
 
     def pause(self) -> None:

@@ -27,7 +27,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import aiohttp
 import orjson
@@ -616,10 +616,7 @@ class UpstreamCall:
             except BaseException as e:
                 if await self._fail_over(e):
                     continue
-                err = self._translate(e)
-                if err is e:
-                    raise
-                raise err from e
+                self.raise_failure(e)
         if self._native and self._resp.status < 400:
             try:
                 doc = orjson.loads(raw)
@@ -668,10 +665,7 @@ class UpstreamCall:
                     assert self._resp is not None
                     content = self._resp.content
                     continue
-                err = self._translate(e)
-                if err is e:
-                    raise
-                raise err from e
+                self.raise_failure(e)
             if not chunk:
                 if adapter is not None and (tail := adapter.finish()):
                     yield tail
@@ -699,10 +693,13 @@ class UpstreamCall:
         """A chunk arrived outside :meth:`chunks`: push the idle deadline forward."""
         self._moved()
 
-    def failure(self, e: BaseException) -> BaseException:
-        """What a failure while reading a diverted body means to the client (as in
-        :meth:`chunks`, past the first byte: no failover)."""
-        return self._translate(e)
+    def raise_failure(self, e: BaseException) -> NoReturn:
+        """Raise what a failure while calling or reading means to the client (a ProxyError
+        for the upstream's failures and timeouts), or ``e`` itself; no failover here."""
+        err = self._translate(e)
+        if err is e:
+            raise e
+        raise err from e
 
     async def _fail_over(self, e: BaseException) -> bool:
         """After a drop before the first body byte: resend to another replica, if any."""
@@ -720,10 +717,7 @@ class UpstreamCall:
         try:
             self._resp = await self._request_when_loaded()
         except BaseException as e2:
-            err = self._translate(e2)
-            if err is e2:
-                raise
-            raise err from e2
+            self.raise_failure(e2)
         if self._resp.status >= 400:
             raise await self.error()
         return True  # the NDJSON adapter has seen nothing yet: it carries over as it is

@@ -169,17 +169,11 @@ async def _diverted(body: Body, call: UpstreamCall, pipeline: StreamPipeline,
             try:
                 await body.wait()
             except BaseException as e:  # a timeout cancels the wait: as the loop's read
-                err = call.failure(e)
-                if err is e:
-                    raise
-                raise err from e
+                call.raise_failure(e)
         try:
             body.raise_error()
         except BaseException as e:
-            err = call.failure(e)
-            if err is e:
-                raise
-            raise err from e
+            call.raise_failure(e)
     finally:
         body.undivert()
 

@@ -48,7 +48,6 @@ change the state and return the tickets they dispatched; ``next_hold_lapse`` say
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import heapq
 import math
@@ -104,10 +103,10 @@ class Cost:
 class Ticket:
     """One request's place in the queue; once dispatched it is the grant of a slot.
 
-    ``charge_output(n)`` charges generated tokens as they stream; ``track(fn)`` instead gives a
-    counter the queue reads itself when it next decides (so the relay's hot path does no extra
-    work at all). ``small``: a loop step (small prompt growth and ``max_tokens``); ``express``:
-    it took a slot that was held for it.
+    ``charge_output(n)`` charges generated tokens as they stream; ``track_events(meter)``
+    instead gives a counter (``meter.events``) the queue reads itself when it next decides (so
+    the relay's hot path does no extra work at all). ``small``: a loop step (small prompt
+    growth and ``max_tokens``); ``express``: it took a slot that was held for it.
     """
 
     seq: int
@@ -128,8 +127,7 @@ class Ticket:
     express: bool = False
     charged_in: float = 0.0
     charged_out: int = 0
-    progress: Callable[[], int] | None = None
-    meter: Any = None  # an object whose ``events`` is the count progress() would return
+    meter: Any = None  # an object whose ``events`` counts the output so far (track_events)
     future: Waiter | None = None
     _owner: FairQueue | None = None
 
@@ -143,12 +141,9 @@ class Ticket:
         if self._owner is not None and n > 0 and self.state is TicketState.DISPATCHED:
             self._owner._charge_out(self, self.charged_out + n)
 
-    def track(self, progress: Callable[[], int]) -> None:
-        self.progress = progress
-
     def track_events(self, meter: Any) -> None:
-        """:meth:`track` for a counter kept as ``meter.events``: read as an attribute when the
-        queue decides, with no call per running request."""
+        """Charge output from ``meter.events``: read as an attribute when the queue decides,
+        with no call per running request."""
         self.meter = meter
 
     def _abandoned(self) -> bool:
@@ -498,9 +493,6 @@ class FairQueue:
         s = a.sessions[t.session]
         if t.meter is not None:
             self._charge_out(t, t.meter.events)
-        elif t.progress is not None:
-            with contextlib.suppress(Exception):
-                self._charge_out(t, t.progress())
         # What the backend counted (usage) replaces the estimates, both ways: the prompt
         # estimate counts the body's JSON, and the streamed count its framing events (a role
         # chunk, the finish, the usage itself), which would overcharge small steps the most.
@@ -516,7 +508,7 @@ class FairQueue:
                 t.charged_in = growth
         t.state = TicketState.RELEASED
         t.released_at = now
-        t.progress = t.meter = None
+        t.meter = None
         self._running.discard(t)
         self.in_flight -= 1
         a.in_flight -= 1
@@ -645,17 +637,8 @@ class FairQueue:
         """Charge streamed output of running requests; done only when a decision needs it."""
         for t in self._running:
             meter = t.meter
-            if meter is not None:
-                n = meter.events
-            elif t.progress is not None:
-                try:
-                    n = t.progress()
-                except Exception:
-                    continue
-            else:
-                continue
-            if n > t.charged_out:
-                self._charge_out(t, n)
+            if meter is not None and meter.events > t.charged_out:
+                self._charge_out(t, meter.events)
 
     def _candidates(self) -> list[tuple[_Agent, Ticket]]:
         """Backlogged agents' next requests, best first: class, counter, then the agent with
