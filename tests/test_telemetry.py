@@ -37,6 +37,7 @@ from toolmend.telemetry.model_server import PASSED_ON
 from toolmend.telemetry.tracing import (
     TELEMETRY,
     conversation_fingerprint,
+    epoch_us_to_ns,
     format_traceparent,
     loop_step,
     parse_traceparent,
@@ -791,3 +792,10 @@ async def test_grpc_exporter_is_an_option() -> None:
         assert tel.tracing and "grpc" in type(tel.exporter.inner).__module__  # type: ignore[union-attr]
     finally:
         await tel.shutdown(timeout=1.0)
+
+
+def test_a_step_end_kept_to_the_microsecond_converts_exactly() -> None:
+    # the value a tool span once started from, a microsecond before the step it follows
+    assert epoch_us_to_ns(1796697759.772122) == 1796697759_772122_000
+    assert epoch_us_to_ns(1796697759.000001) == 1796697759_000001_000
+    assert epoch_us_to_ns(0.0) == 0

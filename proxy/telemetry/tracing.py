@@ -245,6 +245,15 @@ def tool_results(body: dict[str, Any] | None) -> list[tuple[str | None, str]]:
     return out
 
 
+def epoch_us_to_ns(t: float) -> int:
+    """Epoch seconds kept to the microsecond (a session step's ``ended``) as nanoseconds.
+
+    ``int(t * 1e9)`` truncates the float's error: 1796697759.772122 became ...772121856 ns,
+    a microsecond before the step span's own end, so the tool span that starts there began
+    before the step it follows."""
+    return round(t * 1e6) * 1000
+
+
 def _rand_id(bits: int) -> int:
     return random.getrandbits(bits) or 1
 
@@ -627,7 +636,7 @@ class Telemetry:
                 SpanKind.CLIENT, status=status_obj, start_time=ns(max(up_start, ctx.started)),
                 end_time=ns(end), instrumentation_scope=self._scope))
         if group is not None and prev_end is not None and tr.tool_results:
-            spans.extend(self._tool_spans(tr, group, int(prev_end * 1e9), ns(ctx.started)))
+            spans.extend(self._tool_spans(tr, group, epoch_us_to_ns(prev_end), ns(ctx.started)))
         for span in spans:
             self._processor.on_end(span)
 
